@@ -1,0 +1,66 @@
+use std::{path::PathBuf, time::Duration};
+
+use flotilla_nats::TopologyConfig;
+
+/// Agent-node settings, validated once by [`Config::validate`].
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub nats_url: String,
+    /// Unique per node and stable across restarts: it labels this node's containers, so a
+    /// restarted node can remove what its previous run left behind.
+    pub node_id: String,
+    pub host: String,
+    /// Jobs this node runs at once; it never holds more queue messages than free slots.
+    pub slots: u32,
+    pub image: String,
+    pub engines_dir: PathBuf,
+    pub profiles_dir: PathBuf,
+    pub pids_limit: i64,
+    pub workspace_bytes: i64,
+    /// Between SIGTERM and SIGKILL when a job is cancelled or times out.
+    pub stop_grace: Duration,
+    /// On SIGTERM, how long running jobs may take to finish before they are handed back.
+    pub drain_grace: Duration,
+    pub heartbeat_interval: Duration,
+    /// Output kept per attempt; beyond it a truncation notice is logged and the rest dropped.
+    pub max_log_bytes: u64,
+    /// Cap on `result.text`.
+    pub max_result_bytes: usize,
+    pub topology: TopologyConfig,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("invalid agent-node config: {0}")]
+pub struct ConfigError(String);
+
+impl Config {
+    pub fn validate(self) -> Result<Self, ConfigError> {
+        if !flotilla_proto::ids::is_safe_id(&self.node_id, 64) {
+            return Err(ConfigError(format!(
+                "node id {:?} must match ^[A-Za-z0-9_-]{{1,64}}$",
+                self.node_id
+            )));
+        }
+        if self.slots == 0 || self.slots > 256 {
+            return Err(ConfigError(format!(
+                "slots must be 1-256, got {}",
+                self.slots
+            )));
+        }
+        if self.image.trim().is_empty() {
+            return Err(ConfigError("image must not be empty".to_owned()));
+        }
+        if self.heartbeat_interval.is_zero() {
+            return Err(ConfigError(
+                "heartbeat interval must be positive".to_owned(),
+            ));
+        }
+        if self.pids_limit < 16 {
+            return Err(ConfigError(format!(
+                "pids limit must be >= 16, got {}",
+                self.pids_limit
+            )));
+        }
+        Ok(self)
+    }
+}

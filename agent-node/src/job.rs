@@ -1,0 +1,555 @@
+//! One job on this node: claim it in KV, run it in a container, record the outcome, ack.
+
+use std::{collections::HashMap, sync::Arc, time::Duration};
+
+use async_nats::jetstream::{self, AckKind};
+use bytes::Bytes;
+use chrono::Utc;
+use flotilla_catalog::{Engine, EngineKind};
+use flotilla_nats::StoreError;
+use flotilla_proto::{
+    Encoding, JobRecord, JobRequest, JobResult, JobStatus, LogEnd, LogStream, names,
+};
+use futures::StreamExt;
+use tokio_util::sync::CancellationToken;
+
+use crate::{
+    Shared,
+    docker::{ContainerSpec, OutputStream},
+    logs::LogPublisher,
+};
+
+/// Why a container was stopped before it finished on its own.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stop {
+    Timeout,
+    Cancelled,
+    /// The node is shutting down and could not wait for the job.
+    Shutdown,
+}
+
+enum Outcome {
+    Exited {
+        exit_code: i64,
+        stop: Option<Stop>,
+    },
+    /// Docker failed us (create/start/attach): the job never really ran.
+    Infrastructure(String),
+}
+
+/// Entry point for one delivered message. Never panics on bad input: a message that cannot be
+/// decoded is terminated so it never comes back.
+pub(crate) async fn handle(shared: Arc<Shared>, message: jetstream::Message) {
+    let request: JobRequest = match flotilla_proto::decode(&message.payload, Encoding::MessagePack)
+    {
+        Ok(request) => request,
+        Err(e) => {
+            tracing::error!(error = %e, "undecodable job message, terminating it");
+            ack(&message, AckKind::Term).await;
+            return;
+        }
+    };
+    let job_id = request.job_id.clone();
+    let span = tracing::info_span!("job", job_id = %job_id);
+    let _guard = RunningGuard::register(&shared, &job_id);
+    let cancel = _guard.token.clone();
+    tracing::Instrument::instrument(run(shared, message, request, cancel), span).await;
+}
+
+async fn run(
+    shared: Arc<Shared>,
+    message: jetstream::Message,
+    request: JobRequest,
+    cancel: CancellationToken,
+) {
+    let claimed = match claim(&shared, &request).await {
+        Ok(Some(claimed)) => claimed,
+        Ok(None) => {
+            ack(&message, AckKind::Ack).await;
+            return;
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot claim job, handing it back");
+            ack(&message, AckKind::Nak(Some(Duration::from_secs(1)))).await;
+            return;
+        }
+    };
+    let attempt = claimed.attempt;
+    tracing::info!(attempt, engine = %request.engine, "job started");
+
+    let message = Arc::new(message);
+    let keepalive = tokio::spawn(keep_alive(
+        shared.clone(),
+        message.clone(),
+        request.job_id.clone(),
+        cancel.clone(),
+    ));
+    let mut logs = LogPublisher::new(
+        shared.topology.js.clone(),
+        &request.job_id,
+        attempt,
+        shared.config.max_log_bytes,
+        shared.config.max_result_bytes,
+    );
+    let engine = shared.catalog.engine(&request.engine).cloned();
+    let outcome = match engine {
+        Some(engine) => execute(&shared, &request, &engine, attempt, &cancel, &mut logs).await,
+        None => Outcome::Infrastructure(format!(
+            "engine {} is not installed on node {}",
+            request.engine, shared.config.node_id
+        )),
+    };
+    keepalive.abort();
+
+    let delivered = message.info().map(|info| info.delivered).unwrap_or(1);
+    let final_change = match outcome {
+        Outcome::Exited {
+            stop: Some(Stop::Shutdown),
+            ..
+        } => {
+            // Hand the job back at once; the next node raises the attempt.
+            ack(&message, AckKind::Nak(None)).await;
+            tracing::info!(attempt, "job handed back: node shutting down");
+            return;
+        }
+        Outcome::Infrastructure(error) if delivered < shared.config.topology.max_deliver => {
+            tracing::warn!(attempt, %error, "infrastructure failure, job will be retried");
+            let _ = logs
+                .system(&format!("attempt {attempt} failed: {error}; retrying"))
+                .await;
+            ack(&message, AckKind::Nak(Some(retry_delay(delivered)))).await;
+            return;
+        }
+        Outcome::Infrastructure(error) => Final {
+            status: JobStatus::Failed,
+            exit_code: None,
+            error: Some(format!("{error} (after {attempt} attempts)")),
+        },
+        Outcome::Exited { exit_code, stop } => {
+            final_state(exit_code, stop, request.timeout_seconds)
+        }
+    };
+    let result = build_result(
+        &request,
+        shared.catalog.engine(&request.engine),
+        &logs,
+        final_change.exit_code,
+    );
+    match finish(&shared, &request.job_id, &claimed, &final_change, result).await {
+        Ok(stored) => {
+            let end = LogEnd {
+                status: stored.status,
+                exit_code: stored.exit_code,
+                error: stored.error.clone(),
+            };
+            if let Err(e) = logs.end(end).await {
+                tracing::warn!(error = %e, "cannot publish end marker");
+            }
+            tracing::info!(status = %stored.status, exit_code = ?stored.exit_code, "job finished");
+        }
+        Err(e) => tracing::warn!(error = %e, "outcome not recorded"),
+    }
+    // Whatever happened, this delivery is done: the KV record is the truth.
+    if let Err(e) = message.double_ack().await {
+        tracing::warn!(error = %e, "cannot ack job message");
+    }
+}
+
+/// The lease this node holds on a job: the attempt number it wrote.
+struct Claimed {
+    attempt: u32,
+}
+
+/// Moves the record to `running` under this node with the next attempt number. `None` means
+/// there is nothing to run (cancelled while queued, already finished, or unknown).
+async fn claim(shared: &Shared, request: &JobRequest) -> Result<Option<Claimed>, StoreError> {
+    let node_id = shared.config.node_id.clone();
+    let changed = shared
+        .topology
+        .jobs
+        .modify(&request.job_id, |record| {
+            if record.status.is_terminal() {
+                return Err(record.status);
+            }
+            record.status = JobStatus::Running;
+            record.attempt += 1;
+            record.node_id = Some(node_id.clone());
+            record.started_at = Some(Utc::now());
+            record.error = None;
+            Ok(true)
+        })
+        .await?;
+    Ok(match changed {
+        None => {
+            tracing::warn!("job has no record, dropping its message");
+            None
+        }
+        Some(Err(status)) => {
+            tracing::info!(%status, "job already {status}, not running it");
+            None
+        }
+        Some(Ok(versioned)) => Some(Claimed {
+            attempt: versioned.record.attempt,
+        }),
+    })
+}
+
+struct Final {
+    status: JobStatus,
+    exit_code: Option<i64>,
+    error: Option<String>,
+}
+
+fn final_state(exit_code: i64, stop: Option<Stop>, timeout_seconds: u64) -> Final {
+    let (status, error) = match stop {
+        Some(Stop::Timeout) => (
+            JobStatus::Failed,
+            Some(format!("timed out after {timeout_seconds}s")),
+        ),
+        Some(Stop::Cancelled) => (JobStatus::Cancelled, Some("cancelled".to_owned())),
+        Some(Stop::Shutdown) => (JobStatus::Failed, Some("node shut down".to_owned())),
+        None if exit_code == 0 => (JobStatus::Completed, None),
+        None => (
+            JobStatus::Failed,
+            Some(format!("exited with code {exit_code}")),
+        ),
+    };
+    Final {
+        status,
+        exit_code: Some(exit_code),
+        error,
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+enum FinishError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(
+        "lease lost: job is now attempt {attempt} on {node:?} ({status}); late result rejected"
+    )]
+    Fenced {
+        attempt: u32,
+        node: Option<String>,
+        status: JobStatus,
+    },
+    #[error("job record vanished")]
+    Gone,
+}
+
+/// Records the outcome, but only while this node still holds the attempt it claimed. A
+/// cancelled job stays cancelled and gets the output produced so far.
+async fn finish(
+    shared: &Shared,
+    job_id: &str,
+    claimed: &Claimed,
+    outcome: &Final,
+    result: JobResult,
+) -> Result<JobRecord, FinishError> {
+    let node_id = shared.config.node_id.as_str();
+    let changed = shared
+        .topology
+        .jobs
+        .modify(job_id, |record| {
+            let ours =
+                record.attempt == claimed.attempt && record.node_id.as_deref() == Some(node_id);
+            if !ours || !matches!(record.status, JobStatus::Running | JobStatus::Cancelled) {
+                return Err(FinishError::Fenced {
+                    attempt: record.attempt,
+                    node: record.node_id.clone(),
+                    status: record.status,
+                });
+            }
+            if record.status == JobStatus::Running {
+                record.status = outcome.status;
+                record.error.clone_from(&outcome.error);
+            }
+            record.exit_code = outcome.exit_code;
+            record.finished_at.get_or_insert_with(Utc::now);
+            record.result = Some(result.clone());
+            Ok(true)
+        })
+        .await?;
+    match changed {
+        None => Err(FinishError::Gone),
+        Some(Err(e)) => Err(e),
+        Some(Ok(versioned)) => Ok(versioned.record),
+    }
+}
+
+/// Runs the job's container to the end, streaming its output.
+async fn execute(
+    shared: &Shared,
+    request: &JobRequest,
+    engine: &Engine,
+    attempt: u32,
+    cancel: &CancellationToken,
+    logs: &mut LogPublisher,
+) -> Outcome {
+    let config = &shared.config;
+    let spec = ContainerSpec {
+        name: format!("flotilla-{}-{attempt}", request.job_id),
+        image: config.image.clone(),
+        labels: HashMap::from([
+            (names::LABEL_MANAGED.to_owned(), "true".to_owned()),
+            (names::LABEL_NODE.to_owned(), config.node_id.clone()),
+            (names::LABEL_JOB.to_owned(), request.job_id.clone()),
+            (names::LABEL_ATTEMPT.to_owned(), attempt.to_string()),
+        ]),
+        memory_bytes: request.resources.memory_bytes,
+        nano_cpus: request.resources.nano_cpus,
+        pids_limit: config.pids_limit,
+        workspace_bytes: config.workspace_bytes,
+        script: job_script(engine, request),
+    };
+    let started = match shared.docker.start(&spec).await {
+        Ok(started) => started,
+        Err(e) => return Outcome::Infrastructure(format!("container failed to start: {e}")),
+    };
+    let _ = logs
+        .system(&format!(
+            "attempt {attempt} started on node {}",
+            config.node_id
+        ))
+        .await;
+
+    let deadline = tokio::time::sleep(Duration::from_secs(request.timeout_seconds));
+    tokio::pin!(deadline);
+    // Coalesce whatever output is ready right now into one chunk per stream switch.
+    let mut output = started.output.ready_chunks(64);
+    let mut stop = None;
+    let mut stop_sent = false;
+    loop {
+        tokio::select! {
+            batch = output.next() => {
+                let Some(batch) = batch else { break };
+                if let Err(e) = publish_batch(logs, batch).await {
+                    tracing::warn!(error = %e, "log streaming failed");
+                }
+            }
+            () = &mut deadline, if stop.is_none() => stop = Some(Stop::Timeout),
+            () = cancel.cancelled(), if stop.is_none() => stop = Some(Stop::Cancelled),
+            () = shared.hard_stop.cancelled(), if stop.is_none() => stop = Some(Stop::Shutdown),
+        }
+        if let Some(reason) = stop
+            && !stop_sent
+        {
+            stop_sent = true;
+            let notice = match reason {
+                Stop::Timeout => format!("timed out after {}s, stopping", request.timeout_seconds),
+                Stop::Cancelled => "cancelled, stopping".to_owned(),
+                Stop::Shutdown => "node shutting down, stopping".to_owned(),
+            };
+            let _ = logs.system(&notice).await;
+            if let Err(e) = shared.docker.stop(&started.id, config.stop_grace).await {
+                tracing::warn!(error = %e, "cannot stop container");
+            }
+        }
+    }
+    let exit_code = shared.docker.wait(&started.id).await;
+    shared.docker.remove(&started.id).await;
+    match exit_code {
+        Ok(exit_code) => Outcome::Exited { exit_code, stop },
+        Err(e) => Outcome::Infrastructure(format!("lost track of the container: {e}")),
+    }
+}
+
+async fn publish_batch(
+    logs: &mut LogPublisher,
+    batch: Vec<Result<(OutputStream, Bytes), crate::docker::DockerError>>,
+) -> Result<(), crate::logs::LogError> {
+    let mut current: Option<(OutputStream, Vec<u8>)> = None;
+    for item in batch {
+        let (stream, bytes) = match item {
+            Ok(item) => item,
+            Err(e) => {
+                tracing::warn!(error = %e, "container output error");
+                continue;
+            }
+        };
+        match &mut current {
+            Some((s, buf)) if *s == stream => buf.extend_from_slice(&bytes),
+            _ => {
+                if let Some((s, buf)) = current.take() {
+                    logs.output(log_stream(s), &buf).await?;
+                }
+                current = Some((stream, bytes.to_vec()));
+            }
+        }
+    }
+    if let Some((s, buf)) = current {
+        logs.output(log_stream(s), &buf).await?;
+    }
+    Ok(())
+}
+
+fn log_stream(stream: OutputStream) -> LogStream {
+    match stream {
+        OutputStream::Stdout => LogStream::Stdout,
+        OutputStream::Stderr => LogStream::Stderr,
+    }
+}
+
+/// The script the container runs. Shell engine: the prompt itself. Dry run: print the command
+/// line as JSON. Agent CLIs: exec the engine's argv.
+fn job_script(engine: &Engine, request: &JobRequest) -> Bytes {
+    if request.dry_run {
+        let plan = dry_run_plan(engine, request);
+        return Bytes::from(format!(
+            "printf '%s\\n' {}\n",
+            shell_quote(&plan.to_string())
+        ));
+    }
+    match engine.kind {
+        EngineKind::Shell => Bytes::from(request.prompt.clone()),
+        EngineKind::Cli => {
+            let argv = engine.command_line(request);
+            let quoted: Vec<String> = argv.iter().map(|arg| shell_quote(arg)).collect();
+            Bytes::from(format!("exec {}\n", quoted.join(" ")))
+        }
+    }
+}
+
+fn dry_run_plan(engine: &Engine, request: &JobRequest) -> serde_json::Value {
+    let argv = engine.command_line(request);
+    serde_json::json!({
+        "dry_run": true,
+        "engine": engine.id,
+        "binary": argv.first(),
+        "args": argv.get(1..).unwrap_or_default(),
+    })
+}
+
+fn build_result(
+    request: &JobRequest,
+    engine: Option<&Engine>,
+    logs: &LogPublisher,
+    exit_code: Option<i64>,
+) -> JobResult {
+    let (text, truncated) = logs.stdout_text();
+    let mut result = JobResult {
+        text,
+        exit_code,
+        logs_tail: logs.tail_text(),
+        truncated,
+        ..JobResult::default()
+    };
+    if request.dry_run
+        && let Some(engine) = engine
+    {
+        let argv = engine.command_line(request);
+        result.text = argv
+            .iter()
+            .map(|arg| shell_quote(arg))
+            .collect::<Vec<_>>()
+            .join(" ");
+        result.raw = Some(dry_run_plan(engine, request));
+        result.command = Some(argv);
+    }
+    result
+}
+
+/// Single-quotes `arg` for /bin/sh.
+fn shell_quote(arg: &str) -> String {
+    format!("'{}'", arg.replace('\'', "'\\''"))
+}
+
+fn retry_delay(delivered: i64) -> Duration {
+    let exponent = u32::try_from(delivered.clamp(1, 6) - 1).unwrap_or(0);
+    Duration::from_secs(1 << exponent)
+}
+
+/// While the job runs: tell JetStream we are still working (so the message is not redelivered)
+/// and notice a cancel that this node missed on the cancel subject.
+async fn keep_alive(
+    shared: Arc<Shared>,
+    message: Arc<jetstream::Message>,
+    job_id: String,
+    cancel: CancellationToken,
+) {
+    let period = shared.config.topology.ack_wait / 3;
+    let mut ticker = tokio::time::interval(period);
+    ticker.tick().await;
+    loop {
+        ticker.tick().await;
+        if let Err(e) = message.ack_with(AckKind::Progress).await {
+            tracing::warn!(error = %e, "progress ack failed");
+        }
+        if let Ok(Some(current)) = shared.topology.jobs.get(&job_id).await
+            && current.record.status == JobStatus::Cancelled
+        {
+            cancel.cancel();
+        }
+    }
+}
+
+async fn ack(message: &jetstream::Message, kind: AckKind) {
+    if let Err(e) = message.ack_with(kind).await {
+        tracing::warn!(error = %e, "cannot ack job message");
+    }
+}
+
+/// Registers the job's cancel token for the cancel subscriber while the job is on this node.
+struct RunningGuard {
+    shared: Arc<Shared>,
+    job_id: String,
+    token: CancellationToken,
+}
+
+impl RunningGuard {
+    fn register(shared: &Arc<Shared>, job_id: &str) -> Self {
+        let token = CancellationToken::new();
+        shared
+            .running
+            .lock()
+            .expect("running map")
+            .insert(job_id.to_owned(), token.clone());
+        Self {
+            shared: shared.clone(),
+            job_id: job_id.to_owned(),
+            token,
+        }
+    }
+}
+
+impl Drop for RunningGuard {
+    fn drop(&mut self) {
+        self.shared
+            .running
+            .lock()
+            .expect("running map")
+            .remove(&self.job_id);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shell_quote_survives_quotes() {
+        assert_eq!(shell_quote("it's"), "'it'\\''s'");
+        assert_eq!(shell_quote(""), "''");
+    }
+
+    #[test]
+    fn outcome_mapping() {
+        assert_eq!(final_state(0, None, 5).status, JobStatus::Completed);
+        let failed = final_state(3, None, 5);
+        assert_eq!(failed.status, JobStatus::Failed);
+        assert_eq!(failed.error.as_deref(), Some("exited with code 3"));
+        let timeout = final_state(143, Some(Stop::Timeout), 5);
+        assert_eq!(timeout.error.as_deref(), Some("timed out after 5s"));
+        assert_eq!(
+            final_state(137, Some(Stop::Cancelled), 5).status,
+            JobStatus::Cancelled
+        );
+    }
+
+    #[test]
+    fn retry_delay_grows_and_caps() {
+        assert_eq!(retry_delay(1), Duration::from_secs(1));
+        assert_eq!(retry_delay(3), Duration::from_secs(4));
+        assert_eq!(retry_delay(50), Duration::from_secs(32));
+    }
+}

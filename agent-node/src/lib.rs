@@ -1,0 +1,261 @@
+//! The agent-node: pulls jobs from the shared JetStream consumer, never more than it has free
+//! slots, and runs each in a fresh hardened container. One per Docker host; add nodes to add
+//! capacity.
+
+mod config;
+mod docker;
+mod job;
+mod logs;
+
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use chrono::Utc;
+use flotilla_catalog::Catalog;
+use flotilla_nats::Topology;
+use flotilla_proto::{NodeInfo, names};
+use futures::StreamExt;
+use tokio::sync::Semaphore;
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
+
+pub use config::{Config, ConfigError};
+pub use docker::DockerRuntime;
+
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    #[error("cannot load engines/profiles: {0}")]
+    Catalog(#[from] flotilla_catalog::CatalogError),
+    #[error("docker is not usable: {0}")]
+    Docker(#[from] docker::DockerError),
+    #[error("worker image {0} is missing: build it with scripts/build-image")]
+    MissingImage(String),
+    #[error("cannot connect to nats: {0}")]
+    Connect(#[from] async_nats::ConnectError),
+    #[error(transparent)]
+    Topology(#[from] flotilla_nats::TopologyError),
+    #[error("cannot subscribe to cancels: {0}")]
+    Subscribe(#[from] async_nats::SubscribeError),
+}
+
+/// State shared by the pull loop and the job tasks.
+pub(crate) struct Shared {
+    pub(crate) config: Config,
+    pub(crate) topology: Topology,
+    pub(crate) docker: DockerRuntime,
+    pub(crate) catalog: Catalog,
+    /// Cancel tokens of the jobs running here, by job id.
+    pub(crate) running: Mutex<HashMap<String, CancellationToken>>,
+    /// Cancelled when the drain grace period is over: stop every container and hand jobs back.
+    pub(crate) hard_stop: CancellationToken,
+}
+
+/// Runs the node until `shutdown` is cancelled, then drains: stops pulling, lets running jobs
+/// finish within the drain grace period, hands back the rest, and returns.
+pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), NodeError> {
+    let catalog = Catalog::load(&config.engines_dir, &config.profiles_dir)?;
+    let docker = DockerRuntime::connect().await?;
+    if !docker.image_exists(&config.image).await? {
+        return Err(NodeError::MissingImage(config.image.clone()));
+    }
+    reap_leftovers(&docker, &config.node_id).await?;
+
+    let client =
+        flotilla_nats::connect(&config.nats_url, &format!("agent-node {}", config.node_id)).await?;
+    let topology = Topology::ensure(client.clone(), config.topology.clone()).await?;
+    let cancels = client.subscribe(names::cancel_wildcard()).await?;
+
+    let shared = Arc::new(Shared {
+        config,
+        topology,
+        docker,
+        catalog,
+        running: Mutex::new(HashMap::new()),
+        hard_stop: CancellationToken::new(),
+    });
+    let slots = Arc::new(Semaphore::new(shared.config.slots as usize));
+    let background = CancellationToken::new();
+    tokio::spawn(listen_for_cancels(
+        shared.clone(),
+        cancels,
+        background.clone(),
+    ));
+    tokio::spawn(heartbeat(shared.clone(), slots.clone(), background.clone()));
+    tracing::info!(node_id = %shared.config.node_id, slots = shared.config.slots, "agent-node ready");
+
+    let jobs = TaskTracker::new();
+    pull_loop(&shared, &slots, &jobs, &shutdown).await;
+
+    jobs.close();
+    let running = jobs.len();
+    if running > 0 {
+        tracing::info!(running, grace = ?shared.config.drain_grace, "draining running jobs");
+    }
+    if tokio::time::timeout(shared.config.drain_grace, jobs.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!("drain grace period over, handing back unfinished jobs");
+        shared.hard_stop.cancel();
+        jobs.wait().await;
+    }
+    background.cancel();
+    let _ = shared
+        .topology
+        .nodes
+        .delete(names::node_key(&shared.config.node_id))
+        .await;
+    let _ = client.flush().await;
+    tracing::info!("agent-node stopped");
+    Ok(())
+}
+
+/// Pulls exactly as many messages as there are free slots, so no job waits in this node's
+/// buffer while another node is idle.
+async fn pull_loop(
+    shared: &Arc<Shared>,
+    slots: &Arc<Semaphore>,
+    jobs: &TaskTracker,
+    shutdown: &CancellationToken,
+) {
+    // Short pulls: a slot freed during a pull is used at the next one.
+    const PULL_EXPIRY: Duration = Duration::from_secs(2);
+    let mut failures = 0u32;
+    loop {
+        let first = tokio::select! {
+            () = shutdown.cancelled() => return,
+            permit = slots.clone().acquire_owned() => permit.expect("semaphore never closed"),
+        };
+        let mut permits = vec![first];
+        while let Ok(permit) = slots.clone().try_acquire_owned() {
+            permits.push(permit);
+        }
+        let batch = shared
+            .topology
+            .agents
+            .batch()
+            .max_messages(permits.len())
+            .expires(PULL_EXPIRY)
+            .messages()
+            .await;
+        let mut batch = match batch {
+            Ok(batch) => batch,
+            Err(e) => {
+                failures += 1;
+                tracing::warn!(error = %e, "cannot pull jobs");
+                drop(permits);
+                let backoff = Duration::from_millis(200 * u64::from(failures.min(25)));
+                tokio::select! {
+                    () = shutdown.cancelled() => return,
+                    () = tokio::time::sleep(backoff) => continue,
+                }
+            }
+        };
+        failures = 0;
+        loop {
+            let next = tokio::select! {
+                () = shutdown.cancelled() => return,
+                next = batch.next() => next,
+            };
+            match next {
+                None => break,
+                Some(Ok(message)) => {
+                    let permit = permits.pop().expect("never more messages than permits");
+                    let shared = shared.clone();
+                    jobs.spawn(async move {
+                        job::handle(shared, message).await;
+                        drop(permit);
+                    });
+                }
+                Some(Err(e)) => {
+                    tracing::debug!(error = %e, "pull ended");
+                    break;
+                }
+            }
+        }
+    }
+}
+
+async fn listen_for_cancels(
+    shared: Arc<Shared>,
+    mut cancels: async_nats::Subscriber,
+    stop: CancellationToken,
+) {
+    loop {
+        let message = tokio::select! {
+            () = stop.cancelled() => return,
+            message = cancels.next() => message,
+        };
+        let Some(message) = message else { return };
+        let Some(job_id) = message.subject.as_str().rsplit('.').next() else {
+            continue;
+        };
+        if let Some(token) = shared.running.lock().expect("running map").get(job_id) {
+            tracing::info!(job_id, "cancel received");
+            token.cancel();
+        }
+    }
+}
+
+/// Publishes this node's liveness and load every heartbeat interval.
+async fn heartbeat(shared: Arc<Shared>, slots: Arc<Semaphore>, stop: CancellationToken) {
+    let config = &shared.config;
+    let started_at = Utc::now();
+    let engines: Vec<String> = shared
+        .catalog
+        .engines()
+        .map(|engine| engine.id.clone())
+        .collect();
+    let mut ticker = tokio::time::interval(config.heartbeat_interval);
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return,
+            _ = ticker.tick() => {}
+        }
+        let info = NodeInfo {
+            node_id: config.node_id.clone(),
+            host: config.host.clone(),
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+            engines: engines.clone(),
+            slots_total: config.slots,
+            slots_busy: config
+                .slots
+                .saturating_sub(slots.available_permits() as u32),
+            warm: Default::default(),
+            started_at,
+            heartbeat_at: Utc::now(),
+            ttl_ms: u64::try_from(config.heartbeat_interval.as_millis() * 3).unwrap_or(u64::MAX),
+        };
+        match flotilla_proto::encode(&info) {
+            Ok(value) => {
+                if let Err(e) = shared
+                    .topology
+                    .nodes
+                    .put(names::node_key(&config.node_id), value)
+                    .await
+                {
+                    tracing::warn!(error = %e, "heartbeat failed");
+                }
+            }
+            Err(e) => tracing::error!(error = %e, "cannot encode heartbeat"),
+        }
+    }
+}
+
+/// Removes containers a previous run of this node left behind (after a crash). Their jobs were
+/// never acked, so JetStream hands them out again.
+async fn reap_leftovers(docker: &DockerRuntime, node_id: &str) -> Result<(), docker::DockerError> {
+    let leftovers = docker.list_labelled(names::LABEL_NODE, node_id).await?;
+    for id in &leftovers {
+        docker.remove(id).await;
+    }
+    if !leftovers.is_empty() {
+        tracing::info!(
+            count = leftovers.len(),
+            "removed containers left by a previous run"
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,146 @@
+//! Publishes a job attempt's output as ordered [`LogChunk`]s and keeps what the result needs
+//! (standard output up to a cap, the last 4 KiB of everything).
+
+use std::collections::VecDeque;
+
+use async_nats::jetstream;
+use flotilla_proto::{LogChunk, LogEnd, LogStream, names};
+
+const TAIL_BYTES: usize = 4096;
+/// Chunks larger than this are split, keeping each message well under NATS' payload limit.
+const MAX_CHUNK_BYTES: usize = 64 * 1024;
+
+pub(crate) struct LogPublisher {
+    js: jetstream::Context,
+    subject: String,
+    job_id: String,
+    attempt: u32,
+    next_seq: u64,
+    published_bytes: u64,
+    max_log_bytes: u64,
+    truncated_logs: bool,
+    stdout: Vec<u8>,
+    max_stdout: usize,
+    stdout_truncated: bool,
+    tail: VecDeque<u8>,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("cannot publish log chunk: {0}")]
+pub(crate) struct LogError(String);
+
+impl LogPublisher {
+    pub(crate) fn new(
+        js: jetstream::Context,
+        job_id: &str,
+        attempt: u32,
+        max_log_bytes: u64,
+        max_stdout: usize,
+    ) -> Self {
+        Self {
+            js,
+            subject: names::log_subject(job_id),
+            job_id: job_id.to_owned(),
+            attempt,
+            next_seq: 0,
+            published_bytes: 0,
+            max_log_bytes,
+            truncated_logs: false,
+            stdout: Vec::new(),
+            max_stdout,
+            stdout_truncated: false,
+            tail: VecDeque::with_capacity(TAIL_BYTES),
+        }
+    }
+
+    pub(crate) async fn system(&mut self, text: &str) -> Result<(), LogError> {
+        self.publish(LogStream::System, text.as_bytes().to_vec(), None)
+            .await
+    }
+
+    /// Records and publishes process output.
+    pub(crate) async fn output(&mut self, stream: LogStream, data: &[u8]) -> Result<(), LogError> {
+        if stream == LogStream::Stdout {
+            let room = self.max_stdout.saturating_sub(self.stdout.len());
+            self.stdout.extend_from_slice(&data[..data.len().min(room)]);
+            self.stdout_truncated |= data.len() > room;
+        }
+        for byte in data {
+            if self.tail.len() == TAIL_BYTES {
+                self.tail.pop_front();
+            }
+            self.tail.push_back(*byte);
+        }
+        if self.truncated_logs {
+            return Ok(());
+        }
+        let room = self.max_log_bytes.saturating_sub(self.published_bytes) as usize;
+        let kept = &data[..data.len().min(room)];
+        for piece in kept.chunks(MAX_CHUNK_BYTES) {
+            self.publish(stream, piece.to_vec(), None).await?;
+        }
+        self.published_bytes += kept.len() as u64;
+        if kept.len() < data.len() {
+            self.truncated_logs = true;
+            let notice = format!(
+                "output truncated: more than {} bytes; the rest is not kept",
+                self.max_log_bytes
+            );
+            self.system(&notice).await?;
+        }
+        Ok(())
+    }
+
+    /// The end-of-stream marker. Sent after the outcome is in KV.
+    pub(crate) async fn end(&mut self, end: LogEnd) -> Result<(), LogError> {
+        self.publish(LogStream::System, Vec::new(), Some(end)).await
+    }
+
+    pub(crate) fn stdout_text(&self) -> (String, bool) {
+        (
+            String::from_utf8_lossy(&self.stdout).into_owned(),
+            self.stdout_truncated,
+        )
+    }
+
+    pub(crate) fn tail_text(&self) -> String {
+        let (a, b) = self.tail.as_slices();
+        let mut bytes = Vec::with_capacity(a.len() + b.len());
+        bytes.extend_from_slice(a);
+        bytes.extend_from_slice(b);
+        String::from_utf8_lossy(&bytes).into_owned()
+    }
+
+    async fn publish(
+        &mut self,
+        stream: LogStream,
+        data: Vec<u8>,
+        end: Option<LogEnd>,
+    ) -> Result<(), LogError> {
+        let seq = self.next_seq;
+        let chunk = LogChunk {
+            job_id: self.job_id.clone(),
+            attempt: self.attempt,
+            seq,
+            stream,
+            data,
+            end,
+        };
+        let payload = flotilla_proto::encode(&chunk).map_err(|e| LogError(e.to_string()))?;
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert(names::HEADER_JOB_ID, self.job_id.as_str());
+        let message = jetstream::message::PublishMessage::build()
+            .payload(payload)
+            .headers(headers)
+            .message_id(names::log_msg_id(&self.job_id, self.attempt, seq));
+        // Awaiting the ack keeps chunks in order and stored before the next is sent.
+        self.js
+            .send_publish(self.subject.clone(), message)
+            .await
+            .map_err(|e| LogError(e.to_string()))?
+            .await
+            .map_err(|e| LogError(e.to_string()))?;
+        self.next_seq += 1;
+        Ok(())
+    }
+}

@@ -1,0 +1,104 @@
+use std::{path::PathBuf, process::ExitCode, time::Duration};
+
+use clap::Parser;
+
+/// Flotilla agent-node: runs queued jobs in Docker containers on this host.
+#[derive(Debug, Parser)]
+#[command(version)]
+struct Args {
+    #[arg(
+        long,
+        env = "FLOTILLA_NATS_URL",
+        default_value = "nats://127.0.0.1:4222"
+    )]
+    nats_url: String,
+    /// Unique, stable id of this node (default: the host name).
+    #[arg(long, env = "FLOTILLA_NODE_ID")]
+    node_id: Option<String>,
+    /// Concurrent jobs on this node.
+    #[arg(long, env = "FLOTILLA_NODE_SLOTS", default_value_t = 4)]
+    slots: u32,
+    #[arg(
+        long,
+        env = "FLOTILLA_WORKER_IMAGE",
+        default_value = "flotilla-worker:latest"
+    )]
+    image: String,
+    #[arg(long, env = "FLOTILLA_ENGINES_DIR", default_value = "engines")]
+    engines_dir: PathBuf,
+    #[arg(long, env = "FLOTILLA_PROFILES_DIR", default_value = "profiles")]
+    profiles_dir: PathBuf,
+    #[arg(long, env = "FLOTILLA_PIDS_LIMIT", default_value_t = 256)]
+    pids_limit: i64,
+    /// Size of the /workspace tmpfs, in MiB.
+    #[arg(long, env = "FLOTILLA_WORKSPACE_MB", default_value_t = 1024)]
+    workspace_mb: i64,
+    /// Seconds between SIGTERM and SIGKILL when a job is cancelled or times out.
+    #[arg(long, env = "FLOTILLA_STOP_GRACE_SECS", default_value_t = 10)]
+    stop_grace_secs: u64,
+    /// Seconds running jobs get to finish after SIGTERM before they are handed back.
+    #[arg(long, env = "FLOTILLA_DRAIN_GRACE_SECS", default_value_t = 60)]
+    drain_grace_secs: u64,
+    #[arg(long, env = "FLOTILLA_HEARTBEAT_MS", default_value_t = 2000)]
+    heartbeat_ms: u64,
+    /// Output kept per job attempt, in MiB.
+    #[arg(long, env = "FLOTILLA_MAX_LOG_MB", default_value_t = 64)]
+    max_log_mb: u64,
+    /// Cap on the job's `result.text`, in KiB.
+    #[arg(long, env = "FLOTILLA_MAX_RESULT_KB", default_value_t = 1024)]
+    max_result_kb: usize,
+    /// Log as JSON lines.
+    #[arg(long, env = "FLOTILLA_LOG_JSON")]
+    log_json: bool,
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let args = Args::parse();
+    flotilla_telemetry::init(args.log_json);
+    let host = hostname();
+    let config = agent_node::Config {
+        nats_url: args.nats_url,
+        node_id: args.node_id.unwrap_or_else(|| host.clone()),
+        host,
+        slots: args.slots,
+        image: args.image,
+        engines_dir: args.engines_dir,
+        profiles_dir: args.profiles_dir,
+        pids_limit: args.pids_limit,
+        workspace_bytes: args.workspace_mb << 20,
+        stop_grace: Duration::from_secs(args.stop_grace_secs),
+        drain_grace: Duration::from_secs(args.drain_grace_secs),
+        heartbeat_interval: Duration::from_millis(args.heartbeat_ms),
+        max_log_bytes: args.max_log_mb << 20,
+        max_result_bytes: args.max_result_kb << 10,
+        topology: flotilla_nats::TopologyConfig::default(),
+    };
+    let config = match config.validate() {
+        Ok(config) => config,
+        Err(e) => {
+            tracing::error!("{e}");
+            return ExitCode::from(64);
+        }
+    };
+    let shutdown = flotilla_telemetry::shutdown_on_signals();
+    match agent_node::run(config, shutdown).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|name| {
+            // Node ids are safe ids: host names may contain dots.
+            name.trim().replace(
+                |c: char| !(c.is_ascii_alphanumeric() || c == '-' || c == '_'),
+                "-",
+            )
+        })
+        .unwrap_or_else(|_| "localhost".to_owned())
+}

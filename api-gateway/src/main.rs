@@ -1,0 +1,78 @@
+use std::{net::SocketAddr, path::PathBuf, process::ExitCode};
+
+use clap::Parser;
+
+/// Flotilla api-gateway: the HTTP API for submitting and following jobs.
+#[derive(Debug, Parser)]
+#[command(version)]
+struct Args {
+    #[arg(long, env = "FLOTILLA_LISTEN", default_value = "127.0.0.1:8420")]
+    listen: SocketAddr,
+    #[arg(
+        long,
+        env = "FLOTILLA_NATS_URL",
+        default_value = "nats://127.0.0.1:4222"
+    )]
+    nats_url: String,
+    /// Bearer token required on every non-public path. Read from the environment, never argv.
+    #[arg(
+        long = "api-key-from-env",
+        env = "FLOTILLA_API_KEY",
+        hide_env_values = true,
+        hide = true
+    )]
+    api_key: Option<String>,
+    /// Listen beyond loopback even without an API key.
+    #[arg(long, env = "FLOTILLA_ALLOW_UNAUTHENTICATED_PUBLIC")]
+    allow_unauthenticated_public: bool,
+    /// Request body cap, in bytes.
+    #[arg(long, env = "FLOTILLA_MAX_BODY_BYTES", default_value_t = 8 << 20)]
+    max_body_bytes: usize,
+    #[arg(long, env = "FLOTILLA_ENGINES_DIR", default_value = "engines")]
+    engines_dir: PathBuf,
+    #[arg(long, env = "FLOTILLA_PROFILES_DIR", default_value = "profiles")]
+    profiles_dir: PathBuf,
+    #[command(flatten)]
+    limits: flotilla_catalog::LimitsArgs,
+    #[arg(long, env = "FLOTILLA_LOG_JSON")]
+    log_json: bool,
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let args = Args::parse();
+    flotilla_telemetry::init(args.log_json);
+    let limits = match args.limits.into_limits() {
+        Ok(limits) => limits,
+        Err(e) => {
+            tracing::error!("{e}");
+            return ExitCode::from(64);
+        }
+    };
+    let config = api_gateway::Config {
+        listen: args.listen,
+        nats_url: args.nats_url,
+        api_key: args.api_key,
+        allow_unauthenticated_public: args.allow_unauthenticated_public,
+        max_body_bytes: args.max_body_bytes,
+        engines_dir: args.engines_dir,
+        profiles_dir: args.profiles_dir,
+        limits,
+        topology: flotilla_nats::TopologyConfig::default(),
+    };
+    let config = match config.validate() {
+        Ok(config) => config,
+        Err(e) => {
+            tracing::error!("{e}");
+            return ExitCode::from(64);
+        }
+    };
+    let shutdown = flotilla_telemetry::shutdown_on_signals();
+    match api_gateway::run(config, shutdown).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,429 @@
+//! Engines: how to invoke one agent CLI (or the shell) inside a job container.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use flotilla_proto::JobRequest;
+use serde::Deserialize;
+use serde::de::{MapAccess, Visitor};
+
+use crate::rules;
+
+/// Where the job's MCP configuration is written inside the container.
+pub const MCP_CONFIG_PATH: &str = "/workspace/.flotilla/mcp.json";
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EngineKind {
+    /// The prompt is a `/bin/sh` script.
+    Shell,
+    /// An agent CLI invoked with argv.
+    #[default]
+    Cli,
+}
+
+/// A `JobRequest` field an engine can map to a CLI flag (`[command.map]`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum MappedField {
+    Model,
+    OutputFormat,
+    MaxTurns,
+    MaxBudgetUsd,
+    SystemPrompt,
+    AllowedTools,
+    DryRun,
+}
+
+impl MappedField {
+    const ALL: [MappedField; 7] = [
+        Self::Model,
+        Self::OutputFormat,
+        Self::MaxTurns,
+        Self::MaxBudgetUsd,
+        Self::SystemPrompt,
+        Self::AllowedTools,
+        Self::DryRun,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Model => "model",
+            Self::OutputFormat => "output_format",
+            Self::MaxTurns => "max_turns",
+            Self::MaxBudgetUsd => "max_budget_usd",
+            Self::SystemPrompt => "system_prompt",
+            Self::AllowedTools => "allowed_tools",
+            Self::DryRun => "dry_run",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|field| field.as_str() == s)
+    }
+
+    /// List fields are joined into one argument (`[command.list_join]`).
+    pub fn is_list(self) -> bool {
+        self == Self::AllowedTools
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OutputMode {
+    /// The engine's standard output is the result.
+    #[default]
+    Stdout,
+    /// The engine writes its result to `Output::path`.
+    File,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Output {
+    pub mode: OutputMode,
+    /// json | text | stream-json: what the engine prints.
+    pub format: String,
+    /// The result file, for `OutputMode::File`.
+    pub path: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Engine {
+    pub id: String,
+    pub name: String,
+    pub description: String,
+    pub kind: EngineKind,
+    pub binary: String,
+    /// Flag before the prompt; empty means the prompt is positional.
+    pub prompt_flag: String,
+    pub static_args: Vec<String>,
+    pub trailing_args: Vec<String>,
+    /// Flags in the order the engine file lists them.
+    pub flags: Vec<(MappedField, String)>,
+    /// Separator for list fields; "," when absent.
+    pub list_join: BTreeMap<MappedField, String>,
+    pub mcp_config_flag: Option<String>,
+    pub output: Output,
+    /// Names of the credentials the engine needs (informational).
+    pub auth_env: Vec<String>,
+}
+
+impl Engine {
+    /// The exact argv, binary first, that runs `request` with this engine.
+    pub fn command_line(&self, request: &JobRequest) -> Vec<String> {
+        if self.kind == EngineKind::Shell {
+            return vec![self.binary.clone(), "-c".to_owned(), request.prompt.clone()];
+        }
+        let mut argv = vec![self.binary.clone()];
+        argv.extend(self.static_args.iter().cloned());
+        if !self.prompt_flag.is_empty() {
+            argv.push(self.prompt_flag.clone());
+        }
+        argv.push(request.prompt.clone());
+        for (field, flag) in &self.flags {
+            let value = match field {
+                MappedField::Model => request.model.clone(),
+                MappedField::OutputFormat => request.output_format.clone(),
+                MappedField::MaxTurns => request.max_turns.map(|n| n.to_string()),
+                MappedField::MaxBudgetUsd => request.max_budget_usd.map(|usd| format!("{usd:.2}")),
+                MappedField::SystemPrompt => request.system_prompt.clone(),
+                // An empty list means "all tools": pass nothing rather than an empty allow-list.
+                MappedField::AllowedTools => (!request.allowed_tools.is_empty()).then(|| {
+                    let sep = self.list_join.get(field).map_or(",", String::as_str);
+                    request.allowed_tools.join(sep)
+                }),
+                MappedField::DryRun => {
+                    if request.dry_run {
+                        argv.push(flag.clone());
+                    }
+                    continue;
+                }
+            };
+            if let Some(value) = value {
+                argv.push(flag.clone());
+                argv.push(value);
+            }
+        }
+        argv.extend(self.trailing_args.iter().cloned());
+        if let (Some(flag), Some(_)) = (&self.mcp_config_flag, &request.mcp_config) {
+            argv.push(flag.clone());
+            argv.push(MCP_CONFIG_PATH.to_owned());
+        }
+        argv
+    }
+
+    /// Builds an engine from the text of `<stem>.toml`. Errors say what is wrong, without the
+    /// file name (the caller adds it).
+    pub(crate) fn parse(stem: &str, text: &str) -> Result<Engine, String> {
+        let file: EngineFile = toml::from_str(text).map_err(|e| e.to_string())?;
+        let EngineFile {
+            engine,
+            command,
+            output,
+            env,
+        } = file;
+        let id = engine.id.unwrap_or_else(|| stem.to_owned());
+        rules::check_safe_id(&id).map_err(|e| format!("engine id {e}"))?;
+
+        let mut flags = Vec::with_capacity(command.map.0.len());
+        for (key, flag) in command.map.0 {
+            let field = MappedField::parse(&key).ok_or_else(|| {
+                format!("[command.map]: unknown field {key:?}; {}", known_fields())
+            })?;
+            if flag.is_empty() {
+                return Err(format!("[command.map].{key} must not be empty"));
+            }
+            flags.push((field, flag));
+        }
+        let mut list_join = BTreeMap::new();
+        for (key, sep) in command.list_join {
+            match MappedField::parse(&key) {
+                Some(field) if field.is_list() => list_join.insert(field, sep),
+                _ => return Err(format!("[command.list_join]: {key:?} is not a list field")),
+            };
+        }
+
+        let default_binary = match engine.kind {
+            EngineKind::Shell => "/bin/sh",
+            EngineKind::Cli => id.as_str(),
+        };
+        let binary = command.binary.unwrap_or_else(|| default_binary.to_owned());
+        if binary.is_empty() {
+            return Err("[command].binary must not be empty".to_owned());
+        }
+        if command.mcp_config_flag.as_deref() == Some("") {
+            return Err("[command].mcp_config_flag must not be empty when set".to_owned());
+        }
+        rules::check_output_format(&output.format).map_err(|e| format!("[output].format {e}"))?;
+        let path = output.path.filter(|p| !p.is_empty());
+        if output.mode == OutputMode::File && path.is_none() {
+            return Err("[output].path is required when [output].mode = \"file\"".to_owned());
+        }
+
+        Ok(Engine {
+            name: engine.name.unwrap_or_else(|| id.clone()),
+            id,
+            description: engine.description,
+            kind: engine.kind,
+            binary,
+            prompt_flag: command.prompt_flag.unwrap_or_else(|| "-p".to_owned()),
+            static_args: command.static_args,
+            trailing_args: command.trailing_args,
+            flags,
+            list_join,
+            mcp_config_flag: command.mcp_config_flag,
+            output: Output {
+                mode: output.mode,
+                format: output.format,
+                path,
+            },
+            auth_env: env.auth,
+        })
+    }
+}
+
+fn known_fields() -> String {
+    let names: Vec<&str> = MappedField::ALL.iter().map(|f| f.as_str()).collect();
+    format!("expected one of {}", names.join(", "))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct EngineFile {
+    #[serde(default)]
+    engine: EngineSection,
+    #[serde(default)]
+    command: CommandSection,
+    #[serde(default)]
+    output: OutputSection,
+    #[serde(default)]
+    env: EnvSection,
+}
+
+#[derive(Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct EngineSection {
+    id: Option<String>,
+    name: Option<String>,
+    description: String,
+    kind: EngineKind,
+}
+
+#[derive(Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct CommandSection {
+    binary: Option<String>,
+    prompt_flag: Option<String>,
+    static_args: Vec<String>,
+    trailing_args: Vec<String>,
+    mcp_config_flag: Option<String>,
+    map: OrderedStrings,
+    list_join: BTreeMap<String, String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct OutputSection {
+    mode: OutputMode,
+    format: String,
+    path: Option<String>,
+}
+
+impl Default for OutputSection {
+    fn default() -> Self {
+        Self {
+            mode: OutputMode::Stdout,
+            format: "json".to_owned(),
+            path: None,
+        }
+    }
+}
+
+#[derive(Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct EnvSection {
+    #[serde(alias = "required")]
+    auth: Vec<String>,
+}
+
+/// A string table kept in file order (a map type would sort or hash the keys).
+#[derive(Default)]
+struct OrderedStrings(Vec<(String, String)>);
+
+impl<'de> Deserialize<'de> for OrderedStrings {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct OrderedVisitor;
+        impl<'de> Visitor<'de> for OrderedVisitor {
+            type Value = OrderedStrings;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a table of strings")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+                let mut entries = Vec::new();
+                while let Some(entry) = map.next_entry::<String, String>()? {
+                    entries.push(entry);
+                }
+                Ok(OrderedStrings(entries))
+            }
+        }
+        deserializer.deserialize_map(OrderedVisitor)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request(prompt: &str) -> JobRequest {
+        JobRequest {
+            job_id: "a-1".to_owned(),
+            agent_id: "a".to_owned(),
+            engine: "e".to_owned(),
+            profile: "default".to_owned(),
+            prompt: prompt.to_owned(),
+            system_prompt: None,
+            model: None,
+            allowed_tools: Vec::new(),
+            max_turns: None,
+            max_budget_usd: None,
+            output_format: None,
+            mcp_config: None,
+            plugins: Vec::new(),
+            instructions: None,
+            dry_run: false,
+            webhook_url: None,
+            timeout_seconds: 60,
+            resources: flotilla_proto::job::Resources {
+                memory_bytes: 1 << 30,
+                nano_cpus: 1,
+            },
+            metadata: BTreeMap::new(),
+            created_at: chrono::DateTime::UNIX_EPOCH,
+        }
+    }
+
+    #[test]
+    fn flags_follow_file_order_not_alphabetical() {
+        let engine = Engine::parse(
+            "x",
+            r#"
+            [command]
+            prompt_flag = ""
+            [command.map]
+            system_prompt = "--sys"
+            model = "--model"
+            max_turns = "--turns"
+            dry_run = "--dry"
+            "#,
+        )
+        .unwrap();
+        let mut req = request("hi");
+        req.model = Some("m".to_owned());
+        req.system_prompt = Some("s".to_owned());
+        req.max_turns = Some(3);
+        assert_eq!(
+            engine.command_line(&req),
+            ["x", "hi", "--sys", "s", "--model", "m", "--turns", "3"]
+        );
+        req.dry_run = true;
+        assert_eq!(
+            engine.command_line(&req).last().map(String::as_str),
+            Some("--dry")
+        );
+    }
+
+    #[test]
+    fn defaults_follow_parpaing() {
+        let engine = Engine::parse("tool", "").unwrap();
+        assert_eq!(engine.id, "tool");
+        assert_eq!(engine.name, "tool");
+        assert_eq!(engine.binary, "tool");
+        assert_eq!(engine.prompt_flag, "-p");
+        assert_eq!(engine.kind, EngineKind::Cli);
+        assert_eq!(engine.output.format, "json");
+        assert_eq!(engine.command_line(&request("go")), ["tool", "-p", "go"]);
+    }
+
+    #[test]
+    fn custom_list_separator() {
+        let engine = Engine::parse(
+            "x",
+            "[command.map]\nallowed_tools = \"--tools\"\n[command.list_join]\nallowed_tools = \" \"\n",
+        )
+        .unwrap();
+        let mut req = request("p");
+        assert_eq!(
+            engine.command_line(&req),
+            ["x", "-p", "p"],
+            "empty list adds nothing"
+        );
+        req.allowed_tools = vec!["Read".to_owned(), "Bash(git:*)".to_owned()];
+        assert_eq!(
+            engine.command_line(&req),
+            ["x", "-p", "p", "--tools", "Read Bash(git:*)"]
+        );
+    }
+
+    #[test]
+    fn bad_engine_files() {
+        let cases = [
+            ("[engine]\ncolour = \"red\"\n", "unknown field `colour`"),
+            (
+                "[command.map]\nprompt_text = \"-x\"\n",
+                "unknown field \"prompt_text\"",
+            ),
+            ("[command.list_join]\nmodel = \",\"\n", "not a list field"),
+            ("[engine]\nkind = \"python\"\n", "unknown variant `python`"),
+            ("[engine]\nid = \"a b\"\n", "engine id must match"),
+            ("[output]\nmode = \"file\"\n", "[output].path is required"),
+            (
+                "[output]\nformat = \"xml\"\n",
+                "[output].format must be one of",
+            ),
+            ("[command]\nbinary = \"\"\n", "binary must not be empty"),
+        ];
+        for (text, want) in cases {
+            let err = Engine::parse("x", text).unwrap_err();
+            assert!(err.contains(want), "{text}: {err}");
+        }
+    }
+}

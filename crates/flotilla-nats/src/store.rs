@@ -1,0 +1,174 @@
+//! The job store: one [`JobRecord`] per job in KV, changed only by compare-and-set on the
+//! entry's revision, so two writers can never both win.
+
+use async_nats::jetstream::kv::{self, CreateErrorKind, Operation, Store, UpdateErrorKind};
+use flotilla_proto::{Encoding, JobRecord, names};
+use futures::{Stream, StreamExt};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("job {0} already exists")]
+    AlreadyExists(String),
+    /// Someone else changed the record since it was read.
+    #[error("job {0} changed concurrently")]
+    Conflict(String),
+    #[error("job record is corrupt: {0}")]
+    Corrupt(#[from] flotilla_proto::CodecError),
+    #[error("job store unavailable: {0}")]
+    Nats(String),
+}
+
+/// A record together with the KV revision it was read at.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Versioned {
+    pub record: JobRecord,
+    pub revision: u64,
+}
+
+#[derive(Clone)]
+pub struct JobStore {
+    kv: Store,
+}
+
+impl JobStore {
+    pub fn new(kv: Store) -> Self {
+        Self { kv }
+    }
+
+    /// Stores a new job; fails with [`StoreError::AlreadyExists`] if the id is taken.
+    pub async fn create(&self, record: &JobRecord) -> Result<u64, StoreError> {
+        let value = flotilla_proto::encode(record)?;
+        self.kv
+            .create(names::job_key(&record.job_id), value)
+            .await
+            .map_err(|e| match e.kind() {
+                CreateErrorKind::AlreadyExists => StoreError::AlreadyExists(record.job_id.clone()),
+                _ => StoreError::Nats(e.to_string()),
+            })
+    }
+
+    pub async fn get(&self, job_id: &str) -> Result<Option<Versioned>, StoreError> {
+        let entry = self
+            .kv
+            .entry(names::job_key(job_id))
+            .await
+            .map_err(|e| StoreError::Nats(e.to_string()))?;
+        match entry {
+            Some(entry) if entry.operation == Operation::Put => Ok(Some(Versioned {
+                record: flotilla_proto::decode(&entry.value, Encoding::MessagePack)?,
+                revision: entry.revision,
+            })),
+            _ => Ok(None),
+        }
+    }
+
+    /// Removes a job's record entirely (used when a submission could not be queued).
+    pub async fn remove(&self, job_id: &str) -> Result<(), StoreError> {
+        self.kv
+            .purge(names::job_key(job_id))
+            .await
+            .map_err(|e| StoreError::Nats(e.to_string()))
+    }
+
+    /// Writes `record` only if the stored revision is still `revision`.
+    pub async fn update(&self, record: &JobRecord, revision: u64) -> Result<u64, StoreError> {
+        let value = flotilla_proto::encode(record)?;
+        self.kv
+            .update(names::job_key(&record.job_id), value, revision)
+            .await
+            .map_err(|e| match e.kind() {
+                UpdateErrorKind::WrongLastRevision => StoreError::Conflict(record.job_id.clone()),
+                _ => StoreError::Nats(e.to_string()),
+            })
+    }
+
+    /// Read-modify-write with retry on conflict. `change` sees the current record and returns
+    /// `Ok(false)` to leave it alone; its `Err` aborts. Returns the record as finally stored (or
+    /// found), or `None` if the job does not exist.
+    pub async fn modify<E>(
+        &self,
+        job_id: &str,
+        mut change: impl FnMut(&mut JobRecord) -> Result<bool, E>,
+    ) -> Result<Option<Result<Versioned, E>>, StoreError> {
+        loop {
+            let Some(mut current) = self.get(job_id).await? else {
+                return Ok(None);
+            };
+            match change(&mut current.record) {
+                Err(e) => return Ok(Some(Err(e))),
+                Ok(false) => return Ok(Some(Ok(current))),
+                Ok(true) => match self.update(&current.record, current.revision).await {
+                    Ok(revision) => {
+                        return Ok(Some(Ok(Versioned {
+                            record: current.record,
+                            revision,
+                        })));
+                    }
+                    Err(StoreError::Conflict(_)) => continue,
+                    Err(e) => return Err(e),
+                },
+            }
+        }
+    }
+
+    /// Every record now in the store, then every change, in revision order (or, with
+    /// `from_revision`, every change from that revision on).
+    pub async fn watch(
+        &self,
+        from_revision: Option<u64>,
+    ) -> Result<impl Stream<Item = WatchEvent> + Send + use<>, StoreError> {
+        let watch = match from_revision {
+            Some(revision) => self.kv.watch_all_from_revision(revision).await,
+            None => {
+                self.kv
+                    .watch_with_history(format!("{}>", names::job_key("")))
+                    .await
+            }
+        }
+        .map_err(|e| StoreError::Nats(e.to_string()))?;
+        Ok(watch.map(|item| match item {
+            Ok(entry) => decode_entry(entry),
+            Err(e) => WatchEvent::Error(e.to_string()),
+        }))
+    }
+}
+
+#[derive(Debug)]
+pub enum WatchEvent {
+    Put(Box<Versioned>),
+    Removed {
+        job_id: String,
+        revision: u64,
+    },
+    /// A record that does not decode; logged and skipped by callers.
+    Corrupt {
+        key: String,
+        error: String,
+    },
+    Error(String),
+}
+
+fn decode_entry(entry: kv::Entry) -> WatchEvent {
+    let Some(job_id) = names::job_id_from_key(&entry.key) else {
+        return WatchEvent::Corrupt {
+            key: entry.key,
+            error: "not a job key".to_owned(),
+        };
+    };
+    match entry.operation {
+        Operation::Put => match flotilla_proto::decode(&entry.value, Encoding::MessagePack) {
+            Ok(record) => WatchEvent::Put(Box::new(Versioned {
+                record,
+                revision: entry.revision,
+            })),
+            Err(e) => WatchEvent::Corrupt {
+                key: entry.key.clone(),
+                error: e.to_string(),
+            },
+        },
+        Operation::Delete | Operation::Purge => WatchEvent::Removed {
+            job_id: job_id.to_owned(),
+            revision: entry.revision,
+        },
+    }
+}

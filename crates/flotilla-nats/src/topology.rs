@@ -1,0 +1,238 @@
+//! Streams, consumers and buckets. Whichever service starts first creates them; the others
+//! find them. Creation is idempotent: an existing object is used as it is.
+
+use std::time::Duration;
+
+use async_nats::jetstream::{
+    self, consumer,
+    kv::{self, Store},
+    stream::{self, DiscardPolicy, RetentionPolicy, StorageType},
+};
+use flotilla_proto::names;
+
+use crate::JobStore;
+
+/// Tunables for the topology. Defaults suit a single-host stack; tests shorten the timings.
+#[derive(Debug, Clone)]
+pub struct TopologyConfig {
+    /// How long a node may hold a job without a progress ack before JetStream redelivers it.
+    pub ack_wait: Duration,
+    /// Deliveries of one job message before JetStream gives up on it.
+    pub max_deliver: i64,
+    /// Fleet-wide cap on jobs handed out and not yet acked.
+    pub max_ack_pending: i64,
+    /// Queue bound: beyond it, publishing a job fails (and the API answers 503).
+    pub queue_max_messages: i64,
+    /// How long job output stays replayable.
+    pub log_max_age: Duration,
+    /// How long an `Idempotency-Key` is remembered.
+    pub idempotency_ttl: Duration,
+    pub storage: StorageType,
+}
+
+impl Default for TopologyConfig {
+    fn default() -> Self {
+        Self {
+            ack_wait: Duration::from_secs(30),
+            max_deliver: 5,
+            max_ack_pending: 1024,
+            queue_max_messages: 100_000,
+            log_max_age: Duration::from_secs(24 * 3600),
+            idempotency_ttl: Duration::from_secs(24 * 3600),
+            storage: StorageType::File,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum TopologyError {
+    #[error("cannot create stream {name}: {source}")]
+    Stream {
+        name: String,
+        source: jetstream::context::CreateStreamError,
+    },
+    #[error("cannot create consumer {name}: {source}")]
+    Consumer {
+        name: &'static str,
+        source: jetstream::stream::ConsumerError,
+    },
+    #[error("cannot create bucket {name}: {source}")]
+    Bucket {
+        name: String,
+        source: jetstream::context::CreateKeyValueError,
+    },
+}
+
+/// Handles on everything a service may need. Cheap to clone.
+#[derive(Clone)]
+pub struct Topology {
+    pub js: jetstream::Context,
+    pub jobs: JobStore,
+    pub nodes: Store,
+    pub idempotency: Store,
+    /// The fleet's shared pull consumer on the run queue.
+    pub agents: consumer::PullConsumer,
+    /// The dispatchers' shared pull consumer on direct submissions.
+    pub intake: consumer::PullConsumer,
+    pub config: TopologyConfig,
+}
+
+impl Topology {
+    pub async fn ensure(
+        client: async_nats::Client,
+        config: TopologyConfig,
+    ) -> Result<Self, TopologyError> {
+        let js = jetstream::new(client);
+        let work_queue = |name: &'static str, subject: &str, max_messages: i64| stream::Config {
+            name: name.to_owned(),
+            subjects: vec![subject.to_owned()],
+            retention: RetentionPolicy::WorkQueue,
+            storage: config.storage,
+            // Refuse new work when full rather than silently dropping accepted work.
+            discard: DiscardPolicy::New,
+            max_messages,
+            duplicate_window: names::DEDUPE_WINDOW,
+            ..Default::default()
+        };
+        let submit = ensure_stream(
+            &js,
+            work_queue(names::STREAM_SUBMIT, names::SUBJECT_SUBMIT, 100_000),
+        )
+        .await?;
+        let jobs = ensure_stream(
+            &js,
+            work_queue(
+                names::STREAM_JOBS,
+                names::SUBJECT_RUN,
+                config.queue_max_messages,
+            ),
+        )
+        .await?;
+        ensure_stream(
+            &js,
+            stream::Config {
+                name: names::STREAM_LOGS.to_owned(),
+                subjects: vec![format!("{}.>", names::SUBJECT_LOGS_PREFIX)],
+                retention: RetentionPolicy::Limits,
+                storage: config.storage,
+                max_age: config.log_max_age,
+                duplicate_window: names::DEDUPE_WINDOW,
+                ..Default::default()
+            },
+        )
+        .await?;
+        ensure_stream(
+            &js,
+            stream::Config {
+                name: names::STREAM_REJECTED.to_owned(),
+                subjects: vec![format!("{}.>", names::SUBJECT_REJECTED_PREFIX)],
+                retention: RetentionPolicy::Limits,
+                storage: config.storage,
+                max_age: Duration::from_secs(7 * 24 * 3600),
+                max_messages: 10_000,
+                ..Default::default()
+            },
+        )
+        .await?;
+
+        let pull = |name: &str, subject: &str| consumer::pull::Config {
+            durable_name: Some(name.to_owned()),
+            filter_subject: subject.to_owned(),
+            ack_policy: consumer::AckPolicy::Explicit,
+            ack_wait: config.ack_wait,
+            max_deliver: config.max_deliver,
+            max_ack_pending: config.max_ack_pending,
+            ..Default::default()
+        };
+        let agents = ensure_consumer(
+            &jobs,
+            names::CONSUMER_AGENTS,
+            pull(names::CONSUMER_AGENTS, names::SUBJECT_RUN),
+        )
+        .await?;
+        let intake = ensure_consumer(
+            &submit,
+            names::CONSUMER_INTAKE,
+            pull(names::CONSUMER_INTAKE, names::SUBJECT_SUBMIT),
+        )
+        .await?;
+
+        let job_bucket = ensure_bucket(
+            &js,
+            kv::Config {
+                bucket: names::BUCKET_JOBS.to_owned(),
+                history: 1,
+                storage: config.storage,
+                ..Default::default()
+            },
+        )
+        .await?;
+        let nodes = ensure_bucket(
+            &js,
+            kv::Config {
+                bucket: names::BUCKET_NODES.to_owned(),
+                history: 1,
+                // Heartbeats of nodes that stopped long ago vanish by themselves.
+                max_age: Duration::from_secs(3600),
+                storage: config.storage,
+                ..Default::default()
+            },
+        )
+        .await?;
+        let idempotency = ensure_bucket(
+            &js,
+            kv::Config {
+                bucket: names::BUCKET_IDEMPOTENCY.to_owned(),
+                history: 1,
+                max_age: config.idempotency_ttl,
+                storage: config.storage,
+                ..Default::default()
+            },
+        )
+        .await?;
+
+        Ok(Self {
+            js,
+            jobs: JobStore::new(job_bucket),
+            nodes,
+            idempotency,
+            agents,
+            intake,
+            config,
+        })
+    }
+}
+
+async fn ensure_stream(
+    js: &jetstream::Context,
+    config: stream::Config,
+) -> Result<stream::Stream, TopologyError> {
+    let name = config.name.clone();
+    js.get_or_create_stream(config)
+        .await
+        .map_err(|source| TopologyError::Stream { name, source })
+}
+
+async fn ensure_consumer(
+    stream: &stream::Stream,
+    name: &'static str,
+    config: consumer::pull::Config,
+) -> Result<consumer::PullConsumer, TopologyError> {
+    stream
+        .get_or_create_consumer::<consumer::pull::Config>(name, config)
+        .await
+        .map_err(|source| TopologyError::Consumer { name, source })
+}
+
+async fn ensure_bucket(
+    js: &jetstream::Context,
+    config: kv::Config,
+) -> Result<Store, TopologyError> {
+    if let Ok(store) = js.get_key_value(&config.bucket).await {
+        return Ok(store);
+    }
+    let name = config.bucket.clone();
+    js.create_key_value(config)
+        .await
+        .map_err(|source| TopologyError::Bucket { name, source })
+}

@@ -1,0 +1,20 @@
+//! Flotilla's wire protocol.
+//!
+//! Everything that crosses a process boundary is defined here, once: the message types, the
+//! subjects they travel on, the JetStream stream, consumer and KV bucket names, header names and
+//! container labels. `docs/protocol.md` is the human-readable version of this crate; keep the two
+//! in step.
+
+pub mod codec;
+pub mod ids;
+pub mod job;
+pub mod log;
+pub mod names;
+pub mod node;
+
+pub use codec::{CodecError, Encoding, decode, encode};
+pub use job::{
+    JobRecord, JobRequest, JobResult, JobStatus, Resources, ResourcesRequest, SubmitRequest, Usage,
+};
+pub use log::{LogChunk, LogEnd, LogStream};
+pub use node::NodeInfo;

@@ -1,0 +1,127 @@
+//! Subjects, streams, consumers, buckets, headers and labels. Nobody else spells these.
+
+use std::time::Duration;
+
+/// Direct publishers send a [`crate::SubmitRequest`] here (no HTTP involved). The dispatcher's
+/// intake validates it, records the job as `pending` and queues it for the fleet.
+pub const SUBJECT_SUBMIT: &str = "flotilla.submit";
+/// Stream capturing [`SUBJECT_SUBMIT`] (work-queue retention).
+pub const STREAM_SUBMIT: &str = "FLOTILLA_SUBMIT";
+/// Durable pull consumer on [`STREAM_SUBMIT`], shared by every dispatcher replica.
+pub const CONSUMER_INTAKE: &str = "intake";
+
+/// Validated jobs waiting for an agent-node, as [`crate::DispatchedJob`].
+pub const SUBJECT_RUN: &str = "flotilla.jobs.run";
+/// Stream capturing [`SUBJECT_RUN`] (work-queue retention).
+pub const STREAM_JOBS: &str = "FLOTILLA_JOBS";
+/// Durable pull consumer on [`STREAM_JOBS`], shared by every agent-node.
+pub const CONSUMER_AGENTS: &str = "agents";
+
+/// Prefix of the per-job log subjects; see [`log_subject`].
+pub const SUBJECT_LOGS_PREFIX: &str = "flotilla.logs";
+/// Limits-retention stream capturing every log subject, so output can be replayed.
+pub const STREAM_LOGS: &str = "FLOTILLA_LOGS";
+
+/// Prefix of the per-job cancel subjects (core NATS); see [`cancel_subject`].
+pub const SUBJECT_CANCEL_PREFIX: &str = "flotilla.cancel";
+
+/// Prefix of the subjects where rejected direct submissions are kept, with their reason.
+pub const SUBJECT_REJECTED_PREFIX: &str = "flotilla.rejected";
+/// Stream keeping rejected submissions for inspection.
+pub const STREAM_REJECTED: &str = "FLOTILLA_REJECTED";
+
+/// KV bucket with one [`crate::JobRecord`] per job under [`job_key`].
+pub const BUCKET_JOBS: &str = "flotilla_jobs";
+/// KV bucket with one [`crate::NodeInfo`] heartbeat per live agent-node under [`node_key`].
+pub const BUCKET_NODES: &str = "flotilla_nodes";
+/// KV bucket mapping `Idempotency-Key`s to the job they created; see [`idempotency_key`].
+pub const BUCKET_IDEMPOTENCY: &str = "flotilla_idempotency";
+
+/// Standard NATS header naming the payload encoding. `application/json` selects JSON;
+/// anything else (or no header) means MessagePack with named fields.
+pub const HEADER_CONTENT_TYPE: &str = "Content-Type";
+pub const CONTENT_TYPE_JSON: &str = "application/json";
+pub const CONTENT_TYPE_MSGPACK: &str = "application/msgpack";
+/// Set on messages in [`STREAM_REJECTED`]: why the submission was refused.
+pub const HEADER_REJECT_REASON: &str = "Flotilla-Reject-Reason";
+/// Set on every message that concerns one job, so tools can route without decoding.
+pub const HEADER_JOB_ID: &str = "Flotilla-Job-Id";
+
+/// Container labels. Every container Flotilla creates carries all of them.
+pub const LABEL_MANAGED: &str = "flotilla.managed";
+pub const LABEL_NODE: &str = "flotilla.node";
+pub const LABEL_JOB: &str = "flotilla.job";
+pub const LABEL_ATTEMPT: &str = "flotilla.attempt";
+
+/// How long JetStream remembers a `Nats-Msg-Id` to drop duplicate publishes.
+pub const DEDUPE_WINDOW: Duration = Duration::from_secs(120);
+
+pub fn log_subject(job_id: &str) -> String {
+    format!("{SUBJECT_LOGS_PREFIX}.{job_id}")
+}
+
+pub fn cancel_subject(job_id: &str) -> String {
+    format!("{SUBJECT_CANCEL_PREFIX}.{job_id}")
+}
+
+/// Wildcard an agent-node subscribes to for cancels.
+pub fn cancel_wildcard() -> String {
+    format!("{SUBJECT_CANCEL_PREFIX}.*")
+}
+
+pub fn rejected_subject(job_id: Option<&str>) -> String {
+    format!("{SUBJECT_REJECTED_PREFIX}.{}", job_id.unwrap_or("_unknown"))
+}
+
+pub fn job_key(job_id: &str) -> String {
+    format!("job.{job_id}")
+}
+
+/// Inverse of [`job_key`].
+pub fn job_id_from_key(key: &str) -> Option<&str> {
+    key.strip_prefix("job.")
+}
+
+pub fn node_key(node_id: &str) -> String {
+    format!("node.{node_id}")
+}
+
+/// Idempotency keys are client strings: hash them so any value maps to a valid KV key.
+pub fn idempotency_key(client_key: &str) -> String {
+    use sha2::Digest as _;
+    format!(
+        "idem.{}",
+        hex::encode(sha2::Sha256::digest(client_key.as_bytes()))
+    )
+}
+
+/// Message id used for publisher dedupe of a job's log chunk.
+pub fn log_msg_id(job_id: &str, attempt: u32, seq: u64) -> String {
+    format!("{job_id}.{attempt}.{seq}")
+}
+
+/// Message id used when queueing a job attempt for the fleet.
+pub fn run_msg_id(job_id: &str) -> String {
+    format!("run.{job_id}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_and_subjects_round_trip() {
+        assert_eq!(job_id_from_key(&job_key("a-1")), Some("a-1"));
+        assert_eq!(log_subject("a-1"), "flotilla.logs.a-1");
+        assert_eq!(cancel_subject("a-1"), "flotilla.cancel.a-1");
+        assert_eq!(rejected_subject(None), "flotilla.rejected._unknown");
+    }
+
+    #[test]
+    fn idempotency_keys_are_stable_and_key_safe() {
+        let a = idempotency_key("order 42 / retry");
+        assert_eq!(a, idempotency_key("order 42 / retry"));
+        assert_ne!(a, idempotency_key("order 43 / retry"));
+        assert!(a.chars().all(|c| c.is_ascii_alphanumeric() || c == '.'));
+    }
+}

@@ -1,0 +1,263 @@
+use std::{process::Command, time::Duration};
+
+use tempfile::TempDir;
+
+use crate::{NatsServer, Process, binary, free_port, repo_root, wait_until};
+
+/// The whole system as real processes: nats-server, api-gateway, dispatcher and N agent-nodes.
+/// Node ids are unique per fleet, so the containers of one test are told apart from another's.
+pub struct Fleet {
+    pub nats: NatsServer,
+    pub gateway: Process,
+    pub dispatcher: Process,
+    pub nodes: Vec<Process>,
+    pub node_ids: Vec<String>,
+    /// `http://127.0.0.1:<port>`
+    pub api: String,
+    pub api_key: Option<String>,
+    pub http: reqwest::Client,
+    dir: TempDir,
+    builder: FleetBuilder,
+}
+
+#[derive(Clone)]
+pub struct FleetBuilder {
+    nodes: usize,
+    slots: u32,
+    api_key: Option<String>,
+    stop_grace_secs: u64,
+    drain_grace_secs: u64,
+    extra_gateway_env: Vec<(String, String)>,
+}
+
+impl Default for FleetBuilder {
+    fn default() -> Self {
+        Self {
+            nodes: 1,
+            slots: 4,
+            api_key: None,
+            stop_grace_secs: 1,
+            drain_grace_secs: 10,
+            extra_gateway_env: Vec::new(),
+        }
+    }
+}
+
+impl FleetBuilder {
+    pub fn nodes(mut self, nodes: usize) -> Self {
+        self.nodes = nodes;
+        self
+    }
+
+    pub fn slots(mut self, slots: u32) -> Self {
+        self.slots = slots;
+        self
+    }
+
+    pub fn api_key(mut self, key: &str) -> Self {
+        self.api_key = Some(key.to_owned());
+        self
+    }
+
+    pub fn gateway_env(mut self, name: &str, value: &str) -> Self {
+        self.extra_gateway_env
+            .push((name.to_owned(), value.to_owned()));
+        self
+    }
+
+    pub async fn start(self) -> anyhow::Result<Fleet> {
+        let nats = NatsServer::start().await?;
+        let dir = tempfile::Builder::new()
+            .prefix("flotilla-fleet-")
+            .tempdir()?;
+        let root = repo_root();
+        let port = free_port();
+        let tag = uuid_fragment();
+
+        let common = |command: &mut Command| {
+            command
+                .env("FLOTILLA_NATS_URL", nats.url())
+                .env("FLOTILLA_ENGINES_DIR", root.join("engines"))
+                .env("FLOTILLA_PROFILES_DIR", root.join("profiles"))
+                .env("RUST_LOG", "info");
+        };
+
+        let mut command = Command::new(binary("api-gateway")?);
+        common(&mut command);
+        command.env("FLOTILLA_LISTEN", format!("127.0.0.1:{port}"));
+        if let Some(key) = &self.api_key {
+            command.env("FLOTILLA_API_KEY", key);
+        }
+        for (name, value) in &self.extra_gateway_env {
+            command.env(name, value);
+        }
+        let gateway =
+            Process::spawn_command("api-gateway", command, &dir.path().join("gateway.log"))?;
+
+        let mut command = Command::new(binary("dispatcher")?);
+        common(&mut command);
+        command.env(
+            "FLOTILLA_DISPATCHER_LISTEN",
+            format!("127.0.0.1:{}", free_port()),
+        );
+        let dispatcher =
+            Process::spawn_command("dispatcher", command, &dir.path().join("dispatcher.log"))?;
+
+        let mut fleet = Fleet {
+            nats,
+            gateway,
+            dispatcher,
+            nodes: Vec::new(),
+            node_ids: Vec::new(),
+            api: format!("http://127.0.0.1:{port}"),
+            api_key: self.api_key.clone(),
+            http: reqwest::Client::new(),
+            dir,
+            builder: self.clone(),
+        };
+        for i in 0..self.nodes {
+            fleet.node_ids.push(format!("test-{tag}-{i}"));
+            let node = fleet.spawn_node(i)?;
+            fleet.nodes.push(node);
+        }
+        fleet.wait_ready().await?;
+        Ok(fleet)
+    }
+}
+
+impl Fleet {
+    pub fn builder() -> FleetBuilder {
+        FleetBuilder::default()
+    }
+
+    fn spawn_node(&self, i: usize) -> anyhow::Result<Process> {
+        let mut command = Command::new(binary("agent-node")?);
+        let root = repo_root();
+        command
+            .env("FLOTILLA_NATS_URL", self.nats.url())
+            .env("FLOTILLA_ENGINES_DIR", root.join("engines"))
+            .env("FLOTILLA_PROFILES_DIR", root.join("profiles"))
+            .env("FLOTILLA_NODE_ID", &self.node_ids[i])
+            .env("FLOTILLA_NODE_SLOTS", self.builder.slots.to_string())
+            .env(
+                "FLOTILLA_STOP_GRACE_SECS",
+                self.builder.stop_grace_secs.to_string(),
+            )
+            .env(
+                "FLOTILLA_DRAIN_GRACE_SECS",
+                self.builder.drain_grace_secs.to_string(),
+            )
+            .env("FLOTILLA_HEARTBEAT_MS", "500")
+            .env("RUST_LOG", "info");
+        Process::spawn_command(
+            &format!("agent-node {}", self.node_ids[i]),
+            command,
+            &self.dir.path().join(format!("node-{i}.log")),
+        )
+    }
+
+    /// An authorised request builder for `path` on the gateway.
+    pub fn request(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
+        let builder = self.http.request(method, format!("{}{path}", self.api));
+        match &self.api_key {
+            Some(key) => builder.bearer_auth(key),
+            None => builder,
+        }
+    }
+
+    async fn wait_ready(&mut self) -> anyhow::Result<()> {
+        let expected = self.nodes.len();
+        let result = wait_until(Duration::from_secs(30), "the fleet to be ready", || async {
+            let health = self
+                .request(reqwest::Method::GET, "/health")
+                .send()
+                .await
+                .ok()?;
+            if !health.status().is_success() {
+                return None;
+            }
+            let nodes: serde_json::Value = self
+                .request(reqwest::Method::GET, "/nodes")
+                .send()
+                .await
+                .ok()?
+                .json()
+                .await
+                .ok()?;
+            (nodes["nodes"].as_array()?.len() == expected).then_some(())
+        })
+        .await;
+        result.map_err(|e| anyhow::anyhow!("{e}\n{}", self.logs()))
+    }
+
+    /// Every process's output, for failure messages.
+    pub fn logs(&self) -> String {
+        let mut out = String::new();
+        for process in [&self.gateway, &self.dispatcher]
+            .into_iter()
+            .chain(self.nodes.iter())
+        {
+            let log = process.log();
+            let tail: String = log
+                .chars()
+                .rev()
+                .take(6000)
+                .collect::<Vec<_>>()
+                .into_iter()
+                .rev()
+                .collect();
+            out.push_str(&format!("----- {} -----\n{tail}\n", process.name()));
+        }
+        out
+    }
+
+    /// Containers (running or not) created by this fleet's nodes.
+    pub fn containers(&self) -> anyhow::Result<Vec<String>> {
+        let mut all = Vec::new();
+        for id in &self.node_ids {
+            all.extend(crate::containers_with_label(
+                flotilla_proto::names::LABEL_NODE,
+                id,
+            )?);
+        }
+        Ok(all)
+    }
+
+    /// Stops the nodes gracefully and checks they left no container behind.
+    pub async fn assert_no_containers_left(&self) -> anyhow::Result<()> {
+        wait_until(
+            Duration::from_secs(20),
+            "this fleet's containers to be removed",
+            || async { self.containers().ok().filter(|c| c.is_empty()).map(|_| ()) },
+        )
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}: {:?}\n{}", self.containers(), self.logs()))
+    }
+}
+
+impl Drop for Fleet {
+    fn drop(&mut self) {
+        for node in &mut self.nodes {
+            node.terminate_and_wait(Duration::from_secs(5));
+        }
+        // Whatever a failed test left behind still goes: no orphans across the suite.
+        if let Ok(ids) = self.containers()
+            && !ids.is_empty()
+        {
+            let _ = Command::new("docker")
+                .arg("rm")
+                .arg("-f")
+                .args(&ids)
+                .output();
+        }
+    }
+}
+
+fn uuid_fragment() -> String {
+    use std::time::{SystemTime, UNIX_EPOCH};
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    format!("{:x}{:x}", std::process::id(), nanos)
+}

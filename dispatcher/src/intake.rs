@@ -1,0 +1,214 @@
+//! Intake of jobs published straight to NATS: validate, record as `pending`, queue for the
+//! fleet. A malformed or invalid message is acked (it never blocks the queue), kept on the
+//! rejected stream with its reason, and, when it names a usable job id, recorded as a failed
+//! job so `GET /jobs/{id}` explains it.
+
+use std::{sync::Arc, time::Duration};
+
+use async_nats::jetstream::{self, AckKind};
+use chrono::Utc;
+use flotilla_catalog::{Catalog, Limits, Origin};
+use flotilla_nats::{StoreError, Topology};
+use flotilla_proto::{Encoding, JobRecord, JobStatus, SubmitRequest, ids, names};
+use futures::StreamExt;
+use tokio_util::sync::CancellationToken;
+
+pub(crate) struct Intake {
+    pub(crate) topology: Topology,
+    pub(crate) catalog: Catalog,
+    pub(crate) limits: Limits,
+}
+
+pub(crate) async fn run(intake: Arc<Intake>, stop: CancellationToken) {
+    loop {
+        let messages = tokio::select! {
+            () = stop.cancelled() => return,
+            messages = intake.topology.intake.stream().heartbeat(Duration::from_secs(5)).messages() => messages,
+        };
+        let mut messages = match messages {
+            Ok(messages) => messages,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot consume submissions, retrying");
+                tokio::select! {
+                    () = stop.cancelled() => return,
+                    () = tokio::time::sleep(Duration::from_secs(1)) => continue,
+                }
+            }
+        };
+        loop {
+            let next = tokio::select! {
+                () = stop.cancelled() => return,
+                next = messages.next() => next,
+            };
+            match next {
+                Some(Ok(message)) => intake.handle(message).await,
+                Some(Err(e)) => tracing::debug!(error = %e, "submission stream hiccup"),
+                None => break,
+            }
+        }
+    }
+}
+
+impl Intake {
+    async fn handle(&self, message: jetstream::Message) {
+        let ack = match self.admit(&message).await {
+            Ok(()) => AckKind::Ack,
+            // NATS trouble: try the message again shortly; admission is idempotent.
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot admit submission, will retry");
+                AckKind::Nak(Some(Duration::from_secs(1)))
+            }
+        };
+        if let Err(e) = message.ack_with(ack).await {
+            tracing::warn!(error = %e, "cannot ack submission");
+        }
+    }
+
+    async fn admit(&self, message: &jetstream::Message) -> Result<(), StoreError> {
+        let encoding = Encoding::from_content_type(
+            message
+                .headers
+                .as_ref()
+                .and_then(|h| h.get(names::HEADER_CONTENT_TYPE))
+                .map(|v| v.as_str()),
+        );
+        let submission: SubmitRequest = match flotilla_proto::decode(&message.payload, encoding) {
+            Ok(submission) => submission,
+            Err(e) => {
+                self.reject(message, None, &format!("undecodable message: {e}"))
+                    .await;
+                return Ok(());
+            }
+        };
+        let claimed_id = submission
+            .job_id
+            .clone()
+            .filter(|id| ids::is_valid_job_id(id));
+        let request = match flotilla_catalog::validate(
+            &self.catalog,
+            &self.limits,
+            submission.clone(),
+            Origin::Nats,
+            Utc::now(),
+        )
+        .await
+        {
+            Ok(request) => request,
+            Err(e) => {
+                let reason = match &e.field {
+                    Some(field) => format!("{field}: {}", e.message),
+                    None => e.message.clone(),
+                };
+                if let Some(job_id) = &claimed_id {
+                    self.record_rejection(job_id, &submission, &reason).await?;
+                }
+                self.reject(message, claimed_id.as_deref(), &reason).await;
+                return Ok(());
+            }
+        };
+
+        match self
+            .topology
+            .jobs
+            .create(&JobRecord::pending(&request))
+            .await
+        {
+            Ok(_) => {}
+            Err(StoreError::AlreadyExists(_)) => {
+                // A redelivery of a submission admitted before (or a duplicate id): queue it
+                // again only if it is still pending; the run-queue dedupe absorbs repeats.
+                let existing = self.topology.jobs.get(&request.job_id).await?;
+                if existing.is_none_or(|current| current.record.status != JobStatus::Pending) {
+                    let reason = format!("job id {} is already taken", request.job_id);
+                    self.reject(message, Some(&request.job_id), &reason).await;
+                    return Ok(());
+                }
+            }
+            Err(e) => return Err(e),
+        }
+        flotilla_nats::enqueue(&self.topology.js, &request)
+            .await
+            .map_err(|e| StoreError::Nats(e.to_string()))?;
+        tracing::info!(job_id = %request.job_id, "direct submission queued");
+        Ok(())
+    }
+
+    /// Records a failed job explaining the rejection, unless the id is already in use.
+    async fn record_rejection(
+        &self,
+        job_id: &str,
+        submission: &SubmitRequest,
+        reason: &str,
+    ) -> Result<(), StoreError> {
+        let now = Utc::now();
+        let record = JobRecord {
+            job_id: job_id.to_owned(),
+            status: JobStatus::Failed,
+            agent_id: submission.agent_id.clone().unwrap_or_default(),
+            engine: submission.engine.clone().unwrap_or_default(),
+            profile: submission.profile.clone().unwrap_or_default(),
+            created_at: now,
+            started_at: None,
+            finished_at: Some(now),
+            exit_code: None,
+            error: Some(format!("rejected: {reason}")),
+            result: None,
+            attempt: 0,
+            node_id: None,
+            usage: None,
+            metadata: submission.metadata.clone().unwrap_or_default(),
+            dry_run: submission.dry_run.unwrap_or(false),
+            timeout_seconds: 0,
+        };
+        match self.topology.jobs.create(&record).await {
+            Ok(_) | Err(StoreError::AlreadyExists(_)) => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Keeps the original message on the rejected stream with the reason in a header.
+    async fn reject(&self, message: &jetstream::Message, job_id: Option<&str>, reason: &str) {
+        tracing::warn!(job_id, reason, "submission rejected");
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert(
+            names::HEADER_REJECT_REASON,
+            sanitize_header(reason).as_str(),
+        );
+        if let Some(content_type) = message
+            .headers
+            .as_ref()
+            .and_then(|h| h.get(names::HEADER_CONTENT_TYPE))
+        {
+            headers.insert(names::HEADER_CONTENT_TYPE, content_type.as_str());
+        }
+        if let Some(job_id) = job_id {
+            headers.insert(names::HEADER_JOB_ID, job_id);
+        }
+        let published = self
+            .topology
+            .js
+            .publish_with_headers(
+                names::rejected_subject(job_id),
+                headers,
+                message.payload.clone(),
+            )
+            .await;
+        match published {
+            Ok(ack) => {
+                if let Err(e) = ack.await {
+                    tracing::warn!(error = %e, "rejected submission not stored");
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot store rejected submission"),
+        }
+    }
+}
+
+/// Header values cannot hold newlines; keep reasons on one bounded line.
+fn sanitize_header(reason: &str) -> String {
+    let line: String = reason
+        .chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect();
+    line.chars().take(1000).collect()
+}

@@ -1,0 +1,89 @@
+//! The dispatcher: the fleet-wide lifecycle. Today it admits jobs published straight to NATS;
+//! dead letters, lost nodes, timeouts and retention come next. Any number of replicas may run:
+//! they share one durable consumer, so each submission is admitted once.
+
+mod intake;
+
+use std::{net::SocketAddr, path::PathBuf, sync::Arc};
+
+use axum::{Json, Router, extract::State, http::StatusCode, routing::get};
+use flotilla_catalog::{Catalog, Limits};
+use flotilla_nats::{Topology, TopologyConfig};
+use serde_json::json;
+use tokio_util::sync::CancellationToken;
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub listen: SocketAddr,
+    pub nats_url: String,
+    pub engines_dir: PathBuf,
+    pub profiles_dir: PathBuf,
+    pub limits: Limits,
+    pub topology: TopologyConfig,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DispatcherError {
+    #[error("cannot load engines/profiles: {0}")]
+    Catalog(#[from] flotilla_catalog::CatalogError),
+    #[error("cannot connect to nats: {0}")]
+    Connect(#[from] async_nats::ConnectError),
+    #[error(transparent)]
+    Topology(#[from] flotilla_nats::TopologyError),
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("health server failed: {0}")]
+    Serve(std::io::Error),
+}
+
+pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), DispatcherError> {
+    let catalog = Catalog::load(&config.engines_dir, &config.profiles_dir)?;
+    let client = flotilla_nats::connect(&config.nats_url, "dispatcher").await?;
+    let topology = Topology::ensure(client.clone(), config.topology.clone()).await?;
+
+    let intake = Arc::new(intake::Intake {
+        topology,
+        catalog,
+        limits: config.limits.clone(),
+    });
+    let workers = CancellationToken::new();
+    let intake_task = tokio::spawn(intake::run(intake, workers.clone()));
+
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .map_err(|source| DispatcherError::Listen {
+            addr: config.listen,
+            source,
+        })?;
+    tracing::info!(listen = %config.listen, "dispatcher ready");
+    let app = Router::new()
+        .route("/health", get(health))
+        .with_state(client.clone());
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown.cancelled_owned())
+        .await
+        .map_err(DispatcherError::Serve)?;
+
+    workers.cancel();
+    let _ = intake_task.await;
+    let _ = client.flush().await;
+    tracing::info!("dispatcher stopped");
+    Ok(())
+}
+
+async fn health(State(client): State<async_nats::Client>) -> (StatusCode, Json<serde_json::Value>) {
+    let connected = client.connection_state() == async_nats::connection::State::Connected;
+    let status = if connected {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    let body = json!({
+        "status": if connected { "ok" } else { "degraded" },
+        "checks": { "nats": if connected { "ok" } else { "unavailable" } },
+    });
+    (status, Json(body))
+}

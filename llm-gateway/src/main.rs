@@ -1,0 +1,38 @@
+use std::{net::SocketAddr, process::ExitCode};
+
+use clap::Parser;
+
+/// Flotilla llm-gateway: keeps LLM API keys out of job containers.
+#[derive(Debug, Parser)]
+#[command(version)]
+struct Args {
+    #[arg(
+        long,
+        env = "FLOTILLA_LLM_GATEWAY_LISTEN",
+        default_value = "127.0.0.1:8421"
+    )]
+    listen: SocketAddr,
+    #[arg(long, env = "FLOTILLA_LOG_JSON")]
+    log_json: bool,
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let args = Args::parse();
+    flotilla_telemetry::init(args.log_json);
+    let shutdown = flotilla_telemetry::shutdown_on_signals();
+    match llm_gateway::run(
+        llm_gateway::Config {
+            listen: args.listen,
+        },
+        shutdown,
+    )
+    .await
+    {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e}");
+            ExitCode::FAILURE
+        }
+    }
+}

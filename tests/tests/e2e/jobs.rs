@@ -1,0 +1,204 @@
+//! Jobs submitted over HTTP: live logs, results, failures, timeouts, cancellation.
+
+use std::time::{Duration, Instant};
+
+use flotilla_proto::{JobStatus, LogStream, names};
+use flotilla_testkit::{Fleet, containers_with_label, wait_until};
+use reqwest::Method;
+use serde_json::json;
+
+use crate::{LogReader, get_job, js_context, shell, stdout_of, submit, wait};
+
+const TEN_LINES: &str = "for i in 1 2 3 4 5 6 7 8 9 10; do echo line $i; sleep 0.2; done";
+
+#[tokio::test]
+async fn http_job_streams_logs_while_it_runs_then_completes() {
+    let fleet = Fleet::builder().start().await.unwrap();
+    let js = js_context(&fleet).await;
+    let job_id = submit(&fleet, shell(TEN_LINES)).await;
+    let mut logs = LogReader::open(&js, &job_id).await;
+
+    // The first line arrives while the job is still running.
+    let first_line = loop {
+        let chunk = logs.next().await;
+        if chunk.stream == LogStream::Stdout {
+            break chunk;
+        }
+    };
+    assert_eq!(String::from_utf8_lossy(&first_line.data), "line 1\n");
+    let (_, job) = get_job(&fleet, &job_id).await;
+    assert_eq!(
+        job["status"], "running",
+        "first line should arrive before the end: {job}"
+    );
+
+    let rest = logs.until_end().await;
+    let mut all = vec![first_line];
+    all.extend(rest);
+    let expected: String = (1..=10).map(|i| format!("line {i}\n")).collect();
+    assert_eq!(stdout_of(&all), expected, "all lines, in order");
+    // Sequence numbers are contiguous from 0 within the attempt.
+    let seqs: Vec<u64> = all.iter().map(|c| c.seq).collect();
+    assert!(seqs.windows(2).all(|w| w[1] == w[0] + 1), "{seqs:?}");
+    let end = all.last().unwrap().end.clone().unwrap();
+    assert_eq!(end.status, JobStatus::Completed);
+    assert_eq!(end.exit_code, Some(0));
+
+    let job = wait(&fleet, &job_id).await;
+    assert_eq!(job["status"], "completed");
+    assert_eq!(job["exit_code"], 0);
+    assert_eq!(job["error"], serde_json::Value::Null);
+    assert_eq!(job["result"]["text"], expected);
+    assert_eq!(job["result"]["exit_code"], 0);
+    assert_eq!(job["attempt"], 1);
+    assert_eq!(job["node_id"], fleet.node_ids[0].as_str());
+    assert!(job["started_at"].is_string() && job["finished_at"].is_string());
+    fleet.assert_no_containers_left().await.unwrap();
+}
+
+#[tokio::test]
+async fn non_zero_exit_fails_with_its_code() {
+    let fleet = Fleet::builder().start().await.unwrap();
+    let job_id = submit(&fleet, shell("echo about to fail >&2; exit 3")).await;
+    let job = wait(&fleet, &job_id).await;
+    assert_eq!(job["status"], "failed");
+    assert_eq!(job["exit_code"], 3);
+    assert_eq!(job["error"], "exited with code 3");
+    assert!(
+        job["result"]["logs_tail"]
+            .as_str()
+            .unwrap()
+            .contains("about to fail")
+    );
+    fleet.assert_no_containers_left().await.unwrap();
+}
+
+#[tokio::test]
+async fn job_over_its_timeout_fails_and_its_container_goes() {
+    let fleet = Fleet::builder().start().await.unwrap();
+    let mut body = shell("echo sleeping; sleep 60");
+    body["timeout_seconds"] = json!(1);
+    let job_id = submit(&fleet, body).await;
+    let job = wait(&fleet, &job_id).await;
+    assert_eq!(job["status"], "failed");
+    assert_eq!(job["error"], "timed out after 1s");
+    assert_eq!(job["result"]["text"], "sleeping\n");
+    let gone = containers_with_label(names::LABEL_JOB, &job_id).unwrap();
+    assert!(
+        gone.is_empty(),
+        "container of a timed-out job still exists: {gone:?}"
+    );
+    fleet.assert_no_containers_left().await.unwrap();
+}
+
+#[tokio::test]
+async fn cancel_stops_a_running_job_and_a_second_cancel_conflicts() {
+    let fleet = Fleet::builder().start().await.unwrap();
+    let js = js_context(&fleet).await;
+    let job_id = submit(&fleet, shell("echo started; sleep 60")).await;
+    let mut logs = LogReader::open(&js, &job_id).await;
+    while stdout_of(&[logs.next().await]).is_empty() {}
+
+    let started = Instant::now();
+    let response = fleet
+        .request(Method::DELETE, &format!("/jobs/{job_id}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let body: serde_json::Value = response.json().await.unwrap();
+    assert_eq!(body, json!({ "job_id": job_id, "status": "cancelled" }));
+
+    let (_, job) = get_job(&fleet, &job_id).await;
+    assert_eq!(job["status"], "cancelled");
+    wait_until(
+        Duration::from_secs(2),
+        "the cancelled job's container to be removed",
+        || async {
+            containers_with_label(names::LABEL_JOB, &job_id)
+                .ok()
+                .filter(|c| c.is_empty())
+        },
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", fleet.logs()));
+    println!("cancel → container gone in {:?}", started.elapsed());
+
+    // The node attaches the output produced so far, and the log stream ends as cancelled.
+    let end = logs.until_end().await.pop().unwrap().end.unwrap();
+    assert_eq!(end.status, JobStatus::Cancelled);
+    let job = wait(&fleet, &job_id).await;
+    assert_eq!(job["status"], "cancelled");
+    wait_until(
+        Duration::from_secs(10),
+        "the output so far on the cancelled job",
+        || async {
+            let (_, job) = get_job(&fleet, &job_id).await;
+            (job["result"]["text"] == "started\n").then_some(())
+        },
+    )
+    .await
+    .unwrap();
+
+    let again = fleet
+        .request(Method::DELETE, &format!("/jobs/{job_id}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(again.status(), 409);
+    let body: serde_json::Value = again.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "conflict");
+    assert_eq!(body["error"]["message"], "job already cancelled");
+    fleet.assert_no_containers_left().await.unwrap();
+}
+
+#[tokio::test]
+async fn cancelling_a_pending_job_means_it_never_runs() {
+    // No nodes: the job stays queued.
+    let fleet = Fleet::builder().nodes(0).start().await.unwrap();
+    let job_id = submit(&fleet, shell("echo should never run")).await;
+    let response = fleet
+        .request(Method::DELETE, &format!("/jobs/{job_id}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let job = wait(&fleet, &job_id).await;
+    assert_eq!(job["status"], "cancelled");
+    assert_eq!(job["attempt"], 0);
+    assert_eq!(job["started_at"], serde_json::Value::Null);
+}
+
+#[tokio::test]
+async fn dry_run_of_an_agent_engine_records_the_command_line() {
+    let fleet = Fleet::builder().start().await.unwrap();
+    let job_id = submit(
+        &fleet,
+        json!({
+            "agent_id": "e2e",
+            "engine": "claude-code",
+            "prompt": "Say 'hello'",
+            "model": "claude-sonnet-4-6",
+            "max_turns": 3,
+            "dry_run": true,
+        }),
+    )
+    .await;
+    let job = wait(&fleet, &job_id).await;
+    assert_eq!(job["status"], "completed", "{job}");
+    let result = &job["result"];
+    assert_eq!(result["raw"]["dry_run"], true);
+    assert_eq!(result["raw"]["engine"], "claude-code");
+    assert_eq!(result["raw"]["binary"], "claude");
+    let command: Vec<String> = serde_json::from_value(result["command"].clone()).unwrap();
+    assert_eq!(command[0], "claude");
+    let prompt_at = command.iter().position(|a| a == "-p").unwrap();
+    assert_eq!(command[prompt_at + 1], "Say 'hello'");
+    let turns_at = command.iter().position(|a| a == "--max-turns").unwrap();
+    assert_eq!(command[turns_at + 1], "3");
+    // The command really went through a container: the node saw it printed as JSON.
+    let printed: serde_json::Value =
+        serde_json::from_str(result["logs_tail"].as_str().unwrap().trim()).unwrap();
+    assert_eq!(printed["args"], result["raw"]["args"]);
+    fleet.assert_no_containers_left().await.unwrap();
+}
