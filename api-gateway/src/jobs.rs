@@ -203,7 +203,7 @@ pub async fn get(
     Ok(Json(load(&state, &job_id).await?))
 }
 
-async fn load(state: &AppState, job_id: &str) -> Result<JobRecord, ApiError> {
+pub(crate) async fn load(state: &AppState, job_id: &str) -> Result<JobRecord, ApiError> {
     if !ids::is_valid_job_id(job_id) {
         return Err(ApiError::not_found("job"));
     }

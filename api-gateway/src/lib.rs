@@ -5,6 +5,7 @@ mod config;
 mod error;
 mod index;
 mod jobs;
+mod logs;
 mod middleware;
 mod ops;
 
@@ -59,6 +60,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/jobs", post(jobs::create).get(jobs::list))
         .route("/jobs/{job_id}", get(jobs::get).delete(jobs::cancel))
         .route("/jobs/{job_id}/wait", get(jobs::wait))
+        .route("/jobs/{job_id}/logs", get(logs::stream))
         .fallback(ops::not_found)
         // The body cap is enforced by the handler, which answers 413 in the error envelope.
         .layer(DefaultBodyLimit::disable())

@@ -5,6 +5,7 @@ mod api;
 mod direct;
 mod fleet;
 mod jobs;
+mod logs;
 
 use std::time::Duration;
 

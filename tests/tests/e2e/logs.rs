@@ -1,0 +1,108 @@
+//! `GET /jobs/{id}/logs`: server-sent events, replayed then followed live.
+
+use std::time::{Duration, Instant};
+
+use flotilla_testkit::Fleet;
+use reqwest::Method;
+use serde_json::Value;
+
+use crate::{shell, submit};
+
+/// Reads SSE events (name, data, arrival time) until `end` or the stream closes.
+async fn read_events(fleet: &Fleet, path: &str) -> Vec<(String, Value, Instant)> {
+    let mut response = fleet.request(Method::GET, path).send().await.unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.headers()["content-type"], "text/event-stream");
+    let mut events = Vec::new();
+    let mut buffer = String::new();
+    let mut name = String::new();
+    loop {
+        let chunk = tokio::time::timeout(Duration::from_secs(30), response.chunk())
+            .await
+            .expect("an SSE chunk within 30 s")
+            .unwrap();
+        let Some(chunk) = chunk else { return events };
+        buffer.push_str(&String::from_utf8_lossy(&chunk));
+        while let Some(newline) = buffer.find('\n') {
+            let line: String = buffer.drain(..=newline).collect();
+            let line = line.trim_end();
+            if let Some(event) = line.strip_prefix("event:") {
+                name = event.trim().to_owned();
+            } else if let Some(data) = line.strip_prefix("data:") {
+                let data: Value = serde_json::from_str(data.trim()).unwrap();
+                events.push((name.clone(), data, Instant::now()));
+                if name == "end" {
+                    return events;
+                }
+            }
+        }
+    }
+}
+
+#[tokio::test]
+async fn logs_stream_live_then_end_and_replay_later() {
+    let fleet = Fleet::builder().start().await.unwrap();
+    let job_id = submit(
+        &fleet,
+        shell("for i in 1 2 3 4 5; do echo out $i; sleep 0.3; done; echo oops >&2"),
+    )
+    .await;
+    let live = read_events(&fleet, &format!("/jobs/{job_id}/logs")).await;
+    let (last, end, ended_at) = live.last().unwrap().clone();
+    assert_eq!(last, "end");
+    assert_eq!(end["status"], "completed");
+    assert_eq!(end["exit_code"], 0);
+    let stdout: Vec<&Value> = live
+        .iter()
+        .filter(|(n, d, _)| n == "log" && d["stream"] == "stdout")
+        .map(|(_, d, _)| d)
+        .collect();
+    let text: String = stdout.iter().map(|d| d["data"].as_str().unwrap()).collect();
+    assert_eq!(text, "out 1\nout 2\nout 3\nout 4\nout 5\n");
+    assert!(
+        live.iter()
+            .any(|(n, d, _)| n == "log" && d["stream"] == "stderr" && d["data"] == "oops\n")
+    );
+    // Followed live: the first line arrived well before the end (the job takes ~1.5 s).
+    let first_at = live
+        .iter()
+        .find(|(n, d, _)| n == "log" && d["stream"] == "stdout")
+        .unwrap()
+        .2;
+    assert!(
+        ended_at.duration_since(first_at) > Duration::from_millis(900),
+        "not streamed live"
+    );
+
+    // Replay after the fact, without following: same output, then end.
+    let replay = read_events(&fleet, &format!("/jobs/{job_id}/logs?follow=false")).await;
+    let replayed: String = replay
+        .iter()
+        .filter(|(n, d, _)| n == "log" && d["stream"] == "stdout")
+        .map(|(_, d, _)| d["data"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(replayed, text);
+    assert_eq!(replay.last().unwrap().1["status"], "completed");
+}
+
+#[tokio::test]
+async fn logs_of_a_job_that_never_ran_end_at_once() {
+    let fleet = Fleet::builder().nodes(0).start().await.unwrap();
+    let job_id = submit(&fleet, shell("echo never")).await;
+    let response = fleet
+        .request(Method::DELETE, &format!("/jobs/{job_id}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let events = read_events(&fleet, &format!("/jobs/{job_id}/logs")).await;
+    assert_eq!(events.len(), 1, "{events:?}");
+    assert_eq!(events[0].0, "end");
+    assert_eq!(events[0].1["status"], "cancelled");
+    let missing = fleet
+        .request(Method::GET, "/jobs/nope/logs")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(missing.status(), 404);
+}
