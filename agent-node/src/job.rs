@@ -3,12 +3,13 @@
 use std::{collections::HashMap, sync::Arc, time::Duration};
 
 use async_nats::jetstream::{self, AckKind};
+use backon::{ExponentialBuilder, Retryable};
 use bytes::Bytes;
 use chrono::Utc;
 use flotilla_catalog::{Engine, EngineKind};
 use flotilla_nats::StoreError;
 use flotilla_proto::{
-    Encoding, JobRecord, JobRequest, JobResult, JobStatus, LogEnd, LogStream, names,
+    Attempt, Encoding, JobRecord, JobRequest, JobResult, JobStatus, LogEnd, LogStream, names,
 };
 use futures::StreamExt;
 use tokio_util::sync::CancellationToken;
@@ -51,18 +52,19 @@ pub(crate) async fn handle(shared: Arc<Shared>, message: jetstream::Message) {
     };
     let job_id = request.job_id.clone();
     let span = tracing::info_span!("job", job_id = %job_id);
-    let _guard = RunningGuard::register(&shared, &job_id);
-    let cancel = _guard.token.clone();
-    tracing::Instrument::instrument(run(shared, message, request, cancel), span).await;
+    let guard = RunningGuard::register(&shared, &job_id);
+    tracing::Instrument::instrument(run(shared, message, request, &guard), span).await;
 }
 
 async fn run(
     shared: Arc<Shared>,
     message: jetstream::Message,
     request: JobRequest,
-    cancel: CancellationToken,
+    guard: &RunningGuard,
 ) {
-    let claimed = match claim(&shared, &request).await {
+    let cancel = guard.token.clone();
+    let ack_subject = message.reply.as_ref().map(|s| s.to_string());
+    let claimed = match claim(&shared, &request, ack_subject).await {
         Ok(Some(claimed)) => claimed,
         Ok(None) => {
             ack(&message, AckKind::Ack).await;
@@ -102,13 +104,16 @@ async fn run(
     keepalive.abort();
 
     let delivered = message.info().map(|info| info.delivered).unwrap_or(1);
-    let final_change = match outcome {
+    let final_state = match outcome {
         Outcome::Exited {
             stop: Some(Stop::Shutdown),
             ..
         } => {
             // Hand the job back at once; the next node raises the attempt.
-            ack(&message, AckKind::Nak(None)).await;
+            let reason = "node shut down before the job finished";
+            if release(&shared, &request.job_id, &claimed, reason).await {
+                ack(&message, AckKind::Nak(None)).await;
+            }
             tracing::info!(attempt, "job handed back: node shutting down");
             return;
         }
@@ -117,13 +122,16 @@ async fn run(
             let _ = logs
                 .system(&format!("attempt {attempt} failed: {error}; retrying"))
                 .await;
-            ack(&message, AckKind::Nak(Some(retry_delay(delivered)))).await;
+            if release(&shared, &request.job_id, &claimed, &error).await {
+                ack(&message, AckKind::Nak(Some(retry_delay(delivered)))).await;
+            }
             return;
         }
         Outcome::Infrastructure(error) => Final {
             status: JobStatus::Failed,
             exit_code: None,
-            error: Some(format!("{error} (after {attempt} attempts)")),
+            error: Some(format!("{error} (gave up after {attempt} attempts)")),
+            outcome: error,
         },
         Outcome::Exited { exit_code, stop } => {
             final_state(exit_code, stop, request.timeout_seconds)
@@ -133,9 +141,9 @@ async fn run(
         &request,
         shared.catalog.engine(&request.engine),
         &logs,
-        final_change.exit_code,
+        final_state.exit_code,
     );
-    match finish(&shared, &request.job_id, &claimed, &final_change, result).await {
+    match finish(&shared, &request.job_id, &claimed, &final_state, result).await {
         Ok(stored) => {
             let end = LogEnd {
                 status: stored.status,
@@ -145,11 +153,33 @@ async fn run(
             if let Err(e) = logs.end(end).await {
                 tracing::warn!(error = %e, "cannot publish end marker");
             }
+            if stored.status == JobStatus::Failed && final_state.exit_code.is_none() {
+                let reason = stored.error.as_deref().unwrap_or("failed");
+                if let Err(e) = flotilla_nats::dead_letter(
+                    &shared.topology.js,
+                    &request.job_id,
+                    message.payload.clone(),
+                    reason,
+                )
+                .await
+                {
+                    tracing::warn!(error = %e, "cannot dead-letter job");
+                }
+            }
             tracing::info!(status = %stored.status, exit_code = ?stored.exit_code, "job finished");
+        }
+        Err(FinishError::Fenced {
+            attempt: now,
+            node,
+            status,
+        }) => {
+            // Another attempt owns the job now: leave its message alone.
+            tracing::warn!(attempt, current_attempt = now, ?node, %status, "lease lost: late result rejected");
+            return;
         }
         Err(e) => tracing::warn!(error = %e, "outcome not recorded"),
     }
-    // Whatever happened, this delivery is done: the KV record is the truth.
+    // The outcome is in KV (the truth); this delivery is done.
     if let Err(e) = message.double_ack().await {
         tracing::warn!(error = %e, "cannot ack job message");
     }
@@ -162,7 +192,11 @@ struct Claimed {
 
 /// Moves the record to `running` under this node with the next attempt number. `None` means
 /// there is nothing to run (cancelled while queued, already finished, or unknown).
-async fn claim(shared: &Shared, request: &JobRequest) -> Result<Option<Claimed>, StoreError> {
+async fn claim(
+    shared: &Shared,
+    request: &JobRequest,
+    ack_subject: Option<String>,
+) -> Result<Option<Claimed>, StoreError> {
     let node_id = shared.config.node_id.clone();
     let changed = shared
         .topology
@@ -171,11 +205,22 @@ async fn claim(shared: &Shared, request: &JobRequest) -> Result<Option<Claimed>,
             if record.status.is_terminal() {
                 return Err(record.status);
             }
+            let now = Utc::now();
             record.status = JobStatus::Running;
+            // A running record here means its previous holder vanished without a word.
+            record.end_attempt("lease expired", now);
             record.attempt += 1;
             record.node_id = Some(node_id.clone());
-            record.started_at = Some(Utc::now());
+            record.started_at = Some(now);
             record.error = None;
+            record.ack_subject.clone_from(&ack_subject);
+            record.attempts.push(Attempt {
+                attempt: record.attempt,
+                node_id: node_id.clone(),
+                started_at: now,
+                finished_at: None,
+                outcome: None,
+            });
             Ok(true)
         })
         .await?;
@@ -198,6 +243,8 @@ struct Final {
     status: JobStatus,
     exit_code: Option<i64>,
     error: Option<String>,
+    /// How the attempt ended, for the attempts history.
+    outcome: String,
 }
 
 fn final_state(exit_code: i64, stop: Option<Stop>, timeout_seconds: u64) -> Final {
@@ -214,10 +261,12 @@ fn final_state(exit_code: i64, stop: Option<Stop>, timeout_seconds: u64) -> Fina
             Some(format!("exited with code {exit_code}")),
         ),
     };
+    let outcome = error.clone().unwrap_or_else(|| "completed".to_owned());
     Final {
         status,
         exit_code: Some(exit_code),
         error,
+        outcome,
     }
 }
 
@@ -237,8 +286,23 @@ enum FinishError {
     Gone,
 }
 
+/// True while `record` is still the attempt this node claimed.
+fn holds_lease(record: &JobRecord, claimed: &Claimed, node_id: &str) -> Result<(), FinishError> {
+    let ours = record.attempt == claimed.attempt && record.node_id.as_deref() == Some(node_id);
+    if ours && matches!(record.status, JobStatus::Running | JobStatus::Cancelled) {
+        Ok(())
+    } else {
+        Err(FinishError::Fenced {
+            attempt: record.attempt,
+            node: record.node_id.clone(),
+            status: record.status,
+        })
+    }
+}
+
 /// Records the outcome, but only while this node still holds the attempt it claimed. A
-/// cancelled job stays cancelled and gets the output produced so far.
+/// cancelled job stays cancelled and gets the output produced so far. NATS outages are waited
+/// out (with backoff) so a finished job is not run again for want of a write.
 async fn finish(
     shared: &Shared,
     job_id: &str,
@@ -247,34 +311,85 @@ async fn finish(
     result: JobResult,
 ) -> Result<JobRecord, FinishError> {
     let node_id = shared.config.node_id.as_str();
-    let changed = shared
-        .topology
-        .jobs
-        .modify(job_id, |record| {
-            let ours =
-                record.attempt == claimed.attempt && record.node_id.as_deref() == Some(node_id);
-            if !ours || !matches!(record.status, JobStatus::Running | JobStatus::Cancelled) {
-                return Err(FinishError::Fenced {
-                    attempt: record.attempt,
-                    node: record.node_id.clone(),
-                    status: record.status,
-                });
-            }
-            if record.status == JobStatus::Running {
-                record.status = outcome.status;
-                record.error.clone_from(&outcome.error);
-            }
-            record.exit_code = outcome.exit_code;
-            record.finished_at.get_or_insert_with(Utc::now);
-            record.result = Some(result.clone());
-            Ok(true)
-        })
+    let write = || async {
+        shared
+            .topology
+            .jobs
+            .modify(job_id, |record| {
+                holds_lease(record, claimed, node_id)?;
+                let now = Utc::now();
+                if record.status == JobStatus::Running {
+                    record.status = outcome.status;
+                    record.error.clone_from(&outcome.error);
+                }
+                record.end_attempt(&outcome.outcome, now);
+                record.ack_subject = None;
+                record.exit_code = outcome.exit_code;
+                record.finished_at.get_or_insert(now);
+                record.result = Some(result.clone());
+                Ok(true)
+            })
+            .await
+    };
+    let changed = write
+        .retry(outage_backoff())
+        .when(|e| matches!(e, StoreError::Nats(_)))
+        .notify(
+            |e, delay| tracing::warn!(error = %e, ?delay, "cannot record outcome yet, retrying"),
+        )
         .await?;
     match changed {
         None => Err(FinishError::Gone),
         Some(Err(e)) => Err(e),
         Some(Ok(versioned)) => Ok(versioned.record),
     }
+}
+
+/// Puts a job this node could not finish back to `pending` (still fenced by the lease), so
+/// the record says why while it waits for its next attempt. False if the lease is gone.
+async fn release(shared: &Shared, job_id: &str, claimed: &Claimed, reason: &str) -> bool {
+    let node_id = shared.config.node_id.as_str();
+    let changed = shared
+        .topology
+        .jobs
+        .modify(job_id, |record| {
+            holds_lease(record, claimed, node_id)?;
+            if record.status != JobStatus::Running {
+                return Ok::<bool, FinishError>(false);
+            }
+            record.end_attempt(reason, Utc::now());
+            record.status = JobStatus::Pending;
+            record.node_id = None;
+            record.ack_subject = None;
+            record.error = Some(format!(
+                "attempt {} failed: {reason}; retrying",
+                record.attempt
+            ));
+            Ok(true)
+        })
+        .await;
+    match changed {
+        Ok(Some(Ok(_))) => true,
+        Ok(Some(Err(e))) => {
+            tracing::warn!(error = %e, "not handing back");
+            false
+        }
+        Ok(None) => false,
+        // NATS is down: the message will be redelivered after its ack wait anyway.
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot record hand-back");
+            true
+        }
+    }
+}
+
+/// Backoff for writes that must survive a NATS restart: up to about two minutes.
+fn outage_backoff() -> ExponentialBuilder {
+    ExponentialBuilder::default()
+        .with_min_delay(Duration::from_millis(100))
+        .with_max_delay(Duration::from_secs(5))
+        .with_max_times(40)
+        .with_jitter()
 }
 
 /// Runs the job's container to the end, streaming its output.

@@ -46,7 +46,7 @@ pub(crate) struct Shared {
     pub(crate) topology: Topology,
     pub(crate) docker: DockerRuntime,
     pub(crate) catalog: Catalog,
-    /// Cancel tokens of the jobs running here, by job id.
+    /// Cancel tokens of the jobs on this node, by job id.
     pub(crate) running: Mutex<HashMap<String, CancellationToken>>,
     /// Cancelled when the drain grace period is over: stop every container and hand jobs back.
     pub(crate) hard_stop: CancellationToken,

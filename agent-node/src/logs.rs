@@ -3,7 +3,10 @@
 
 use std::collections::VecDeque;
 
+use std::time::Duration;
+
 use async_nats::jetstream;
+use backon::{ExponentialBuilder, Retryable};
 use flotilla_proto::{LogChunk, LogEnd, LogStream, names};
 
 const TAIL_BYTES: usize = 4096;
@@ -133,13 +136,25 @@ impl LogPublisher {
             .payload(payload)
             .headers(headers)
             .message_id(names::log_msg_id(&self.job_id, self.attempt, seq));
-        // Awaiting the ack keeps chunks in order and stored before the next is sent.
-        self.js
-            .send_publish(self.subject.clone(), message)
-            .await
-            .map_err(|e| LogError(e.to_string()))?
-            .await
-            .map_err(|e| LogError(e.to_string()))?;
+        // Awaiting the ack keeps chunks in order and stored before the next is sent. Retrying
+        // rides out a NATS restart; the message id makes a retried chunk count once.
+        let publish = || async {
+            self.js
+                .send_publish(self.subject.clone(), message.clone())
+                .await
+                .map_err(|e| LogError(e.to_string()))?
+                .await
+                .map_err(|e| LogError(e.to_string()))
+        };
+        publish
+            .retry(
+                ExponentialBuilder::default()
+                    .with_min_delay(Duration::from_millis(50))
+                    .with_max_delay(Duration::from_secs(2))
+                    .with_max_times(60),
+            )
+            .notify(|e, delay| tracing::debug!(error = %e, ?delay, "log publish failed, retrying"))
+            .await?;
         self.next_seq += 1;
         Ok(())
     }

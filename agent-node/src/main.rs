@@ -39,7 +39,7 @@ struct Args {
     /// Seconds running jobs get to finish after SIGTERM before they are handed back.
     #[arg(long, env = "FLOTILLA_DRAIN_GRACE_SECS", default_value_t = 60)]
     drain_grace_secs: u64,
-    #[arg(long, env = "FLOTILLA_HEARTBEAT_MS", default_value_t = 2000)]
+    #[arg(long, env = "FLOTILLA_HEARTBEAT_MS", default_value_t = 1000)]
     heartbeat_ms: u64,
     /// Output kept per job attempt, in MiB.
     #[arg(long, env = "FLOTILLA_MAX_LOG_MB", default_value_t = 64)]
@@ -47,6 +47,8 @@ struct Args {
     /// Cap on the job's `result.text`, in KiB.
     #[arg(long, env = "FLOTILLA_MAX_RESULT_KB", default_value_t = 1024)]
     max_result_kb: usize,
+    #[command(flatten)]
+    topology: flotilla_nats::TopologyArgs,
     /// Log as JSON lines.
     #[arg(long, env = "FLOTILLA_LOG_JSON")]
     log_json: bool,
@@ -72,7 +74,7 @@ async fn main() -> ExitCode {
         heartbeat_interval: Duration::from_millis(args.heartbeat_ms),
         max_log_bytes: args.max_log_mb << 20,
         max_result_bytes: args.max_result_kb << 10,
-        topology: flotilla_nats::TopologyConfig::default(),
+        topology: args.topology.into_config(),
     };
     let config = match config.validate() {
         Ok(config) => config,

@@ -5,7 +5,7 @@
 //! so 100k jobs cost roughly 30-50 MB. Full records are read from KV for the page returned.
 
 use std::{
-    collections::{BTreeMap, BTreeSet, HashMap},
+    collections::{BTreeMap, BTreeSet, HashMap, HashSet},
     sync::{Arc, Mutex, RwLock},
     time::Duration,
 };
@@ -67,12 +67,23 @@ pub struct JobIndex {
     inner: RwLock<Inner>,
     /// Jobs someone is waiting on, woken when they become terminal.
     waiters: Mutex<HashMap<String, Arc<Notify>>>,
+    /// Jobs taken back after a failed submit: their creation may still arrive from the watch
+    /// and must not resurrect them. Cleared when the watch reports the removal.
+    forgotten: Mutex<HashSet<String>>,
 }
 
 impl JobIndex {
     /// Adds or refreshes a job; stale revisions (an older update seen late) are ignored.
     pub fn upsert(&self, versioned: &Versioned) {
         let record = &versioned.record;
+        if self
+            .forgotten
+            .lock()
+            .expect("forgotten lock")
+            .contains(&record.job_id)
+        {
+            return;
+        }
         {
             let mut inner = self.inner.write().expect("index lock");
             if inner
@@ -103,7 +114,25 @@ impl JobIndex {
         }
     }
 
+    /// Drops a job whose submission was taken back (see `forgotten`).
+    pub fn forget(&self, job_id: &str) {
+        self.forgotten
+            .lock()
+            .expect("forgotten lock")
+            .insert(job_id.to_owned());
+        self.drop_entry(job_id);
+    }
+
+    /// The watch reported the job deleted.
     pub fn remove(&self, job_id: &str) {
+        self.forgotten
+            .lock()
+            .expect("forgotten lock")
+            .remove(job_id);
+        self.drop_entry(job_id);
+    }
+
+    fn drop_entry(&self, job_id: &str) {
         let mut inner = self.inner.write().expect("index lock");
         if let Some(old) = inner.by_id.remove(job_id) {
             inner.order.remove(&(old.created_at, job_id.to_owned()));
@@ -231,6 +260,8 @@ mod tests {
             )]),
             dry_run: false,
             timeout_seconds: 60,
+            attempts: Vec::new(),
+            ack_subject: None,
         }
     }
 

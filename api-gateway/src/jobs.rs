@@ -78,6 +78,7 @@ async fn submit(state: &AppState, request: &JobRequest) -> Result<(), ApiError> 
     if let Err(e) = flotilla_nats::enqueue(&state.topology.js, request).await {
         // Not queued: take the record back so nothing is half-accepted.
         let _ = state.topology.jobs.remove(&request.job_id).await;
+        state.index.forget(&request.job_id);
         let mut error = ApiError::unavailable(e);
         error.message = "the job queue is full or unavailable; retry later".to_owned();
         error.code = "queue_unavailable";
@@ -195,6 +196,12 @@ fn hex_digest(bytes: &[u8]) -> String {
     hex::encode(Sha256::digest(bytes))
 }
 
+/// A record as clients see it: internal routing detail removed.
+fn public(mut record: JobRecord) -> JobRecord {
+    record.ack_subject = None;
+    record
+}
+
 /// `GET /jobs/{id}`.
 pub async fn get(
     State(state): State<Arc<AppState>>,
@@ -208,7 +215,7 @@ pub(crate) async fn load(state: &AppState, job_id: &str) -> Result<JobRecord, Ap
         return Err(ApiError::not_found("job"));
     }
     match state.topology.jobs.get(job_id).await? {
-        Some(current) => Ok(current.record),
+        Some(current) => Ok(public(current.record)),
         None => Err(ApiError::not_found("job")),
     }
 }
@@ -310,7 +317,7 @@ pub async fn list(
     let mut jobs = Vec::with_capacity(records.len());
     for record in records {
         match record {
-            Ok(Some(current)) => jobs.push(current.record),
+            Ok(Some(current)) => jobs.push(public(current.record)),
             Ok(None) => {} // removed between the index read and now
             Err(e) => return Err(e.into()),
         }

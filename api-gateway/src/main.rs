@@ -34,6 +34,8 @@ struct Args {
     profiles_dir: PathBuf,
     #[command(flatten)]
     limits: flotilla_catalog::LimitsArgs,
+    #[command(flatten)]
+    topology: flotilla_nats::TopologyArgs,
     #[arg(long, env = "FLOTILLA_LOG_JSON")]
     log_json: bool,
 }
@@ -58,7 +60,7 @@ async fn main() -> ExitCode {
         engines_dir: args.engines_dir,
         profiles_dir: args.profiles_dir,
         limits,
-        topology: flotilla_nats::TopologyConfig::default(),
+        topology: args.topology.into_config(),
     };
     let config = match config.validate() {
         Ok(config) => config,

@@ -159,6 +159,8 @@ impl Intake {
             metadata: submission.metadata.clone().unwrap_or_default(),
             dry_run: submission.dry_run.unwrap_or(false),
             timeout_seconds: 0,
+            attempts: Vec::new(),
+            ack_subject: None,
         };
         match self.topology.jobs.create(&record).await {
             Ok(_) | Err(StoreError::AlreadyExists(_)) => Ok(()),
@@ -172,7 +174,7 @@ impl Intake {
         let mut headers = async_nats::HeaderMap::new();
         headers.insert(
             names::HEADER_REJECT_REASON,
-            sanitize_header(reason).as_str(),
+            flotilla_nats::header_safe(reason).as_str(),
         );
         if let Some(content_type) = message
             .headers
@@ -202,13 +204,4 @@ impl Intake {
             Err(e) => tracing::warn!(error = %e, "cannot store rejected submission"),
         }
     }
-}
-
-/// Header values cannot hold newlines; keep reasons on one bounded line.
-fn sanitize_header(reason: &str) -> String {
-    let line: String = reason
-        .chars()
-        .map(|c| if c.is_control() { ' ' } else { c })
-        .collect();
-    line.chars().take(1000).collect()
 }

@@ -3,6 +3,7 @@
 //! they share one durable consumer, so each submission is admitted once.
 
 mod intake;
+mod lifecycle;
 
 use std::{net::SocketAddr, path::PathBuf, sync::Arc};
 
@@ -12,9 +13,12 @@ use flotilla_nats::{Topology, TopologyConfig};
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
+pub use lifecycle::LifecycleConfig;
+
 #[derive(Debug, Clone)]
 pub struct Config {
     pub listen: SocketAddr,
+    pub lifecycle: LifecycleConfig,
     pub nats_url: String,
     pub engines_dir: PathBuf,
     pub profiles_dir: PathBuf,
@@ -44,12 +48,30 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Disp
     let client = flotilla_nats::connect(&config.nats_url, "dispatcher").await?;
     let topology = Topology::ensure(client.clone(), config.topology.clone()).await?;
 
+    let workers = CancellationToken::new();
+    let (leading_tx, leading) = tokio::sync::watch::channel(false);
+    let election = tokio::spawn(lifecycle::elect(
+        topology.clone(),
+        workers.clone(),
+        leading_tx,
+    ));
+    let lifecycle = Arc::new(lifecycle::Lifecycle {
+        client: client.clone(),
+        topology: topology.clone(),
+        config: config.lifecycle.clone(),
+        jobs: Default::default(),
+    });
+    tokio::spawn(lifecycle.run(leading, workers.clone()));
+    let dead_letters = tokio::spawn(lifecycle::dead_letters(
+        client.clone(),
+        topology.clone(),
+        workers.clone(),
+    ));
     let intake = Arc::new(intake::Intake {
         topology,
         catalog,
         limits: config.limits.clone(),
     });
-    let workers = CancellationToken::new();
     let intake_task = tokio::spawn(intake::run(intake, workers.clone()));
 
     let listener = tokio::net::TcpListener::bind(config.listen)
@@ -69,6 +91,10 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Disp
 
     workers.cancel();
     let _ = intake_task.await;
+    let _ = election.await;
+    if let Ok(Err(e)) = dead_letters.await {
+        tracing::warn!(error = %e, "dead-letter handler had failed");
+    }
     let _ = client.flush().await;
     tracing::info!("dispatcher stopped");
     Ok(())

@@ -1,4 +1,4 @@
-use std::{net::SocketAddr, path::PathBuf, process::ExitCode};
+use std::{net::SocketAddr, path::PathBuf, process::ExitCode, time::Duration};
 
 use clap::Parser;
 
@@ -25,6 +25,23 @@ struct Args {
     profiles_dir: PathBuf,
     #[command(flatten)]
     limits: flotilla_catalog::LimitsArgs,
+    /// How often lost nodes are looked for, in milliseconds.
+    #[arg(long, env = "FLOTILLA_NODE_CHECK_MS", default_value_t = 500)]
+    node_check_ms: u64,
+    /// How often queue timeouts and retention are enforced, in seconds.
+    #[arg(long, env = "FLOTILLA_SWEEP_SECS", default_value_t = 10)]
+    sweep_secs: u64,
+    /// A job still queued after this many seconds fails.
+    #[arg(long, env = "FLOTILLA_MAX_QUEUED_SECS", default_value_t = 86_400)]
+    max_queued_secs: u64,
+    /// Hours a finished job is kept (Parpaing's JOB_TTL_HOURS).
+    #[arg(long, env = "FLOTILLA_JOB_TTL_HOURS", default_value_t = 24)]
+    job_ttl_hours: u64,
+    /// Finished jobs kept at most (Parpaing's MAX_RETAINED_JOBS).
+    #[arg(long, env = "FLOTILLA_MAX_RETAINED_JOBS", default_value_t = 1000)]
+    max_retained_jobs: usize,
+    #[command(flatten)]
+    topology: flotilla_nats::TopologyArgs,
     #[arg(long, env = "FLOTILLA_LOG_JSON")]
     log_json: bool,
 }
@@ -40,13 +57,21 @@ async fn main() -> ExitCode {
             return ExitCode::from(64);
         }
     };
+    let lifecycle = dispatcher::LifecycleConfig {
+        node_check_interval: Duration::from_millis(args.node_check_ms.max(50)),
+        sweep_interval: Duration::from_secs(args.sweep_secs.max(1)),
+        max_queued: Duration::from_secs(args.max_queued_secs),
+        job_ttl: Duration::from_secs(args.job_ttl_hours * 3600),
+        max_retained_jobs: args.max_retained_jobs,
+    };
     let config = dispatcher::Config {
         listen: args.listen,
+        lifecycle,
         nats_url: args.nats_url,
         engines_dir: args.engines_dir,
         profiles_dir: args.profiles_dir,
         limits,
-        topology: flotilla_nats::TopologyConfig::default(),
+        topology: args.topology.into_config(),
     };
     let shutdown = flotilla_telemetry::shutdown_on_signals();
     match dispatcher::run(config, shutdown).await {

@@ -9,7 +9,7 @@ mod topology;
 use std::time::Duration;
 
 pub use store::{JobStore, StoreError, Versioned, WatchEvent};
-pub use topology::{Topology, TopologyConfig, TopologyError};
+pub use topology::{LEADER_LEASE, Topology, TopologyArgs, TopologyConfig, TopologyError};
 
 use async_nats::jetstream;
 use bytes::Bytes;
@@ -63,4 +63,29 @@ pub async fn enqueue(js: &jetstream::Context, request: &JobRequest) -> Result<()
         .message_id(names::run_msg_id(&request.job_id));
     js.send_publish(names::SUBJECT_RUN, message).await?.await?;
     Ok(())
+}
+
+/// Keeps a copy of a job message the fleet gave up on, with the reason, on the dead-letter
+/// stream. Never redelivered; inspect it with any JetStream client.
+pub async fn dead_letter(
+    js: &jetstream::Context,
+    job_id: &str,
+    payload: Bytes,
+    reason: &str,
+) -> Result<(), jetstream::context::PublishError> {
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert(names::HEADER_JOB_ID, job_id);
+    headers.insert(names::HEADER_REJECT_REASON, header_safe(reason).as_str());
+    js.publish_with_headers(names::dead_subject(job_id), headers, payload)
+        .await?
+        .await?;
+    Ok(())
+}
+
+/// Header values hold one line: control characters become spaces, and the length is bounded.
+pub fn header_safe(text: &str) -> String {
+    text.chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .take(1000)
+        .collect()
 }

@@ -12,6 +12,9 @@ use flotilla_proto::names;
 
 use crate::JobStore;
 
+/// How long a dispatcher leader lease lives without being refreshed.
+pub const LEADER_LEASE: Duration = Duration::from_secs(5);
+
 /// Tunables for the topology. Defaults suit a single-host stack; tests shorten the timings.
 #[derive(Debug, Clone)]
 pub struct TopologyConfig {
@@ -28,6 +31,32 @@ pub struct TopologyConfig {
     /// How long an `Idempotency-Key` is remembered.
     pub idempotency_ttl: Duration,
     pub storage: StorageType,
+}
+
+/// The topology settings every service takes, so that whichever starts first creates the
+/// same objects.
+#[derive(Debug, Clone, clap::Args)]
+pub struct TopologyArgs {
+    /// Seconds a node may hold a job without a progress ack before it is redelivered.
+    #[arg(long, env = "FLOTILLA_ACK_WAIT_SECS", default_value_t = 30)]
+    pub ack_wait_secs: u64,
+    /// Deliveries of a job message (attempts) before it is dead-lettered.
+    #[arg(long, env = "FLOTILLA_MAX_DELIVER", default_value_t = 5)]
+    pub max_deliver: i64,
+    /// Queue bound: beyond it, POST /jobs answers 503 with Retry-After.
+    #[arg(long, env = "FLOTILLA_QUEUE_MAX", default_value_t = 100_000)]
+    pub queue_max: i64,
+}
+
+impl TopologyArgs {
+    pub fn into_config(self) -> TopologyConfig {
+        TopologyConfig {
+            ack_wait: Duration::from_secs(self.ack_wait_secs.max(1)),
+            max_deliver: self.max_deliver.max(1),
+            queue_max_messages: self.queue_max.max(1),
+            ..TopologyConfig::default()
+        }
+    }
 }
 
 impl Default for TopologyConfig {
@@ -70,6 +99,8 @@ pub struct Topology {
     pub jobs: JobStore,
     pub nodes: Store,
     pub idempotency: Store,
+    /// Dispatcher coordination (the leader lease).
+    pub dispatch: Store,
     /// The fleet's shared pull consumer on the run queue.
     pub agents: consumer::PullConsumer,
     /// The dispatchers' shared pull consumer on direct submissions.
@@ -135,6 +166,19 @@ impl Topology {
         )
         .await?;
 
+        ensure_stream(
+            &js,
+            stream::Config {
+                name: names::STREAM_DEAD.to_owned(),
+                subjects: vec![format!("{}.>", names::SUBJECT_DEAD_PREFIX)],
+                retention: RetentionPolicy::Limits,
+                storage: config.storage,
+                max_age: Duration::from_secs(30 * 24 * 3600),
+                ..Default::default()
+            },
+        )
+        .await?;
+
         let pull = |name: &str, subject: &str| consumer::pull::Config {
             durable_name: Some(name.to_owned()),
             filter_subject: subject.to_owned(),
@@ -191,11 +235,25 @@ impl Topology {
         )
         .await?;
 
+        let dispatch = ensure_bucket(
+            &js,
+            kv::Config {
+                bucket: names::BUCKET_DISPATCH.to_owned(),
+                history: 1,
+                // The leader refreshes its lease every second; a dead leader's lease expires.
+                max_age: LEADER_LEASE,
+                storage: config.storage,
+                ..Default::default()
+            },
+        )
+        .await?;
+
         Ok(Self {
             js,
             jobs: JobStore::new(job_bucket),
             nodes,
             idempotency,
+            dispatch,
             agents,
             intake,
             config,

@@ -148,6 +148,26 @@ pub struct JobRecord {
     pub dry_run: bool,
     #[serde(default)]
     pub timeout_seconds: u64,
+    /// Every attempt so far, oldest first, with why each ended.
+    #[serde(default)]
+    pub attempts: Vec<Attempt>,
+    /// Internal: the JetStream reply subject of the message behind the running attempt, so the
+    /// dispatcher can hand the job back at once if its node dies. Not shown over HTTP.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ack_subject: Option<String>,
+}
+
+/// One try at running a job on a node.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Attempt {
+    pub attempt: u32,
+    pub node_id: String,
+    pub started_at: DateTime<Utc>,
+    #[serde(default)]
+    pub finished_at: Option<DateTime<Utc>>,
+    /// Why the attempt ended: `completed`, `exited with code 3`, `node lost`, ...
+    #[serde(default)]
+    pub outcome: Option<String>,
 }
 
 impl JobRecord {
@@ -171,6 +191,23 @@ impl JobRecord {
             metadata: request.metadata.clone(),
             dry_run: request.dry_run,
             timeout_seconds: request.timeout_seconds,
+            attempts: Vec::new(),
+            ack_subject: None,
+        }
+    }
+
+    /// Closes the current attempt (if it is still open) with `outcome`.
+    pub fn end_attempt(&mut self, outcome: &str, at: DateTime<Utc>) {
+        let current = self.attempt;
+        if let Some(attempt) = self
+            .attempts
+            .iter_mut()
+            .rev()
+            .find(|a| a.attempt == current)
+            && attempt.finished_at.is_none()
+        {
+            attempt.finished_at = Some(at);
+            attempt.outcome = Some(outcome.to_owned());
         }
     }
 }

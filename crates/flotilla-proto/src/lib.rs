@@ -14,7 +14,8 @@ pub mod node;
 
 pub use codec::{CodecError, Encoding, decode, encode};
 pub use job::{
-    JobRecord, JobRequest, JobResult, JobStatus, Resources, ResourcesRequest, SubmitRequest, Usage,
+    Attempt, JobRecord, JobRequest, JobResult, JobStatus, Resources, ResourcesRequest,
+    SubmitRequest, Usage,
 };
 pub use log::{LogChunk, LogEnd, LogStream};
 pub use node::NodeInfo;

@@ -30,6 +30,26 @@ pub const SUBJECT_REJECTED_PREFIX: &str = "flotilla.rejected";
 /// Stream keeping rejected submissions for inspection.
 pub const STREAM_REJECTED: &str = "FLOTILLA_REJECTED";
 
+/// Dead letters: copies of job messages the fleet gave up on, with the reason in
+/// [`HEADER_REJECT_REASON`]. Kept for inspection, never redelivered.
+pub const SUBJECT_DEAD_PREFIX: &str = "flotilla.dead";
+pub const STREAM_DEAD: &str = "FLOTILLA_DEAD";
+
+/// Published by JetStream when a job message reached its maximum deliveries.
+pub fn max_deliveries_advisory() -> String {
+    format!("$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.{STREAM_JOBS}.{CONSUMER_AGENTS}")
+}
+
+pub fn dead_subject(job_id: &str) -> String {
+    format!("{SUBJECT_DEAD_PREFIX}.{job_id}")
+}
+
+/// KV bucket holding the dispatcher leader lease under [`KEY_LEADER`].
+pub const BUCKET_DISPATCH: &str = "flotilla_dispatch";
+pub const KEY_LEADER: &str = "leader";
+/// Queue group shared by dispatcher replicas for advisories, so each is handled once.
+pub const QUEUE_DISPATCHERS: &str = "dispatchers";
+
 /// KV bucket with one [`crate::JobRecord`] per job under [`job_key`].
 pub const BUCKET_JOBS: &str = "flotilla_jobs";
 /// KV bucket with one [`crate::NodeInfo`] heartbeat per live agent-node under [`node_key`].

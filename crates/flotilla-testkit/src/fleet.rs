@@ -28,6 +28,9 @@ pub struct FleetBuilder {
     stop_grace_secs: u64,
     drain_grace_secs: u64,
     extra_gateway_env: Vec<(String, String)>,
+    extra_dispatcher_env: Vec<(String, String)>,
+    /// Applied to every service.
+    common_env: Vec<(String, String)>,
 }
 
 impl Default for FleetBuilder {
@@ -39,6 +42,8 @@ impl Default for FleetBuilder {
             stop_grace_secs: 1,
             drain_grace_secs: 10,
             extra_gateway_env: Vec::new(),
+            extra_dispatcher_env: Vec::new(),
+            common_env: Vec::new(),
         }
     }
 }
@@ -65,6 +70,23 @@ impl FleetBuilder {
         self
     }
 
+    pub fn dispatcher_env(mut self, name: &str, value: &str) -> Self {
+        self.extra_dispatcher_env
+            .push((name.to_owned(), value.to_owned()));
+        self
+    }
+
+    /// An environment variable for every service (topology settings must agree).
+    pub fn env(mut self, name: &str, value: &str) -> Self {
+        self.common_env.push((name.to_owned(), value.to_owned()));
+        self
+    }
+
+    pub fn drain_grace_secs(mut self, seconds: u64) -> Self {
+        self.drain_grace_secs = seconds;
+        self
+    }
+
     pub async fn start(self) -> anyhow::Result<Fleet> {
         let nats = NatsServer::start().await?;
         let dir = tempfile::Builder::new()
@@ -79,7 +101,8 @@ impl FleetBuilder {
                 .env("FLOTILLA_NATS_URL", nats.url())
                 .env("FLOTILLA_ENGINES_DIR", root.join("engines"))
                 .env("FLOTILLA_PROFILES_DIR", root.join("profiles"))
-                .env("RUST_LOG", "info");
+                .env("RUST_LOG", "info")
+                .envs(self.common_env.iter().map(|(k, v)| (k, v)));
         };
 
         let mut command = Command::new(binary("api-gateway")?);
@@ -96,10 +119,13 @@ impl FleetBuilder {
 
         let mut command = Command::new(binary("dispatcher")?);
         common(&mut command);
-        command.env(
-            "FLOTILLA_DISPATCHER_LISTEN",
-            format!("127.0.0.1:{}", free_port()),
-        );
+        command
+            .env(
+                "FLOTILLA_DISPATCHER_LISTEN",
+                format!("127.0.0.1:{}", free_port()),
+            )
+            .env("FLOTILLA_NODE_CHECK_MS", "250")
+            .envs(self.extra_dispatcher_env.iter().map(|(k, v)| (k, v)));
         let dispatcher =
             Process::spawn_command("dispatcher", command, &dir.path().join("dispatcher.log"))?;
 
@@ -148,12 +174,23 @@ impl Fleet {
                 self.builder.drain_grace_secs.to_string(),
             )
             .env("FLOTILLA_HEARTBEAT_MS", "500")
-            .env("RUST_LOG", "info");
+            .env("RUST_LOG", "info")
+            .envs(self.builder.common_env.iter().map(|(k, v)| (k, v)));
         Process::spawn_command(
             &format!("agent-node {}", self.node_ids[i]),
             command,
-            &self.dir.path().join(format!("node-{i}.log")),
+            &self
+                .dir
+                .path()
+                .join(format!("node-{i}-{}.log", uuid_fragment())),
         )
+    }
+
+    /// Starts node `i` again (same id) after it was killed: it reaps what it left behind.
+    pub fn restart_node(&mut self, i: usize) -> anyhow::Result<()> {
+        let node = self.spawn_node(i)?;
+        let _old = std::mem::replace(&mut self.nodes[i], node);
+        Ok(())
     }
 
     /// An authorised request builder for `path` on the gateway.

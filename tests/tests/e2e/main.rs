@@ -6,6 +6,7 @@ mod direct;
 mod fleet;
 mod jobs;
 mod logs;
+mod reliability;
 
 use std::time::Duration;
 

@@ -1,0 +1,203 @@
+//! Fleet-wide lifecycle: backpressure, lost nodes, dead letters, queue timeouts, retention.
+
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream::consumer;
+use flotilla_proto::names;
+use flotilla_testkit::{Fleet, wait_until};
+use futures::StreamExt;
+use reqwest::Method;
+use serde_json::Value;
+
+use crate::{get_job, js_context, shell, submit, wait};
+
+#[tokio::test]
+async fn a_full_queue_answers_503_and_accepts_nothing() {
+    let fleet = Fleet::builder()
+        .nodes(0)
+        .env("FLOTILLA_QUEUE_MAX", "3")
+        .start()
+        .await
+        .unwrap();
+    for _ in 0..3 {
+        submit(&fleet, shell("echo queued")).await;
+    }
+    let response = fleet
+        .request(Method::POST, "/jobs")
+        .json(&shell("echo one too many"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 503);
+    assert_eq!(response.headers()["retry-after"], "1");
+    let error: Value = response.json().await.unwrap();
+    assert_eq!(error["error"]["code"], "queue_unavailable");
+    let list: Value = fleet
+        .request(Method::GET, "/jobs")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        list["total"], 3,
+        "the refused job must not be half-accepted: {list}"
+    );
+}
+
+/// Waits until `job_id` is running on one of the fleet's nodes; returns that node's index.
+pub async fn running_on(fleet: &Fleet, job_id: &str) -> usize {
+    let node_id = wait_until(Duration::from_secs(20), "the job to be running", || async {
+        let (_, job) = get_job(fleet, job_id).await;
+        (job["status"] == "running").then(|| job["node_id"].as_str().unwrap().to_owned())
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", fleet.logs()));
+    fleet.node_ids.iter().position(|id| *id == node_id).unwrap()
+}
+
+#[tokio::test]
+async fn a_killed_node_s_job_is_requeued_within_seconds_and_completes_elsewhere() {
+    let mut fleet = Fleet::builder().nodes(2).start().await.unwrap();
+    let job_id = submit(&fleet, shell("echo start; sleep 3; echo finished")).await;
+    let victim = running_on(&fleet, &job_id).await;
+    fleet.nodes[victim].signal("KILL");
+    let killed = Instant::now();
+
+    let requeued = wait_until(
+        Duration::from_secs(5),
+        "the job to start again elsewhere",
+        || async {
+            let (_, job) = get_job(&fleet, &job_id).await;
+            (job["attempt"] == 2 && job["status"] == "running").then_some(job)
+        },
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", fleet.logs()));
+    println!("node killed → job running again in {:?}", killed.elapsed());
+    assert_ne!(requeued["node_id"], fleet.node_ids[victim].as_str());
+
+    let job = wait(&fleet, &job_id).await;
+    assert_eq!(job["status"], "completed", "{job}");
+    assert_eq!(job["result"]["text"], "start\nfinished\n");
+    let attempts = job["attempts"].as_array().unwrap();
+    assert_eq!(attempts.len(), 2, "{job}");
+    assert_eq!(attempts[0]["outcome"], "node lost");
+    assert_eq!(attempts[0]["node_id"], fleet.node_ids[victim].as_str());
+    assert_eq!(attempts[1]["outcome"], "completed");
+
+    // The restarted node removes the container its previous run left behind.
+    fleet.restart_node(victim).unwrap();
+    fleet.assert_no_containers_left().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_job_out_of_deliveries_is_failed_and_dead_lettered() {
+    let mut fleet = Fleet::builder()
+        .nodes(1)
+        .env("FLOTILLA_MAX_DELIVER", "1")
+        .start()
+        .await
+        .unwrap();
+    let job_id = submit(&fleet, shell("sleep 30")).await;
+    running_on(&fleet, &job_id).await;
+    fleet.nodes[0].signal("KILL");
+
+    let job = wait(&fleet, &job_id).await;
+    assert_eq!(job["status"], "failed", "{job}");
+    let error = job["error"].as_str().unwrap();
+    assert!(error.starts_with("gave up after 1 deliveries"), "{error}");
+
+    let js = js_context(&fleet).await;
+    let dead = js.get_stream(names::STREAM_DEAD).await.unwrap();
+    let mut messages = dead
+        .create_consumer(consumer::pull::OrderedConfig::default())
+        .await
+        .unwrap()
+        .messages()
+        .await
+        .unwrap();
+    let letter = tokio::time::timeout(Duration::from_secs(10), messages.next())
+        .await
+        .expect("a dead letter")
+        .unwrap()
+        .unwrap();
+    assert_eq!(letter.subject.as_str(), names::dead_subject(&job_id));
+    let reason = letter
+        .headers
+        .as_ref()
+        .unwrap()
+        .get(names::HEADER_REJECT_REASON)
+        .unwrap();
+    assert!(reason.as_str().starts_with("gave up"), "{reason}");
+    // And it is out of the work queue for good.
+    let queue = js
+        .get_stream(names::STREAM_JOBS)
+        .await
+        .unwrap()
+        .info()
+        .await
+        .unwrap()
+        .state
+        .messages;
+    assert_eq!(queue, 0);
+
+    fleet.restart_node(0).unwrap();
+    fleet.assert_no_containers_left().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_job_queued_too_long_fails() {
+    let fleet = Fleet::builder()
+        .nodes(0)
+        .dispatcher_env("FLOTILLA_MAX_QUEUED_SECS", "1")
+        .dispatcher_env("FLOTILLA_SWEEP_SECS", "1")
+        .start()
+        .await
+        .unwrap();
+    let job_id = submit(&fleet, shell("echo late")).await;
+    let job = wait(&fleet, &job_id).await;
+    assert_eq!(job["status"], "failed");
+    assert_eq!(job["error"], "queued for more than 1s without starting");
+}
+
+#[tokio::test]
+async fn finished_jobs_beyond_the_retained_count_are_deleted() {
+    let fleet = Fleet::builder()
+        .dispatcher_env("FLOTILLA_MAX_RETAINED_JOBS", "2")
+        .dispatcher_env("FLOTILLA_SWEEP_SECS", "1")
+        .start()
+        .await
+        .unwrap();
+    let mut ids = Vec::new();
+    for i in 0..4 {
+        let id = submit(&fleet, shell(&format!("echo {i}"))).await;
+        wait(&fleet, &id).await;
+        ids.push(id);
+    }
+    wait_until(
+        Duration::from_secs(10),
+        "the two oldest jobs to be deleted",
+        || async {
+            let (a, _) = get_job(&fleet, &ids[0]).await;
+            let (b, _) = get_job(&fleet, &ids[1]).await;
+            (a == 404 && b == 404).then_some(())
+        },
+    )
+    .await
+    .unwrap();
+    for id in &ids[2..] {
+        assert_eq!(get_job(&fleet, id).await.0, 200);
+    }
+    let list: Value = fleet
+        .request(Method::GET, "/jobs")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(list["total"], 2, "{list}");
+    fleet.assert_no_containers_left().await.unwrap();
+}
