@@ -64,7 +64,8 @@ async fn run(
 ) {
     let cancel = guard.token.clone();
     let ack_subject = message.reply.as_ref().map(|s| s.to_string());
-    let claimed = match claim(&shared, &request, ack_subject).await {
+    let delivered = message.info().map(|info| info.delivered).unwrap_or(1);
+    let claimed = match claim(&shared, &request, ack_subject, delivered).await {
         Ok(Some(claimed)) => claimed,
         Ok(None) => {
             ack(&message, AckKind::Ack).await;
@@ -103,7 +104,6 @@ async fn run(
     };
     keepalive.abort();
 
-    let delivered = message.info().map(|info| info.delivered).unwrap_or(1);
     let final_state = match outcome {
         Outcome::Exited {
             stop: Some(Stop::Shutdown),
@@ -177,7 +177,12 @@ async fn run(
             tracing::warn!(attempt, current_attempt = now, ?node, %status, "lease lost: late result rejected");
             return;
         }
-        Err(e) => tracing::warn!(error = %e, "outcome not recorded"),
+        Err(FinishError::Gone) => tracing::warn!("job record vanished; dropping its message"),
+        Err(e) => {
+            // Not recorded: leave the message unacked so the job is tried again.
+            tracing::warn!(error = %e, "outcome not recorded");
+            return;
+        }
     }
     // The outcome is in KV (the truth); this delivery is done.
     if let Err(e) = message.double_ack().await {
@@ -196,6 +201,7 @@ async fn claim(
     shared: &Shared,
     request: &JobRequest,
     ack_subject: Option<String>,
+    delivered: i64,
 ) -> Result<Option<Claimed>, StoreError> {
     let node_id = shared.config.node_id.clone();
     let changed = shared
@@ -203,7 +209,12 @@ async fn claim(
         .jobs
         .modify(&request.job_id, |record| {
             if record.status.is_terminal() {
-                return Err(record.status);
+                return Err(format!("job already {}", record.status));
+            }
+            // Every legitimate retry is a redelivery of the one message (NAK or ack wait), so a
+            // first delivery for a job that already started is a duplicate publish.
+            if delivered <= 1 && record.attempt > 0 {
+                return Err(format!("duplicate message for attempt {}", record.attempt));
             }
             let now = Utc::now();
             record.status = JobStatus::Running;
@@ -229,8 +240,8 @@ async fn claim(
             tracing::warn!("job has no record, dropping its message");
             None
         }
-        Some(Err(status)) => {
-            tracing::info!(%status, "job already {status}, not running it");
+        Some(Err(reason)) => {
+            tracing::info!(%reason, "not running job");
             None
         }
         Some(Ok(versioned)) => Some(Claimed {
@@ -520,7 +531,20 @@ fn job_script(engine: &Engine, request: &JobRequest) -> Bytes {
         EngineKind::Cli => {
             let argv = engine.command_line(request);
             let quoted: Vec<String> = argv.iter().map(|arg| shell_quote(arg)).collect();
-            Bytes::from(format!("exec {}\n", quoted.join(" ")))
+            let mut script = String::new();
+            // The engine's --mcp-config flag points at this file.
+            if let Some(mcp) = &request.mcp_config {
+                let path = flotilla_catalog::MCP_CONFIG_PATH;
+                let dir = path.rsplit_once('/').map_or("/workspace", |(dir, _)| dir);
+                script.push_str(&format!(
+                    "mkdir -p {} && printf '%s' {} > {}\n",
+                    shell_quote(dir),
+                    shell_quote(&mcp.to_string()),
+                    shell_quote(path)
+                ));
+            }
+            script.push_str(&format!("exec {}\n", quoted.join(" ")));
+            Bytes::from(script)
         }
     }
 }

@@ -82,7 +82,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Node
         cancels,
         background.clone(),
     ));
-    tokio::spawn(heartbeat(shared.clone(), slots.clone(), background.clone()));
+    tokio::spawn(heartbeat(shared.clone(), background.clone()));
     tracing::info!(node_id = %shared.config.node_id, slots = shared.config.slots, "agent-node ready");
 
     let jobs = TaskTracker::new();
@@ -156,7 +156,10 @@ async fn pull_loop(
         failures = 0;
         loop {
             let next = tokio::select! {
-                () = shutdown.cancelled() => return,
+                () = shutdown.cancelled() => {
+                    hand_back_rest(batch).await;
+                    return;
+                }
                 next = batch.next() => next,
             };
             match next {
@@ -174,6 +177,19 @@ async fn pull_loop(
                     break;
                 }
             }
+        }
+    }
+}
+
+/// On shutdown mid-pull: messages the server still delivers to this pull go straight back
+/// (NAK) instead of waiting out their ack wait. Bounded by the pull's expiry.
+async fn hand_back_rest(mut batch: async_nats::jetstream::consumer::pull::Batch) {
+    while let Some(Ok(message)) = batch.next().await {
+        if let Err(e) = message
+            .ack_with(async_nats::jetstream::AckKind::Nak(None))
+            .await
+        {
+            tracing::warn!(error = %e, "cannot hand back job message");
         }
     }
 }
@@ -200,7 +216,7 @@ async fn listen_for_cancels(
 }
 
 /// Publishes this node's liveness and load every heartbeat interval.
-async fn heartbeat(shared: Arc<Shared>, slots: Arc<Semaphore>, stop: CancellationToken) {
+async fn heartbeat(shared: Arc<Shared>, stop: CancellationToken) {
     let config = &shared.config;
     let started_at = Utc::now();
     let engines: Vec<String> = shared
@@ -220,9 +236,8 @@ async fn heartbeat(shared: Arc<Shared>, slots: Arc<Semaphore>, stop: Cancellatio
             version: env!("CARGO_PKG_VERSION").to_owned(),
             engines: engines.clone(),
             slots_total: config.slots,
-            slots_busy: config
-                .slots
-                .saturating_sub(slots.available_permits() as u32),
+            // Jobs actually here; free permits are mostly held by the outstanding pull.
+            slots_busy: shared.running.lock().expect("running map").len() as u32,
             warm: Default::default(),
             started_at,
             heartbeat_at: Utc::now(),

@@ -121,6 +121,9 @@ impl LogPublisher {
         end: Option<LogEnd>,
     ) -> Result<(), LogError> {
         let seq = self.next_seq;
+        // Advance first: a chunk that could not be published must not make the next one reuse
+        // its message id (it would be dropped as a duplicate).
+        self.next_seq += 1;
         let chunk = LogChunk {
             job_id: self.job_id.clone(),
             attempt: self.attempt,
@@ -155,7 +158,6 @@ impl LogPublisher {
             )
             .notify(|e, delay| tracing::debug!(error = %e, ?delay, "log publish failed, retrying"))
             .await?;
-        self.next_seq += 1;
         Ok(())
     }
 }

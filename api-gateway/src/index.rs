@@ -176,6 +176,26 @@ impl JobIndex {
             .clone()
     }
 
+    /// Gives up a waiter handle; the entry goes when nobody else holds it, so abandoned waits
+    /// (timeouts, disconnects) do not accumulate.
+    pub fn release_waiter(&self, job_id: &str, notify: Arc<Notify>) {
+        let mut waiters = self.waiters.lock().expect("waiters lock");
+        // One reference in the map, one here: nobody else waits.
+        if Arc::strong_count(&notify) == 2 {
+            waiters.remove(job_id);
+        }
+    }
+
+    /// The job's status as last seen by the watch.
+    pub fn status(&self, job_id: &str) -> Option<JobStatus> {
+        self.inner
+            .read()
+            .expect("index lock")
+            .by_id
+            .get(job_id)
+            .map(|s| s.status)
+    }
+
     fn wake(&self, job_id: &str) {
         if let Some(notify) = self.waiters.lock().expect("waiters lock").remove(job_id) {
             notify.notify_waiters();

@@ -241,6 +241,8 @@ pub async fn wait(
             .clamp(1.0, 7200.0),
     };
     let deadline = tokio::time::Instant::now() + Duration::from_secs_f64(seconds);
+    // Unknown ids answer 404 before anything is registered for them.
+    load(&state, &job_id).await?;
     loop {
         let notify = state.index.waiter(&job_id);
         let notified = notify.notified();
@@ -249,6 +251,7 @@ pub async fn wait(
             return Ok(Json(record));
         }
         if tokio::time::timeout_at(deadline, notified).await.is_err() {
+            state.index.release_waiter(&job_id, notify);
             return Err(ApiError::new(
                 StatusCode::REQUEST_TIMEOUT,
                 "wait_timeout",
@@ -290,9 +293,12 @@ pub async fn cancel(
         Some(Ok(versioned)) => {
             state.index.upsert(&versioned);
             // Best effort: a node that misses this notices the cancelled record itself.
+            let mut headers = async_nats::HeaderMap::new();
+            headers.insert(names::HEADER_JOB_ID, job_id.as_str());
+            let cancel = names::cancel_subject(&job_id);
             if let Err(e) = state
                 .client
-                .publish(names::cancel_subject(&job_id), Bytes::new())
+                .publish_with_headers(cancel, headers, Bytes::new())
                 .await
             {
                 tracing::warn!(error = %e, job_id, "cannot publish cancel");

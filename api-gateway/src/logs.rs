@@ -13,7 +13,7 @@ use axum::{
     http::HeaderMap,
     response::sse::{Event, KeepAlive, Sse},
 };
-use flotilla_proto::{Encoding, JobRecord, LogChunk, LogEnd, names};
+use flotilla_proto::{Encoding, JobRecord, JobStatus, LogChunk, LogEnd, names};
 use futures::{Stream, StreamExt};
 use serde::Deserialize;
 use serde_json::json;
@@ -27,8 +27,8 @@ const END_MARKER_GRACE: Duration = Duration::from_secs(5);
 
 #[derive(Deserialize)]
 pub struct LogsQuery {
-    from: Option<u64>,
-    follow: Option<bool>,
+    from: Option<String>,
+    follow: Option<String>,
 }
 
 pub async fn stream(
@@ -42,7 +42,18 @@ pub async fn stream(
         .get("last-event-id")
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
-    let deliver_policy = match (query.from, resume_after) {
+    let from = match query.from.as_deref() {
+        None => None,
+        Some(raw) => Some(raw.parse::<u64>().map_err(|_| {
+            ApiError::invalid("from", "from must be a non-negative integer event id")
+        })?),
+    };
+    let follow = match query.follow.as_deref() {
+        None | Some("true") => true,
+        Some("false") => false,
+        Some(_) => return Err(ApiError::invalid("follow", "follow must be true or false")),
+    };
+    let deliver_policy = match (from, resume_after) {
         (Some(from), _) => DeliverPolicy::ByStartSequence {
             start_sequence: from.max(1),
         },
@@ -73,7 +84,6 @@ pub async fn stream(
     let messages = consumer.messages().await.map_err(ApiError::unavailable)?;
 
     let (events, receiver) = mpsc::channel(64);
-    let follow = query.follow.unwrap_or(true);
     tokio::spawn(pump(state, record, messages, backlog, follow, events));
     let mut receiver = receiver;
     let stream = futures::stream::poll_fn(move |cx| receiver.poll_recv(cx)).map(Ok);
@@ -103,6 +113,15 @@ async fn pump(
     loop {
         let notify = state.index.waiter(&job_id);
         let became_terminal = notify.notified();
+        // The job may have ended between two passes, before this waiter existed.
+        if terminal_since.is_none()
+            && state
+                .index
+                .status(&job_id)
+                .is_some_and(JobStatus::is_terminal)
+        {
+            terminal_since = Some(tokio::time::Instant::now());
+        }
         let deadline = terminal_since.map(|since| since + END_MARKER_GRACE);
         tokio::select! {
             message = messages.next() => {

@@ -14,14 +14,6 @@ struct Args {
         default_value = "nats://127.0.0.1:4222"
     )]
     nats_url: String,
-    /// Bearer token required on every non-public path. Read from the environment, never argv.
-    #[arg(
-        long = "api-key-from-env",
-        env = "FLOTILLA_API_KEY",
-        hide_env_values = true,
-        hide = true
-    )]
-    api_key: Option<String>,
     /// Listen beyond loopback even without an API key.
     #[arg(long, env = "FLOTILLA_ALLOW_UNAUTHENTICATED_PUBLIC")]
     allow_unauthenticated_public: bool,
@@ -54,7 +46,8 @@ async fn main() -> ExitCode {
     let config = api_gateway::Config {
         listen: args.listen,
         nats_url: args.nats_url,
-        api_key: args.api_key,
+        // Only from the environment: a key on the command line would show in `ps`.
+        api_key: std::env::var("FLOTILLA_API_KEY").ok(),
         allow_unauthenticated_public: args.allow_unauthenticated_public,
         max_body_bytes: args.max_body_bytes,
         engines_dir: args.engines_dir,

@@ -10,7 +10,7 @@ pub const STREAM_SUBMIT: &str = "FLOTILLA_SUBMIT";
 /// Durable pull consumer on [`STREAM_SUBMIT`], shared by every dispatcher replica.
 pub const CONSUMER_INTAKE: &str = "intake";
 
-/// Validated jobs waiting for an agent-node, as [`crate::DispatchedJob`].
+/// Validated jobs waiting for an agent-node, as [`crate::JobRequest`].
 pub const SUBJECT_RUN: &str = "flotilla.jobs.run";
 /// Stream capturing [`SUBJECT_RUN`] (work-queue retention).
 pub const STREAM_JOBS: &str = "FLOTILLA_JOBS";
