@@ -2,6 +2,7 @@
 //! One test binary (modules below) so the suite links once.
 
 mod api;
+mod chaos;
 mod direct;
 mod fleet;
 mod jobs;
