@@ -27,6 +27,8 @@ pub struct Config {
     /// Cap on `result.text`.
     pub max_result_bytes: usize,
     pub topology: TopologyConfig,
+    /// Node-local durable state (the outbox) lives under `<state_dir>/<node_id>/`.
+    pub state_dir: PathBuf,
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -17,7 +17,8 @@ use tokio_util::sync::CancellationToken;
 use crate::{
     Shared,
     docker::{ContainerSpec, OutputStream},
-    logs::LogPublisher,
+    logs::{LogPublisher, publish_chunk, publish_end},
+    outbox::{Entry, PendingFinish},
 };
 
 /// Why a container was stopped before it finished on its own.
@@ -88,7 +89,7 @@ async fn run(
         cancel.clone(),
     ));
     let mut logs = LogPublisher::new(
-        shared.topology.js.clone(),
+        shared.clone(),
         &request.job_id,
         attempt,
         shared.config.max_log_bytes,
@@ -143,30 +144,34 @@ async fn run(
         &logs,
         final_state.exit_code,
     );
-    match finish(&shared, &request.job_id, &claimed, &final_state, result).await {
-        Ok(stored) => {
-            let end = LogEnd {
-                status: stored.status,
-                exit_code: stored.exit_code,
-                error: stored.error.clone(),
-            };
-            if let Err(e) = logs.end(end).await {
-                tracing::warn!(error = %e, "cannot publish end marker");
+    let pending = PendingFinish {
+        job_id: request.job_id.clone(),
+        attempt,
+        status: final_state.status,
+        exit_code: final_state.exit_code,
+        error: final_state.error.clone(),
+        outcome: final_state.outcome.clone(),
+        result,
+        ack_subject: message.reply.as_ref().map(|s| s.to_string()),
+        end_seq: logs.reserve_end_seq(),
+    };
+    let recorded = if shared.outbox.is_empty() && shared.nats_connected() {
+        record_with_retries(&shared, &pending).await
+    } else {
+        Err(FinishError::Store(StoreError::Nats(
+            "nats unreachable".to_owned(),
+        )))
+    };
+    let stored = match recorded {
+        Ok(stored) => stored,
+        Err(FinishError::Store(StoreError::Nats(reason))) => {
+            // NATS is away: the outcome waits on disk; the relay records it, ends the log
+            // stream and acks the message when NATS is back.
+            tracing::warn!(%reason, "outcome kept in the outbox until NATS is back");
+            if let Err(e) = shared.outbox.push(&Entry::Finish(Box::new(pending))).await {
+                tracing::error!(error = %e, "cannot keep the outcome in the outbox");
             }
-            if stored.status == JobStatus::Failed && final_state.exit_code.is_none() {
-                let reason = stored.error.as_deref().unwrap_or("failed");
-                if let Err(e) = flotilla_nats::dead_letter(
-                    &shared.topology.js,
-                    &request.job_id,
-                    message.payload.clone(),
-                    reason,
-                )
-                .await
-                {
-                    tracing::warn!(error = %e, "cannot dead-letter job");
-                }
-            }
-            tracing::info!(status = %stored.status, exit_code = ?stored.exit_code, "job finished");
+            return;
         }
         Err(FinishError::Fenced {
             attempt: now,
@@ -177,16 +182,55 @@ async fn run(
             tracing::warn!(attempt, current_attempt = now, ?node, %status, "lease lost: late result rejected");
             return;
         }
-        Err(FinishError::Gone) => tracing::warn!("job record vanished; dropping its message"),
+        Err(FinishError::Gone) => {
+            tracing::warn!("job record vanished; dropping its message");
+            ack(&message, AckKind::Ack).await;
+            return;
+        }
         Err(e) => {
             // Not recorded: leave the message unacked so the job is tried again.
             tracing::warn!(error = %e, "outcome not recorded");
             return;
         }
+    };
+    end_stream(&shared, &pending, &stored).await;
+    if stored.status == JobStatus::Failed && final_state.exit_code.is_none() {
+        let reason = stored.error.as_deref().unwrap_or("failed");
+        if let Err(e) = flotilla_nats::dead_letter(
+            &shared.topology.js,
+            &request.job_id,
+            message.payload.clone(),
+            reason,
+        )
+        .await
+        {
+            tracing::warn!(error = %e, "cannot dead-letter job");
+        }
     }
+    tracing::info!(status = %stored.status, exit_code = ?stored.exit_code, "job finished");
     // The outcome is in KV (the truth); this delivery is done.
     if let Err(e) = message.double_ack().await {
         tracing::warn!(error = %e, "cannot ack job message");
+    }
+}
+
+/// Publishes the end-of-stream marker for a recorded outcome.
+async fn end_stream(shared: &Shared, pending: &PendingFinish, stored: &JobRecord) {
+    let end = LogEnd {
+        status: stored.status,
+        exit_code: stored.exit_code,
+        error: stored.error.clone(),
+    };
+    if let Err(e) = publish_end(
+        &shared.topology.js,
+        &pending.job_id,
+        pending.attempt,
+        pending.end_seq,
+        end,
+    )
+    .await
+    {
+        tracing::warn!(error = %e, "cannot publish end marker");
     }
 }
 
@@ -312,47 +356,129 @@ fn holds_lease(record: &JobRecord, claimed: &Claimed, node_id: &str) -> Result<(
 }
 
 /// Records the outcome, but only while this node still holds the attempt it claimed. A
-/// cancelled job stays cancelled and gets the output produced so far. NATS outages are waited
-/// out (with backoff) so a finished job is not run again for want of a write.
-async fn finish(
+/// cancelled job stays cancelled and gets the output produced so far.
+async fn record_outcome(
     shared: &Shared,
-    job_id: &str,
-    claimed: &Claimed,
-    outcome: &Final,
-    result: JobResult,
+    pending: &PendingFinish,
 ) -> Result<JobRecord, FinishError> {
     let node_id = shared.config.node_id.as_str();
-    let write = || async {
-        shared
-            .topology
-            .jobs
-            .modify(job_id, |record| {
-                holds_lease(record, claimed, node_id)?;
-                let now = Utc::now();
-                if record.status == JobStatus::Running {
-                    record.status = outcome.status;
-                    record.error.clone_from(&outcome.error);
-                }
-                record.end_attempt(&outcome.outcome, now);
-                record.ack_subject = None;
-                record.exit_code = outcome.exit_code;
-                record.finished_at.get_or_insert(now);
-                record.result = Some(result.clone());
-                Ok(true)
-            })
-            .await
+    let claimed = Claimed {
+        attempt: pending.attempt,
     };
-    let changed = write
-        .retry(outage_backoff())
-        .when(|e| matches!(e, StoreError::Nats(_)))
-        .notify(
-            |e, delay| tracing::warn!(error = %e, ?delay, "cannot record outcome yet, retrying"),
-        )
+    let changed = shared
+        .topology
+        .jobs
+        .modify(&pending.job_id, |record| {
+            holds_lease(record, &claimed, node_id)?;
+            let now = Utc::now();
+            if record.status == JobStatus::Running {
+                record.status = pending.status;
+                record.error.clone_from(&pending.error);
+            }
+            record.end_attempt(&pending.outcome, now);
+            record.ack_subject = None;
+            record.exit_code = pending.exit_code;
+            record.finished_at.get_or_insert(now);
+            record.result = Some(pending.result.clone());
+            Ok(true)
+        })
         .await?;
     match changed {
         None => Err(FinishError::Gone),
         Some(Err(e)) => Err(e),
         Some(Ok(versioned)) => Ok(versioned.record),
+    }
+}
+
+/// A few quick retries for a NATS hiccup before the outcome goes to the outbox.
+async fn record_with_retries(
+    shared: &Shared,
+    pending: &PendingFinish,
+) -> Result<JobRecord, FinishError> {
+    (|| record_outcome(shared, pending))
+        .retry(
+            ExponentialBuilder::default()
+                .with_min_delay(Duration::from_millis(100))
+                .with_max_delay(Duration::from_secs(1))
+                .with_max_times(3),
+        )
+        .when(|e| matches!(e, FinishError::Store(StoreError::Nats(_))))
+        .await
+}
+
+/// Drains the outbox in order whenever it has entries and NATS answers: log chunks are
+/// published (deduplicated by message id), outcomes recorded under the lease check, their
+/// log streams ended and their messages acked.
+pub(crate) async fn relay(shared: Arc<Shared>, stop: CancellationToken) {
+    let mut failures = 0u32;
+    loop {
+        if shared.outbox.is_empty() || failures > 0 {
+            let pause = Duration::from_millis(200 * u64::from(failures.min(25)));
+            tokio::select! {
+                () = stop.cancelled() => return,
+                () = shared.outbox.pushed.notified(), if failures == 0 => {}
+                () = tokio::time::sleep(pause), if failures > 0 => {}
+            }
+        }
+        let entries = match shared.outbox.peek(64).await {
+            Ok(entries) => entries,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot read the outbox");
+                failures += 1;
+                continue;
+            }
+        };
+        failures = 0;
+        for (key, entry) in entries {
+            if let Err(e) = relay_one(&shared, &entry).await {
+                tracing::debug!(error = %e, "outbox relay waiting for NATS");
+                failures = 1;
+                break;
+            }
+            if let Err(e) = shared.outbox.remove(key).await {
+                tracing::error!(error = %e, "cannot remove relayed outbox entry");
+                failures = 1;
+                break;
+            }
+        }
+    }
+}
+
+async fn relay_one(shared: &Shared, entry: &Entry) -> Result<(), String> {
+    match entry {
+        Entry::Publish {
+            subject,
+            msg_id,
+            job_id,
+            payload,
+        } => publish_chunk(
+            &shared.topology.js,
+            subject,
+            msg_id,
+            job_id,
+            Bytes::from(payload.clone()),
+        )
+        .await
+        .map_err(|e| e.to_string()),
+        Entry::Finish(pending) => match record_outcome(shared, pending).await {
+            Ok(stored) => {
+                end_stream(shared, pending, &stored).await;
+                if let Some(subject) = &pending.ack_subject {
+                    let _ = shared
+                        .client
+                        .publish(subject.clone(), Bytes::from_static(b"+ACK"))
+                        .await;
+                }
+                tracing::info!(job_id = %pending.job_id, status = %stored.status, "outcome relayed from the outbox");
+                Ok(())
+            }
+            Err(FinishError::Store(StoreError::Nats(e))) => Err(e),
+            Err(e) => {
+                // Fenced or gone: nothing left to do for this entry.
+                tracing::warn!(job_id = %pending.job_id, error = %e, "outbox outcome rejected: late result");
+                Ok(())
+            }
+        },
     }
 }
 
@@ -392,15 +518,6 @@ async fn release(shared: &Shared, job_id: &str, claimed: &Claimed, reason: &str)
             true
         }
     }
-}
-
-/// Backoff for writes that must survive a NATS restart: up to about two minutes.
-fn outage_backoff() -> ExponentialBuilder {
-    ExponentialBuilder::default()
-        .with_min_delay(Duration::from_millis(100))
-        .with_max_delay(Duration::from_secs(5))
-        .with_max_times(40)
-        .with_jitter()
 }
 
 /// Runs the job's container to the end, streaming its output.

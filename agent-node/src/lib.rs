@@ -6,6 +6,7 @@ mod config;
 mod docker;
 mod job;
 mod logs;
+mod outbox;
 
 use std::{
     collections::HashMap,
@@ -36,6 +37,8 @@ pub enum NodeError {
     Connect(#[from] async_nats::ConnectError),
     #[error(transparent)]
     Topology(#[from] flotilla_nats::TopologyError),
+    #[error("cannot open the outbox: {0}")]
+    Outbox(#[from] outbox::OutboxError),
     #[error("cannot subscribe to cancels: {0}")]
     Subscribe(#[from] async_nats::SubscribeError),
 }
@@ -50,6 +53,15 @@ pub(crate) struct Shared {
     pub(crate) running: Mutex<HashMap<String, CancellationToken>>,
     /// Cancelled when the drain grace period is over: stop every container and hand jobs back.
     pub(crate) hard_stop: CancellationToken,
+    pub(crate) client: async_nats::Client,
+    /// Where logs and outcomes wait while NATS is unreachable.
+    pub(crate) outbox: outbox::Outbox,
+}
+
+impl Shared {
+    pub(crate) fn nats_connected(&self) -> bool {
+        self.client.connection_state() == async_nats::connection::State::Connected
+    }
 }
 
 /// Runs the node until `shutdown` is cancelled, then drains: stops pulling, lets running jobs
@@ -61,6 +73,13 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Node
         return Err(NodeError::MissingImage(config.image.clone()));
     }
     reap_leftovers(&docker, &config.node_id).await?;
+    let outbox = outbox::Outbox::open(&config.state_dir.join(&config.node_id).join("outbox.redb"))?;
+    if !outbox.is_empty() {
+        tracing::info!(
+            entries = outbox.len(),
+            "outbox holds output from a previous run; relaying it"
+        );
+    }
 
     let client =
         flotilla_nats::connect(&config.nats_url, &format!("agent-node {}", config.node_id)).await?;
@@ -74,6 +93,8 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Node
         catalog,
         running: Mutex::new(HashMap::new()),
         hard_stop: CancellationToken::new(),
+        client: client.clone(),
+        outbox,
     });
     let slots = Arc::new(Semaphore::new(shared.config.slots as usize));
     let background = CancellationToken::new();
@@ -83,6 +104,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Node
         background.clone(),
     ));
     tokio::spawn(heartbeat(shared.clone(), background.clone()));
+    let relay = tokio::spawn(job::relay(shared.clone(), background.clone()));
     tracing::info!(node_id = %shared.config.node_id, slots = shared.config.slots, "agent-node ready");
 
     let jobs = TaskTracker::new();
@@ -102,6 +124,13 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Node
         jobs.wait().await;
     }
     background.cancel();
+    let _ = relay.await;
+    if !shared.outbox.is_empty() {
+        tracing::warn!(
+            entries = shared.outbox.len(),
+            "outbox not empty at exit; relayed at next start"
+        );
+    }
     let _ = shared
         .topology
         .nodes

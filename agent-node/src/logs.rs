@@ -3,18 +3,23 @@
 
 use std::collections::VecDeque;
 
-use std::time::Duration;
+use std::{sync::Arc, time::Duration};
 
 use async_nats::jetstream;
-use backon::{ExponentialBuilder, Retryable};
+use bytes::Bytes;
 use flotilla_proto::{LogChunk, LogEnd, LogStream, names};
+
+use crate::{Shared, outbox::Entry};
 
 const TAIL_BYTES: usize = 4096;
 /// Chunks larger than this are split, keeping each message well under NATS' payload limit.
 const MAX_CHUNK_BYTES: usize = 64 * 1024;
 
+/// How long a direct publish may take before the chunk goes to the outbox instead.
+const DIRECT_PUBLISH_TIMEOUT: Duration = Duration::from_secs(2);
+
 pub(crate) struct LogPublisher {
-    js: jetstream::Context,
+    shared: Arc<Shared>,
     subject: String,
     job_id: String,
     attempt: u32,
@@ -34,14 +39,14 @@ pub(crate) struct LogError(String);
 
 impl LogPublisher {
     pub(crate) fn new(
-        js: jetstream::Context,
+        shared: Arc<Shared>,
         job_id: &str,
         attempt: u32,
         max_log_bytes: u64,
         max_stdout: usize,
     ) -> Self {
         Self {
-            js,
+            shared,
             subject: names::log_subject(job_id),
             job_id: job_id.to_owned(),
             attempt,
@@ -94,11 +99,6 @@ impl LogPublisher {
         Ok(())
     }
 
-    /// The end-of-stream marker. Sent after the outcome is in KV.
-    pub(crate) async fn end(&mut self, end: LogEnd) -> Result<(), LogError> {
-        self.publish(LogStream::System, Vec::new(), Some(end)).await
-    }
-
     pub(crate) fn stdout_text(&self) -> (String, bool) {
         (
             String::from_utf8_lossy(&self.stdout).into_owned(),
@@ -112,6 +112,13 @@ impl LogPublisher {
         bytes.extend_from_slice(a);
         bytes.extend_from_slice(b);
         String::from_utf8_lossy(&bytes).into_owned()
+    }
+
+    /// Reserves the sequence number of the end marker (sent later, possibly by the relay).
+    pub(crate) fn reserve_end_seq(&mut self) -> u64 {
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        seq
     }
 
     async fn publish(
@@ -133,31 +140,81 @@ impl LogPublisher {
             end,
         };
         let payload = flotilla_proto::encode(&chunk).map_err(|e| LogError(e.to_string()))?;
-        let mut headers = async_nats::HeaderMap::new();
-        headers.insert(names::HEADER_JOB_ID, self.job_id.as_str());
-        let message = jetstream::message::PublishMessage::build()
-            .payload(payload)
-            .headers(headers)
-            .message_id(names::log_msg_id(&self.job_id, self.attempt, seq));
-        // Awaiting the ack keeps chunks in order and stored before the next is sent. Retrying
-        // rides out a NATS restart; the message id makes a retried chunk count once.
-        let publish = || async {
-            self.js
-                .send_publish(self.subject.clone(), message.clone())
-                .await
-                .map_err(|e| LogError(e.to_string()))?
-                .await
-                .map_err(|e| LogError(e.to_string()))
-        };
-        publish
-            .retry(
-                ExponentialBuilder::default()
-                    .with_min_delay(Duration::from_millis(50))
-                    .with_max_delay(Duration::from_secs(2))
-                    .with_max_times(60),
+        let msg_id = names::log_msg_id(&self.job_id, self.attempt, seq);
+        // Straight to NATS while it answers and nothing older is waiting in the outbox (order);
+        // otherwise into the outbox, which the relay drains in order when NATS is back.
+        if self.shared.outbox.is_empty() && self.shared.nats_connected() {
+            let sent = tokio::time::timeout(
+                DIRECT_PUBLISH_TIMEOUT,
+                publish_chunk(
+                    &self.shared.topology.js,
+                    &self.subject,
+                    &msg_id,
+                    &self.job_id,
+                    payload.clone(),
+                ),
             )
-            .notify(|e, delay| tracing::debug!(error = %e, ?delay, "log publish failed, retrying"))
-            .await?;
-        Ok(())
+            .await;
+            match sent {
+                Ok(Ok(())) => return Ok(()),
+                Ok(Err(e)) => tracing::warn!(error = %e, "log publish failed, using the outbox"),
+                Err(_) => tracing::warn!("log publish timed out, using the outbox"),
+            }
+        }
+        let entry = Entry::Publish {
+            subject: self.subject.clone(),
+            msg_id,
+            job_id: self.job_id.clone(),
+            payload: payload.to_vec(),
+        };
+        self.shared
+            .outbox
+            .push(&entry)
+            .await
+            .map_err(|e| LogError(e.to_string()))
     }
+}
+
+/// Publishes one log chunk and waits until JetStream has stored it. The message id makes a
+/// replayed chunk count once.
+pub(crate) async fn publish_chunk(
+    js: &jetstream::Context,
+    subject: &str,
+    msg_id: &str,
+    job_id: &str,
+    payload: Bytes,
+) -> Result<(), LogError> {
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert(names::HEADER_JOB_ID, job_id);
+    let message = jetstream::message::PublishMessage::build()
+        .payload(payload)
+        .headers(headers)
+        .message_id(msg_id);
+    js.send_publish(subject.to_owned(), message)
+        .await
+        .map_err(|e| LogError(e.to_string()))?
+        .await
+        .map_err(|e| LogError(e.to_string()))?;
+    Ok(())
+}
+
+/// Encodes and publishes an end-of-stream chunk directly.
+pub(crate) async fn publish_end(
+    js: &jetstream::Context,
+    job_id: &str,
+    attempt: u32,
+    seq: u64,
+    end: LogEnd,
+) -> Result<(), LogError> {
+    let chunk = LogChunk {
+        job_id: job_id.to_owned(),
+        attempt,
+        seq,
+        stream: LogStream::System,
+        data: Vec::new(),
+        end: Some(end),
+    };
+    let payload = flotilla_proto::encode(&chunk).map_err(|e| LogError(e.to_string()))?;
+    let msg_id = names::log_msg_id(job_id, attempt, seq);
+    publish_chunk(js, &names::log_subject(job_id), &msg_id, job_id, payload).await
 }

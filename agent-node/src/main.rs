@@ -49,6 +49,9 @@ struct Args {
     max_result_kb: usize,
     #[command(flatten)]
     topology: flotilla_nats::TopologyArgs,
+    /// Directory for node-local durable state (the outbox).
+    #[arg(long, env = "FLOTILLA_STATE_DIR", default_value = ".flotilla/state")]
+    state_dir: PathBuf,
     /// Log as JSON lines.
     #[arg(long, env = "FLOTILLA_LOG_JSON")]
     log_json: bool,
@@ -75,6 +78,7 @@ async fn main() -> ExitCode {
         max_log_bytes: args.max_log_mb << 20,
         max_result_bytes: args.max_result_kb << 10,
         topology: args.topology.into_config(),
+        state_dir: args.state_dir,
     };
     let config = match config.validate() {
         Ok(config) => config,

@@ -12,6 +12,8 @@ pub struct Fleet {
     pub dispatcher: Process,
     pub nodes: Vec<Process>,
     pub node_ids: Vec<String>,
+    /// One per node when built with [`FleetBuilder::proxied_nodes`].
+    pub proxies: Vec<crate::TcpProxy>,
     /// `http://127.0.0.1:<port>`
     pub api: String,
     pub api_key: Option<String>,
@@ -31,6 +33,9 @@ pub struct FleetBuilder {
     extra_dispatcher_env: Vec<(String, String)>,
     /// Applied to every service.
     common_env: Vec<(String, String)>,
+    heartbeat_ms: u64,
+    /// Nodes reach NATS through a [`TcpProxy`] each, so a test can cut one off.
+    proxied_nodes: bool,
 }
 
 impl Default for FleetBuilder {
@@ -44,6 +49,8 @@ impl Default for FleetBuilder {
             extra_gateway_env: Vec::new(),
             extra_dispatcher_env: Vec::new(),
             common_env: Vec::new(),
+            heartbeat_ms: 500,
+            proxied_nodes: false,
         }
     }
 }
@@ -79,6 +86,16 @@ impl FleetBuilder {
     /// An environment variable for every service (topology settings must agree).
     pub fn env(mut self, name: &str, value: &str) -> Self {
         self.common_env.push((name.to_owned(), value.to_owned()));
+        self
+    }
+
+    pub fn heartbeat_ms(mut self, ms: u64) -> Self {
+        self.heartbeat_ms = ms;
+        self
+    }
+
+    pub fn proxied_nodes(mut self) -> Self {
+        self.proxied_nodes = true;
         self
     }
 
@@ -135,6 +152,7 @@ impl FleetBuilder {
             dispatcher,
             nodes: Vec::new(),
             node_ids: Vec::new(),
+            proxies: Vec::new(),
             api: format!("http://127.0.0.1:{port}"),
             api_key: self.api_key.clone(),
             http: reqwest::Client::new(),
@@ -143,6 +161,11 @@ impl FleetBuilder {
         };
         for i in 0..self.nodes {
             fleet.node_ids.push(format!("test-{tag}-{i}"));
+            if self.proxied_nodes {
+                fleet
+                    .proxies
+                    .push(crate::TcpProxy::start(fleet.nats.port()).await?);
+            }
             let node = fleet.spawn_node(i)?;
             fleet.nodes.push(node);
         }
@@ -160,9 +183,15 @@ impl Fleet {
         let mut command = Command::new(binary("agent-node")?);
         let root = repo_root();
         command
-            .env("FLOTILLA_NATS_URL", self.nats.url())
+            .env(
+                "FLOTILLA_NATS_URL",
+                self.proxies
+                    .get(i)
+                    .map_or_else(|| self.nats.url(), |p| p.url()),
+            )
             .env("FLOTILLA_ENGINES_DIR", root.join("engines"))
             .env("FLOTILLA_PROFILES_DIR", root.join("profiles"))
+            .env("FLOTILLA_STATE_DIR", self.dir.path().join("state"))
             .env("FLOTILLA_NODE_ID", &self.node_ids[i])
             .env("FLOTILLA_NODE_SLOTS", self.builder.slots.to_string())
             .env(
@@ -173,7 +202,10 @@ impl Fleet {
                 "FLOTILLA_DRAIN_GRACE_SECS",
                 self.builder.drain_grace_secs.to_string(),
             )
-            .env("FLOTILLA_HEARTBEAT_MS", "500")
+            .env(
+                "FLOTILLA_HEARTBEAT_MS",
+                self.builder.heartbeat_ms.to_string(),
+            )
             .env("RUST_LOG", "info")
             .envs(self.builder.common_env.iter().map(|(k, v)| (k, v)));
         Process::spawn_command(

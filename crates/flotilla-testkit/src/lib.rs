@@ -5,12 +5,14 @@
 mod fleet;
 mod nats;
 mod process;
+mod proxy;
 
 use std::{future::Future, path::PathBuf, time::Duration};
 
 pub use fleet::{Fleet, FleetBuilder};
 pub use nats::NatsServer;
 pub use process::Process;
+pub use proxy::TcpProxy;
 
 /// The repository root (engines/, profiles/, scripts/ live there).
 pub fn repo_root() -> PathBuf {

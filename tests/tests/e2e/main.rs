@@ -7,6 +7,7 @@ mod direct;
 mod fleet;
 mod jobs;
 mod logs;
+mod outage;
 mod reliability;
 
 use std::time::Duration;
