@@ -29,6 +29,18 @@ pub struct Config {
     pub topology: TopologyConfig,
     /// Node-local durable state (the outbox) lives under `<state_dir>/<node_id>/`.
     pub state_dir: PathBuf,
+    /// Docker network for job containers: `none` (no network at all, the default) or the name
+    /// of an existing internal network.
+    pub network: String,
+    /// Optional OCI runtime by name (e.g. `runsc` for gVisor).
+    pub runtime: Option<String>,
+    /// Warm containers kept for the default job spec (0 disables the pool).
+    pub pool_size: usize,
+    /// A warm container unused this long is replaced.
+    pub pool_max_idle: Duration,
+    /// The default job resources (must match the gateway's), used for the pool's key.
+    pub default_memory_bytes: i64,
+    pub default_nano_cpus: i64,
 }
 
 #[derive(Debug, thiserror::Error)]

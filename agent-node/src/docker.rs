@@ -14,7 +14,7 @@ use bollard::{
 };
 use bytes::Bytes;
 use futures::{Stream, StreamExt};
-use tokio::io::AsyncWriteExt;
+use tokio::io::AsyncWriteExt as _;
 
 /// The job script arrives on stdin: a 1 MB prompt does not fit in one argv element
 /// (MAX_ARG_STRLEN is 128 KiB) and stdin keeps it out of `docker inspect` and `ps`.
@@ -30,18 +30,19 @@ pub enum DockerError {
     Stdin(#[from] std::io::Error),
 }
 
-/// Everything that varies between job containers.
-#[derive(Debug, Clone)]
-pub struct ContainerSpec {
-    pub name: String,
+/// Everything that makes two job containers interchangeable: a warm container can serve any
+/// job whose key is equal.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct PoolKey {
     pub image: String,
-    pub labels: HashMap<String, String>,
     pub memory_bytes: i64,
     pub nano_cpus: i64,
     pub pids_limit: i64,
     pub workspace_bytes: i64,
-    /// The shell script the container runs (as `/bin/sh <script>`).
-    pub script: Bytes,
+    /// Docker network mode: `none` (default) or the name of an internal network.
+    pub network: String,
+    /// Optional OCI runtime by name, e.g. `runsc`.
+    pub runtime: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -56,6 +57,26 @@ pub type Output = Pin<Box<dyn Stream<Item = Result<(OutputStream, Bytes), Docker
 pub struct Started {
     pub id: String,
     pub output: Output,
+}
+
+/// A created, attached and started container whose launcher waits on stdin for its one job.
+pub struct Prepared {
+    pub id: String,
+    pub prepared_at: tokio::time::Instant,
+    output: Output,
+    input: Pin<Box<dyn tokio::io::AsyncWrite + Send>>,
+}
+
+impl Prepared {
+    /// Sends the job script; the container runs it at once.
+    pub async fn launch(mut self, script: &[u8]) -> Result<Started, DockerError> {
+        self.input.write_all(script).await?;
+        self.input.shutdown().await?;
+        Ok(Started {
+            id: self.id,
+            output: self.output,
+        })
+    }
 }
 
 #[derive(Clone)]
@@ -82,24 +103,27 @@ impl DockerRuntime {
         }
     }
 
-    /// Creates, attaches to and starts the container, then sends the script. If anything fails
-    /// after creation the container is removed before the error is returned.
-    pub async fn start(&self, spec: &ContainerSpec) -> Result<Started, DockerError> {
+    /// Creates, attaches to and starts a container that waits for its job on stdin. If
+    /// anything fails after creation the container is removed before the error is returned.
+    pub async fn prepare(
+        &self,
+        key: &PoolKey,
+        name: &str,
+        labels: HashMap<String, String>,
+    ) -> Result<Prepared, DockerError> {
         let created = self
             .docker
             .create_container(
-                Some(
-                    CreateContainerOptionsBuilder::default()
-                        .name(&spec.name)
-                        .build(),
-                ),
-                container_body(spec),
+                Some(CreateContainerOptionsBuilder::default().name(name).build()),
+                container_body(key, labels),
             )
             .await?;
-        match self.attach_and_start(&created.id, &spec.script).await {
-            Ok(output) => Ok(Started {
+        match self.attach_and_start(&created.id).await {
+            Ok((output, input)) => Ok(Prepared {
                 id: created.id,
+                prepared_at: tokio::time::Instant::now(),
                 output,
+                input,
             }),
             Err(e) => {
                 self.remove(&created.id).await;
@@ -108,7 +132,10 @@ impl DockerRuntime {
         }
     }
 
-    async fn attach_and_start(&self, id: &str, script: &Bytes) -> Result<Output, DockerError> {
+    async fn attach_and_start(
+        &self,
+        id: &str,
+    ) -> Result<(Output, Pin<Box<dyn tokio::io::AsyncWrite + Send>>), DockerError> {
         let options = AttachContainerOptionsBuilder::default()
             .stdin(true)
             .stdout(true)
@@ -117,9 +144,6 @@ impl DockerRuntime {
             .build();
         let attached = self.docker.attach_container(id, Some(options)).await?;
         self.docker.start_container(id, None).await?;
-        let mut input = attached.input;
-        input.write_all(script).await?;
-        input.shutdown().await?;
         let output = attached.output.filter_map(|item| async move {
             match item {
                 Ok(LogOutput::StdOut { message }) => Some(Ok((OutputStream::Stdout, message))),
@@ -128,7 +152,32 @@ impl DockerRuntime {
                 Err(e) => Some(Err(DockerError::from(e))),
             }
         });
-        Ok(Box::pin(output))
+        Ok((Box::pin(output), attached.input))
+    }
+
+    pub async fn rename(&self, id: &str, name: &str) {
+        let options = bollard::query_parameters::RenameContainerOptionsBuilder::default()
+            .name(name)
+            .build();
+        if let Err(e) = self.docker.rename_container(id, options).await {
+            tracing::debug!(container = id, error = %e, "cannot rename container");
+        }
+    }
+
+    /// Whether the container exists and is running.
+    pub async fn is_running(&self, id: &str) -> bool {
+        match self.docker.inspect_container(id, None).await {
+            Ok(inspect) => inspect.state.and_then(|s| s.running).unwrap_or(false),
+            Err(_) => false,
+        }
+    }
+
+    /// Whether the kernel killed the container for exceeding its memory limit.
+    pub async fn oom_killed(&self, id: &str) -> bool {
+        match self.docker.inspect_container(id, None).await {
+            Ok(inspect) => inspect.state.and_then(|s| s.oom_killed).unwrap_or(false),
+            Err(_) => false,
+        }
     }
 
     /// Waits for the container to exit and returns its exit code.
@@ -199,7 +248,7 @@ impl DockerRuntime {
 
 /// The hardened container: unprivileged user, no capabilities, no privilege escalation,
 /// read-only root, no network, bounded memory/CPU/pids, writable scratch only on tmpfs.
-fn container_body(spec: &ContainerSpec) -> ContainerCreateBody {
+fn container_body(key: &PoolKey, labels: HashMap<String, String>) -> ContainerCreateBody {
     let tmpfs = |target: &str, size_bytes: i64| Mount {
         target: Some(target.to_owned()),
         typ: Some(MountType::TMPFS),
@@ -211,25 +260,26 @@ fn container_body(spec: &ContainerSpec) -> ContainerCreateBody {
         ..Default::default()
     };
     let host_config = HostConfig {
-        memory: Some(spec.memory_bytes),
+        memory: Some(key.memory_bytes),
         // Equal to memory: no swap on top.
-        memory_swap: Some(spec.memory_bytes),
-        nano_cpus: Some(spec.nano_cpus),
-        pids_limit: Some(spec.pids_limit),
+        memory_swap: Some(key.memory_bytes),
+        nano_cpus: Some(key.nano_cpus),
+        pids_limit: Some(key.pids_limit),
         cap_drop: Some(vec!["ALL".to_owned()]),
         security_opt: Some(vec!["no-new-privileges:true".to_owned()]),
         readonly_rootfs: Some(true),
-        network_mode: Some("none".to_owned()),
+        network_mode: Some(key.network.clone()),
+        runtime: key.runtime.clone(),
         ipc_mode: Some("private".to_owned()),
         init: Some(true),
         mounts: Some(vec![
-            tmpfs("/workspace", spec.workspace_bytes),
+            tmpfs("/workspace", key.workspace_bytes),
             tmpfs("/tmp", 64 << 20),
         ]),
         ..Default::default()
     };
     ContainerCreateBody {
-        image: Some(spec.image.clone()),
+        image: Some(key.image.clone()),
         user: Some(JOB_USER.to_owned()),
         cmd: Some(vec![
             "/bin/sh".to_owned(),
@@ -238,7 +288,7 @@ fn container_body(spec: &ContainerSpec) -> ContainerCreateBody {
         ]),
         working_dir: Some("/workspace".to_owned()),
         env: Some(vec!["HOME=/workspace".to_owned(), "TMPDIR=/tmp".to_owned()]),
-        labels: Some(spec.labels.clone()),
+        labels: Some(labels),
         attach_stdin: Some(true),
         attach_stdout: Some(true),
         attach_stderr: Some(true),
@@ -246,7 +296,7 @@ fn container_body(spec: &ContainerSpec) -> ContainerCreateBody {
         // Close the container's stdin once the node has sent the script.
         stdin_once: Some(true),
         tty: Some(false),
-        network_disabled: Some(true),
+        network_disabled: Some(key.network == "none"),
         host_config: Some(host_config),
         ..Default::default()
     }

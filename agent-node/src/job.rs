@@ -1,6 +1,6 @@
 //! One job on this node: claim it in KV, run it in a container, record the outcome, ack.
 
-use std::{collections::HashMap, sync::Arc, time::Duration};
+use std::{sync::Arc, time::Duration};
 
 use async_nats::jetstream::{self, AckKind};
 use backon::{ExponentialBuilder, Retryable};
@@ -16,9 +16,10 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{
     Shared,
-    docker::{ContainerSpec, OutputStream},
+    docker::{DockerError, OutputStream, PoolKey, Started},
     logs::{LogPublisher, publish_chunk, publish_end},
     outbox::{Entry, PendingFinish},
+    pool::ROLE_COLD,
 };
 
 /// Why a container was stopped before it finished on its own.
@@ -530,22 +531,18 @@ async fn execute(
     logs: &mut LogPublisher,
 ) -> Outcome {
     let config = &shared.config;
-    let spec = ContainerSpec {
-        name: format!("flotilla-{}-{attempt}", request.job_id),
+    let key = PoolKey {
         image: config.image.clone(),
-        labels: HashMap::from([
-            (names::LABEL_MANAGED.to_owned(), "true".to_owned()),
-            (names::LABEL_NODE.to_owned(), config.node_id.clone()),
-            (names::LABEL_JOB.to_owned(), request.job_id.clone()),
-            (names::LABEL_ATTEMPT.to_owned(), attempt.to_string()),
-        ]),
         memory_bytes: request.resources.memory_bytes,
         nano_cpus: request.resources.nano_cpus,
         pids_limit: config.pids_limit,
         workspace_bytes: config.workspace_bytes,
-        script: job_script(engine, request),
+        network: config.network.clone(),
+        runtime: config.runtime.clone(),
     };
-    let started = match shared.docker.start(&spec).await {
+    let script = job_script(engine, request);
+    let name = format!("flotilla-{}-{attempt}", request.job_id);
+    let started = match start_container(shared, &key, &name, request, attempt, &script).await {
         Ok(started) => started,
         Err(e) => return Outcome::Infrastructure(format!("container failed to start: {e}")),
     };
@@ -595,6 +592,43 @@ async fn execute(
         Ok(exit_code) => Outcome::Exited { exit_code, stop },
         Err(e) => Outcome::Infrastructure(format!("lost track of the container: {e}")),
     }
+}
+
+/// A warm container if one matches, else a cold start. Either way the container is fresh:
+/// no other job has used it.
+async fn start_container(
+    shared: &Shared,
+    key: &PoolKey,
+    name: &str,
+    request: &JobRequest,
+    attempt: u32,
+    script: &[u8],
+) -> Result<Started, DockerError> {
+    if let Some(warm) = shared.pool.acquire(key) {
+        let id = warm.id.clone();
+        match warm.launch(script).await {
+            Ok(started) => {
+                // Name it after its job for operators; off the critical path.
+                let docker = shared.docker.clone();
+                let (id, name) = (started.id.clone(), name.to_owned());
+                tokio::spawn(async move { docker.rename(&id, &name).await });
+                return Ok(started);
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "warm container unusable, starting cold");
+                shared.docker.remove(&id).await;
+            }
+        }
+    }
+    let mut labels = shared.pool.labels(ROLE_COLD);
+    labels.insert(names::LABEL_JOB.to_owned(), request.job_id.clone());
+    labels.insert(names::LABEL_ATTEMPT.to_owned(), attempt.to_string());
+    shared
+        .docker
+        .prepare(key, name, labels)
+        .await?
+        .launch(script)
+        .await
 }
 
 async fn publish_batch(

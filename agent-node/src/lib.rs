@@ -7,6 +7,7 @@ mod docker;
 mod job;
 mod logs;
 mod outbox;
+mod pool;
 
 use std::{
     collections::HashMap,
@@ -56,6 +57,7 @@ pub(crate) struct Shared {
     pub(crate) client: async_nats::Client,
     /// Where logs and outcomes wait while NATS is unreachable.
     pub(crate) outbox: outbox::Outbox,
+    pub(crate) pool: pool::Pool,
 }
 
 impl Shared {
@@ -85,6 +87,26 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Node
         flotilla_nats::connect(&config.nats_url, &format!("agent-node {}", config.node_id)).await?;
     let topology = Topology::ensure(client.clone(), config.topology.clone()).await?;
     let cancels = client.subscribe(names::cancel_wildcard()).await?;
+    let default_key = docker::PoolKey {
+        image: config.image.clone(),
+        memory_bytes: config.default_memory_bytes,
+        nano_cpus: config.default_nano_cpus,
+        pids_limit: config.pids_limit,
+        workspace_bytes: config.workspace_bytes,
+        network: config.network.clone(),
+        runtime: config.runtime.clone(),
+    };
+    let targets = if config.pool_size > 0 {
+        vec![(default_key, config.pool_size)]
+    } else {
+        Vec::new()
+    };
+    let pool = pool::Pool::new(
+        docker.clone(),
+        config.node_id.clone(),
+        targets,
+        config.pool_max_idle,
+    );
 
     let shared = Arc::new(Shared {
         config,
@@ -95,6 +117,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Node
         hard_stop: CancellationToken::new(),
         client: client.clone(),
         outbox,
+        pool,
     });
     let slots = Arc::new(Semaphore::new(shared.config.slots as usize));
     let background = CancellationToken::new();
@@ -105,6 +128,12 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Node
     ));
     tokio::spawn(heartbeat(shared.clone(), background.clone()));
     let relay = tokio::spawn(job::relay(shared.clone(), background.clone()));
+    let pool_stop = CancellationToken::new();
+    let pool_task = {
+        let shared = shared.clone();
+        let stop = pool_stop.clone();
+        tokio::spawn(async move { shared.pool.maintain(stop).await })
+    };
     tracing::info!(node_id = %shared.config.node_id, slots = shared.config.slots, "agent-node ready");
 
     let jobs = TaskTracker::new();
@@ -124,6 +153,8 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Node
         jobs.wait().await;
     }
     background.cancel();
+    pool_stop.cancel();
+    let _ = pool_task.await;
     let _ = relay.await;
     if !shared.outbox.is_empty() {
         tracing::warn!(
@@ -259,6 +290,7 @@ async fn heartbeat(shared: Arc<Shared>, stop: CancellationToken) {
             () = stop.cancelled() => return,
             _ = ticker.tick() => {}
         }
+        let pool = shared.pool.stats();
         let info = NodeInfo {
             node_id: config.node_id.clone(),
             host: config.host.clone(),
@@ -267,7 +299,10 @@ async fn heartbeat(shared: Arc<Shared>, stop: CancellationToken) {
             slots_total: config.slots,
             // Jobs actually here; free permits are mostly held by the outstanding pull.
             slots_busy: shared.running.lock().expect("running map").len() as u32,
-            warm: Default::default(),
+            warm: pool.warm,
+            pool_hits: pool.hits,
+            pool_misses: pool.misses,
+            pool_refill_ms: pool.refill_avg_ms,
             started_at,
             heartbeat_at: Utc::now(),
             ttl_ms: u64::try_from(config.heartbeat_interval.as_millis() * 3).unwrap_or(u64::MAX),

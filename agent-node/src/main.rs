@@ -49,6 +49,20 @@ struct Args {
     max_result_kb: usize,
     #[command(flatten)]
     topology: flotilla_nats::TopologyArgs,
+    /// Docker network for job containers: `none`, or an existing internal network's name.
+    #[arg(long, env = "FLOTILLA_JOB_NETWORK", default_value = "none")]
+    job_network: String,
+    /// OCI runtime for job containers, e.g. runsc (default: Docker's default runtime).
+    #[arg(long, env = "FLOTILLA_JOB_RUNTIME")]
+    job_runtime: Option<String>,
+    /// Warm containers kept ready for the default job spec (0 disables the pool).
+    #[arg(long, env = "FLOTILLA_POOL_SIZE", default_value_t = 2)]
+    pool_size: usize,
+    /// Seconds a warm container may wait before it is replaced.
+    #[arg(long, env = "FLOTILLA_POOL_MAX_IDLE_SECS", default_value_t = 3600)]
+    pool_max_idle_secs: u64,
+    #[command(flatten)]
+    limits: flotilla_catalog::LimitsArgs,
     /// Directory for node-local durable state (the outbox).
     #[arg(long, env = "FLOTILLA_STATE_DIR", default_value = ".flotilla/state")]
     state_dir: PathBuf,
@@ -62,6 +76,13 @@ async fn main() -> ExitCode {
     let args = Args::parse();
     flotilla_telemetry::init(args.log_json);
     let host = hostname();
+    let limits = match args.limits.clone().into_limits() {
+        Ok(limits) => limits,
+        Err(e) => {
+            tracing::error!("{e}");
+            return ExitCode::from(64);
+        }
+    };
     let config = agent_node::Config {
         nats_url: args.nats_url,
         node_id: args.node_id.unwrap_or_else(|| host.clone()),
@@ -79,6 +100,12 @@ async fn main() -> ExitCode {
         max_result_bytes: args.max_result_kb << 10,
         topology: args.topology.into_config(),
         state_dir: args.state_dir,
+        network: args.job_network,
+        runtime: args.job_runtime,
+        pool_size: args.pool_size,
+        pool_max_idle: Duration::from_secs(args.pool_max_idle_secs),
+        default_memory_bytes: limits.default_memory_bytes,
+        default_nano_cpus: limits.default_nano_cpus,
     };
     let config = match config.validate() {
         Ok(config) => config,

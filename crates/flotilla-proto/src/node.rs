@@ -14,9 +14,17 @@ pub struct NodeInfo {
     pub engines: Vec<String>,
     pub slots_total: u32,
     pub slots_busy: u32,
-    /// Warm containers per image (filled in by the warm pool).
+    /// Warm containers per image.
     #[serde(default)]
     pub warm: BTreeMap<String, u32>,
+    /// Jobs that found a warm container / had to start cold, since the node started.
+    #[serde(default)]
+    pub pool_hits: u64,
+    #[serde(default)]
+    pub pool_misses: u64,
+    /// Mean time to prepare a warm container, in milliseconds.
+    #[serde(default)]
+    pub pool_refill_ms: f64,
     pub started_at: DateTime<Utc>,
     pub heartbeat_at: DateTime<Utc>,
     /// A node is live while `now - heartbeat_at < ttl`.

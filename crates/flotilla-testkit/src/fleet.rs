@@ -292,15 +292,44 @@ impl Fleet {
         Ok(all)
     }
 
-    /// Stops the nodes gracefully and checks they left no container behind.
+    /// Containers that ran (or are running) a job: every container of this fleet except the
+    /// idle ones waiting in warm pools (named `flotilla-warm-*` until they take a job).
+    pub fn job_containers(&self) -> anyhow::Result<Vec<String>> {
+        let mut found = Vec::new();
+        for node in &self.node_ids {
+            let output = Command::new("docker")
+                .args(["ps", "-a", "--format", "{{.ID}} {{.Names}}", "--filter"])
+                .arg(format!(
+                    "label={}={node}",
+                    flotilla_proto::names::LABEL_NODE
+                ))
+                .output()?;
+            anyhow::ensure!(output.status.success(), "docker ps failed");
+            for line in String::from_utf8_lossy(&output.stdout).lines() {
+                let (id, name) = line.split_once(' ').unwrap_or((line, ""));
+                if !name.starts_with("flotilla-warm-") {
+                    found.push(format!("{id} {name}"));
+                }
+            }
+        }
+        Ok(found)
+    }
+
+    /// Checks that every job container of this fleet has been removed (warm containers still
+    /// waiting for a job are not leftovers; nodes remove them when they stop).
     pub async fn assert_no_containers_left(&self) -> anyhow::Result<()> {
         wait_until(
             Duration::from_secs(20),
-            "this fleet's containers to be removed",
-            || async { self.containers().ok().filter(|c| c.is_empty()).map(|_| ()) },
+            "this fleet's job containers to be removed",
+            || async {
+                self.job_containers()
+                    .ok()
+                    .filter(|c| c.is_empty())
+                    .map(|_| ())
+            },
         )
         .await
-        .map_err(|e| anyhow::anyhow!("{e}: {:?}\n{}", self.containers(), self.logs()))
+        .map_err(|e| anyhow::anyhow!("{e}: {:?}\n{}", self.job_containers(), self.logs()))
     }
 }
 

@@ -65,6 +65,25 @@ where
     }
 }
 
+/// Containers (running or not) that ran `job_id`: named `flotilla-<job_id>-<attempt>` (warm
+/// containers are renamed when they take a job) or labelled with it (cold starts).
+pub fn containers_for_job(job_id: &str) -> anyhow::Result<Vec<String>> {
+    let output = std::process::Command::new("docker")
+        .args(["ps", "-aq", "--filter", &format!("name=flotilla-{job_id}-")])
+        .output()
+        .map_err(|e| anyhow::anyhow!("cannot run docker ({e}): install and start Docker Engine"))?;
+    let mut ids: Vec<String> = String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .map(str::to_owned)
+        .collect();
+    for id in containers_with_label(flotilla_proto::names::LABEL_JOB, job_id)? {
+        if !ids.contains(&id) {
+            ids.push(id);
+        }
+    }
+    Ok(ids)
+}
+
 /// Ids of the containers (running or not) carrying `label=value`, via the docker CLI so that
 /// tests see exactly what an operator would.
 pub fn containers_with_label(label: &str, value: &str) -> anyhow::Result<Vec<String>> {

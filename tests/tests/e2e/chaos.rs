@@ -179,6 +179,16 @@ async fn sigterm_drains_a_node_under_load() {
     .await
     .unwrap();
     assert_eq!(exit, Some(0), "drain must exit 0\n{}", fleet.logs());
+    // A stopped node leaves nothing behind, warm pool included.
+    let left = flotilla_testkit::containers_with_label(
+        flotilla_proto::names::LABEL_NODE,
+        &fleet.node_ids[draining],
+    )
+    .unwrap();
+    assert!(
+        left.is_empty(),
+        "containers left by the drained node: {left:?}"
+    );
 
     let records = assert_all_completed_once(&fleet, &jobs, Duration::from_secs(60)).await;
     // What the node was running when told to stop, it finished itself: nothing was re-run.

@@ -2,8 +2,8 @@
 
 use std::time::{Duration, Instant};
 
-use flotilla_proto::{JobStatus, LogStream, names};
-use flotilla_testkit::{Fleet, containers_with_label, wait_until};
+use flotilla_proto::{JobStatus, LogStream};
+use flotilla_testkit::{Fleet, containers_for_job, wait_until};
 use reqwest::Method;
 use serde_json::json;
 
@@ -83,7 +83,7 @@ async fn job_over_its_timeout_fails_and_its_container_goes() {
     assert_eq!(job["status"], "failed");
     assert_eq!(job["error"], "timed out after 1s");
     assert_eq!(job["result"]["text"], "sleeping\n");
-    let gone = containers_with_label(names::LABEL_JOB, &job_id).unwrap();
+    let gone = containers_for_job(&job_id).unwrap();
     assert!(
         gone.is_empty(),
         "container of a timed-out job still exists: {gone:?}"
@@ -114,11 +114,7 @@ async fn cancel_stops_a_running_job_and_a_second_cancel_conflicts() {
     wait_until(
         Duration::from_secs(2),
         "the cancelled job's container to be removed",
-        || async {
-            containers_with_label(names::LABEL_JOB, &job_id)
-                .ok()
-                .filter(|c| c.is_empty())
-        },
+        || async { containers_for_job(&job_id).ok().filter(|c| c.is_empty()) },
     )
     .await
     .unwrap_or_else(|e| panic!("{e}\n{}", fleet.logs()));

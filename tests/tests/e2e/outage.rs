@@ -3,8 +3,8 @@
 
 use std::time::Duration;
 
-use flotilla_proto::{LogStream, names};
-use flotilla_testkit::{Fleet, containers_with_label, wait_until};
+use flotilla_proto::LogStream;
+use flotilla_testkit::{Fleet, containers_for_job, wait_until};
 use serde_json::json;
 
 use crate::{LogReader, js_context, reliability::running_on, stdout_of, submit, wait};
@@ -27,11 +27,7 @@ async fn run_through_an_outage(fleet: &Fleet) -> String {
     wait_until(
         Duration::from_secs(30),
         "the job to end while the node is cut off",
-        || async {
-            containers_with_label(names::LABEL_JOB, &job_id)
-                .ok()
-                .filter(|c| c.is_empty())
-        },
+        || async { containers_for_job(&job_id).ok().filter(|c| c.is_empty()) },
     )
     .await
     .unwrap_or_else(|e| panic!("{e}\n{}", fleet.logs()));
