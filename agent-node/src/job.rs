@@ -35,6 +35,10 @@ enum Outcome {
     Exited {
         exit_code: i64,
         stop: Option<Stop>,
+        /// Milliseconds from receipt to the process running.
+        start_ms: f64,
+        /// The kernel killed it for exceeding its memory limit.
+        oom_killed: bool,
     },
     /// Docker failed us (create/start/attach): the job never really ran.
     Infrastructure(String),
@@ -43,6 +47,7 @@ enum Outcome {
 /// Entry point for one delivered message. Never panics on bad input: a message that cannot be
 /// decoded is terminated so it never comes back.
 pub(crate) async fn handle(shared: Arc<Shared>, message: jetstream::Message) {
+    let received = tokio::time::Instant::now();
     let request: JobRequest = match flotilla_proto::decode(&message.payload, Encoding::MessagePack)
     {
         Ok(request) => request,
@@ -55,7 +60,7 @@ pub(crate) async fn handle(shared: Arc<Shared>, message: jetstream::Message) {
     let job_id = request.job_id.clone();
     let span = tracing::info_span!("job", job_id = %job_id);
     let guard = RunningGuard::register(&shared, &job_id);
-    tracing::Instrument::instrument(run(shared, message, request, &guard), span).await;
+    tracing::Instrument::instrument(run(shared, message, request, &guard, received), span).await;
 }
 
 async fn run(
@@ -63,6 +68,7 @@ async fn run(
     message: jetstream::Message,
     request: JobRequest,
     guard: &RunningGuard,
+    received: tokio::time::Instant,
 ) {
     let cancel = guard.token.clone();
     let ack_subject = message.reply.as_ref().map(|s| s.to_string());
@@ -98,7 +104,12 @@ async fn run(
     );
     let engine = shared.catalog.engine(&request.engine).cloned();
     let outcome = match engine {
-        Some(engine) => execute(&shared, &request, &engine, attempt, &cancel, &mut logs).await,
+        Some(engine) => {
+            execute(
+                &shared, &request, &engine, attempt, &cancel, &mut logs, received,
+            )
+            .await
+        }
         None => Outcome::Infrastructure(format!(
             "engine {} is not installed on node {}",
             request.engine, shared.config.node_id
@@ -106,6 +117,10 @@ async fn run(
     };
     keepalive.abort();
 
+    let start_ms = match &outcome {
+        Outcome::Exited { start_ms, .. } => Some(*start_ms),
+        Outcome::Infrastructure(_) => None,
+    };
     let final_state = match outcome {
         Outcome::Exited {
             stop: Some(Stop::Shutdown),
@@ -135,9 +150,26 @@ async fn run(
             error: Some(format!("{error} (gave up after {attempt} attempts)")),
             outcome: error,
         },
-        Outcome::Exited { exit_code, stop } => {
-            final_state(exit_code, stop, request.timeout_seconds)
+        Outcome::Exited {
+            exit_code,
+            stop,
+            oom_killed: true,
+            ..
+        } if stop.is_none() => {
+            let error = format!(
+                "out of memory: killed at its {} MiB limit (exit code {exit_code})",
+                request.resources.memory_bytes >> 20
+            );
+            Final {
+                status: JobStatus::Failed,
+                exit_code: Some(exit_code),
+                error: Some(error.clone()),
+                outcome: error,
+            }
         }
+        Outcome::Exited {
+            exit_code, stop, ..
+        } => final_state(exit_code, stop, request.timeout_seconds),
     };
     let result = build_result(
         &request,
@@ -155,6 +187,7 @@ async fn run(
         result,
         ack_subject: message.reply.as_ref().map(|s| s.to_string()),
         end_seq: logs.reserve_end_seq(),
+        start_ms,
     };
     let recorded = if shared.outbox.is_empty() && shared.nats_connected() {
         record_with_retries(&shared, &pending).await
@@ -276,6 +309,7 @@ async fn claim(
                 started_at: now,
                 finished_at: None,
                 outcome: None,
+                start_ms: None,
             });
             Ok(true)
         })
@@ -377,6 +411,14 @@ async fn record_outcome(
                 record.error.clone_from(&pending.error);
             }
             record.end_attempt(&pending.outcome, now);
+            if let Some(attempt) = record
+                .attempts
+                .iter_mut()
+                .rev()
+                .find(|a| a.attempt == pending.attempt)
+            {
+                attempt.start_ms = pending.start_ms;
+            }
             record.ack_subject = None;
             record.exit_code = pending.exit_code;
             record.finished_at.get_or_insert(now);
@@ -529,6 +571,7 @@ async fn execute(
     attempt: u32,
     cancel: &CancellationToken,
     logs: &mut LogPublisher,
+    received: tokio::time::Instant,
 ) -> Outcome {
     let config = &shared.config;
     let key = PoolKey {
@@ -546,6 +589,7 @@ async fn execute(
         Ok(started) => started,
         Err(e) => return Outcome::Infrastructure(format!("container failed to start: {e}")),
     };
+    let start_ms = received.elapsed().as_secs_f64() * 1000.0;
     let _ = logs
         .system(&format!(
             "attempt {attempt} started on node {}",
@@ -587,9 +631,22 @@ async fn execute(
         }
     }
     let exit_code = shared.docker.wait(&started.id).await;
-    shared.docker.remove(&started.id).await;
+    // 137 is SIGKILL: ask Docker whether the memory limit did it.
+    let oom_killed = matches!(exit_code, Ok(137)) && shared.docker.oom_killed(&started.id).await;
+    // Removal (tens of ms) does not hold up recording the outcome; the reaper catches any
+    // container whose removal fails.
+    let docker = shared.docker.clone();
+    let id = started.id.clone();
+    shared
+        .removals
+        .spawn(async move { docker.remove(&id).await });
     match exit_code {
-        Ok(exit_code) => Outcome::Exited { exit_code, stop },
+        Ok(exit_code) => Outcome::Exited {
+            exit_code,
+            stop,
+            start_ms,
+            oom_killed,
+        },
         Err(e) => Outcome::Infrastructure(format!("lost track of the container: {e}")),
     }
 }

@@ -58,6 +58,8 @@ pub(crate) struct Shared {
     /// Where logs and outcomes wait while NATS is unreachable.
     pub(crate) outbox: outbox::Outbox,
     pub(crate) pool: pool::Pool,
+    /// Container removals in flight; waited for before the node exits.
+    pub(crate) removals: TaskTracker,
 }
 
 impl Shared {
@@ -118,6 +120,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Node
         client: client.clone(),
         outbox,
         pool,
+        removals: TaskTracker::new(),
     });
     let slots = Arc::new(Semaphore::new(shared.config.slots as usize));
     let background = CancellationToken::new();
@@ -153,6 +156,8 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Node
         jobs.wait().await;
     }
     background.cancel();
+    shared.removals.close();
+    shared.removals.wait().await;
     pool_stop.cancel();
     let _ = pool_task.await;
     let _ = relay.await;

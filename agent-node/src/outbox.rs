@@ -59,6 +59,9 @@ pub(crate) struct PendingFinish {
     pub(crate) ack_subject: Option<String>,
     /// Sequence number of the end-of-stream chunk.
     pub(crate) end_seq: u64,
+    /// Milliseconds from receipt to the process running.
+    #[serde(default)]
+    pub(crate) start_ms: Option<f64>,
 }
 
 pub(crate) struct Outbox {

@@ -139,29 +139,35 @@ impl Pool {
         }
     }
 
+    /// Prepares every missing container at once: a burst of jobs empties the pool faster than
+    /// one-at-a-time refills could follow.
     async fn top_up(&self, stop: &CancellationToken) {
         for (key, target) in &self.targets {
-            loop {
-                let have = self
-                    .idle
-                    .lock()
-                    .expect("pool lock")
-                    .get(key)
-                    .map_or(0, VecDeque::len);
-                if have >= *target || stop.is_cancelled() {
-                    break;
-                }
+            let have = self
+                .idle
+                .lock()
+                .expect("pool lock")
+                .get(key)
+                .map_or(0, VecDeque::len);
+            if have >= *target || stop.is_cancelled() {
+                continue;
+            }
+            let prepared = futures::future::join_all((have..*target).map(|_| async {
                 let started = Instant::now();
                 let name = format!("flotilla-warm-{}-{}", self.node_id, uuid_suffix());
-                match self
+                let prepared = self
                     .docker
                     .prepare(key, &name, self.labels(ROLE_WARM))
-                    .await
-                {
+                    .await;
+                (prepared, started.elapsed())
+            }))
+            .await;
+            for (result, took) in prepared {
+                match result {
                     Ok(prepared) => {
                         self.refills.fetch_add(1, Ordering::Relaxed);
-                        let micros = started.elapsed().as_micros() as u64;
-                        self.refill_micros.fetch_add(micros, Ordering::Relaxed);
+                        self.refill_micros
+                            .fetch_add(took.as_micros() as u64, Ordering::Relaxed);
                         self.idle
                             .lock()
                             .expect("pool lock")
@@ -169,10 +175,7 @@ impl Pool {
                             .or_default()
                             .push_back(prepared);
                     }
-                    Err(e) => {
-                        tracing::warn!(error = %e, "cannot prepare a warm container");
-                        return;
-                    }
+                    Err(e) => tracing::warn!(error = %e, "cannot prepare a warm container"),
                 }
             }
         }

@@ -168,6 +168,10 @@ pub struct Attempt {
     /// Why the attempt ended: `completed`, `exited with code 3`, `node lost`, ...
     #[serde(default)]
     pub outcome: Option<String>,
+    /// Milliseconds from the node receiving the job to its process running (warm pool hit or
+    /// cold start).
+    #[serde(default)]
+    pub start_ms: Option<f64>,
 }
 
 impl JobRecord {

@@ -33,10 +33,14 @@ pub fn free_port() -> u16 {
 /// Path of a workspace binary built next to the running test (`target/<profile>/<name>`).
 pub fn binary(name: &str) -> anyhow::Result<PathBuf> {
     let exe = std::env::current_exe()?;
-    // target/<profile>/deps/<test-binary> -> target/<profile>/<name>
-    let dir = exe.parent().and_then(|deps| deps.parent()).ok_or_else(|| {
+    // target/<profile>/deps/<test-binary> (tests) or target/<profile>/<bin> (the bench)
+    // -> target/<profile>/<name>
+    let mut dir = exe.parent().ok_or_else(|| {
         anyhow::anyhow!("cannot locate the target directory from {}", exe.display())
     })?;
+    if dir.ends_with("deps") {
+        dir = dir.parent().unwrap_or(dir);
+    }
     let path = dir.join(name);
     anyhow::ensure!(
         path.exists(),
