@@ -34,6 +34,11 @@ pub struct Config {
     pub network: String,
     /// Optional OCI runtime by name (e.g. `runsc` for gVisor).
     pub runtime: Option<String>,
+    /// Name of the Flotilla system this node belongs to (a container label): nodes only reap
+    /// containers of their own system.
+    pub cluster: String,
+    /// How often orphan containers are looked for (and how old they must be).
+    pub reap_interval: Duration,
     /// Warm containers kept for the default job spec (0 disables the pool).
     pub pool_size: usize,
     /// A warm container unused this long is replaced.

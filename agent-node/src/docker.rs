@@ -229,6 +229,33 @@ impl DockerRuntime {
         }
     }
 
+    /// Every container of Flotilla system `cluster` on this host: (id, node label, created
+    /// unix seconds).
+    pub async fn list_managed(
+        &self,
+        cluster: &str,
+    ) -> Result<Vec<(String, String, i64)>, DockerError> {
+        let managed = format!("{}=true", flotilla_proto::names::LABEL_MANAGED);
+        let cluster = format!("{}={cluster}", flotilla_proto::names::LABEL_CLUSTER);
+        let filters = HashMap::from([("label", vec![managed.as_str(), cluster.as_str()])]);
+        let options = ListContainersOptionsBuilder::default()
+            .all(true)
+            .filters(&filters)
+            .build();
+        let containers = self.docker.list_containers(Some(options)).await?;
+        Ok(containers
+            .into_iter()
+            .filter_map(|c| {
+                let node = c
+                    .labels
+                    .as_ref()?
+                    .get(flotilla_proto::names::LABEL_NODE)?
+                    .clone();
+                Some((c.id?, node, c.created.unwrap_or(0)))
+            })
+            .collect())
+    }
+
     /// Ids of every container carrying `label=value`, running or not.
     pub async fn list_labelled(
         &self,

@@ -590,6 +590,11 @@ async fn execute(
         Err(e) => return Outcome::Infrastructure(format!("container failed to start: {e}")),
     };
     let start_ms = received.elapsed().as_secs_f64() * 1000.0;
+    shared
+        .active
+        .lock()
+        .expect("active set")
+        .insert(started.id.clone());
     let _ = logs
         .system(&format!(
             "attempt {attempt} started on node {}",
@@ -640,6 +645,11 @@ async fn execute(
     shared
         .removals
         .spawn(async move { docker.remove(&id).await });
+    shared
+        .active
+        .lock()
+        .expect("active set")
+        .remove(&started.id);
     match exit_code {
         Ok(exit_code) => Outcome::Exited {
             exit_code,

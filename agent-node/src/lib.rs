@@ -60,6 +60,8 @@ pub(crate) struct Shared {
     pub(crate) pool: pool::Pool,
     /// Container removals in flight; waited for before the node exits.
     pub(crate) removals: TaskTracker,
+    /// Containers running jobs on this node right now.
+    pub(crate) active: Mutex<std::collections::HashSet<String>>,
 }
 
 impl Shared {
@@ -106,6 +108,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Node
     let pool = pool::Pool::new(
         docker.clone(),
         config.node_id.clone(),
+        config.cluster.clone(),
         targets,
         config.pool_max_idle,
     );
@@ -121,6 +124,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Node
         outbox,
         pool,
         removals: TaskTracker::new(),
+        active: Mutex::default(),
     });
     let slots = Arc::new(Semaphore::new(shared.config.slots as usize));
     let background = CancellationToken::new();
@@ -131,6 +135,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Node
     ));
     tokio::spawn(heartbeat(shared.clone(), background.clone()));
     let relay = tokio::spawn(job::relay(shared.clone(), background.clone()));
+    tokio::spawn(reap_periodically(shared.clone(), background.clone()));
     let pool_stop = CancellationToken::new();
     let pool_task = {
         let shared = shared.clone();
@@ -324,6 +329,45 @@ async fn heartbeat(shared: Arc<Shared>, stop: CancellationToken) {
                 }
             }
             Err(e) => tracing::error!(error = %e, "cannot encode heartbeat"),
+        }
+    }
+}
+
+/// Every reap interval: removes containers older than the interval that are this node's but
+/// neither run a job nor wait in the pool, or that belong to a node with no heartbeat (gone).
+async fn reap_periodically(shared: Arc<Shared>, stop: CancellationToken) {
+    let every = shared.config.reap_interval;
+    let mut ticker = tokio::time::interval(every);
+    ticker.tick().await;
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return,
+            _ = ticker.tick() => {}
+        }
+        let Ok(containers) = shared.docker.list_managed(&shared.config.cluster).await else {
+            continue;
+        };
+        let live_nodes: std::collections::HashSet<String> = match shared.topology.nodes.keys().await
+        {
+            Ok(keys) => keys.filter_map(|k| async move { k.ok() }).collect().await,
+            Err(_) => continue, // without NATS, do not judge other nodes
+        };
+        let idle = shared.pool.idle_ids();
+        let now = Utc::now().timestamp();
+        for (id, node, created) in containers {
+            // Young containers may be between creation and registration; next round decides.
+            if now - created <= every.as_secs() as i64 {
+                continue;
+            }
+            let orphan = if node == shared.config.node_id {
+                !idle.contains(&id) && !shared.active.lock().expect("active set").contains(&id)
+            } else {
+                !live_nodes.contains(&names::node_key(&node))
+            };
+            if orphan {
+                tracing::info!(container = %id, %node, "removing orphan container");
+                shared.docker.remove(&id).await;
+            }
         }
     }
 }

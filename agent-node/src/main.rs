@@ -63,6 +63,12 @@ struct Args {
     pool_max_idle_secs: u64,
     #[command(flatten)]
     limits: flotilla_catalog::LimitsArgs,
+    /// Name of this Flotilla system; nodes only reap containers of their own system.
+    #[arg(long, env = "FLOTILLA_CLUSTER", default_value = "default")]
+    cluster: String,
+    /// Seconds between orphan-container sweeps (also the minimum age of an orphan).
+    #[arg(long, env = "FLOTILLA_REAP_SECS", default_value_t = 60)]
+    reap_secs: u64,
     /// Directory for node-local durable state (the outbox).
     #[arg(long, env = "FLOTILLA_STATE_DIR", default_value = ".flotilla/state")]
     state_dir: PathBuf,
@@ -103,6 +109,8 @@ async fn main() -> ExitCode {
         network: args.job_network,
         runtime: args.job_runtime,
         pool_size: args.pool_size,
+        reap_interval: Duration::from_secs(args.reap_secs.max(1)),
+        cluster: args.cluster,
         pool_max_idle: Duration::from_secs(args.pool_max_idle_secs),
         default_memory_bytes: limits.default_memory_bytes,
         default_nano_cpus: limits.default_nano_cpus,

@@ -26,6 +26,7 @@ pub(crate) const ROLE_LABEL: &str = "flotilla.role";
 pub(crate) struct Pool {
     docker: DockerRuntime,
     node_id: String,
+    cluster: String,
     /// Keys kept warm and how many containers each.
     targets: Vec<(PoolKey, usize)>,
     max_idle: Duration,
@@ -50,12 +51,14 @@ impl Pool {
     pub(crate) fn new(
         docker: DockerRuntime,
         node_id: String,
+        cluster: String,
         targets: Vec<(PoolKey, usize)>,
         max_idle: Duration,
     ) -> Self {
         Self {
             docker,
             node_id,
+            cluster,
             targets,
             max_idle,
             idle: Mutex::new(HashMap::new()),
@@ -84,6 +87,17 @@ impl Pool {
         taken
     }
 
+    /// Ids of the containers waiting in the pool.
+    pub(crate) fn idle_ids(&self) -> Vec<String> {
+        self.idle
+            .lock()
+            .expect("pool lock")
+            .values()
+            .flatten()
+            .map(|p| p.id.clone())
+            .collect()
+    }
+
     pub(crate) fn stats(&self) -> PoolStats {
         let idle = self.idle.lock().expect("pool lock");
         let mut warm = BTreeMap::new();
@@ -109,6 +123,7 @@ impl Pool {
         HashMap::from([
             (names::LABEL_MANAGED.to_owned(), "true".to_owned()),
             (names::LABEL_NODE.to_owned(), self.node_id.clone()),
+            (names::LABEL_CLUSTER.to_owned(), self.cluster.clone()),
             (ROLE_LABEL.to_owned(), role.to_owned()),
         ])
     }

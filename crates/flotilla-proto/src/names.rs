@@ -72,6 +72,9 @@ pub const LABEL_MANAGED: &str = "flotilla.managed";
 pub const LABEL_NODE: &str = "flotilla.node";
 pub const LABEL_JOB: &str = "flotilla.job";
 pub const LABEL_ATTEMPT: &str = "flotilla.attempt";
+/// Which Flotilla system the container belongs to, so that systems sharing a Docker host
+/// never reap each other's containers.
+pub const LABEL_CLUSTER: &str = "flotilla.cluster";
 
 /// How long JetStream remembers a `Nats-Msg-Id` to drop duplicate publishes.
 pub const DEDUPE_WINDOW: Duration = Duration::from_secs(120);

@@ -12,6 +12,8 @@ pub struct Fleet {
     pub dispatcher: Process,
     pub nodes: Vec<Process>,
     pub node_ids: Vec<String>,
+    /// The `flotilla.cluster` label of this fleet's containers.
+    pub cluster: String,
     /// One per node when built with [`FleetBuilder::proxied_nodes`].
     pub proxies: Vec<crate::TcpProxy>,
     /// `http://127.0.0.1:<port>`
@@ -153,6 +155,7 @@ impl FleetBuilder {
             nodes: Vec::new(),
             node_ids: Vec::new(),
             proxies: Vec::new(),
+            cluster: format!("test-{tag}"),
             api: format!("http://127.0.0.1:{port}"),
             api_key: self.api_key.clone(),
             http: reqwest::Client::new(),
@@ -193,6 +196,7 @@ impl Fleet {
             .env("FLOTILLA_PROFILES_DIR", root.join("profiles"))
             .env("FLOTILLA_STATE_DIR", self.dir.path().join("state"))
             .env("FLOTILLA_NODE_ID", &self.node_ids[i])
+            .env("FLOTILLA_CLUSTER", &self.cluster)
             .env("FLOTILLA_NODE_SLOTS", self.builder.slots.to_string())
             .env(
                 "FLOTILLA_STOP_GRACE_SECS",

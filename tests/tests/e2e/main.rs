@@ -9,6 +9,7 @@ mod jobs;
 mod logs;
 mod outage;
 mod reliability;
+mod security;
 
 use std::time::Duration;
 

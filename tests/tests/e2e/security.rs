@@ -1,0 +1,255 @@
+//! Container security, through real jobs in real containers. Each test fails if its property
+//! breaks. No test sends a packet beyond this machine's loopback.
+
+use std::time::Duration;
+
+use flotilla_testkit::{Fleet, wait_until};
+use serde_json::{Value, json};
+
+use crate::{get_job, shell, submit, wait};
+
+async fn run(fleet: &Fleet, body: Value) -> Value {
+    let job_id = submit(fleet, body).await;
+    wait(fleet, &job_id).await
+}
+
+fn text(job: &Value) -> String {
+    format!(
+        "{}{}",
+        job["result"]["text"].as_str().unwrap_or(""),
+        job["result"]["logs_tail"].as_str().unwrap_or("")
+    )
+}
+
+#[tokio::test]
+async fn jobs_run_unprivileged_and_cannot_escalate() {
+    let fleet = Fleet::builder().start().await.unwrap();
+    let job = run(
+        &fleet,
+        shell(
+            "id -u; grep -E '^(CapEff|CapBnd|NoNewPrivs)' /proc/self/status; \
+             su -c 'id -u' root 2>&1 || echo su-failed",
+        ),
+    )
+    .await;
+    let out = text(&job);
+    assert!(out.starts_with("65534\n"), "{out}");
+    assert!(out.contains("CapEff:\t0000000000000000"), "{out}");
+    assert!(out.contains("CapBnd:\t0000000000000000"), "{out}");
+    assert!(out.contains("NoNewPrivs:\t1"), "{out}");
+    assert!(out.contains("su-failed"), "{out}");
+    assert!(!out.contains("\n0\n"), "became root: {out}");
+}
+
+#[tokio::test]
+async fn the_root_filesystem_is_read_only_and_the_workspace_writable() {
+    let fleet = Fleet::builder().start().await.unwrap();
+    let job = run(
+        &fleet,
+        shell(
+            "touch /etc/x 2>/dev/null && echo etc-writable; touch /usr/x 2>/dev/null && echo usr-writable; \
+             touch /bin/x 2>/dev/null && echo bin-writable; echo kept > /workspace/f && cat /workspace/f; \
+             echo tmp > /tmp/f && cat /tmp/f",
+        ),
+    )
+    .await;
+    assert_eq!(job["status"], "completed", "{job}");
+    assert_eq!(job["result"]["text"], "kept\ntmp\n");
+}
+
+#[tokio::test]
+async fn jobs_have_no_network_and_cannot_reach_the_host() {
+    let fleet = Fleet::builder().start().await.unwrap();
+    // A service on the host's loopback; the job tries the same port on its own loopback.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let job = run(
+        &fleet,
+        shell(&format!(
+            "ls /sys/class/net; echo routes $(tail -n +2 /proc/net/route | wc -l); \
+             nc -w 2 127.0.0.1 {port} </dev/null && echo reached-host || echo host-unreachable"
+        )),
+    )
+    .await;
+    assert_eq!(
+        job["result"]["text"], "lo\nroutes 0\nhost-unreachable\n",
+        "{job}"
+    );
+    drop(listener);
+}
+
+#[tokio::test]
+async fn another_job_s_container_cannot_be_reached() {
+    let fleet = Fleet::builder().slots(2).start().await.unwrap();
+    let server = submit(
+        &fleet,
+        shell("echo listening; nc -l -p 7777 -w 20 && echo got-connection"),
+    )
+    .await;
+    wait_until(
+        Duration::from_secs(20),
+        "the listening job to run",
+        || async {
+            let (_, job) = get_job(&fleet, &server).await;
+            (job["status"] == "running").then_some(())
+        },
+    )
+    .await
+    .unwrap();
+    let client = run(
+        &fleet,
+        shell("echo hi | nc -w 2 127.0.0.1 7777 && echo connected || echo refused"),
+    )
+    .await;
+    assert_eq!(client["result"]["text"], "refused\n", "{client}");
+    let response = fleet
+        .request(reqwest::Method::DELETE, &format!("/jobs/{server}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let server = wait(&fleet, &server).await;
+    assert!(!text(&server).contains("got-connection"), "{server}");
+    fleet.assert_no_containers_left().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_fork_bomb_is_contained_and_the_node_carries_on() {
+    let fleet = Fleet::builder().start().await.unwrap();
+    // Only shell builtins after the bomb: once the pids limit is hit, nothing can fork.
+    let mut bomb = shell(
+        "(i=0; while [ $i -lt 1000 ]; do sleep 30 </dev/null >/dev/null 2>&1 & i=$((i+1)); done) 2>/workspace/err; \
+         kill -9 -1; while read -r line; do last=\"$line\"; done < /workspace/err; echo \"$last\"; echo done",
+    );
+    bomb["timeout_seconds"] = json!(15);
+    let job = run(&fleet, bomb).await;
+    let out = text(&job);
+    assert!(
+        out.contains("can't fork") || out.contains("Resource temporarily unavailable"),
+        "{job}"
+    );
+    // The node is fine: the next job runs normally.
+    let next = run(&fleet, shell("echo still-here")).await;
+    assert_eq!(next["status"], "completed");
+    assert_eq!(next["result"]["text"], "still-here\n");
+    fleet.assert_no_containers_left().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_memory_hog_is_oom_killed_and_reported() {
+    let fleet = Fleet::builder().start().await.unwrap();
+    let mut hog = shell("exec dd if=/dev/zero of=/dev/null bs=256M count=1");
+    hog["resources"] = json!({ "memory": "32m" });
+    let job = run(&fleet, hog).await;
+    assert_eq!(job["status"], "failed", "{job}");
+    assert_eq!(job["exit_code"], 137);
+    let error = job["error"].as_str().unwrap();
+    assert!(
+        error.starts_with("out of memory: killed at its 32 MiB limit"),
+        "{error}"
+    );
+    fleet.assert_no_containers_left().await.unwrap();
+}
+
+#[tokio::test]
+async fn no_secret_of_the_node_reaches_the_container() {
+    let fleet = Fleet::builder()
+        .env("FLOTILLA_TEST_CANARY", "canary-3f9a1c")
+        .api_key("canary-api-key-77e2b1")
+        .start()
+        .await
+        .unwrap();
+    let job = run(
+        &fleet,
+        shell("env; cat /proc/1/environ | tr '\\0' '\\n'; grep -rl canary- /workspace /tmp /etc 2>/dev/null; echo end"),
+    )
+    .await;
+    let out = text(&job);
+    assert!(out.ends_with("end\n"), "{out}");
+    assert!(
+        !out.contains("canary-"),
+        "a node secret leaked into the container: {out}"
+    );
+    assert!(
+        !out.contains("FLOTILLA_"),
+        "node configuration leaked into the container: {out}"
+    );
+}
+
+#[tokio::test]
+async fn a_job_printing_100_mb_completes_with_bounded_node_memory() {
+    let fleet = Fleet::builder()
+        .env("FLOTILLA_MAX_LOG_MB", "8")
+        .start()
+        .await
+        .unwrap();
+    let mut body = shell("head -c 100000000 /dev/zero | tr '\\0' x; echo; echo done");
+    body["timeout_seconds"] = json!(300);
+    let job = run(&fleet, body).await;
+    assert_eq!(job["status"], "completed", "{job}");
+    assert_eq!(job["result"]["truncated"], true);
+    assert!(job["result"]["text"].as_str().unwrap().len() <= 1024 * 1024);
+    assert!(
+        job["result"]["logs_tail"]
+            .as_str()
+            .unwrap()
+            .ends_with("\ndone\n")
+    );
+    let rss = node_rss_kib(fleet.nodes[0].pid());
+    println!("node RSS after a 100 MB job: {} MiB", rss / 1024);
+    assert!(rss < 200 * 1024, "node memory grew to {rss} KiB");
+}
+
+fn node_rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap()
+}
+
+#[tokio::test]
+async fn orphan_containers_are_reaped_periodically() {
+    let fleet = Fleet::builder()
+        .env("FLOTILLA_REAP_SECS", "1")
+        .start()
+        .await
+        .unwrap();
+    let create = |node: &str| {
+        let output = std::process::Command::new("docker")
+            .args(["create", "--label", "flotilla.managed=true", "--label"])
+            .arg(format!("flotilla.node={node}"))
+            .arg("--label")
+            .arg(format!("flotilla.cluster={}", fleet.cluster))
+            .args(["flotilla-worker:latest", "true"])
+            .output()
+            .unwrap();
+        assert!(
+            output.status.success(),
+            "{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        String::from_utf8_lossy(&output.stdout).trim().to_owned()
+    };
+    // One left by this node (no job, not in its pool), one by a node that no longer exists.
+    let own = create(&fleet.node_ids[0]);
+    let gone_node = format!("{}-gone", fleet.node_ids[0]);
+    let foreign = create(&gone_node);
+    wait_until(
+        Duration::from_secs(20),
+        "both orphans to be removed",
+        || async {
+            let exists = |id: &str| {
+                std::process::Command::new("docker")
+                    .args(["inspect", id])
+                    .output()
+                    .map(|o| o.status.success())
+                    .unwrap_or(true)
+            };
+            (!exists(&own) && !exists(&foreign)).then_some(())
+        },
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", fleet.logs()));
+}
