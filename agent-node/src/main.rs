@@ -84,10 +84,7 @@ async fn main() -> ExitCode {
     let host = hostname();
     let limits = match args.limits.clone().into_limits() {
         Ok(limits) => limits,
-        Err(e) => {
-            tracing::error!("{e}");
-            return ExitCode::from(64);
-        }
+        Err(e) => return flotilla_telemetry::config_error(e),
     };
     let config = agent_node::Config {
         nats_url: args.nats_url,
@@ -117,19 +114,10 @@ async fn main() -> ExitCode {
     };
     let config = match config.validate() {
         Ok(config) => config,
-        Err(e) => {
-            tracing::error!("{e}");
-            return ExitCode::from(64);
-        }
+        Err(e) => return flotilla_telemetry::config_error(e),
     };
     let shutdown = flotilla_telemetry::shutdown_on_signals();
-    match agent_node::run(config, shutdown).await {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            tracing::error!("{e}");
-            ExitCode::FAILURE
-        }
-    }
+    flotilla_telemetry::exit_code(agent_node::run(config, shutdown).await)
 }
 
 fn hostname() -> String {

@@ -7,13 +7,11 @@
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap, HashSet},
     sync::{Arc, Mutex, RwLock},
-    time::Duration,
 };
 
 use chrono::{DateTime, Utc};
 use flotilla_nats::{JobStore, Versioned, WatchEvent};
 use flotilla_proto::JobStatus;
-use futures::StreamExt;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
@@ -206,53 +204,20 @@ impl JobIndex {
 /// Keeps `index` in step with the jobs bucket until `stop`; re-watches from the last revision
 /// seen if the watch breaks (NATS restart).
 pub async fn follow(index: Arc<JobIndex>, store: JobStore, stop: CancellationToken) {
-    let mut next_revision: Option<u64> = None;
-    loop {
-        let watch = tokio::select! {
-            () = stop.cancelled() => return,
-            watch = store.watch(next_revision) => watch,
-        };
-        let mut events = match watch {
-            Ok(events) => Box::pin(events),
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot watch jobs, retrying");
-                tokio::select! {
-                    () = stop.cancelled() => return,
-                    () = tokio::time::sleep(Duration::from_millis(500)) => continue,
-                }
-            }
-        };
-        loop {
-            let event = tokio::select! {
-                () = stop.cancelled() => return,
-                event = events.next() => event,
-            };
-            match event {
-                Some(WatchEvent::Put(versioned)) => {
-                    next_revision = Some(versioned.revision + 1);
-                    index.upsert(&versioned);
-                }
-                Some(WatchEvent::Removed { job_id, revision }) => {
-                    next_revision = Some(revision + 1);
-                    index.remove(&job_id);
-                }
-                Some(WatchEvent::Corrupt { key, error }) => {
-                    tracing::warn!(key, error, "skipping undecodable job record");
-                }
-                Some(WatchEvent::Error(error)) => {
-                    tracing::warn!(error, "job watch failed, re-watching");
-                    break;
-                }
-                None => break,
-            }
-        }
-    }
+    store
+        .follow(stop, |event| match event {
+            WatchEvent::Put(versioned) => index.upsert(&versioned),
+            WatchEvent::Removed { job_id, .. } => index.remove(&job_id),
+            WatchEvent::Corrupt { .. } | WatchEvent::Error(_) => {}
+        })
+        .await;
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use flotilla_proto::JobRecord;
+    use std::time::Duration;
 
     fn versioned(record: JobRecord, revision: u64) -> Versioned {
         Versioned { record, revision }

@@ -38,10 +38,7 @@ async fn main() -> ExitCode {
     flotilla_telemetry::init(args.log_json);
     let limits = match args.limits.into_limits() {
         Ok(limits) => limits,
-        Err(e) => {
-            tracing::error!("{e}");
-            return ExitCode::from(64);
-        }
+        Err(e) => return flotilla_telemetry::config_error(e),
     };
     let config = api_gateway::Config {
         listen: args.listen,
@@ -57,17 +54,8 @@ async fn main() -> ExitCode {
     };
     let config = match config.validate() {
         Ok(config) => config,
-        Err(e) => {
-            tracing::error!("{e}");
-            return ExitCode::from(64);
-        }
+        Err(e) => return flotilla_telemetry::config_error(e),
     };
     let shutdown = flotilla_telemetry::shutdown_on_signals();
-    match api_gateway::run(config, shutdown).await {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            tracing::error!("{e}");
-            ExitCode::FAILURE
-        }
-    }
+    flotilla_telemetry::exit_code(api_gateway::run(config, shutdown).await)
 }

@@ -208,47 +208,28 @@ impl Lifecycle {
 
     /// Keeps a small summary of every job, for the sweeps.
     async fn follow_jobs(self: Arc<Self>, stop: CancellationToken) {
-        let mut next_revision = None;
-        loop {
-            let mut events = match self.topology.jobs.watch(next_revision).await {
-                Ok(events) => Box::pin(events),
-                Err(e) => {
-                    tracing::warn!(error = %e, "cannot watch jobs, retrying");
-                    tokio::select! {
-                        () = stop.cancelled() => return,
-                        () = tokio::time::sleep(Duration::from_millis(500)) => continue,
-                    }
-                }
-            };
-            loop {
-                let event = tokio::select! {
-                    () = stop.cancelled() => return,
-                    event = events.next() => event,
-                };
+        self.topology
+            .jobs
+            .follow(stop, |event| {
                 let mut jobs = self.jobs.lock().expect("jobs lock");
                 match event {
-                    Some(WatchEvent::Put(versioned)) => {
-                        next_revision = Some(versioned.revision + 1);
+                    WatchEvent::Put(versioned) => {
                         let record = &versioned.record;
-                        jobs.insert(
-                            record.job_id.clone(),
-                            JobSummary {
-                                status: record.status,
-                                node_id: record.node_id.clone(),
-                                created_at: record.created_at,
-                                finished_at: record.finished_at,
-                            },
-                        );
+                        let summary = JobSummary {
+                            status: record.status,
+                            node_id: record.node_id.clone(),
+                            created_at: record.created_at,
+                            finished_at: record.finished_at,
+                        };
+                        jobs.insert(record.job_id.clone(), summary);
                     }
-                    Some(WatchEvent::Removed { job_id, revision }) => {
-                        next_revision = Some(revision + 1);
+                    WatchEvent::Removed { job_id, .. } => {
                         jobs.remove(&job_id);
                     }
-                    Some(WatchEvent::Corrupt { .. }) => {}
-                    Some(WatchEvent::Error(_)) | None => break,
+                    WatchEvent::Corrupt { .. } | WatchEvent::Error(_) => {}
                 }
-            }
-        }
+            })
+            .await;
     }
 
     /// Fails jobs queued too long and deletes finished jobs past retention.

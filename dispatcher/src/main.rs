@@ -52,10 +52,7 @@ async fn main() -> ExitCode {
     flotilla_telemetry::init(args.log_json);
     let limits = match args.limits.into_limits() {
         Ok(limits) => limits,
-        Err(e) => {
-            tracing::error!("{e}");
-            return ExitCode::from(64);
-        }
+        Err(e) => return flotilla_telemetry::config_error(e),
     };
     let lifecycle = dispatcher::LifecycleConfig {
         node_check_interval: Duration::from_millis(args.node_check_ms.max(50)),
@@ -74,11 +71,5 @@ async fn main() -> ExitCode {
         topology: args.topology.into_config(),
     };
     let shutdown = flotilla_telemetry::shutdown_on_signals();
-    match dispatcher::run(config, shutdown).await {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            tracing::error!("{e}");
-            ExitCode::FAILURE
-        }
-    }
+    flotilla_telemetry::exit_code(dispatcher::run(config, shutdown).await)
 }

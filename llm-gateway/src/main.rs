@@ -21,18 +21,8 @@ async fn main() -> ExitCode {
     let args = Args::parse();
     flotilla_telemetry::init(args.log_json);
     let shutdown = flotilla_telemetry::shutdown_on_signals();
-    match llm_gateway::run(
-        llm_gateway::Config {
-            listen: args.listen,
-        },
-        shutdown,
-    )
-    .await
-    {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            tracing::error!("{e}");
-            ExitCode::FAILURE
-        }
-    }
+    let config = llm_gateway::Config {
+        listen: args.listen,
+    };
+    flotilla_telemetry::exit_code(llm_gateway::run(config, shutdown).await)
 }

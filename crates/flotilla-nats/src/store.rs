@@ -3,7 +3,10 @@
 
 use async_nats::jetstream::kv::{self, CreateErrorKind, Operation, Store, UpdateErrorKind};
 use flotilla_proto::{Encoding, JobRecord, names};
+use std::time::Duration;
+
 use futures::{Stream, StreamExt};
+use tokio_util::sync::CancellationToken;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -130,6 +133,55 @@ impl JobStore {
             Ok(entry) => decode_entry(entry),
             Err(e) => WatchEvent::Error(e.to_string()),
         }))
+    }
+}
+
+impl JobStore {
+    /// Feeds `apply` every record now in the store and then every change (`Put` and
+    /// `Removed` only), until `stop`. After a NATS interruption the watch resumes from the last
+    /// revision seen, so nothing is missed or replayed twice.
+    pub async fn follow(&self, stop: CancellationToken, mut apply: impl FnMut(WatchEvent)) {
+        let mut next_revision: Option<u64> = None;
+        loop {
+            let watch = tokio::select! {
+                () = stop.cancelled() => return,
+                watch = self.watch(next_revision) => watch,
+            };
+            let mut events = match watch {
+                Ok(events) => Box::pin(events),
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot watch jobs, retrying");
+                    tokio::select! {
+                        () = stop.cancelled() => return,
+                        () = tokio::time::sleep(Duration::from_millis(500)) => continue,
+                    }
+                }
+            };
+            loop {
+                let event = tokio::select! {
+                    () = stop.cancelled() => return,
+                    event = events.next() => event,
+                };
+                match event {
+                    Some(WatchEvent::Put(versioned)) => {
+                        next_revision = Some(versioned.revision + 1);
+                        apply(WatchEvent::Put(versioned));
+                    }
+                    Some(WatchEvent::Removed { job_id, revision }) => {
+                        next_revision = Some(revision + 1);
+                        apply(WatchEvent::Removed { job_id, revision });
+                    }
+                    Some(WatchEvent::Corrupt { key, error }) => {
+                        tracing::warn!(key, error, "skipping undecodable job record");
+                    }
+                    Some(WatchEvent::Error(error)) => {
+                        tracing::warn!(error, "job watch failed, re-watching");
+                        break;
+                    }
+                    None => break,
+                }
+            }
+        }
     }
 }
 

@@ -47,3 +47,20 @@ async fn wait_for_signal() {
         _ = int.recv() => {}
     }
 }
+
+/// The process exit status for a service's `run` result: success, or 1 after logging why.
+pub fn exit_code<E: std::fmt::Display>(result: Result<(), E>) -> std::process::ExitCode {
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+/// Logs a configuration error; exit status 64 (EX_USAGE) tells supervisors not to retry.
+pub fn config_error(error: impl std::fmt::Display) -> std::process::ExitCode {
+    tracing::error!("{error}");
+    std::process::ExitCode::from(64)
+}
