@@ -6,10 +6,10 @@ use async_nats::jetstream::{self, AckKind};
 use backon::{ExponentialBuilder, Retryable};
 use bytes::Bytes;
 use chrono::Utc;
-use flotilla_catalog::{Engine, EngineKind};
+use flotilla_catalog::Engine;
 use flotilla_nats::StoreError;
 use flotilla_proto::{
-    Attempt, Encoding, JobRecord, JobRequest, JobResult, JobStatus, LogEnd, LogStream, names,
+    Attempt, Encoding, JobRecord, JobRequest, JobResult, JobStatus, LogEnd, LogStream, Usage, names,
 };
 use futures::StreamExt;
 use tokio_util::sync::CancellationToken;
@@ -20,6 +20,7 @@ use crate::{
     logs::{LogPublisher, publish_chunk, publish_end},
     outbox::{Entry, PendingFinish},
     pool::ROLE_COLD,
+    script,
 };
 
 /// Why a container was stopped before it finished on its own.
@@ -168,15 +169,46 @@ async fn run(
             }
         }
         Outcome::Exited {
+            exit_code: script::PRE_HOOK_FAILED,
+            stop: None,
+            ..
+        } if logs.tail_text().contains(script::PRE_HOOK_MARKER) => {
+            let tail = logs.tail_text();
+            let line = tail
+                .lines()
+                .rev()
+                .find(|l| l.contains(script::PRE_HOOK_MARKER))
+                .unwrap_or_default();
+            let error = line.trim_start_matches("flotilla: ").to_owned();
+            Final {
+                status: JobStatus::Failed,
+                exit_code: Some(script::PRE_HOOK_FAILED),
+                error: Some(error.clone()),
+                outcome: error,
+            }
+        }
+        Outcome::Exited {
             exit_code, stop, ..
         } => final_state(exit_code, stop, request.timeout_seconds),
     };
-    let result = build_result(
+    let (result, usage, engine_error) = build_result(
         &request,
         shared.catalog.engine(&request.engine),
         &logs,
         final_state.exit_code,
     );
+    // A CLI that exits 0 but reports an error result (API failure, max turns) failed the job.
+    let mut final_state = final_state;
+    if engine_error && final_state.status == JobStatus::Completed {
+        let summary: String = result.text.chars().take(300).collect();
+        let error = format!("the engine reported an error: {summary}");
+        final_state = Final {
+            status: JobStatus::Failed,
+            exit_code: final_state.exit_code,
+            error: Some(error.clone()),
+            outcome: error,
+        };
+    }
     let pending = PendingFinish {
         job_id: request.job_id.clone(),
         attempt,
@@ -188,6 +220,7 @@ async fn run(
         ack_subject: message.reply.as_ref().map(|s| s.to_string()),
         end_seq: logs.reserve_end_seq(),
         start_ms,
+        usage,
     };
     let recorded = if shared.outbox.is_empty() && shared.nats_connected() {
         record_with_retries(&shared, &pending).await
@@ -421,6 +454,7 @@ async fn record_outcome(
             }
             record.ack_subject = None;
             record.exit_code = pending.exit_code;
+            record.usage.clone_from(&pending.usage);
             record.finished_at.get_or_insert(now);
             record.result = Some(pending.result.clone());
             Ok(true)
@@ -583,18 +617,13 @@ async fn execute(
         network: config.network.clone(),
         runtime: config.runtime.clone(),
     };
-    let script = job_script(engine, request);
+    let script = script::job_script(engine, request);
     let name = format!("flotilla-{}-{attempt}", request.job_id);
     let started = match start_container(shared, &key, &name, request, attempt, &script).await {
         Ok(started) => started,
         Err(e) => return Outcome::Infrastructure(format!("container failed to start: {e}")),
     };
     let start_ms = received.elapsed().as_secs_f64() * 1000.0;
-    shared
-        .active
-        .lock()
-        .expect("active set")
-        .insert(started.id.clone());
     let _ = logs
         .system(&format!(
             "attempt {attempt} started on node {}",
@@ -645,11 +674,7 @@ async fn execute(
     shared
         .removals
         .spawn(async move { docker.remove(&id).await });
-    shared
-        .active
-        .lock()
-        .expect("active set")
-        .remove(&started.id);
+    shared.pool.untrack(&started.id);
     match exit_code {
         Ok(exit_code) => Outcome::Exited {
             exit_code,
@@ -683,6 +708,7 @@ async fn start_container(
             }
             Err(e) => {
                 tracing::warn!(error = %e, "warm container unusable, starting cold");
+                shared.pool.untrack(&id);
                 shared.docker.remove(&id).await;
             }
         }
@@ -690,12 +716,17 @@ async fn start_container(
     let mut labels = shared.pool.labels(ROLE_COLD);
     labels.insert(names::LABEL_JOB.to_owned(), request.job_id.clone());
     labels.insert(names::LABEL_ATTEMPT.to_owned(), attempt.to_string());
-    shared
-        .docker
-        .prepare(key, name, labels)
-        .await?
-        .launch(script)
-        .await
+    let prepared = shared.docker.prepare(key, name, labels).await?;
+    let id = prepared.id.clone();
+    shared.pool.track(&id);
+    match prepared.launch(script).await {
+        Ok(started) => Ok(started),
+        Err(e) => {
+            shared.pool.untrack(&id);
+            shared.docker.remove(&id).await;
+            Err(e)
+        }
+    }
 }
 
 async fn publish_batch(
@@ -734,81 +765,58 @@ fn log_stream(stream: OutputStream) -> LogStream {
     }
 }
 
-/// The script the container runs. Shell engine: the prompt itself. Dry run: print the command
-/// line as JSON. Agent CLIs: exec the engine's argv.
-fn job_script(engine: &Engine, request: &JobRequest) -> Bytes {
-    if request.dry_run {
-        let plan = dry_run_plan(engine, request);
-        return Bytes::from(format!(
-            "printf '%s\\n' {}\n",
-            shell_quote(&plan.to_string())
-        ));
-    }
-    match engine.kind {
-        EngineKind::Shell => Bytes::from(request.prompt.clone()),
-        EngineKind::Cli => {
-            let argv = engine.command_line(request);
-            let quoted: Vec<String> = argv.iter().map(|arg| shell_quote(arg)).collect();
-            let mut script = String::new();
-            // The engine's --mcp-config flag points at this file.
-            if let Some(mcp) = &request.mcp_config {
-                let path = flotilla_catalog::MCP_CONFIG_PATH;
-                let dir = path.rsplit_once('/').map_or("/workspace", |(dir, _)| dir);
-                script.push_str(&format!(
-                    "mkdir -p {} && printf '%s' {} > {}\n",
-                    shell_quote(dir),
-                    shell_quote(&mcp.to_string()),
-                    shell_quote(path)
-                ));
-            }
-            script.push_str(&format!("exec {}\n", quoted.join(" ")));
-            Bytes::from(script)
-        }
-    }
-}
-
-fn dry_run_plan(engine: &Engine, request: &JobRequest) -> serde_json::Value {
-    let argv = engine.command_line(request);
-    serde_json::json!({
-        "dry_run": true,
-        "engine": engine.id,
-        "binary": argv.first(),
-        "args": argv.get(1..).unwrap_or_default(),
-    })
-}
-
+/// The structured result: the engine's output parsed by its engine file's parser (final
+/// text, session, cost, tokens, turns), or for a dry run the command line. Output that does
+/// not parse still gives a result, with `text` the raw output.
 fn build_result(
     request: &JobRequest,
     engine: Option<&Engine>,
     logs: &LogPublisher,
     exit_code: Option<i64>,
-) -> JobResult {
-    let (text, truncated) = logs.stdout_text();
+) -> (JobResult, Option<Usage>, bool) {
+    let (stdout, truncated) = logs.stdout_text();
     let mut result = JobResult {
-        text,
         exit_code,
         logs_tail: logs.tail_text(),
         truncated,
         ..JobResult::default()
     };
-    if request.dry_run
-        && let Some(engine) = engine
-    {
+    let Some(engine) = engine else {
+        result.text = stdout;
+        return (result, None, false);
+    };
+    if request.dry_run {
         let argv = engine.command_line(request);
         result.text = argv
             .iter()
-            .map(|arg| shell_quote(arg))
+            .map(|arg| script::quote(arg))
             .collect::<Vec<_>>()
             .join(" ");
-        result.raw = Some(dry_run_plan(engine, request));
+        result.raw = Some(script::dry_run_plan(engine, request));
         result.command = Some(argv);
+        return (result, None, false);
     }
-    result
-}
-
-/// Single-quotes `arg` for /bin/sh.
-fn shell_quote(arg: &str) -> String {
-    format!("'{}'", arg.replace('\'', "'\\''"))
+    if engine.kind == flotilla_catalog::EngineKind::Shell {
+        // The shell engine's result is its standard output, byte for byte.
+        result.text = stdout;
+        return (result, None, false);
+    }
+    let format = request.output_format.as_deref().unwrap_or("text");
+    let parsed = flotilla_catalog::parse(engine.output.parser, format, &stdout);
+    result.text = parsed.text;
+    result.session_id = parsed.session_id;
+    result.num_turns = parsed.num_turns;
+    result.cost_usd = parsed.cost_usd;
+    result.raw = parsed.raw;
+    let usage = (parsed.input_tokens.is_some()
+        || parsed.output_tokens.is_some()
+        || parsed.cost_usd.is_some())
+    .then(|| Usage {
+        input_tokens: parsed.input_tokens.unwrap_or(0),
+        output_tokens: parsed.output_tokens.unwrap_or(0),
+        cost_usd: parsed.cost_usd.unwrap_or(0.0),
+    });
+    (result, usage, parsed.is_error)
 }
 
 fn retry_delay(delivered: i64) -> Duration {
@@ -882,12 +890,6 @@ impl Drop for RunningGuard {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn shell_quote_survives_quotes() {
-        assert_eq!(shell_quote("it's"), "'it'\\''s'");
-        assert_eq!(shell_quote(""), "''");
-    }
 
     #[test]
     fn outcome_mapping() {

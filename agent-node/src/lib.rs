@@ -8,6 +8,7 @@ mod job;
 mod logs;
 mod outbox;
 mod pool;
+mod script;
 
 use std::{
     collections::HashMap,
@@ -60,8 +61,6 @@ pub(crate) struct Shared {
     pub(crate) pool: pool::Pool,
     /// Container removals in flight; waited for before the node exits.
     pub(crate) removals: TaskTracker,
-    /// Containers running jobs on this node right now.
-    pub(crate) active: Mutex<std::collections::HashSet<String>>,
 }
 
 impl Shared {
@@ -124,7 +123,6 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Node
         outbox,
         pool,
         removals: TaskTracker::new(),
-        active: Mutex::default(),
     });
     let slots = Arc::new(Semaphore::new(shared.config.slots as usize));
     let background = CancellationToken::new();
@@ -352,7 +350,6 @@ async fn reap_periodically(shared: Arc<Shared>, stop: CancellationToken) {
             Ok(keys) => keys.filter_map(|k| async move { k.ok() }).collect().await,
             Err(_) => continue, // without NATS, do not judge other nodes
         };
-        let idle = shared.pool.idle_ids();
         let now = Utc::now().timestamp();
         for (id, node, created) in containers {
             // Young containers may be between creation and registration; next round decides.
@@ -360,7 +357,7 @@ async fn reap_periodically(shared: Arc<Shared>, stop: CancellationToken) {
                 continue;
             }
             let orphan = if node == shared.config.node_id {
-                !idle.contains(&id) && !shared.active.lock().expect("active set").contains(&id)
+                !shared.pool.owns(&id)
             } else {
                 !live_nodes.contains(&names::node_key(&node))
             };

@@ -62,6 +62,8 @@ pub(crate) struct PendingFinish {
     /// Milliseconds from receipt to the process running.
     #[serde(default)]
     pub(crate) start_ms: Option<f64>,
+    #[serde(default)]
+    pub(crate) usage: Option<flotilla_proto::Usage>,
 }
 
 pub(crate) struct Outbox {

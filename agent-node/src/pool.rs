@@ -4,7 +4,7 @@
 //! removed; the pool refills in the background.
 
 use std::{
-    collections::{BTreeMap, HashMap, VecDeque},
+    collections::{BTreeMap, HashMap, HashSet, VecDeque},
     sync::{
         Mutex,
         atomic::{AtomicU64, Ordering},
@@ -31,6 +31,8 @@ pub(crate) struct Pool {
     targets: Vec<(PoolKey, usize)>,
     max_idle: Duration,
     idle: Mutex<HashMap<PoolKey, VecDeque<Prepared>>>,
+    /// Containers (warm or cold) running a job on this node.
+    active: Mutex<HashSet<String>>,
     hits: AtomicU64,
     misses: AtomicU64,
     refills: AtomicU64,
@@ -62,6 +64,7 @@ impl Pool {
             targets,
             max_idle,
             idle: Mutex::new(HashMap::new()),
+            active: Mutex::new(HashSet::new()),
             hits: AtomicU64::new(0),
             misses: AtomicU64::new(0),
             refills: AtomicU64::new(0),
@@ -70,14 +73,18 @@ impl Pool {
         }
     }
 
-    /// A warm container for `key`, if one is ready.
+    /// A warm container for `key`, if one is ready. It moves from idle to active under the
+    /// pool lock, so the reaper never sees it in neither set.
     pub(crate) fn acquire(&self, key: &PoolKey) -> Option<Prepared> {
-        let taken = self
-            .idle
-            .lock()
-            .expect("pool lock")
-            .get_mut(key)
-            .and_then(VecDeque::pop_front);
+        let mut idle = self.idle.lock().expect("pool lock");
+        let taken = idle.get_mut(key).and_then(VecDeque::pop_front);
+        if let Some(prepared) = &taken {
+            self.active
+                .lock()
+                .expect("active lock")
+                .insert(prepared.id.clone());
+        }
+        drop(idle);
         if taken.is_some() {
             self.hits.fetch_add(1, Ordering::Relaxed);
             self.refill_needed.notify_one();
@@ -87,15 +94,25 @@ impl Pool {
         taken
     }
 
-    /// Ids of the containers waiting in the pool.
-    pub(crate) fn idle_ids(&self) -> Vec<String> {
-        self.idle
+    /// Registers a cold-started container as running a job.
+    pub(crate) fn track(&self, id: &str) {
+        self.active
             .lock()
-            .expect("pool lock")
-            .values()
-            .flatten()
-            .map(|p| p.id.clone())
-            .collect()
+            .expect("active lock")
+            .insert(id.to_owned());
+    }
+
+    /// The job on `id` is over.
+    pub(crate) fn untrack(&self, id: &str) {
+        self.active.lock().expect("active lock").remove(id);
+    }
+
+    /// Whether `id` waits in the pool or runs a job: anything else of this node is an orphan.
+    pub(crate) fn owns(&self, id: &str) -> bool {
+        // Same lock order as `acquire` (idle, then active).
+        let idle = self.idle.lock().expect("pool lock");
+        idle.values().flatten().any(|p| p.id == id)
+            || self.active.lock().expect("active lock").contains(id)
     }
 
     pub(crate) fn stats(&self) -> PoolStats {

@@ -134,7 +134,7 @@ mod tests {
                 "aider",
                 "claude-code",
                 "codex",
-                "gemini-cli",
+                "gemini",
                 "opencode",
                 "shell"
             ]

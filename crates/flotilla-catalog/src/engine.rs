@@ -7,6 +7,7 @@ use flotilla_proto::JobRequest;
 use serde::Deserialize;
 use serde::de::{MapAccess, Visitor};
 
+use crate::output::Parser;
 use crate::rules;
 
 /// Where the job's MCP configuration is written inside the container.
@@ -84,6 +85,8 @@ pub struct Output {
     pub format: String,
     /// The result file, for `OutputMode::File`.
     pub path: Option<String>,
+    /// How to read what the engine prints (`crate::parse`).
+    pub parser: Parser,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -105,6 +108,9 @@ pub struct Engine {
     pub output: Output,
     /// Names of the credentials the engine needs (informational).
     pub auth_env: Vec<String>,
+    /// File name, in /workspace, where the engine reads its agent instructions (CLAUDE.md,
+    /// AGENTS.md, GEMINI.md, ...).
+    pub instructions_file: String,
 }
 
 impl Engine {
@@ -204,6 +210,9 @@ impl Engine {
             id,
             description: engine.description,
             kind: engine.kind,
+            instructions_file: engine
+                .instructions_file
+                .unwrap_or_else(|| "AGENTS.md".to_owned()),
             binary,
             prompt_flag: command.prompt_flag.unwrap_or_else(|| "-p".to_owned()),
             static_args: command.static_args,
@@ -215,6 +224,7 @@ impl Engine {
                 mode: output.mode,
                 format: output.format,
                 path,
+                parser: output.parser,
             },
             auth_env: env.auth,
         })
@@ -246,6 +256,7 @@ struct EngineSection {
     name: Option<String>,
     description: String,
     kind: EngineKind,
+    instructions_file: Option<String>,
 }
 
 #[derive(Default, Deserialize)]
@@ -266,6 +277,7 @@ struct OutputSection {
     mode: OutputMode,
     format: String,
     path: Option<String>,
+    parser: Parser,
 }
 
 impl Default for OutputSection {
@@ -274,6 +286,7 @@ impl Default for OutputSection {
             mode: OutputMode::Stdout,
             format: "json".to_owned(),
             path: None,
+            parser: Parser::Text,
         }
     }
 }
@@ -329,6 +342,8 @@ mod tests {
             mcp_config: None,
             plugins: Vec::new(),
             instructions: None,
+            pre_hook: None,
+            post_hook: None,
             dry_run: false,
             webhook_url: None,
             timeout_seconds: 60,

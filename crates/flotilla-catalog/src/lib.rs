@@ -4,6 +4,7 @@
 mod args;
 mod catalog;
 mod engine;
+mod output;
 mod profile;
 mod rules;
 mod validate;
@@ -12,6 +13,7 @@ mod webhook;
 pub use args::LimitsArgs;
 pub use catalog::{Catalog, CatalogError};
 pub use engine::{Engine, EngineKind, MCP_CONFIG_PATH, MappedField, Output, OutputMode};
+pub use output::{ParsedOutput, Parser, parse};
 pub use profile::{Hooks, Profile, VarType, Variable};
 pub use rules::parse_memory;
 pub use validate::{DEFAULT_PROFILE, Limits, Origin, ValidationError, validate};

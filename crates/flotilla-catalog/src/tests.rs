@@ -772,6 +772,8 @@ fn job(engine: &str, prompt: &str) -> JobRequest {
         mcp_config: None,
         plugins: Vec::new(),
         instructions: None,
+        pre_hook: None,
+        post_hook: None,
         dry_run: false,
         webhook_url: None,
         timeout_seconds: 60,
@@ -883,7 +885,7 @@ fn other_shipped_engines_put_the_prompt_where_their_cli_expects_it() {
     let codex = argv("codex");
     assert_eq!(codex[..2], ["codex", "exec"]);
     assert!(codex.contains(&"--json".to_owned()) && codex.contains(&"P".to_owned()));
-    let gemini = argv("gemini-cli");
+    let gemini = argv("gemini");
     assert_eq!(gemini[..3], ["gemini", "-p", "P"]);
     let aider = argv("aider");
     let at = aider.iter().position(|a| a == "--message").unwrap();

@@ -257,6 +257,8 @@ pub async fn validate(
         mcp_config,
         plugins,
         instructions,
+        pre_hook: profile.hooks.pre.clone(),
+        post_hook: profile.hooks.post.clone(),
         dry_run: dry_run.unwrap_or(false),
         webhook_url,
         timeout_seconds,

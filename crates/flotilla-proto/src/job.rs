@@ -104,6 +104,14 @@ pub struct JobRequest {
     /// Rendered agent-instructions file (CLAUDE.md or the engine's equivalent), if any.
     #[serde(default)]
     pub instructions: Option<String>,
+    /// The profile's pre-hook: a shell script run in the container before the engine; its
+    /// failure fails the job.
+    #[serde(default)]
+    pub pre_hook: Option<String>,
+    /// The profile's post-hook, run after the engine whatever the outcome, with `JOB_STATUS`
+    /// (`completed`/`failed`) and `JOB_EXIT_CODE` in its environment.
+    #[serde(default)]
+    pub post_hook: Option<String>,
     #[serde(default)]
     pub dry_run: bool,
     #[serde(default)]

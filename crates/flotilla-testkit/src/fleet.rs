@@ -1,4 +1,8 @@
-use std::{process::Command, time::Duration};
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+    time::Duration,
+};
 
 use tempfile::TempDir;
 
@@ -12,6 +16,8 @@ pub struct Fleet {
     pub dispatcher: Process,
     pub nodes: Vec<Process>,
     pub node_ids: Vec<String>,
+    /// The profiles directory every service of this fleet reads.
+    pub profiles: PathBuf,
     /// The `flotilla.cluster` label of this fleet's containers.
     pub cluster: String,
     /// One per node when built with [`FleetBuilder::proxied_nodes`].
@@ -36,6 +42,8 @@ pub struct FleetBuilder {
     /// Applied to every service.
     common_env: Vec<(String, String)>,
     heartbeat_ms: u64,
+    /// Profiles added to the shipped ones, as (name, TOML).
+    extra_profiles: Vec<(String, String)>,
     /// Nodes reach NATS through a [`TcpProxy`] each, so a test can cut one off.
     proxied_nodes: bool,
 }
@@ -52,6 +60,7 @@ impl Default for FleetBuilder {
             extra_dispatcher_env: Vec::new(),
             common_env: Vec::new(),
             heartbeat_ms: 500,
+            extra_profiles: Vec::new(),
             proxied_nodes: false,
         }
     }
@@ -96,6 +105,12 @@ impl FleetBuilder {
         self
     }
 
+    /// Adds a profile (TOML) next to the shipped ones, for this fleet only.
+    pub fn profile(mut self, name: &str, toml: &str) -> Self {
+        self.extra_profiles.push((name.to_owned(), toml.to_owned()));
+        self
+    }
+
     pub fn proxied_nodes(mut self) -> Self {
         self.proxied_nodes = true;
         self
@@ -115,11 +130,22 @@ impl FleetBuilder {
         let port = free_port();
         let tag = uuid_fragment();
 
+        let profiles = if self.extra_profiles.is_empty() {
+            root.join("profiles")
+        } else {
+            // The shipped profiles plus this fleet's own, in the fleet's directory.
+            let dir = dir.path().join("profiles");
+            copy_dir(&root.join("profiles"), &dir)?;
+            for (name, toml) in &self.extra_profiles {
+                std::fs::write(dir.join(format!("{name}.toml")), toml)?;
+            }
+            dir
+        };
         let common = |command: &mut Command| {
             command
                 .env("FLOTILLA_NATS_URL", nats.url())
                 .env("FLOTILLA_ENGINES_DIR", root.join("engines"))
-                .env("FLOTILLA_PROFILES_DIR", root.join("profiles"))
+                .env("FLOTILLA_PROFILES_DIR", &profiles)
                 .env("RUST_LOG", "info")
                 .envs(self.common_env.iter().map(|(k, v)| (k, v)));
         };
@@ -156,6 +182,7 @@ impl FleetBuilder {
             node_ids: Vec::new(),
             proxies: Vec::new(),
             cluster: format!("test-{tag}"),
+            profiles: profiles.clone(),
             api: format!("http://127.0.0.1:{port}"),
             api_key: self.api_key.clone(),
             http: reqwest::Client::new(),
@@ -193,7 +220,7 @@ impl Fleet {
                     .map_or_else(|| self.nats.url(), |p| p.url()),
             )
             .env("FLOTILLA_ENGINES_DIR", root.join("engines"))
-            .env("FLOTILLA_PROFILES_DIR", root.join("profiles"))
+            .env("FLOTILLA_PROFILES_DIR", &self.profiles)
             .env("FLOTILLA_STATE_DIR", self.dir.path().join("state"))
             .env("FLOTILLA_NODE_ID", &self.node_ids[i])
             .env("FLOTILLA_CLUSTER", &self.cluster)
@@ -362,4 +389,18 @@ fn uuid_fragment() -> String {
         .map(|d| d.subsec_nanos())
         .unwrap_or(0);
     format!("{:x}{:x}", std::process::id(), nanos)
+}
+
+fn copy_dir(from: &Path, to: &Path) -> std::io::Result<()> {
+    std::fs::create_dir_all(to)?;
+    for entry in std::fs::read_dir(from)? {
+        let entry = entry?;
+        let target = to.join(entry.file_name());
+        if entry.file_type()?.is_dir() {
+            copy_dir(&entry.path(), &target)?;
+        } else {
+            std::fs::copy(entry.path(), target)?;
+        }
+    }
+    Ok(())
 }

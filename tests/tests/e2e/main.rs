@@ -4,7 +4,9 @@
 mod api;
 mod chaos;
 mod direct;
+mod engines;
 mod fleet;
+mod hooks;
 mod jobs;
 mod logs;
 mod outage;

@@ -1,0 +1,100 @@
+//! Every agent engine end to end through its fake CLI in a real container: the fake checks
+//! the argv the engine file builds, prints output in the real CLI's format, and the node
+//! extracts the structured result.
+
+use flotilla_testkit::Fleet;
+use serde_json::{Value, json};
+
+use crate::{submit, wait};
+
+async fn run(fleet: &Fleet, engine: &str, extra: Value) -> Value {
+    let mut body = json!({ "agent_id": "engines", "engine": engine, "prompt": "list the files" });
+    for (key, value) in extra.as_object().unwrap() {
+        body[key] = value.clone();
+    }
+    let job_id = submit(fleet, body).await;
+    wait(fleet, &job_id).await
+}
+
+#[tokio::test]
+async fn every_engine_runs_through_its_cli_and_yields_a_structured_result() {
+    let fleet = Fleet::builder().slots(4).start().await.unwrap();
+    for (engine, name, format) in [
+        ("claude-code", "claude", "json"),
+        ("claude-code", "claude", "stream-json"),
+        ("codex", "codex", "json"),
+        ("gemini", "gemini", "json"),
+        ("opencode", "opencode", "json"),
+        ("aider", "aider", "text"),
+    ] {
+        let job = run(&fleet, engine, json!({ "output_format": format })).await;
+        assert_eq!(job["status"], "completed", "{engine}/{format}: {job}");
+        let result = &job["result"];
+        let answer = format!("fake {name}: list the files");
+        if engine == "aider" {
+            // Aider prints plain text: the whole output is the answer; its token report is read.
+            assert!(result["text"].as_str().unwrap().contains(&answer), "{job}");
+            assert_eq!(job["usage"]["input_tokens"], 1200, "{job}");
+        } else {
+            assert_eq!(result["text"], answer, "{engine}/{format}: {job}");
+            assert!(
+                result["raw"].is_object() || result["raw"].is_array(),
+                "{engine}/{format}: raw kept: {job}"
+            );
+        }
+        if engine == "claude-code" {
+            assert!(
+                result["session_id"].as_str().is_some_and(|s| !s.is_empty()),
+                "{job}"
+            );
+            assert_eq!(result["num_turns"], 1, "{job}");
+            assert!(
+                job["usage"]["output_tokens"]
+                    .as_u64()
+                    .is_some_and(|t| t > 0),
+                "{job}"
+            );
+            assert!(
+                job["usage"]["cost_usd"].as_f64().is_some_and(|c| c > 0.0),
+                "{job}"
+            );
+        }
+    }
+}
+
+#[tokio::test]
+async fn an_engine_error_result_fails_the_job_with_its_message() {
+    let fleet = Fleet::builder().start().await.unwrap();
+    let mut body =
+        json!({ "agent_id": "engines", "engine": "claude-code", "prompt": "please FAIL now" });
+    body["output_format"] = json!("json");
+    let job = wait(&fleet, &submit(&fleet, body).await).await;
+    assert_eq!(job["status"], "failed", "{job}");
+    assert!(
+        job["error"].as_str().is_some_and(|e| !e.is_empty()),
+        "{job}"
+    );
+}
+
+#[tokio::test]
+async fn dry_run_shows_the_exact_command_for_every_engine() {
+    let fleet = Fleet::builder().slots(4).start().await.unwrap();
+    for (engine, binary) in [
+        ("claude-code", "claude"),
+        ("codex", "codex"),
+        ("gemini", "gemini"),
+        ("opencode", "opencode"),
+        ("aider", "aider"),
+        ("shell", "/bin/sh"),
+    ] {
+        let job = run(&fleet, engine, json!({ "dry_run": true })).await;
+        assert_eq!(job["status"], "completed", "{engine}: {job}");
+        let command = job["result"]["command"].as_array().unwrap();
+        assert_eq!(command[0], binary, "{engine}: {job}");
+        assert!(
+            command.iter().any(|arg| arg == "list the files"),
+            "{engine}: prompt missing: {job}"
+        );
+        assert_eq!(job["result"]["raw"]["engine"], engine);
+    }
+}
