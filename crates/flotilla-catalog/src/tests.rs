@@ -898,7 +898,7 @@ fn profile_summaries() {
     let catalog = shipped();
     let review = catalog.profile("code-review").unwrap().summary();
     assert_eq!(review["name"], "code-review");
-    assert_eq!(review["engine"], Value::Null);
+    assert_eq!(review["engine"], "claude-code");
     assert_eq!(review["prompt_vars"]["repo_url"]["required"], true);
     assert_eq!(review["prompt_vars"]["focus"]["default"], "all");
     assert_eq!(review["prompt_vars"]["focus"]["enum"][1], "security");
