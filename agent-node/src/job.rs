@@ -103,7 +103,7 @@ async fn run(
         shared.config.max_log_bytes,
         shared.config.max_result_bytes,
     );
-    let engine = shared.catalog.engine(&request.engine).cloned();
+    let engine = shared.catalog.current().engine(&request.engine).cloned();
     let outcome = match engine {
         Some(engine) => {
             execute(
@@ -193,7 +193,7 @@ async fn run(
     };
     let (result, usage, engine_error) = build_result(
         &request,
-        shared.catalog.engine(&request.engine),
+        shared.catalog.current().engine(&request.engine),
         &logs,
         final_state.exit_code,
     );

@@ -17,7 +17,7 @@ use std::{
 };
 
 use chrono::Utc;
-use flotilla_catalog::Catalog;
+use flotilla_config::LiveCatalog;
 use flotilla_nats::Topology;
 use flotilla_proto::{NodeInfo, names};
 use futures::StreamExt;
@@ -30,7 +30,7 @@ pub use docker::DockerRuntime;
 #[derive(Debug, thiserror::Error)]
 pub enum NodeError {
     #[error("cannot load engines/profiles: {0}")]
-    Catalog(#[from] flotilla_catalog::CatalogError),
+    Config(#[from] flotilla_config::ConfigError),
     #[error("docker is not usable: {0}")]
     Docker(#[from] docker::DockerError),
     #[error("worker image {0} is missing: build it with scripts/build-image")]
@@ -50,7 +50,8 @@ pub(crate) struct Shared {
     pub(crate) config: Config,
     pub(crate) topology: Topology,
     pub(crate) docker: DockerRuntime,
-    pub(crate) catalog: Catalog,
+    /// Engines, kept current from the shared configuration.
+    pub(crate) catalog: Arc<LiveCatalog>,
     /// Cancel tokens of the jobs on this node, by job id.
     pub(crate) running: Mutex<HashMap<String, CancellationToken>>,
     /// Cancelled when the drain grace period is over: stop every container and hand jobs back.
@@ -72,7 +73,6 @@ impl Shared {
 /// Runs the node until `shutdown` is cancelled, then drains: stops pulling, lets running jobs
 /// finish within the drain grace period, hands back the rest, and returns.
 pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), NodeError> {
-    let catalog = Catalog::load(&config.engines_dir, &config.profiles_dir)?;
     let docker = DockerRuntime::connect().await?;
     if !docker.image_exists(&config.image).await? {
         return Err(NodeError::MissingImage(config.image.clone()));
@@ -89,6 +89,14 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Node
     let client =
         flotilla_nats::connect(&config.nats_url, &format!("agent-node {}", config.node_id)).await?;
     let topology = Topology::ensure(client.clone(), config.topology.clone()).await?;
+    let background = CancellationToken::new();
+    let catalog = LiveCatalog::start(
+        &topology.js,
+        &config.engines_dir,
+        &config.profiles_dir,
+        background.clone(),
+    )
+    .await?;
     let cancels = client.subscribe(names::cancel_wildcard()).await?;
     let default_key = docker::PoolKey {
         image: config.image.clone(),
@@ -125,7 +133,6 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Node
         removals: TaskTracker::new(),
     });
     let slots = Arc::new(Semaphore::new(shared.config.slots as usize));
-    let background = CancellationToken::new();
     tokio::spawn(listen_for_cancels(
         shared.clone(),
         cancels,
@@ -287,11 +294,7 @@ async fn listen_for_cancels(
 async fn heartbeat(shared: Arc<Shared>, stop: CancellationToken) {
     let config = &shared.config;
     let started_at = Utc::now();
-    let engines: Vec<String> = shared
-        .catalog
-        .engines()
-        .map(|engine| engine.id.clone())
-        .collect();
+
     let mut ticker = tokio::time::interval(config.heartbeat_interval);
     loop {
         tokio::select! {
@@ -299,11 +302,17 @@ async fn heartbeat(shared: Arc<Shared>, stop: CancellationToken) {
             _ = ticker.tick() => {}
         }
         let pool = shared.pool.stats();
+        let engines: Vec<String> = shared
+            .catalog
+            .current()
+            .engines()
+            .map(|e| e.id.clone())
+            .collect();
         let info = NodeInfo {
             node_id: config.node_id.clone(),
             host: config.host.clone(),
             version: env!("CARGO_PKG_VERSION").to_owned(),
-            engines: engines.clone(),
+            engines,
             slots_total: config.slots,
             // Jobs actually here; free permits are mostly held by the outstanding pull.
             slots_busy: shared.running.lock().expect("running map").len() as u32,

@@ -32,7 +32,7 @@ pub async fn create(
     let submission = parse_submission(&body)?;
     let idempotency_key = idempotency_key(&headers)?;
     let request = flotilla_catalog::validate(
-        &state.catalog,
+        &state.catalog.current(),
         &state.config.limits,
         submission,
         Origin::Http,

@@ -2,6 +2,7 @@
 //! JetStream, and answers reads from KV and an in-memory index fed by a KV watch.
 
 mod config;
+mod configs;
 mod error;
 mod index;
 mod jobs;
@@ -16,7 +17,7 @@ use axum::{
     extract::DefaultBodyLimit,
     routing::{get, post},
 };
-use flotilla_catalog::Catalog;
+use flotilla_config::LiveCatalog;
 use flotilla_nats::Topology;
 use sha2::{Digest, Sha256};
 use tokio_util::sync::CancellationToken;
@@ -28,7 +29,8 @@ pub struct AppState {
     pub config: Config,
     pub client: async_nats::Client,
     pub topology: Topology,
-    pub catalog: Catalog,
+    /// Engines and profiles, kept current from the shared configuration.
+    pub catalog: Arc<LiveCatalog>,
     pub index: Arc<index::JobIndex>,
     api_key_digest: Option<Vec<u8>>,
 }
@@ -36,7 +38,7 @@ pub struct AppState {
 #[derive(Debug, thiserror::Error)]
 pub enum GatewayError {
     #[error("cannot load engines/profiles: {0}")]
-    Catalog(#[from] flotilla_catalog::CatalogError),
+    Config(#[from] flotilla_config::ConfigError),
     #[error("cannot connect to nats: {0}")]
     Connect(#[from] async_nats::ConnectError),
     #[error(transparent)]
@@ -57,6 +59,11 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/engines", get(ops::engines))
         .route("/profiles", get(ops::profiles))
         .route("/nodes", get(ops::nodes))
+        .route("/configs", get(configs::list))
+        .route(
+            "/configs/{kind}/{name}",
+            get(configs::get).put(configs::put).delete(configs::delete),
+        )
         .route("/jobs", post(jobs::create).get(jobs::list))
         .route("/jobs/{job_id}", get(jobs::get).delete(jobs::cancel))
         .route("/jobs/{job_id}/wait", get(jobs::wait))
@@ -74,11 +81,17 @@ pub fn router(state: Arc<AppState>) -> Router {
 
 /// Serves the API until `shutdown`, then finishes in-flight requests and returns.
 pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), GatewayError> {
-    let catalog = Catalog::load(&config.engines_dir, &config.profiles_dir)?;
     let client = flotilla_nats::connect(&config.nats_url, "api-gateway").await?;
     let topology = Topology::ensure(client.clone(), config.topology.clone()).await?;
     let index = Arc::new(index::JobIndex::default());
     let background = CancellationToken::new();
+    let catalog = LiveCatalog::start(
+        &topology.js,
+        &config.engines_dir,
+        &config.profiles_dir,
+        background.clone(),
+    )
+    .await?;
     tokio::spawn(index::follow(
         index.clone(),
         topology.jobs.clone(),

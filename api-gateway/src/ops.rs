@@ -78,6 +78,7 @@ pub async fn engines(
     let nodes = live_nodes(&state).await?;
     let engines: Vec<_> = state
         .catalog
+        .current()
         .engines()
         .map(|engine| {
             let available = nodes.iter().any(|node| node.engines.contains(&engine.id));
@@ -95,6 +96,7 @@ pub async fn engines(
 pub async fn profiles(State(state): State<Arc<AppState>>) -> Json<serde_json::Value> {
     let profiles: Vec<_> = state
         .catalog
+        .current()
         .profiles()
         .map(|profile| profile.summary())
         .collect();

@@ -7,7 +7,8 @@ use std::{sync::Arc, time::Duration};
 
 use async_nats::jetstream::{self, AckKind};
 use chrono::Utc;
-use flotilla_catalog::{Catalog, Limits, Origin};
+use flotilla_catalog::{Limits, Origin};
+use flotilla_config::LiveCatalog;
 use flotilla_nats::{StoreError, Topology};
 use flotilla_proto::{Encoding, JobRecord, JobStatus, SubmitRequest, ids, names};
 use futures::StreamExt;
@@ -15,7 +16,7 @@ use tokio_util::sync::CancellationToken;
 
 pub(crate) struct Intake {
     pub(crate) topology: Topology,
-    pub(crate) catalog: Catalog,
+    pub(crate) catalog: Arc<LiveCatalog>,
     pub(crate) limits: Limits,
 }
 
@@ -85,7 +86,7 @@ impl Intake {
             .clone()
             .filter(|id| ids::is_valid_job_id(id));
         let request = match flotilla_catalog::validate(
-            &self.catalog,
+            &self.catalog.current(),
             &self.limits,
             submission.clone(),
             Origin::Nats,

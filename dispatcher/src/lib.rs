@@ -8,7 +8,8 @@ mod lifecycle;
 use std::{net::SocketAddr, path::PathBuf, sync::Arc};
 
 use axum::{Json, Router, extract::State, http::StatusCode, routing::get};
-use flotilla_catalog::{Catalog, Limits};
+use flotilla_catalog::Limits;
+use flotilla_config::LiveCatalog;
 use flotilla_nats::{Topology, TopologyConfig};
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
@@ -29,7 +30,7 @@ pub struct Config {
 #[derive(Debug, thiserror::Error)]
 pub enum DispatcherError {
     #[error("cannot load engines/profiles: {0}")]
-    Catalog(#[from] flotilla_catalog::CatalogError),
+    Config(#[from] flotilla_config::ConfigError),
     #[error("cannot connect to nats: {0}")]
     Connect(#[from] async_nats::ConnectError),
     #[error(transparent)]
@@ -44,11 +45,17 @@ pub enum DispatcherError {
 }
 
 pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), DispatcherError> {
-    let catalog = Catalog::load(&config.engines_dir, &config.profiles_dir)?;
     let client = flotilla_nats::connect(&config.nats_url, "dispatcher").await?;
     let topology = Topology::ensure(client.clone(), config.topology.clone()).await?;
 
     let workers = CancellationToken::new();
+    let catalog = LiveCatalog::start(
+        &topology.js,
+        &config.engines_dir,
+        &config.profiles_dir,
+        workers.clone(),
+    )
+    .await?;
     let (leading_tx, leading) = tokio::sync::watch::channel(false);
     let election = tokio::spawn(lifecycle::elect(
         topology.clone(),

@@ -44,6 +44,11 @@ pub fn dead_subject(job_id: &str) -> String {
     format!("{SUBJECT_DEAD_PREFIX}.{job_id}")
 }
 
+/// KV bucket holding the configuration every service runs with: one key per file, named by
+/// its path (`engines/claude-code.toml`, `profiles/researcher.toml`,
+/// `profiles/templates/agent-base.md.j2`), the value the file's text.
+pub const BUCKET_CONFIG: &str = "flotilla_config";
+
 /// KV bucket holding the dispatcher leader lease under [`KEY_LEADER`].
 pub const BUCKET_DISPATCH: &str = "flotilla_dispatch";
 pub const KEY_LEADER: &str = "leader";

@@ -13,6 +13,8 @@ use crate::{NatsServer, Process, binary, free_port, repo_root, wait_until};
 pub struct Fleet {
     pub nats: NatsServer,
     pub gateway: Process,
+    /// Further gateways (see [`FleetBuilder::gateways`]) and their URLs.
+    pub extra_gateways: Vec<(Process, String)>,
     pub dispatcher: Process,
     pub nodes: Vec<Process>,
     pub node_ids: Vec<String>,
@@ -46,6 +48,7 @@ pub struct FleetBuilder {
     extra_profiles: Vec<(String, String)>,
     /// Nodes reach NATS through a [`TcpProxy`] each, so a test can cut one off.
     proxied_nodes: bool,
+    gateways: usize,
 }
 
 impl Default for FleetBuilder {
@@ -62,6 +65,7 @@ impl Default for FleetBuilder {
             heartbeat_ms: 500,
             extra_profiles: Vec::new(),
             proxied_nodes: false,
+            gateways: 1,
         }
     }
 }
@@ -108,6 +112,12 @@ impl FleetBuilder {
     /// Adds a profile (TOML) next to the shipped ones, for this fleet only.
     pub fn profile(mut self, name: &str, toml: &str) -> Self {
         self.extra_profiles.push((name.to_owned(), toml.to_owned()));
+        self
+    }
+
+    /// Runs this many api-gateways on the same NATS (default 1).
+    pub fn gateways(mut self, gateways: usize) -> Self {
+        self.gateways = gateways.max(1);
         self
     }
 
@@ -162,6 +172,22 @@ impl FleetBuilder {
         let gateway =
             Process::spawn_command("api-gateway", command, &dir.path().join("gateway.log"))?;
 
+        let mut extra_gateways = Vec::new();
+        for n in 1..self.gateways {
+            let port = free_port();
+            let mut command = Command::new(binary("api-gateway")?);
+            common(&mut command);
+            command.env("FLOTILLA_LISTEN", format!("127.0.0.1:{port}"));
+            if let Some(key) = &self.api_key {
+                command.env("FLOTILLA_API_KEY", key);
+            }
+            let log = dir.path().join(format!("gateway-{n}.log"));
+            extra_gateways.push((
+                Process::spawn_command("api-gateway", command, &log)?,
+                format!("http://127.0.0.1:{port}"),
+            ));
+        }
+
         let mut command = Command::new(binary("dispatcher")?);
         common(&mut command);
         command
@@ -177,6 +203,7 @@ impl FleetBuilder {
         let mut fleet = Fleet {
             nats,
             gateway,
+            extra_gateways,
             dispatcher,
             nodes: Vec::new(),
             node_ids: Vec::new(),

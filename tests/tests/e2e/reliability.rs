@@ -94,15 +94,16 @@ async fn a_killed_node_s_job_is_requeued_within_seconds_and_completes_elsewhere(
 
 #[tokio::test]
 async fn a_job_out_of_deliveries_is_failed_and_dead_lettered() {
+    // Two nodes: JetStream notices the exhausted message when the other node next pulls.
     let mut fleet = Fleet::builder()
-        .nodes(1)
+        .nodes(2)
         .env("FLOTILLA_MAX_DELIVER", "1")
         .start()
         .await
         .unwrap();
     let job_id = submit(&fleet, shell("sleep 30")).await;
-    running_on(&fleet, &job_id).await;
-    fleet.nodes[0].signal("KILL");
+    let victim = running_on(&fleet, &job_id).await;
+    fleet.nodes[victim].signal("KILL");
 
     let job = wait(&fleet, &job_id).await;
     assert_eq!(job["status"], "failed", "{job}");
@@ -143,7 +144,7 @@ async fn a_job_out_of_deliveries_is_failed_and_dead_lettered() {
         .messages;
     assert_eq!(queue, 0);
 
-    fleet.restart_node(0).unwrap();
+    fleet.restart_node(victim).unwrap();
     fleet.assert_no_containers_left().await.unwrap();
 }
 

@@ -119,7 +119,7 @@ async fn a_fork_bomb_is_contained_and_the_node_carries_on() {
     // Only shell builtins after the bomb: once the pids limit is hit, nothing can fork.
     let mut bomb = shell(
         "(i=0; while [ $i -lt 1000 ]; do sleep 30 </dev/null >/dev/null 2>&1 & i=$((i+1)); done) 2>/workspace/err; \
-         kill -9 -1; while read -r line; do last=\"$line\"; done < /workspace/err; echo \"$last\"; echo done",
+         while read -r line; do last=\"$line\"; done < /workspace/err; echo \"$last\"; echo done",
     );
     bomb["timeout_seconds"] = json!(15);
     let job = run(&fleet, bomb).await;

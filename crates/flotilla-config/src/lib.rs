@@ -1,0 +1,301 @@
+//! One configuration everywhere. Engine and profile files live in the `flotilla_config` KV
+//! bucket (key = the file's path, value = its text). The first service to start seeds the
+//! bucket from its `engines/` and `profiles/` directories; every service then loads its
+//! catalogue from the bucket and watches it, so a change made once (through `PUT /configs/...`
+//! or any KV client) reaches every gateway, dispatcher and node without a restart. A change
+//! that does not load is refused at the API and ignored (with an error log) by watchers, so a
+//! bad file never replaces a good catalogue.
+
+use std::{
+    collections::BTreeMap,
+    path::Path,
+    sync::{
+        Arc, RwLock,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Duration,
+};
+
+use async_nats::jetstream::{
+    self,
+    kv::{self, Operation, Store},
+};
+use flotilla_catalog::{Catalog, CatalogError};
+use flotilla_proto::names;
+use futures::{StreamExt, TryStreamExt};
+use tokio_util::sync::CancellationToken;
+
+/// Configuration files by path (`engines/x.toml`, `profiles/y.toml`, `profiles/templates/z`).
+pub type Files = BTreeMap<String, String>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("config store unavailable: {0}")]
+    Nats(String),
+    #[error("cannot read config files: {0}")]
+    Io(#[from] std::io::Error),
+    #[error(transparent)]
+    Invalid(#[from] CatalogError),
+}
+
+fn nats(e: impl std::fmt::Display) -> ConfigError {
+    ConfigError::Nats(e.to_string())
+}
+
+/// The catalogue in force, swapped in place when the configuration changes.
+pub struct LiveCatalog {
+    current: RwLock<Arc<Catalog>>,
+    /// KV revision of the newest change applied: every service on the same revision runs the
+    /// same configuration.
+    version: AtomicU64,
+    store: Store,
+}
+
+impl LiveCatalog {
+    /// Seeds the bucket from the directories if it is empty, loads the catalogue from it and
+    /// keeps it current until `stop`.
+    pub async fn start(
+        js: &jetstream::Context,
+        engines_dir: &Path,
+        profiles_dir: &Path,
+        stop: CancellationToken,
+    ) -> Result<Arc<Self>, ConfigError> {
+        let store = match js.get_key_value(names::BUCKET_CONFIG).await {
+            Ok(store) => store,
+            Err(_) => js
+                .create_key_value(kv::Config {
+                    bucket: names::BUCKET_CONFIG.to_owned(),
+                    history: 10,
+                    ..Default::default()
+                })
+                .await
+                .map_err(nats)?,
+        };
+        seed_if_empty(&store, engines_dir, profiles_dir).await?;
+        let (files, version) = read_all(&store).await?;
+        let catalog = build(&files)?;
+        let live = Arc::new(Self {
+            current: RwLock::new(Arc::new(catalog)),
+            version: AtomicU64::new(version),
+            store,
+        });
+        tokio::spawn(live.clone().follow(version, stop));
+        Ok(live)
+    }
+
+    pub fn current(&self) -> Arc<Catalog> {
+        self.current.read().expect("catalog lock").clone()
+    }
+
+    pub fn version(&self) -> u64 {
+        self.version.load(Ordering::SeqCst)
+    }
+
+    /// Every configuration file.
+    pub async fn files(&self) -> Result<Files, ConfigError> {
+        Ok(read_all(&self.store).await?.0)
+    }
+
+    /// Writes (or with `None`, deletes) one file after checking that the whole configuration
+    /// still loads with the change. Returns the new version.
+    pub async fn change(&self, path: &str, content: Option<&str>) -> Result<u64, ConfigError> {
+        let (mut files, _) = read_all(&self.store).await?;
+        match content {
+            Some(text) => files.insert(path.to_owned(), text.to_owned()),
+            None => files.remove(path),
+        };
+        build(&files)?;
+        let revision = match content {
+            Some(text) => self
+                .store
+                .put(path, text.to_owned().into())
+                .await
+                .map_err(nats)?,
+            None => {
+                self.store.delete(path).await.map_err(nats)?;
+                self.store
+                    .status()
+                    .await
+                    .map_err(nats)?
+                    .info
+                    .state
+                    .last_sequence
+            }
+        };
+        self.reload(revision).await;
+        Ok(revision)
+    }
+
+    /// Applies every change made in the bucket, from any service, as it happens.
+    async fn follow(self: Arc<Self>, from: u64, stop: CancellationToken) {
+        let mut next = from + 1;
+        loop {
+            let watch = tokio::select! {
+                () = stop.cancelled() => return,
+                watch = self.store.watch_all_from_revision(next) => watch,
+            };
+            let mut changes = match watch {
+                Ok(changes) => changes,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot watch the configuration, retrying");
+                    tokio::select! {
+                        () = stop.cancelled() => return,
+                        () = tokio::time::sleep(Duration::from_secs(1)) => continue,
+                    }
+                }
+            };
+            loop {
+                let change = tokio::select! {
+                    () = stop.cancelled() => return,
+                    change = changes.next() => change,
+                };
+                match change {
+                    Some(Ok(entry)) => {
+                        next = entry.revision + 1;
+                        self.reload(entry.revision).await;
+                    }
+                    Some(Err(e)) => {
+                        tracing::warn!(error = %e, "configuration watch failed, re-watching");
+                        break;
+                    }
+                    None => break,
+                }
+            }
+        }
+    }
+
+    async fn reload(&self, revision: u64) {
+        if revision <= self.version() {
+            return;
+        }
+        match read_all(&self.store)
+            .await
+            .and_then(|(files, _)| build(&files))
+        {
+            Ok(catalog) => {
+                *self.current.write().expect("catalog lock") = Arc::new(catalog);
+                self.version.fetch_max(revision, Ordering::SeqCst);
+                tracing::info!(version = revision, "configuration reloaded");
+            }
+            Err(e) => {
+                tracing::error!(version = revision, error = %e, "new configuration refused; keeping the current one")
+            }
+        }
+    }
+}
+
+/// Written after the last seeded file: services that find files but no marker wait for it, so
+/// none loads a half-seeded configuration.
+const SEEDED: &str = "_seeded";
+
+async fn seed_if_empty(
+    store: &Store,
+    engines_dir: &Path,
+    profiles_dir: &Path,
+) -> Result<(), ConfigError> {
+    let existing: Vec<String> = store
+        .keys()
+        .await
+        .map_err(nats)?
+        .try_collect()
+        .await
+        .map_err(nats)?;
+    if !existing.is_empty() {
+        return wait_until_seeded(store).await;
+    }
+    let mut files = Files::new();
+    read_dir_into(engines_dir, "engines", &mut files)?;
+    read_dir_into(profiles_dir, "profiles", &mut files)?;
+    build(&files)?;
+    for (path, text) in &files {
+        // `create`: if another service seeds at the same moment, the first write wins.
+        if let Err(e) = store.create(path, text.clone().into()).await
+            && e.kind() != kv::CreateErrorKind::AlreadyExists
+        {
+            return Err(nats(e));
+        }
+    }
+    if let Err(e) = store.create(SEEDED, "1".into()).await
+        && e.kind() != kv::CreateErrorKind::AlreadyExists
+    {
+        return Err(nats(e));
+    }
+    tracing::info!(files = files.len(), "configuration seeded from disk");
+    Ok(())
+}
+
+async fn wait_until_seeded(store: &Store) -> Result<(), ConfigError> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        if store.get(SEEDED).await.map_err(nats)?.is_some() {
+            return Ok(());
+        }
+        if tokio::time::Instant::now() > deadline {
+            return Err(ConfigError::Nats(
+                "the configuration is still being seeded after 30 s".to_owned(),
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn read_dir_into(dir: &Path, prefix: &str, files: &mut Files) -> Result<(), ConfigError> {
+    for entry in std::fs::read_dir(dir)? {
+        let entry = entry?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let path = format!("{prefix}/{name}");
+        if entry.file_type()?.is_dir() {
+            read_dir_into(&entry.path(), &path, files)?;
+        } else {
+            files.insert(path, std::fs::read_to_string(entry.path())?);
+        }
+    }
+    Ok(())
+}
+
+/// Every file and the highest revision among them.
+async fn read_all(store: &Store) -> Result<(Files, u64), ConfigError> {
+    let keys: Vec<String> = store
+        .keys()
+        .await
+        .map_err(nats)?
+        .try_collect()
+        .await
+        .map_err(nats)?;
+    let mut files = Files::new();
+    let mut version = 0;
+    for key in keys.into_iter().filter(|key| key != SEEDED) {
+        if let Some(entry) = store.entry(key.clone()).await.map_err(nats)?
+            && entry.operation == Operation::Put
+        {
+            version = version.max(entry.revision);
+            files.insert(key, String::from_utf8_lossy(&entry.value).into_owned());
+        }
+    }
+    Ok((files, version))
+}
+
+/// Loads a catalogue from files by writing them to a private directory: the disk loader and
+/// its checks (template files, path rules) stay the one implementation.
+fn build(files: &Files) -> Result<Catalog, ConfigError> {
+    let dir = tempfile::tempdir()?;
+    std::fs::create_dir_all(dir.path().join("engines"))?;
+    std::fs::create_dir_all(dir.path().join("profiles"))?;
+    for (path, text) in files {
+        let safe = path
+            .split('/')
+            .all(|part| !part.is_empty() && part != ".." && part != ".");
+        if !safe {
+            continue;
+        }
+        let target = dir.path().join(path);
+        if let Some(parent) = target.parent() {
+            std::fs::create_dir_all(parent)?;
+        }
+        std::fs::write(target, text)?;
+    }
+    Ok(Catalog::load(
+        &dir.path().join("engines"),
+        &dir.path().join("profiles"),
+    )?)
+}

@@ -1,0 +1,150 @@
+//! One configuration everywhere: a profile or engine changed through one gateway reaches the
+//! other gateway and the nodes without a restart; a change that does not load is refused.
+
+use std::time::Duration;
+
+use flotilla_testkit::{Fleet, wait_until};
+use reqwest::Method;
+use serde_json::{Value, json};
+
+use crate::wait;
+
+const GREETER: &str = r#"
+[agent]
+description = "Greets (test)"
+engine = "shell"
+
+[prompt]
+template = "echo hello {{ name }}"
+
+[prompt.variables.name]
+type = "string"
+required = true
+"#;
+
+const ECHOER: &str = r#"
+[engine]
+name = "Echoer"
+description = "Prints its prompt (test)"
+
+[command]
+binary = "echo"
+prompt_flag = ""
+
+[output]
+format = "text"
+parser = "text"
+"#;
+
+async fn put(fleet: &Fleet, path: &str, content: &str) -> (u16, Value) {
+    let response = fleet
+        .request(Method::PUT, path)
+        .json(&json!({ "content": content }))
+        .send()
+        .await
+        .unwrap();
+    let status = response.status().as_u16();
+    (status, response.json().await.unwrap())
+}
+
+/// `POST /jobs` on the second gateway.
+async fn submit_on_second(fleet: &Fleet, body: Value) -> (u16, Value) {
+    let url = format!("{}/jobs", fleet.extra_gateways[0].1);
+    let response = fleet.http.post(url).json(&body).send().await.unwrap();
+    let status = response.status().as_u16();
+    (status, response.json().await.unwrap())
+}
+
+#[tokio::test]
+async fn a_configuration_change_reaches_every_gateway_and_node() {
+    let fleet = Fleet::builder().gateways(2).start().await.unwrap();
+    let second = fleet.extra_gateways[0].1.clone();
+
+    let (status, body) = put(&fleet, "/configs/profile/greeter", GREETER).await;
+    assert_eq!(status, 200, "{body}");
+    wait_until(
+        Duration::from_secs(10),
+        "the second gateway to know the new profile",
+        || async {
+            let profiles: Value = fleet
+                .http
+                .get(format!("{second}/profiles"))
+                .send()
+                .await
+                .ok()?
+                .json()
+                .await
+                .ok()?;
+            profiles["profiles"]
+                .as_array()?
+                .iter()
+                .any(|p| p["name"] == "greeter")
+                .then_some(())
+        },
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", fleet.logs()));
+
+    // Its typed variables are enforced at submit on the other gateway too.
+    let (status, error) =
+        submit_on_second(&fleet, json!({ "agent_id": "cfg", "profile": "greeter" })).await;
+    assert_eq!(status, 422, "{error}");
+    assert_eq!(error["error"]["field"], "prompt_vars.name");
+    let (status, accepted) = submit_on_second(
+        &fleet,
+        json!({ "agent_id": "cfg", "profile": "greeter", "prompt_vars": { "name": "fleet" } }),
+    )
+    .await;
+    assert_eq!(status, 202, "{accepted}");
+    let job = wait(&fleet, accepted["job_id"].as_str().unwrap()).await;
+    assert_eq!(job["result"]["text"], "hello fleet\n", "{job}");
+
+    // A new engine reaches the node as well.
+    let (status, body) = put(&fleet, "/configs/engine/echoer", ECHOER).await;
+    assert_eq!(status, 200, "{body}");
+    let version = body["version"].as_u64().unwrap();
+    wait_until(
+        Duration::from_secs(10),
+        "both gateways on the same configuration version",
+        || async {
+            let configs: Value = fleet
+                .http
+                .get(format!("{second}/configs"))
+                .send()
+                .await
+                .ok()?
+                .json()
+                .await
+                .ok()?;
+            (configs["version"].as_u64()? >= version).then_some(())
+        },
+    )
+    .await
+    .unwrap();
+    let (status, accepted) = submit_on_second(
+        &fleet,
+        json!({ "agent_id": "cfg", "engine": "echoer", "prompt": "from a new engine" }),
+    )
+    .await;
+    assert_eq!(status, 202, "{accepted}");
+    let job = wait(&fleet, accepted["job_id"].as_str().unwrap()).await;
+    assert_eq!(job["status"], "completed", "{job}");
+    assert_eq!(job["result"]["text"], "from a new engine", "{job}");
+
+    // A change that does not load is refused, and nothing changes.
+    let (status, error) = put(
+        &fleet,
+        "/configs/profile/greeter",
+        "[agent]\nengine = \"no-such-engine\"\n",
+    )
+    .await;
+    assert_eq!(status, 422, "{error}");
+    assert_eq!(error["error"]["code"], "invalid_config");
+    let (status, accepted) = submit_on_second(
+        &fleet,
+        json!({ "agent_id": "cfg", "profile": "greeter", "prompt_vars": { "name": "again" } }),
+    )
+    .await;
+    assert_eq!(status, 202, "{accepted}");
+    fleet.assert_no_containers_left().await.unwrap();
+}
