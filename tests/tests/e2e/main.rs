@@ -3,6 +3,7 @@
 
 mod api;
 mod chaos;
+mod cli;
 mod config;
 mod direct;
 mod engines;
