@@ -159,6 +159,17 @@ impl JobIndex {
         (page, total)
     }
 
+    /// How many jobs are in each status.
+    pub fn counts(&self) -> BTreeMap<JobStatus, usize> {
+        let inner = self.inner.read().expect("index lock");
+        let mut counts: BTreeMap<JobStatus, usize> =
+            JobStatus::ALL.into_iter().map(|s| (s, 0)).collect();
+        for summary in inner.by_id.values() {
+            *counts.entry(summary.status).or_default() += 1;
+        }
+        counts
+    }
+
     pub fn len(&self) -> usize {
         self.inner.read().expect("index lock").by_id.len()
     }

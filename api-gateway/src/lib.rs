@@ -7,6 +7,7 @@ mod error;
 mod index;
 mod jobs;
 mod logs;
+mod metrics;
 mod middleware;
 mod ops;
 
@@ -56,6 +57,7 @@ pub fn router(state: Arc<AppState>) -> Router {
     Router::new()
         .route("/", get(ops::root))
         .route("/health", get(ops::health))
+        .route("/metrics", get(metrics::render))
         .route("/engines", get(ops::engines))
         .route("/profiles", get(ops::profiles))
         .route("/nodes", get(ops::nodes))

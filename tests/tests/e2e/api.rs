@@ -440,3 +440,39 @@ async fn list_filters_paginates_newest_first_and_unknown_ids_are_404() {
         assert_eq!(error["error"]["code"], "not_found");
     }
 }
+
+#[tokio::test]
+async fn metrics_are_public_and_describe_jobs_queue_and_nodes() {
+    let fleet = Fleet::builder()
+        .api_key("a-long-enough-test-key")
+        .start()
+        .await
+        .unwrap();
+    for _ in 0..2 {
+        let id = submit(&fleet, shell("echo measured")).await;
+        crate::wait(&fleet, &id).await;
+    }
+    let response = reqwest::get(format!("{}/metrics", fleet.api))
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200, "metrics need no key");
+    assert!(
+        response.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("text/plain; version=0.0.4")
+    );
+    let text = response.text().await.unwrap();
+    for line in [
+        "flotilla_jobs{status=\"completed\"} 2",
+        "flotilla_jobs{status=\"pending\"} 0",
+        "flotilla_queue_depth 0",
+        "flotilla_nodes_live 1",
+        "# TYPE flotilla_pool_hits_total counter",
+    ] {
+        assert!(
+            text.lines().any(|l| l == line),
+            "missing {line:?} in:\n{text}"
+        );
+    }
+}
