@@ -127,7 +127,7 @@ pub async fn put(
     if body.content.trim().is_empty() || body.content.len() > 100_000 {
         return Err(ApiError::invalid(
             "content",
-            "content must be 1-100000 characters",
+            "content must be 1-100000 bytes",
         ));
     }
     let version = state
