@@ -172,7 +172,7 @@ impl JobStore {
                         apply(WatchEvent::Removed { job_id, revision });
                     }
                     Some(WatchEvent::Corrupt { key, error }) => {
-                        tracing::warn!(key, error, "skipping undecodable job record");
+                        tracing::warn!(key, error, "ignoring undecodable job record");
                     }
                     Some(WatchEvent::Error(error)) => {
                         tracing::warn!(error, "job watch failed, re-watching");
