@@ -253,8 +253,10 @@ fn read_dir_into(dir: &Path, prefix: &str, files: &mut Files) -> Result<(), Conf
     Ok(())
 }
 
-/// Every file and the highest revision among them.
+/// Every file, and the bucket's last revision taken *before* reading them: every change up to
+/// it is included, and any later one reaches the watcher (which starts after it).
 async fn read_all(store: &Store) -> Result<(Files, u64), ConfigError> {
+    let version = store.status().await.map_err(nats)?.info.state.last_sequence;
     let keys: Vec<String> = store
         .keys()
         .await
@@ -263,12 +265,10 @@ async fn read_all(store: &Store) -> Result<(Files, u64), ConfigError> {
         .await
         .map_err(nats)?;
     let mut files = Files::new();
-    let mut version = 0;
     for key in keys.into_iter().filter(|key| key != SEEDED) {
         if let Some(entry) = store.entry(key.clone()).await.map_err(nats)?
             && entry.operation == Operation::Put
         {
-            version = version.max(entry.revision);
             files.insert(key, String::from_utf8_lossy(&entry.value).into_owned());
         }
     }
