@@ -103,11 +103,13 @@ async fn run(
         shared.config.max_log_bytes,
         shared.config.max_result_bytes,
     );
+    // Looked up once: the result is parsed with the engine file the job ran with, even if the
+    // configuration changes meanwhile.
     let engine = shared.catalog.current().engine(&request.engine).cloned();
-    let outcome = match engine {
+    let outcome = match &engine {
         Some(engine) => {
             execute(
-                &shared, &request, &engine, attempt, &cancel, &mut logs, received,
+                &shared, &request, engine, attempt, &cancel, &mut logs, received,
             )
             .await
         }
@@ -191,12 +193,8 @@ async fn run(
             exit_code, stop, ..
         } => final_state(exit_code, stop, request.timeout_seconds),
     };
-    let (result, usage, engine_error) = build_result(
-        &request,
-        shared.catalog.current().engine(&request.engine),
-        &logs,
-        final_state.exit_code,
-    );
+    let (result, usage, engine_error) =
+        build_result(&request, engine.as_ref(), &logs, final_state.exit_code);
     // A CLI that exits 0 but reports an error result (API failure, max turns) failed the job.
     let mut final_state = final_state;
     if engine_error && final_state.status == JobStatus::Completed {

@@ -242,14 +242,7 @@ async fn every_post_jobs_rule_answers_422_naming_the_field_and_changes_nothing()
         .unwrap();
     assert_eq!(not_json.status(), 422);
     // Nothing was accepted.
-    let list: Value = fleet
-        .request(Method::GET, "/jobs")
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let list: Value = crate::list_jobs(&fleet).await;
     assert_eq!(list["total"], 0, "{list}");
 }
 
@@ -291,14 +284,7 @@ async fn idempotency_key_returns_the_same_job_or_409() {
     assert_eq!(conflict.status(), 409);
     let error: Value = conflict.json().await.unwrap();
     assert_eq!(error["error"]["code"], "idempotency_conflict");
-    let list: Value = fleet
-        .request(Method::GET, "/jobs")
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let list: Value = crate::list_jobs(&fleet).await;
     assert_eq!(list["total"], 1);
 }
 

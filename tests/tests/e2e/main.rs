@@ -58,6 +58,18 @@ pub async fn wait(fleet: &Fleet, job_id: &str) -> Value {
     serde_json::from_str(&text).unwrap()
 }
 
+/// `GET /jobs` (first page, default filters).
+pub async fn list_jobs(fleet: &Fleet) -> Value {
+    fleet
+        .request(Method::GET, "/jobs")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
 pub async fn get_job(fleet: &Fleet, job_id: &str) -> (u16, Value) {
     let response = fleet
         .request(Method::GET, &format!("/jobs/{job_id}"))

@@ -32,14 +32,7 @@ async fn a_full_queue_answers_503_and_accepts_nothing() {
     assert_eq!(response.headers()["retry-after"], "1");
     let error: Value = response.json().await.unwrap();
     assert_eq!(error["error"]["code"], "queue_unavailable");
-    let list: Value = fleet
-        .request(Method::GET, "/jobs")
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let list: Value = crate::list_jobs(&fleet).await;
     assert_eq!(
         list["total"], 3,
         "the refused job must not be half-accepted: {list}"
@@ -191,14 +184,7 @@ async fn finished_jobs_beyond_the_retained_count_are_deleted() {
     for id in &ids[2..] {
         assert_eq!(get_job(&fleet, id).await.0, 200);
     }
-    let list: Value = fleet
-        .request(Method::GET, "/jobs")
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let list: Value = crate::list_jobs(&fleet).await;
     assert_eq!(list["total"], 2, "{list}");
     fleet.assert_no_containers_left().await.unwrap();
 }
