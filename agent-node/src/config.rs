@@ -46,14 +46,29 @@ pub struct Config {
     /// The default job resources (must match the gateway's), used for the pool's key.
     pub default_memory_bytes: i64,
     pub default_nano_cpus: i64,
+    /// Port of the llm-gateway on this host. When set, engine jobs get a per-job token and
+    /// run on `network`, an internal network fenced so that the gateway is all they reach.
+    pub llm_gateway_port: Option<u16>,
+    /// Where `GET /metrics` is served; `None` serves no metrics.
+    pub metrics_listen: Option<std::net::SocketAddr>,
 }
+
+/// The job network used when the llm-gateway is on and none is named.
+pub const DEFAULT_LLM_NETWORK: &str = "flotilla-jobs";
 
 #[derive(Debug, thiserror::Error)]
 #[error("invalid agent-node config: {0}")]
 pub struct ConfigError(String);
 
 impl Config {
-    pub fn validate(self) -> Result<Self, ConfigError> {
+    pub fn validate(mut self) -> Result<Self, ConfigError> {
+        if self.llm_gateway_port.is_some() && self.network == "none" {
+            // Jobs need a network to reach the gateway: a fenced internal one.
+            DEFAULT_LLM_NETWORK.clone_into(&mut self.network);
+        }
+        if self.llm_gateway_port == Some(0) {
+            return Err(ConfigError("llm-gateway port must not be 0".to_owned()));
+        }
         if !flotilla_proto::ids::is_safe_id(&self.node_id, 64) {
             return Err(ConfigError(format!(
                 "node id {:?} must match ^[A-Za-z0-9_-]{{1,64}}$",

@@ -85,6 +85,10 @@ pub struct DockerRuntime {
 }
 
 impl DockerRuntime {
+    pub(crate) fn api(&self) -> &Docker {
+        &self.docker
+    }
+
     pub async fn connect() -> Result<Self, DockerError> {
         let docker = Docker::connect_with_local_defaults()?
             .negotiate_version()

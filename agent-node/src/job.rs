@@ -9,15 +9,19 @@ use chrono::Utc;
 use flotilla_catalog::Engine;
 use flotilla_nats::StoreError;
 use flotilla_proto::{
-    Attempt, Encoding, JobRecord, JobRequest, JobResult, JobStatus, LogEnd, LogStream, Usage, names,
+    Attempt, Encoding, JobRecord, JobRequest, JobResult, JobStatus, LlmGrant, LogEnd, LogStream,
+    Usage, names,
 };
 use futures::StreamExt;
 use tokio_util::sync::CancellationToken;
+
+use tracing::Instrument as _;
 
 use crate::{
     Shared,
     docker::{DockerError, OutputStream, PoolKey, Started},
     logs::{LogPublisher, publish_chunk, publish_end},
+    metrics::{Finish, PoolUse},
     outbox::{Entry, PendingFinish},
     pool::ROLE_COLD,
     script,
@@ -30,6 +34,8 @@ enum Stop {
     Cancelled,
     /// The node is shutting down and could not wait for the job.
     Shutdown,
+    /// The llm-gateway found the job's budget spent.
+    Budget,
 }
 
 enum Outcome {
@@ -59,9 +65,24 @@ pub(crate) async fn handle(shared: Arc<Shared>, message: jetstream::Message) {
         }
     };
     let job_id = request.job_id.clone();
-    let span = tracing::info_span!("job", job_id = %job_id);
+    let delivered = message.info().map(|info| info.delivered).unwrap_or(1);
+    shared.metrics.received(delivered);
+    // The job's spans join the trace of the request that submitted it (W3C headers on the
+    // message), so one trace runs from `POST /jobs` to the recorded outcome.
+    let span = tracing::info_span!(
+        "job",
+        otel.kind = "consumer",
+        job_id = %job_id,
+        node_id = %shared.config.node_id,
+        delivered,
+        attempt = tracing::field::Empty,
+        status = tracing::field::Empty,
+    );
+    flotilla_telemetry::propagation::set_parent_from_nats(&span, message.headers.as_ref());
     let guard = RunningGuard::register(&shared, &job_id);
-    tracing::Instrument::instrument(run(shared, message, request, &guard, received), span).await;
+    run(shared, message, request, &guard, received)
+        .instrument(span)
+        .await;
 }
 
 async fn run(
@@ -74,7 +95,10 @@ async fn run(
     let cancel = guard.token.clone();
     let ack_subject = message.reply.as_ref().map(|s| s.to_string());
     let delivered = message.info().map(|info| info.delivered).unwrap_or(1);
-    let claimed = match claim(&shared, &request, ack_subject, delivered).await {
+    let claimed = match claim(&shared, &request, ack_subject, delivered)
+        .instrument(tracing::info_span!("claim"))
+        .await
+    {
         Ok(Some(claimed)) => claimed,
         Ok(None) => {
             ack(&message, AckKind::Ack).await;
@@ -87,14 +111,18 @@ async fn run(
         }
     };
     let attempt = claimed.attempt;
+    tracing::Span::current().record("attempt", attempt);
+    shared.metrics.started();
     tracing::info!(attempt, engine = %request.engine, "job started");
 
     let message = Arc::new(message);
+    let budget_spent = CancellationToken::new();
     let keepalive = tokio::spawn(keep_alive(
         shared.clone(),
         message.clone(),
         request.job_id.clone(),
         cancel.clone(),
+        budget_spent.clone(),
     ));
     let mut logs = LogPublisher::new(
         shared.clone(),
@@ -108,8 +136,12 @@ async fn run(
     let engine = shared.catalog.current().engine(&request.engine).cloned();
     let outcome = match &engine {
         Some(engine) => {
+            let stops = Stops {
+                cancel: &cancel,
+                budget_spent: &budget_spent,
+            };
             execute(
-                &shared, &request, engine, attempt, &cancel, &mut logs, received,
+                &shared, &request, engine, attempt, stops, &mut logs, received,
             )
             .await
         }
@@ -134,6 +166,7 @@ async fn run(
             if release(&shared, &request.job_id, &claimed, reason).await {
                 ack(&message, AckKind::Nak(None)).await;
             }
+            shared.metrics.finished(Finish::HandedBack);
             tracing::info!(attempt, "job handed back: node shutting down");
             return;
         }
@@ -145,6 +178,7 @@ async fn run(
             if release(&shared, &request.job_id, &claimed, &error).await {
                 ack(&message, AckKind::Nak(Some(retry_delay(delivered)))).await;
             }
+            shared.metrics.finished(Finish::Retried);
             return;
         }
         Outcome::Infrastructure(error) => Final {
@@ -219,9 +253,12 @@ async fn run(
         end_seq: logs.reserve_end_seq(),
         start_ms,
         usage,
+        max_budget_usd: request.max_budget_usd,
     };
     let recorded = if shared.outbox.is_empty() && shared.nats_connected() {
-        record_with_retries(&shared, &pending).await
+        record_with_retries(&shared, &pending)
+            .instrument(tracing::info_span!("record outcome"))
+            .await
     } else {
         Err(FinishError::Store(StoreError::Nats(
             "nats unreachable".to_owned(),
@@ -245,16 +282,19 @@ async fn run(
         }) => {
             // Another attempt owns the job now: leave its message alone.
             tracing::warn!(attempt, current_attempt = now, ?node, %status, "lease lost: late result rejected");
+            shared.metrics.finished(Finish::LeaseLost);
             return;
         }
         Err(FinishError::Gone) => {
             tracing::warn!("job record vanished; dropping its message");
             ack(&message, AckKind::Ack).await;
+            shared.metrics.finished(Finish::Abandoned);
             return;
         }
         Err(e) => {
             // Not recorded: leave the message unacked so the job is tried again.
             tracing::warn!(error = %e, "outcome not recorded");
+            shared.metrics.finished(Finish::Abandoned);
             return;
         }
     };
@@ -272,6 +312,8 @@ async fn run(
             tracing::warn!(error = %e, "cannot dead-letter job");
         }
     }
+    tracing::Span::current().record("status", tracing::field::display(stored.status));
+    shared.metrics.finished(Finish::from_status(stored.status));
     tracing::info!(status = %stored.status, exit_code = ?stored.exit_code, "job finished");
     // The outcome is in KV (the truth); this delivery is done.
     if let Err(e) = message.double_ack().await {
@@ -376,6 +418,7 @@ fn final_state(exit_code: i64, stop: Option<Stop>, timeout_seconds: u64) -> Fina
         ),
         Some(Stop::Cancelled) => (JobStatus::Cancelled, Some("cancelled".to_owned())),
         Some(Stop::Shutdown) => (JobStatus::Failed, Some("node shut down".to_owned())),
+        Some(Stop::Budget) => (JobStatus::Failed, Some("budget exceeded".to_owned())),
         None if exit_code == 0 => (JobStatus::Completed, None),
         None => (
             JobStatus::Failed,
@@ -437,9 +480,27 @@ async fn record_outcome(
         .modify(&pending.job_id, |record| {
             holds_lease(record, &claimed, node_id)?;
             let now = Utc::now();
+            // Figures the llm-gateway metered are exact and span every attempt: they win over
+            // what the engine reported.
+            if !record.usage.as_ref().is_some_and(|u| u.metered) {
+                record.usage.clone_from(&pending.usage);
+            }
+            let spent = record
+                .usage
+                .as_ref()
+                .filter(|u| u.budget_exceeded)
+                .map(|u| u.cost_usd);
             if record.status == JobStatus::Running {
                 record.status = pending.status;
                 record.error.clone_from(&pending.error);
+                if let Some(spent) = spent {
+                    let budget = pending
+                        .max_budget_usd
+                        .map(|b| format!(" of its ${b} max_budget_usd"))
+                        .unwrap_or_default();
+                    record.status = JobStatus::Failed;
+                    record.error = Some(format!("budget exceeded: spent ${spent:.4}{budget}"));
+                }
             }
             record.end_attempt(&pending.outcome, now);
             if let Some(attempt) = record
@@ -452,7 +513,6 @@ async fn record_outcome(
             }
             record.ack_subject = None;
             record.exit_code = pending.exit_code;
-            record.usage.clone_from(&pending.usage);
             record.finished_at.get_or_insert(now);
             record.result = Some(pending.result.clone());
             Ok(true)
@@ -537,6 +597,7 @@ async fn relay_one(shared: &Shared, entry: &Entry) -> Result<(), String> {
         .map_err(|e| e.to_string()),
         Entry::Finish(pending) => match record_outcome(shared, pending).await {
             Ok(stored) => {
+                shared.metrics.finished(Finish::from_status(stored.status));
                 end_stream(shared, pending, &stored).await;
                 if let Some(subject) = &pending.ack_subject {
                     let _ = shared
@@ -551,6 +612,7 @@ async fn relay_one(shared: &Shared, entry: &Entry) -> Result<(), String> {
             Err(e) => {
                 // Fenced or gone: nothing left to do for this entry.
                 tracing::warn!(job_id = %pending.job_id, error = %e, "outbox outcome rejected: late result");
+                shared.metrics.finished(Finish::LeaseLost);
                 Ok(())
             }
         },
@@ -595,76 +657,177 @@ async fn release(shared: &Shared, job_id: &str, claimed: &Claimed, reason: &str)
     }
 }
 
-/// Runs the job's container to the end, streaming its output.
+/// What can stop a running job besides its own end and the node's shutdown.
+#[derive(Clone, Copy)]
+struct Stops<'a> {
+    cancel: &'a CancellationToken,
+    budget_spent: &'a CancellationToken,
+}
+
+/// Runs the job: with its own llm-gateway token when its engine calls LLMs and this node has
+/// a gateway, revoked as soon as the container is done.
 async fn execute(
     shared: &Shared,
     request: &JobRequest,
     engine: &Engine,
     attempt: u32,
-    cancel: &CancellationToken,
+    stops: Stops<'_>,
     logs: &mut LogPublisher,
     received: tokio::time::Instant,
 ) -> Outcome {
+    let (access, url) = match (&engine.llm, &shared.llm_url) {
+        (Some(access), Some(url)) if !request.dry_run => (access, url),
+        _ => {
+            return run_container(shared, request, engine, attempt, stops, logs, received, &[])
+                .await;
+        }
+    };
+    let now = Utc::now();
+    let lifetime = Duration::from_secs(request.timeout_seconds) + TOKEN_SLACK;
+    let grant = LlmGrant {
+        job_id: request.job_id.clone(),
+        attempt,
+        node_id: shared.config.node_id.clone(),
+        engine: engine.id.clone(),
+        profile: request.profile.clone(),
+        agent_id: request.agent_id.clone(),
+        providers: access.providers.clone(),
+        models: request.allowed_models.clone(),
+        max_budget_usd: request.max_budget_usd,
+        issued_at: now,
+        expires_at: now + lifetime,
+        revoked_at: None,
+        traceparent: flotilla_telemetry::propagation::traceparent(&tracing::Span::current()),
+    };
+    let token = match shared.topology.grants.issue(&grant).await {
+        Ok(token) => token,
+        Err(e) => {
+            return Outcome::Infrastructure(format!(
+                "cannot issue the job's llm-gateway token: {e}"
+            ));
+        }
+    };
+    let env = access.render_env(url, &token);
+    let outcome = run_container(
+        shared, request, engine, attempt, stops, logs, received, &env,
+    )
+    .await;
+    // The job record fences the token too (the gateway checks the attempt is still running),
+    // so a revoke lost to a NATS outage opens nothing.
+    if let Err(e) = shared.topology.grants.revoke(&token).await {
+        tracing::warn!(error = %e, "cannot revoke the job's llm-gateway token");
+    }
+    outcome
+}
+
+/// A token outlives its job's timeout by this much (stop grace, slow starts); it is revoked as
+/// soon as the job ends anyway.
+const TOKEN_SLACK: Duration = Duration::from_secs(300);
+
+/// Runs the job's container to the end, streaming its output.
+#[allow(clippy::too_many_arguments)]
+async fn run_container(
+    shared: &Shared,
+    request: &JobRequest,
+    engine: &Engine,
+    attempt: u32,
+    stops: Stops<'_>,
+    logs: &mut LogPublisher,
+    received: tokio::time::Instant,
+    env: &[(String, String)],
+) -> Outcome {
     let config = &shared.config;
+    // With an llm-gateway, only jobs holding a token need the (fenced) job network; the rest
+    // keep no network at all.
+    let network = if shared.llm_url.is_some() && env.is_empty() {
+        "none".to_owned()
+    } else {
+        config.network.clone()
+    };
     let key = PoolKey {
         image: config.image.clone(),
         memory_bytes: request.resources.memory_bytes,
         nano_cpus: request.resources.nano_cpus,
         pids_limit: config.pids_limit,
         workspace_bytes: config.workspace_bytes,
-        network: config.network.clone(),
+        network,
         runtime: config.runtime.clone(),
     };
-    let script = script::job_script(engine, request);
+    let script = script::job_script(engine, request, env);
     let name = format!("flotilla-{}-{attempt}", request.job_id);
-    let started = match start_container(shared, &key, &name, request, attempt, &script).await {
+    let started = start_container(shared, &key, &name, request, attempt, &script)
+        .instrument(tracing::info_span!(
+            "start container",
+            pool = tracing::field::Empty
+        ))
+        .await;
+    let (started, pool_use) = match started {
         Ok(started) => started,
         Err(e) => return Outcome::Infrastructure(format!("container failed to start: {e}")),
     };
-    let start_ms = received.elapsed().as_secs_f64() * 1000.0;
-    let _ = logs
-        .system(&format!(
-            "attempt {attempt} started on node {}",
-            config.node_id
-        ))
-        .await;
-
-    let deadline = tokio::time::sleep(Duration::from_secs(request.timeout_seconds));
-    tokio::pin!(deadline);
+    let since_receipt = received.elapsed();
+    let start_ms = since_receipt.as_secs_f64() * 1000.0;
+    // Dispatch latency counts from creation, so only first attempts say something about it.
+    let since_created = (attempt == 1)
+        .then(|| (Utc::now() - request.created_at).to_std().ok())
+        .flatten();
+    shared
+        .metrics
+        .process_running(pool_use, since_receipt, since_created);
+    let run_span = tracing::info_span!("run container", container = %started.id);
     // Coalesce whatever output is ready right now into one chunk per stream switch.
-    let mut output = started.output.ready_chunks(64);
-    let mut stop = None;
-    let mut stop_sent = false;
-    loop {
-        tokio::select! {
-            batch = output.next() => {
-                let Some(batch) = batch else { break };
-                if let Err(e) = publish_batch(logs, batch).await {
-                    tracing::warn!(error = %e, "log streaming failed");
+    let output = started.output.ready_chunks(64);
+    let (stop, exit_code, oom_killed) = async {
+        let _ = logs
+            .system(&format!(
+                "attempt {attempt} started on node {}",
+                config.node_id
+            ))
+            .await;
+        let deadline = tokio::time::sleep(Duration::from_secs(request.timeout_seconds));
+        tokio::pin!(deadline);
+        let mut output = output;
+        let mut stop = None;
+        let mut stop_sent = false;
+        loop {
+            tokio::select! {
+                batch = output.next() => {
+                    let Some(batch) = batch else { break };
+                    if let Err(e) = publish_batch(logs, batch).await {
+                        tracing::warn!(error = %e, "log streaming failed");
+                    }
+                }
+                () = &mut deadline, if stop.is_none() => stop = Some(Stop::Timeout),
+                () = stops.cancel.cancelled(), if stop.is_none() => stop = Some(Stop::Cancelled),
+                () = stops.budget_spent.cancelled(), if stop.is_none() => stop = Some(Stop::Budget),
+                () = shared.hard_stop.cancelled(), if stop.is_none() => stop = Some(Stop::Shutdown),
+            }
+            if let Some(reason) = stop
+                && !stop_sent
+            {
+                stop_sent = true;
+                let notice = match reason {
+                    Stop::Timeout => {
+                        format!("timed out after {}s, stopping", request.timeout_seconds)
+                    }
+                    Stop::Cancelled => "cancelled, stopping".to_owned(),
+                    Stop::Shutdown => "node shutting down, stopping".to_owned(),
+                    Stop::Budget => "budget exceeded, stopping".to_owned(),
+                };
+                let _ = logs.system(&notice).await;
+                if let Err(e) = shared.docker.stop(&started.id, config.stop_grace).await {
+                    tracing::warn!(error = %e, "cannot stop container");
                 }
             }
-            () = &mut deadline, if stop.is_none() => stop = Some(Stop::Timeout),
-            () = cancel.cancelled(), if stop.is_none() => stop = Some(Stop::Cancelled),
-            () = shared.hard_stop.cancelled(), if stop.is_none() => stop = Some(Stop::Shutdown),
         }
-        if let Some(reason) = stop
-            && !stop_sent
-        {
-            stop_sent = true;
-            let notice = match reason {
-                Stop::Timeout => format!("timed out after {}s, stopping", request.timeout_seconds),
-                Stop::Cancelled => "cancelled, stopping".to_owned(),
-                Stop::Shutdown => "node shutting down, stopping".to_owned(),
-            };
-            let _ = logs.system(&notice).await;
-            if let Err(e) = shared.docker.stop(&started.id, config.stop_grace).await {
-                tracing::warn!(error = %e, "cannot stop container");
-            }
-        }
+        let exit_code = shared.docker.wait(&started.id).await;
+        // 137 is SIGKILL: ask Docker whether the memory limit did it.
+        let oom_killed =
+            matches!(exit_code, Ok(137)) && shared.docker.oom_killed(&started.id).await;
+        (stop, exit_code, oom_killed)
     }
-    let exit_code = shared.docker.wait(&started.id).await;
-    // 137 is SIGKILL: ask Docker whether the memory limit did it.
-    let oom_killed = matches!(exit_code, Ok(137)) && shared.docker.oom_killed(&started.id).await;
+    .instrument(run_span)
+    .await;
     // Removal (tens of ms) does not hold up recording the outcome; the reaper catches any
     // container whose removal fails.
     let docker = shared.docker.clone();
@@ -693,7 +856,7 @@ async fn start_container(
     request: &JobRequest,
     attempt: u32,
     script: &[u8],
-) -> Result<Started, DockerError> {
+) -> Result<(Started, PoolUse), DockerError> {
     if let Some(warm) = shared.pool.acquire(key) {
         let id = warm.id.clone();
         match warm.launch(script).await {
@@ -702,7 +865,8 @@ async fn start_container(
                 let docker = shared.docker.clone();
                 let (id, name) = (started.id.clone(), name.to_owned());
                 tokio::spawn(async move { docker.rename(&id, &name).await });
-                return Ok(started);
+                tracing::Span::current().record("pool", "hit");
+                return Ok((started, PoolUse::Hit));
             }
             Err(e) => {
                 tracing::warn!(error = %e, "warm container unusable, starting cold");
@@ -717,8 +881,9 @@ async fn start_container(
     let prepared = shared.docker.prepare(key, name, labels).await?;
     let id = prepared.id.clone();
     shared.pool.track(&id);
+    tracing::Span::current().record("pool", "miss");
     match prepared.launch(script).await {
-        Ok(started) => Ok(started),
+        Ok(started) => Ok((started, PoolUse::Miss)),
         Err(e) => {
             shared.pool.untrack(&id);
             shared.docker.remove(&id).await;
@@ -813,6 +978,7 @@ fn build_result(
         input_tokens: parsed.input_tokens.unwrap_or(0),
         output_tokens: parsed.output_tokens.unwrap_or(0),
         cost_usd: parsed.cost_usd.unwrap_or(0.0),
+        ..Usage::default()
     });
     (result, usage, parsed.is_error)
 }
@@ -829,6 +995,7 @@ async fn keep_alive(
     message: Arc<jetstream::Message>,
     job_id: String,
     cancel: CancellationToken,
+    budget_spent: CancellationToken,
 ) {
     let period = shared.config.topology.ack_wait / 3;
     let mut ticker = tokio::time::interval(period);
@@ -838,10 +1005,14 @@ async fn keep_alive(
         if let Err(e) = message.ack_with(AckKind::Progress).await {
             tracing::warn!(error = %e, "progress ack failed");
         }
-        if let Ok(Some(current)) = shared.topology.jobs.get(&job_id).await
-            && current.record.status == JobStatus::Cancelled
-        {
-            cancel.cancel();
+        if let Ok(Some(current)) = shared.topology.jobs.get(&job_id).await {
+            if current.record.status == JobStatus::Cancelled {
+                cancel.cancel();
+            }
+            // The gateway already refuses the job's requests; stop one that carries on anyway.
+            if current.record.usage.is_some_and(|u| u.budget_exceeded) {
+                budget_spent.cancel();
+            }
         }
     }
 }

@@ -2,10 +2,14 @@
 //! slots, and runs each in a fresh hardened container. One per Docker host; add nodes to add
 //! capacity.
 
+mod binaries;
 mod config;
 mod docker;
 mod job;
+mod llm_health;
 mod logs;
+mod metrics;
+mod network;
 mod outbox;
 mod pool;
 mod script;
@@ -26,6 +30,7 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 pub use config::{Config, ConfigError};
 pub use docker::DockerRuntime;
+pub use network::NetworkError;
 
 #[derive(Debug, thiserror::Error)]
 pub enum NodeError {
@@ -43,6 +48,13 @@ pub enum NodeError {
     Outbox(#[from] outbox::OutboxError),
     #[error("cannot subscribe to cancels: {0}")]
     Subscribe(#[from] async_nats::SubscribeError),
+    #[error(transparent)]
+    Network(#[from] NetworkError),
+    #[error("cannot listen for metrics on {addr}: {source}")]
+    MetricsListen {
+        addr: std::net::SocketAddr,
+        source: std::io::Error,
+    },
 }
 
 /// State shared by the pull loop and the job tasks.
@@ -62,6 +74,15 @@ pub(crate) struct Shared {
     pub(crate) pool: pool::Pool,
     /// Container removals in flight; waited for before the node exits.
     pub(crate) removals: TaskTracker,
+    /// The llm-gateway's base URL as job containers see it, when jobs may call it.
+    pub(crate) llm_url: Option<String>,
+    /// Providers the llm-gateway holds a credential for (from its `/health`).
+    pub(crate) llm_providers: Arc<Mutex<Vec<String>>>,
+    /// Which engine binaries the worker image has.
+    pub(crate) binaries: binaries::Binaries,
+    /// The container spec of those probes.
+    pub(crate) probe_key: docker::PoolKey,
+    pub(crate) metrics: metrics::NodeMetrics,
 }
 
 impl Shared {
@@ -73,11 +94,26 @@ impl Shared {
 /// Runs the node until `shutdown` is cancelled, then drains: stops pulling, lets running jobs
 /// finish within the drain grace period, hands back the rest, and returns.
 pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), NodeError> {
+    // Bound first, so that a taken port fails the start instead of going unnoticed.
+    let metrics_listener = match config.metrics_listen {
+        Some(addr) => Some(
+            tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|source| NodeError::MetricsListen { addr, source })?,
+        ),
+        None => None,
+    };
     let docker = DockerRuntime::connect().await?;
     if !docker.image_exists(&config.image).await? {
         return Err(NodeError::MissingImage(config.image.clone()));
     }
     reap_leftovers(&docker, &config.node_id).await?;
+    let llm_url = match config.llm_gateway_port {
+        Some(port) => {
+            Some(network::prepare(docker.api(), &config.network, &config.cluster, port).await?)
+        }
+        None => None,
+    };
     let outbox = outbox::Outbox::open(&config.state_dir.join(&config.node_id).join("outbox.redb"))?;
     if !outbox.is_empty() {
         tracing::info!(
@@ -107,17 +143,31 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Node
         network: config.network.clone(),
         runtime: config.runtime.clone(),
     };
-    let targets = if config.pool_size > 0 {
-        vec![(default_key, config.pool_size)]
-    } else {
-        Vec::new()
+    // Probes run with no network, whatever the jobs get.
+    let probe_key = docker::PoolKey {
+        network: "none".to_owned(),
+        ..default_key.clone()
     };
+    let mut targets = Vec::new();
+    if config.pool_size > 0 {
+        if llm_url.is_some() {
+            // Engine jobs run on the fenced job network, the others on none: keep both warm.
+            let isolated = docker::PoolKey {
+                network: "none".to_owned(),
+                ..default_key.clone()
+            };
+            targets.push((isolated, config.pool_size));
+        }
+        targets.push((default_key, config.pool_size));
+    }
+    let metrics = metrics::NodeMetrics::default();
     let pool = pool::Pool::new(
         docker.clone(),
         config.node_id.clone(),
         config.cluster.clone(),
         targets,
         config.pool_max_idle,
+        metrics.pool.clone(),
     );
 
     let shared = Arc::new(Shared {
@@ -131,6 +181,11 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Node
         outbox,
         pool,
         removals: TaskTracker::new(),
+        llm_url,
+        llm_providers: Arc::default(),
+        binaries: binaries::Binaries::default(),
+        probe_key,
+        metrics,
     });
     let slots = Arc::new(Semaphore::new(shared.config.slots as usize));
     tokio::spawn(listen_for_cancels(
@@ -138,9 +193,24 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Node
         cancels,
         background.clone(),
     ));
+    if let Some(url) = &shared.llm_url {
+        tokio::spawn(llm_health::watch(
+            url.clone(),
+            shared.llm_providers.clone(),
+            background.clone(),
+        ));
+    }
+    // Before the first heartbeat, so the node never offers an engine its image lacks.
+    binaries::probe_new(&shared, &shared.probe_key).await;
     tokio::spawn(heartbeat(shared.clone(), background.clone()));
     let relay = tokio::spawn(job::relay(shared.clone(), background.clone()));
     tokio::spawn(reap_periodically(shared.clone(), background.clone()));
+    if let Some(listener) = metrics_listener {
+        if let Ok(addr) = listener.local_addr() {
+            tracing::info!(url = %format!("http://{addr}/metrics"), "serving metrics");
+        }
+        tokio::spawn(metrics::serve(listener, shared.clone(), background.clone()));
+    }
     let pool_stop = CancellationToken::new();
     let pool_task = {
         let shared = shared.clone();
@@ -302,10 +372,18 @@ async fn heartbeat(shared: Arc<Shared>, stop: CancellationToken) {
             _ = ticker.tick() => {}
         }
         let pool = shared.pool.stats();
-        let engines: Vec<String> = shared
-            .catalog
-            .current()
+        let catalog = shared.catalog.current();
+        if catalog
             .engines()
+            .any(|e| shared.binaries.has(&e.binary).is_none())
+        {
+            // An engine added at runtime: probe its binary off the heartbeat's path.
+            let shared = shared.clone();
+            tokio::spawn(async move { binaries::probe_new(&shared, &shared.probe_key).await });
+        }
+        let engines: Vec<String> = catalog
+            .engines()
+            .filter(|e| shared.binaries.has(&e.binary) == Some(true))
             .map(|e| e.id.clone())
             .collect();
         let info = NodeInfo {
@@ -323,6 +401,10 @@ async fn heartbeat(shared: Arc<Shared>, stop: CancellationToken) {
             started_at,
             heartbeat_at: Utc::now(),
             ttl_ms: u64::try_from(config.heartbeat_interval.as_millis() * 3).unwrap_or(u64::MAX),
+            llm_providers: shared
+                .llm_url
+                .as_ref()
+                .map(|_| shared.llm_providers.lock().expect("llm providers").clone()),
         };
         match flotilla_proto::encode(&info) {
             Ok(value) => {

@@ -62,6 +62,9 @@ impl LogPublisher {
     }
 
     pub(crate) async fn system(&mut self, text: &str) -> Result<(), LogError> {
+        self.shared
+            .metrics
+            .log_bytes(LogStream::System, text.len(), 0);
         self.publish(LogStream::System, text.as_bytes().to_vec(), None)
             .await
     }
@@ -80,10 +83,14 @@ impl LogPublisher {
             self.tail.push_back(*byte);
         }
         if self.truncated_logs {
+            self.shared.metrics.log_bytes(stream, 0, data.len());
             return Ok(());
         }
         let room = self.max_log_bytes.saturating_sub(self.published_bytes) as usize;
         let kept = &data[..data.len().min(room)];
+        self.shared
+            .metrics
+            .log_bytes(stream, kept.len(), data.len() - kept.len());
         for piece in kept.chunks(MAX_CHUNK_BYTES) {
             self.publish(stream, piece.to_vec(), None).await?;
         }

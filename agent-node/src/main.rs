@@ -52,6 +52,10 @@ struct Args {
     /// Docker network for job containers: `none`, or an existing internal network's name.
     #[arg(long, env = "FLOTILLA_JOB_NETWORK", default_value = "none")]
     job_network: String,
+    /// Port of the llm-gateway on this host. Engine jobs then get a per-job token and run on an
+    /// internal network (FLOTILLA_JOB_NETWORK, default flotilla-jobs) that reaches only it.
+    #[arg(long, env = "FLOTILLA_LLM_GATEWAY_PORT")]
+    llm_gateway_port: Option<u16>,
     /// OCI runtime for job containers, e.g. runsc (default: Docker's default runtime).
     #[arg(long, env = "FLOTILLA_JOB_RUNTIME")]
     job_runtime: Option<String>,
@@ -72,15 +76,20 @@ struct Args {
     /// Directory for node-local durable state (the outbox).
     #[arg(long, env = "FLOTILLA_STATE_DIR", default_value = ".flotilla/state")]
     state_dir: PathBuf,
-    /// Log as JSON lines.
-    #[arg(long, env = "FLOTILLA_LOG_JSON")]
-    log_json: bool,
+    /// Address of the Prometheus `GET /metrics` endpoint (unset: no metrics are served).
+    #[arg(long, env = "FLOTILLA_NODE_METRICS_LISTEN")]
+    metrics_listen: Option<std::net::SocketAddr>,
+    #[command(flatten)]
+    telemetry: flotilla_telemetry::TelemetryArgs,
 }
 
 #[tokio::main]
 async fn main() -> ExitCode {
     let args = Args::parse();
-    flotilla_telemetry::init(args.log_json);
+    let telemetry = match flotilla_telemetry::init(args.telemetry.into_config("agent-node")) {
+        Ok(telemetry) => telemetry,
+        Err(e) => return flotilla_telemetry::config_error(e),
+    };
     let host = hostname();
     let limits = match args.limits.clone().into_limits() {
         Ok(limits) => limits,
@@ -111,13 +120,17 @@ async fn main() -> ExitCode {
         pool_max_idle: Duration::from_secs(args.pool_max_idle_secs),
         default_memory_bytes: limits.default_memory_bytes,
         default_nano_cpus: limits.default_nano_cpus,
+        llm_gateway_port: args.llm_gateway_port,
+        metrics_listen: args.metrics_listen,
     };
     let config = match config.validate() {
         Ok(config) => config,
         Err(e) => return flotilla_telemetry::config_error(e),
     };
     let shutdown = flotilla_telemetry::shutdown_on_signals();
-    flotilla_telemetry::exit_code(agent_node::run(config, shutdown).await)
+    let result = agent_node::run(config, shutdown).await;
+    telemetry.shutdown().await;
+    flotilla_telemetry::exit_code(result)
 }
 
 fn hostname() -> String {

@@ -64,6 +64,9 @@ pub(crate) struct PendingFinish {
     pub(crate) start_ms: Option<f64>,
     #[serde(default)]
     pub(crate) usage: Option<flotilla_proto::Usage>,
+    /// The job's budget, to say how far past it a job that ran out went.
+    #[serde(default)]
+    pub(crate) max_budget_usd: Option<f64>,
 }
 
 pub(crate) struct Outbox {

@@ -12,6 +12,8 @@ use std::{
     time::Duration,
 };
 
+use crate::metrics::PoolMetrics;
+
 use flotilla_proto::names;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -33,8 +35,8 @@ pub(crate) struct Pool {
     idle: Mutex<HashMap<PoolKey, VecDeque<Prepared>>>,
     /// Containers (warm or cold) running a job on this node.
     active: Mutex<HashSet<String>>,
-    hits: AtomicU64,
-    misses: AtomicU64,
+    /// Hits, misses and refill times, shared with the node's metrics.
+    metrics: PoolMetrics,
     refills: AtomicU64,
     refill_micros: AtomicU64,
     refill_needed: tokio::sync::Notify,
@@ -56,6 +58,7 @@ impl Pool {
         cluster: String,
         targets: Vec<(PoolKey, usize)>,
         max_idle: Duration,
+        metrics: PoolMetrics,
     ) -> Self {
         Self {
             docker,
@@ -65,8 +68,7 @@ impl Pool {
             max_idle,
             idle: Mutex::new(HashMap::new()),
             active: Mutex::new(HashSet::new()),
-            hits: AtomicU64::new(0),
-            misses: AtomicU64::new(0),
+            metrics,
             refills: AtomicU64::new(0),
             refill_micros: AtomicU64::new(0),
             refill_needed: tokio::sync::Notify::new(),
@@ -86,10 +88,10 @@ impl Pool {
         }
         drop(idle);
         if taken.is_some() {
-            self.hits.fetch_add(1, Ordering::Relaxed);
+            self.metrics.hits.inc();
             self.refill_needed.notify_one();
         } else {
-            self.misses.fetch_add(1, Ordering::Relaxed);
+            self.metrics.misses.inc();
         }
         taken
     }
@@ -125,8 +127,8 @@ impl Pool {
         let micros = self.refill_micros.load(Ordering::Relaxed);
         PoolStats {
             warm,
-            hits: self.hits.load(Ordering::Relaxed),
-            misses: self.misses.load(Ordering::Relaxed),
+            hits: self.metrics.hits.get(),
+            misses: self.metrics.misses.get(),
             refill_avg_ms: if refills == 0 {
                 0.0
             } else {
@@ -200,6 +202,7 @@ impl Pool {
                         self.refills.fetch_add(1, Ordering::Relaxed);
                         self.refill_micros
                             .fetch_add(took.as_micros() as u64, Ordering::Relaxed);
+                        self.metrics.refill_seconds.observe(took.as_secs_f64());
                         self.idle
                             .lock()
                             .expect("pool lock")

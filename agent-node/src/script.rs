@@ -13,7 +13,8 @@ pub(crate) const PRE_HOOK_MARKER: &str = "flotilla: pre-hook failed";
 
 const DIR: &str = "/workspace/.flotilla";
 
-pub(crate) fn job_script(engine: &Engine, request: &JobRequest) -> Bytes {
+/// `env` is for the engine only (its llm-gateway URL and token): exported after the pre-hook.
+pub(crate) fn job_script(engine: &Engine, request: &JobRequest, env: &[(String, String)]) -> Bytes {
     let mut script = format!("F={DIR}\nmkdir -p \"$F\"\n");
     if let Some(instructions) = &request.instructions {
         write_file(
@@ -49,6 +50,9 @@ pub(crate) fn job_script(engine: &Engine, request: &JobRequest) -> Bytes {
                 .join(" "),
         }
     };
+    for (name, value) in env {
+        script.push_str(&format!("export {name}={}\n", quote(value)));
+    }
     script.push_str(&format!(
         "{command} </dev/null &\n\
          child=$!\n\

@@ -9,15 +9,82 @@ use axum::{
     body::Body,
     extract::{Path, State},
     http::StatusCode,
+    response::{IntoResponse, Response},
 };
 use flotilla_config::ConfigError;
-use serde::Deserialize;
-use serde_json::{Value, json};
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
 
-use crate::{AppState, error::ApiError};
+use crate::{
+    AppState,
+    error::{ApiError, ErrorBody},
+    openapi::{Internal, Unauthorized, Unavailable},
+};
+
+/// What a configuration file is: `engine` (key `engines/<name>.toml`), `profile`
+/// (`profiles/<name>.toml`) or `template` (`profiles/templates/<name>`).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum ConfigType {
+    Engine,
+    Profile,
+    Template,
+}
+
+// Response bodies. Fields are in alphabetical order (by JSON name) so that the keys come out in
+// the order they had when these were built with `json!`.
+
+/// `GET /configs`'s body.
+#[derive(Serialize, ToSchema)]
+pub struct ConfigList<'a> {
+    /// Every engine, profile and template file, in key order.
+    configs: Vec<ConfigRef<'a>>,
+    /// The configuration version this gateway runs: the highest KV revision it has applied.
+    version: u64,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct ConfigRef<'a> {
+    name: &'a str,
+    #[serde(rename = "type")]
+    kind: ConfigType,
+}
+
+/// `GET /configs/{type}/{name}`'s body.
+#[derive(Serialize, ToSchema)]
+pub struct ConfigFile<'a> {
+    /// The file's text, as stored now.
+    content: &'a str,
+    name: &'a str,
+    #[serde(rename = "type")]
+    kind: ConfigType,
+    /// This gateway's configuration version.
+    version: u64,
+}
+
+/// `PUT /configs/{type}/{name}`'s body.
+#[derive(Serialize, ToSchema)]
+pub struct ConfigWritten<'a> {
+    name: &'a str,
+    #[serde(rename = "type")]
+    kind: ConfigType,
+    /// The KV revision of the write: a service runs the change once its version is at least
+    /// this.
+    version: u64,
+}
+
+/// `DELETE /configs/{type}/{name}`'s body.
+#[derive(Serialize, ToSchema)]
+pub struct ConfigDeleted {
+    /// `<type>/<name>`.
+    #[schema(example = "profile/greeter")]
+    deleted: String,
+    /// The KV revision of the deletion.
+    version: u64,
+}
 
 /// The file a `(type, name)` pair stands for.
-fn path_of(kind: &str, name: &str) -> Result<String, ApiError> {
+fn path_of(kind: &str, name: &str) -> Result<(ConfigType, String), ApiError> {
     let safe = !name.is_empty()
         && name.len() <= 128
         && name
@@ -31,9 +98,9 @@ fn path_of(kind: &str, name: &str) -> Result<String, ApiError> {
         ));
     }
     match kind {
-        "engine" => Ok(format!("engines/{name}.toml")),
-        "profile" => Ok(format!("profiles/{name}.toml")),
-        "template" => Ok(format!("profiles/templates/{name}")),
+        "engine" => Ok((ConfigType::Engine, format!("engines/{name}.toml"))),
+        "profile" => Ok((ConfigType::Profile, format!("profiles/{name}.toml"))),
+        "template" => Ok((ConfigType::Template, format!("profiles/templates/{name}"))),
         _ => Err(ApiError::invalid(
             "type",
             "type must be engine, profile or template",
@@ -41,16 +108,18 @@ fn path_of(kind: &str, name: &str) -> Result<String, ApiError> {
     }
 }
 
-fn kind_of(path: &str) -> Option<(&'static str, &str)> {
+fn kind_of(path: &str) -> Option<(ConfigType, &str)> {
     if let Some(rest) = path.strip_prefix("profiles/templates/") {
-        return Some(("template", rest));
+        return Some((ConfigType::Template, rest));
     }
     if let Some(rest) = path.strip_prefix("engines/") {
-        return rest.strip_suffix(".toml").map(|name| ("engine", name));
+        return rest
+            .strip_suffix(".toml")
+            .map(|name| (ConfigType::Engine, name));
     }
     path.strip_prefix("profiles/")
         .and_then(|rest| rest.strip_suffix(".toml"))
-        .map(|name| ("profile", name))
+        .map(|name| (ConfigType::Profile, name))
 }
 
 fn config_error(error: ConfigError) -> ApiError {
@@ -65,35 +134,87 @@ fn config_error(error: ConfigError) -> ApiError {
 }
 
 /// `GET /configs`
-pub async fn list(State(state): State<Arc<AppState>>) -> Result<Json<Value>, ApiError> {
+#[utoipa::path(
+    get,
+    path = "/configs",
+    tag = "configs",
+    operation_id = "list_configs",
+    summary = "List configuration files",
+    description = "Every engine, profile and template file of the shared configuration, in \
+        key order. Query parameters are ignored.",
+    responses(
+        (status = 200, description = "The files.", body = ConfigList<'_>),
+        (status = 401, response = Unauthorized),
+        (status = 500, response = Internal),
+        (status = 503, response = Unavailable),
+    ),
+    security(("api_key" = [])),
+)]
+pub async fn list(State(state): State<Arc<AppState>>) -> Result<Response, ApiError> {
     let files = state.catalog.files().await.map_err(config_error)?;
-    let configs: Vec<Value> = files
+    let configs = files
         .keys()
-        .filter_map(|path| kind_of(path).map(|(kind, name)| json!({ "type": kind, "name": name })))
+        .filter_map(|path| kind_of(path).map(|(kind, name)| ConfigRef { name, kind }))
         .collect();
-    Ok(Json(
-        json!({ "configs": configs, "version": state.catalog.version() }),
-    ))
+    let version = state.catalog.version();
+    Ok(Json(ConfigList { configs, version }).into_response())
 }
 
 /// `GET /configs/{type}/{name}`
+#[utoipa::path(
+    get,
+    path = "/configs/{type}/{name}",
+    tag = "configs",
+    operation_id = "get_config",
+    summary = "Read a configuration file",
+    params(ConfigPath),
+    responses(
+        (status = 200, description = "The file, read from the store now.", body = ConfigFile<'_>),
+        (status = 401, response = Unauthorized),
+        (status = 404, description = "`not_found`: no such file.", body = ErrorBody),
+        (status = 422, description = "`invalid_field` (`name` or `type`).", body = ErrorBody),
+        (status = 500, response = Internal),
+        (status = 503, response = Unavailable),
+    ),
+    security(("api_key" = [])),
+)]
 pub async fn get(
     State(state): State<Arc<AppState>>,
     Path((kind, name)): Path<(String, String)>,
-) -> Result<Json<Value>, ApiError> {
-    let path = path_of(&kind, &name)?;
+) -> Result<Response, ApiError> {
+    let (kind, path) = path_of(&kind, &name)?;
     let files = state.catalog.files().await.map_err(config_error)?;
     let content = files
         .get(&path)
         .ok_or_else(|| ApiError::not_found("config"))?;
-    Ok(Json(
-        json!({ "type": kind, "name": name, "content": content, "version": state.catalog.version() }),
-    ))
+    let version = state.catalog.version();
+    Ok(Json(ConfigFile {
+        content,
+        name: &name,
+        kind,
+        version,
+    })
+    .into_response())
 }
 
-#[derive(Deserialize)]
+/// The `{type}/{name}` of the `/configs/...` routes.
+#[derive(utoipa::IntoParams)]
+#[into_params(parameter_in = Path)]
+#[allow(dead_code)] // describes the `Path<(String, String)>` the handlers take
+struct ConfigPath {
+    /// The kind of file; anything else is 422 (`field` `type`).
+    #[param(rename = "type")]
+    kind: ConfigType,
+    /// 1-128 of `A-Z a-z 0-9 _ - .`, not starting with a dot; otherwise 422 (`field`
+    /// `name`), checked before `type`.
+    #[param(pattern = "^[A-Za-z0-9_-][A-Za-z0-9_.-]{0,127}$")]
+    name: String,
+}
+
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 struct PutBody {
+    /// The file's text: not blank, at most 100,000 bytes.
     content: String,
     /// Accepted for Parpaing compatibility; not stored.
     #[serde(default, rename = "description")]
@@ -102,12 +223,36 @@ struct PutBody {
 
 /// `PUT /configs/{type}/{name}`: creates or replaces the file, if the whole configuration still
 /// loads with it.
+#[utoipa::path(
+    put,
+    path = "/configs/{type}/{name}",
+    tag = "configs",
+    operation_id = "put_config",
+    summary = "Create or replace a configuration file",
+    description = "The gateway applies the change to the whole configuration and loads it as \
+        every service would; if it does not load, nothing is written (422 `invalid_config`). \
+        This gateway uses the change at once, the other services within moments.",
+    params(ConfigPath),
+    request_body(content = PutBody, content_type = "application/json"),
+    responses(
+        (status = 200, description = "Written.", body = ConfigWritten<'_>),
+        (status = 401, response = Unauthorized),
+        (status = 413, description = "`payload_too_large`: the body is over the cap.",
+            body = ErrorBody),
+        (status = 422, description = "`invalid_body`, `invalid_field` (`name`, `type` or \
+            `content`), or `invalid_config`: the configuration would not load with the change \
+            (the message says why).", body = ErrorBody),
+        (status = 500, response = Internal),
+        (status = 503, response = Unavailable),
+    ),
+    security(("api_key" = [])),
+)]
 pub async fn put(
     State(state): State<Arc<AppState>>,
     Path((kind, name)): Path<(String, String)>,
     body: Body,
-) -> Result<Json<Value>, ApiError> {
-    let path = path_of(&kind, &name)?;
+) -> Result<Response, ApiError> {
+    let (kind, path) = path_of(&kind, &name)?;
     let bytes = axum::body::to_bytes(body, state.config.max_body_bytes)
         .await
         .map_err(|_| {
@@ -135,17 +280,39 @@ pub async fn put(
         .change(&path, Some(&body.content))
         .await
         .map_err(config_error)?;
-    Ok(Json(
-        json!({ "type": kind, "name": name, "version": version }),
-    ))
+    Ok(Json(ConfigWritten {
+        name: &name,
+        kind,
+        version,
+    })
+    .into_response())
 }
 
 /// `DELETE /configs/{type}/{name}`
+#[utoipa::path(
+    delete,
+    path = "/configs/{type}/{name}",
+    tag = "configs",
+    operation_id = "delete_config",
+    summary = "Delete a configuration file",
+    params(ConfigPath),
+    responses(
+        (status = 200, description = "Deleted.", body = ConfigDeleted),
+        (status = 401, response = Unauthorized),
+        (status = 404, description = "`not_found`: no such file.", body = ErrorBody),
+        (status = 422, description = "`invalid_field` (`name` or `type`), or \
+            `invalid_config`: the rest would not load without the file (a profile still names \
+            the engine, or reads the template).", body = ErrorBody),
+        (status = 500, response = Internal),
+        (status = 503, response = Unavailable),
+    ),
+    security(("api_key" = [])),
+)]
 pub async fn delete(
     State(state): State<Arc<AppState>>,
     Path((kind, name)): Path<(String, String)>,
-) -> Result<Json<Value>, ApiError> {
-    let path = path_of(&kind, &name)?;
+) -> Result<Json<ConfigDeleted>, ApiError> {
+    let (_, path) = path_of(&kind, &name)?;
     let files = state.catalog.files().await.map_err(config_error)?;
     if !files.contains_key(&path) {
         return Err(ApiError::not_found("config"));
@@ -155,7 +322,8 @@ pub async fn delete(
         .change(&path, None)
         .await
         .map_err(config_error)?;
-    Ok(Json(
-        json!({ "deleted": format!("{kind}/{name}"), "version": version }),
-    ))
+    Ok(Json(ConfigDeleted {
+        deleted: format!("{kind}/{name}"),
+        version,
+    }))
 }

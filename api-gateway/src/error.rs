@@ -6,7 +6,8 @@ use axum::{
     http::{HeaderValue, StatusCode, header},
     response::{IntoResponse, Response},
 };
-use serde_json::json;
+use serde::Serialize;
+use utoipa::ToSchema;
 
 #[derive(Debug)]
 pub struct ApiError {
@@ -90,13 +91,39 @@ impl From<flotilla_catalog::ValidationError> for ApiError {
     }
 }
 
+/// The error envelope: every 4xx and 5xx answer the gateway produces itself.
+#[derive(Serialize, ToSchema)]
+#[schema(example = json!({"error": {"code": "invalid_field", "field": "max_turns", "message": "max_turns must be between 1 and 100, got 0"}}))]
+pub struct ErrorBody {
+    pub error: ErrorDetail,
+}
+
+// Fields in alphabetical order: the JSON keys come out in the order they always had.
+#[derive(Serialize, ToSchema)]
+pub struct ErrorDetail {
+    /// What went wrong, for programs: `unauthorized`, `not_found`, `wait_timeout`, `conflict`,
+    /// `idempotency_conflict`, `payload_too_large`, `invalid_body`, `invalid_header`,
+    /// `invalid_field`, `missing_field`, `unknown_profile`, `unknown_engine`, `missing_prompt`,
+    /// `template_error`, `invalid_config`, `internal`, `unavailable`, `queue_unavailable`.
+    pub code: &'static str,
+    /// The field, query parameter or header to blame (a JSON path such as `resources.cpus`),
+    /// when there is one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub field: Option<String>,
+    /// What went wrong, for people. Never holds internal detail.
+    pub message: String,
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let mut body = json!({ "code": self.code, "message": self.message });
-        if let Some(field) = self.field {
-            body["field"] = json!(field);
-        }
-        let mut response = (self.status, Json(json!({ "error": body }))).into_response();
+        let body = ErrorBody {
+            error: ErrorDetail {
+                code: self.code,
+                field: self.field,
+                message: self.message,
+            },
+        };
+        let mut response = (self.status, Json(body)).into_response();
         if let Some(seconds) = self.retry_after {
             response
                 .headers_mut()

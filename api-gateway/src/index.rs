@@ -258,6 +258,8 @@ mod tests {
             timeout_seconds: 60,
             attempts: Vec::new(),
             ack_subject: None,
+            webhook_url: None,
+            webhook: None,
         }
     }
 

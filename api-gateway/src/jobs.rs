@@ -16,13 +16,77 @@ use futures::future::join_all;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 use sha2::{Digest, Sha256};
+use utoipa::ToSchema;
 
-use crate::{AppState, error::ApiError, index::Filter};
+use crate::{
+    AppState,
+    error::{ApiError, ErrorBody},
+    index::Filter,
+    openapi::{Internal, NotFoundJob, Unauthorized, Unavailable},
+};
 
 const IDEMPOTENCY_HEADER: &str = "idempotency-key";
 
+/// A job's id and status: the answer to `POST /jobs` and `DELETE /jobs/{job_id}`.
+#[derive(Serialize, ToSchema)]
+pub struct JobStatusReply {
+    pub job_id: String,
+    pub status: JobStatus,
+}
+
+/// `GET /jobs`'s body.
+// Only describes the JSON that `list` builds with `json!`, which sorts the records' keys; a
+// struct would change their order.
+#[derive(ToSchema)]
+#[allow(dead_code)]
+pub struct JobList {
+    /// The page, newest first.
+    jobs: Vec<JobRecord>,
+    limit: usize,
+    offset: usize,
+    /// How many jobs match the filters, over all pages.
+    total: usize,
+}
+
 /// `POST /jobs`: validate, record as pending, queue. Answers 202 only once the job is both in
 /// KV and stored by JetStream; if queueing fails the record is removed again (503).
+#[utoipa::path(
+    post,
+    path = "/jobs",
+    tag = "jobs",
+    operation_id = "submit_job",
+    summary = "Submit a job",
+    description = "Validates the job, records it as `pending` and queues it. 202 is sent only \
+        once the record is stored and the run queue holds the job: nothing accepted is lost, \
+        nothing refused is kept. Over HTTP the job id is always assigned by the server \
+        (`<agent_id>-<32 hex>`); a `job_id` field is refused.",
+    params(
+        ("Idempotency-Key" = Option<String>, Header, nullable = false,
+            description = "1-255 visible ASCII characters. The same key with the same body (as \
+                a JSON value) answers 202 with the same `job_id` and the job's current status \
+                for 24 h; with a different body, 409 `idempotency_conflict`."),
+    ),
+    request_body(content = SubmitRequest, content_type = "application/json",
+        description = "Parsed as JSON whatever the `Content-Type`."),
+    responses(
+        (status = 202, description = "Accepted: recorded and queued.", body = JobStatusReply),
+        (status = 401, response = Unauthorized),
+        (status = 409, description = "`idempotency_conflict`: the key came with another body.",
+            body = ErrorBody),
+        (status = 413, description = "`payload_too_large`: the body is over the cap.",
+            body = ErrorBody),
+        (status = 422, description = "The first broken rule: `invalid_body`, \
+            `invalid_header`, `invalid_field`, `missing_field`, `unknown_profile`, \
+            `unknown_engine`, `missing_prompt` or `template_error`, with `field` when one \
+            field is to blame.", body = ErrorBody),
+        (status = 500, response = Internal),
+        (status = 503, description = "`unavailable` (NATS or KV cannot be reached), or \
+            `queue_unavailable` (the run queue refused the job; nothing was kept and an \
+            `Idempotency-Key` was released).", body = ErrorBody,
+            headers(("Retry-After" = u64, description = "Seconds to wait: 1."))),
+    ),
+    security(("api_key" = [])),
+)]
 pub async fn create(
     State(state): State<Arc<AppState>>,
     headers: HeaderMap,
@@ -65,17 +129,19 @@ pub async fn create(
 }
 
 fn accepted(job_id: &str, status: JobStatus) -> Response {
-    (
-        StatusCode::ACCEPTED,
-        Json(json!({ "job_id": job_id, "status": status })),
-    )
-        .into_response()
+    let reply = JobStatusReply {
+        job_id: job_id.to_owned(),
+        status,
+    };
+    (StatusCode::ACCEPTED, Json(reply)).into_response()
 }
 
 async fn submit(state: &AppState, request: &JobRequest) -> Result<(), ApiError> {
     let record = JobRecord::pending(request);
     let revision = state.topology.jobs.create(&record).await?;
-    if let Err(e) = flotilla_nats::enqueue(&state.topology.js, request).await {
+    // The job message carries this request's trace context to the node that runs it.
+    let trace = flotilla_telemetry::propagation::nats_headers(&tracing::Span::current());
+    if let Err(e) = flotilla_nats::enqueue(&state.topology.js, request, trace).await {
         // Not queued: take the record back so nothing is half-accepted.
         let _ = state.topology.jobs.remove(&request.job_id).await;
         state.index.forget(&request.job_id);
@@ -203,6 +269,22 @@ fn public(mut record: JobRecord) -> JobRecord {
 }
 
 /// `GET /jobs/{id}`.
+#[utoipa::path(
+    get,
+    path = "/jobs/{job_id}",
+    tag = "jobs",
+    operation_id = "get_job",
+    summary = "Read a job",
+    params(("job_id" = String, Path, description = "The job's id.")),
+    responses(
+        (status = 200, description = "The job's record.", body = JobRecord),
+        (status = 401, response = Unauthorized),
+        (status = 404, response = NotFoundJob),
+        (status = 500, response = Internal),
+        (status = 503, response = Unavailable),
+    ),
+    security(("api_key" = [])),
+)]
 pub async fn get(
     State(state): State<Arc<AppState>>,
     Path(job_id): Path<String>,
@@ -226,6 +308,32 @@ pub struct WaitQuery {
 }
 
 /// `GET /jobs/{id}/wait`: returns as soon as the KV watch reports the job terminal.
+#[utoipa::path(
+    get,
+    path = "/jobs/{job_id}/wait",
+    tag = "jobs",
+    operation_id = "wait_job",
+    summary = "Wait for a job to end",
+    description = "Blocks until the job is `completed`, `failed` or `cancelled`, then answers \
+        its record, within milliseconds of the change; at once if it already ended.",
+    params(
+        ("job_id" = String, Path, description = "The job's id."),
+        ("timeout" = Option<f64>, Query, description = "Seconds to wait, fractions allowed; \
+            3600 when absent, clamped to 1-7200."),
+    ),
+    responses(
+        (status = 200, description = "The job ended: its record.", body = JobRecord),
+        (status = 401, response = Unauthorized),
+        (status = 404, response = NotFoundJob),
+        (status = 408, description = "`wait_timeout`: the job did not end in time.",
+            body = ErrorBody),
+        (status = 422, description = "`invalid_field` (`timeout`): not a number.",
+            body = ErrorBody),
+        (status = 500, response = Internal),
+        (status = 503, response = Unavailable),
+    ),
+    security(("api_key" = [])),
+)]
 pub async fn wait(
     State(state): State<Arc<AppState>>,
     Path(job_id): Path<String>,
@@ -263,10 +371,31 @@ pub async fn wait(
 
 /// `DELETE /jobs/{id}`: marks the job cancelled (compare-and-set) and tells whichever node
 /// holds it to stop its container.
+#[utoipa::path(
+    delete,
+    path = "/jobs/{job_id}",
+    tag = "jobs",
+    operation_id = "cancel_job",
+    summary = "Cancel a job",
+    description = "Marks a pending or running job `cancelled` and answers at once. The node \
+        holding it stops its container (SIGTERM, then SIGKILL after a grace period) and \
+        attaches the output so far to the record a moment later.",
+    params(("job_id" = String, Path, description = "The job's id.")),
+    responses(
+        (status = 200, description = "Cancelled.", body = JobStatusReply,
+            example = json!({"job_id": "me-0198c0de4b7a7c3e9a7d2f4e5b6c7d8e", "status": "cancelled"})),
+        (status = 401, response = Unauthorized),
+        (status = 404, response = NotFoundJob),
+        (status = 409, description = "`conflict`: the job already ended.", body = ErrorBody),
+        (status = 500, response = Internal),
+        (status = 503, response = Unavailable),
+    ),
+    security(("api_key" = [])),
+)]
 pub async fn cancel(
     State(state): State<Arc<AppState>>,
     Path(job_id): Path<String>,
-) -> Result<Json<serde_json::Value>, ApiError> {
+) -> Result<Json<JobStatusReply>, ApiError> {
     if !ids::is_valid_job_id(&job_id) {
         return Err(ApiError::not_found("job"));
     }
@@ -303,14 +432,49 @@ pub async fn cancel(
             {
                 tracing::warn!(error = %e, job_id, "cannot publish cancel");
             }
-            Ok(Json(
-                json!({ "job_id": job_id, "status": JobStatus::Cancelled }),
-            ))
+            Ok(Json(JobStatusReply {
+                job_id,
+                status: JobStatus::Cancelled,
+            }))
         }
     }
 }
 
 /// `GET /jobs`: newest first, filtered and paginated from the in-memory index.
+#[utoipa::path(
+    get,
+    path = "/jobs",
+    tag = "jobs",
+    operation_id = "list_jobs",
+    summary = "List jobs",
+    description = "Newest first (by `created_at`), filtered and paginated. Filters are exact \
+        matches; `metadata.<key>=<value>` filters on a metadata entry and may be repeated for \
+        several keys (e.g. `?metadata.team=infra`). Other parameters are ignored. A job \
+        removed between the index read and the record read is left out, so a page may hold \
+        fewer than `limit` jobs.",
+    params(
+        ("status" = Option<JobStatus>, Query, description = "Only jobs with this status."),
+        ("limit" = Option<u32>, Query, minimum = 1, maximum = 200,
+            description = "Page size: 1-200, 50 when absent."),
+        ("offset" = Option<u64>, Query, description = "Jobs to skip: 0 when absent."),
+        ("agent_id" = Option<String>, Query, description = "Only this agent's jobs."),
+        ("engine" = Option<String>, Query, description = "Only jobs on this engine."),
+        ("profile" = Option<String>, Query, description = "Only jobs with this profile."),
+        ("created_after" = Option<chrono::DateTime<Utc>>, Query,
+            description = "RFC 3339; exclusive bound."),
+        ("created_before" = Option<chrono::DateTime<Utc>>, Query,
+            description = "RFC 3339; exclusive bound."),
+    ),
+    responses(
+        (status = 200, description = "A page of jobs.", body = JobList),
+        (status = 401, response = Unauthorized),
+        (status = 422, description = "`invalid_field`: a bad `limit`, `offset`, `status`, \
+            `created_after` or `created_before` (named in `field`).", body = ErrorBody),
+        (status = 500, response = Internal),
+        (status = 503, response = Unavailable),
+    ),
+    security(("api_key" = [])),
+)]
 pub async fn list(
     State(state): State<Arc<AppState>>,
     Query(params): Query<HashMap<String, String>>,

@@ -9,7 +9,9 @@ mod jobs;
 mod logs;
 mod metrics;
 mod middleware;
+mod openapi;
 mod ops;
+mod ui;
 
 use std::sync::Arc;
 
@@ -34,6 +36,7 @@ pub struct AppState {
     pub catalog: Arc<LiveCatalog>,
     pub index: Arc<index::JobIndex>,
     api_key_digest: Option<Vec<u8>>,
+    http_metrics: metrics::HttpMetrics,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -53,6 +56,38 @@ pub enum GatewayError {
     Serve(std::io::Error),
 }
 
+/// Every `(method, path)` that [`router`] serves. Keep the two in step: a test checks that the
+/// OpenAPI document (`openapi::ApiDoc`) has exactly these operations, and an end-to-end test
+/// that the gateway routes every operation of the document.
+#[cfg(test)]
+pub(crate) const ROUTES: &[(&str, &str)] = &[
+    ("GET", "/"),
+    ("GET", "/health"),
+    ("GET", "/metrics"),
+    ("GET", "/engines"),
+    ("GET", "/profiles"),
+    ("GET", "/nodes"),
+    ("GET", "/configs"),
+    ("GET", "/configs/{type}/{name}"),
+    ("PUT", "/configs/{type}/{name}"),
+    ("DELETE", "/configs/{type}/{name}"),
+    ("POST", "/jobs"),
+    ("GET", "/jobs"),
+    ("GET", "/jobs/{job_id}"),
+    ("DELETE", "/jobs/{job_id}"),
+    ("GET", "/jobs/{job_id}/wait"),
+    ("GET", "/jobs/{job_id}/logs"),
+    ("GET", "/openapi.json"),
+    ("GET", "/docs"),
+    ("GET", "/docs/"),
+    ("GET", "/docs/docs.js"),
+    ("GET", "/docs/docs.css"),
+    ("GET", "/ui"),
+    ("GET", "/ui/"),
+    ("GET", "/ui/app.js"),
+    ("GET", "/ui/app.css"),
+];
+
 pub fn router(state: Arc<AppState>) -> Router {
     Router::new()
         .route("/", get(ops::root))
@@ -63,13 +98,22 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/nodes", get(ops::nodes))
         .route("/configs", get(configs::list))
         .route(
-            "/configs/{kind}/{name}",
+            "/configs/{type}/{name}",
             get(configs::get).put(configs::put).delete(configs::delete),
         )
         .route("/jobs", post(jobs::create).get(jobs::list))
         .route("/jobs/{job_id}", get(jobs::get).delete(jobs::cancel))
         .route("/jobs/{job_id}/wait", get(jobs::wait))
         .route("/jobs/{job_id}/logs", get(logs::stream))
+        .route("/openapi.json", get(openapi::spec))
+        .route("/docs", get(openapi::docs_page))
+        .route("/docs/", get(openapi::docs_page_dir))
+        .route("/docs/docs.js", get(openapi::docs_script))
+        .route("/docs/docs.css", get(openapi::docs_style))
+        .route("/ui", get(ui::index))
+        .route("/ui/", get(ui::index_dir))
+        .route("/ui/app.js", get(ui::script))
+        .route("/ui/app.css", get(ui::style))
         .fallback(ops::not_found)
         // The body cap is enforced by the handler, which answers 413 in the error envelope.
         .layer(DefaultBodyLimit::disable())
@@ -78,6 +122,11 @@ pub fn router(state: Arc<AppState>) -> Router {
             middleware::auth,
         ))
         .layer(axum::middleware::from_fn(middleware::headers))
+        // Outermost: the request's span and metrics cover auth failures and every header.
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            metrics::observe,
+        ))
         .with_state(state)
 }
 
@@ -119,6 +168,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Gate
         catalog,
         index,
         api_key_digest,
+        http_metrics: metrics::HttpMetrics::default(),
     });
     let listener = tokio::net::TcpListener::bind(listen)
         .await
@@ -127,6 +177,10 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Gate
             source,
         })?;
     tracing::info!(url = %format!("http://{listen}"), "api-gateway listening");
+    // No Nagle: live log events are small writes that must not wait for a delayed ACK.
+    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+        let _ = tcp.set_nodelay(true);
+    });
     axum::serve(listener, router(state))
         .with_graceful_shutdown(shutdown.cancelled_owned())
         .await

@@ -13,13 +13,17 @@ use axum::{
     http::HeaderMap,
     response::sse::{Event, KeepAlive, Sse},
 };
-use flotilla_proto::{Encoding, JobRecord, JobStatus, LogChunk, LogEnd, names};
+use flotilla_proto::{Encoding, JobRecord, JobStatus, LogChunk, LogEnd, LogStream, names};
 use futures::{Stream, StreamExt};
-use serde::Deserialize;
-use serde_json::json;
+use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
+use utoipa::ToSchema;
 
-use crate::{AppState, error::ApiError};
+use crate::{
+    AppState,
+    error::{ApiError, ErrorBody},
+    openapi::{Internal, NotFoundJob, Unauthorized, Unavailable},
+};
 
 /// After the job is terminal, how long to wait for the node's end marker before ending the
 /// stream from the KV record (the node may have died).
@@ -31,6 +35,67 @@ pub struct LogsQuery {
     follow: Option<String>,
 }
 
+// The data of the two event types. Fields in alphabetical order: the keys come out in the order
+// they had when these were built with `json!`.
+
+/// The data of a `log` event: one chunk of the job's output. The event's `id` is the chunk's
+/// sequence in the log stream, for `from` and `Last-Event-ID`.
+#[derive(Serialize, ToSchema)]
+pub struct LogEvent<'a> {
+    /// The attempt that produced the chunk (a job retried on another node shows each attempt's
+    /// output in turn).
+    attempt: u32,
+    /// The chunk's bytes, decoded as lossy UTF-8.
+    #[schema(value_type = String)]
+    data: std::borrow::Cow<'a, str>,
+    /// Per attempt: 0, 1, 2, ...
+    seq: u64,
+    stream: LogStream,
+}
+
+/// The data of the `end` event, the last one: the job's status when the stream ended.
+#[derive(Serialize, ToSchema)]
+pub struct EndEvent<'a> {
+    #[schema(required)]
+    error: Option<&'a str>,
+    #[schema(required)]
+    exit_code: Option<i64>,
+    status: JobStatus,
+}
+
+#[utoipa::path(
+    get,
+    path = "/jobs/{job_id}/logs",
+    tag = "jobs",
+    operation_id = "job_logs",
+    summary = "Follow a job's output (server-sent events)",
+    description = "Replays the job's output from the beginning (or from `from`, or after \
+        `Last-Event-ID`), then follows it live until the job ends. Events: `log`, whose `id` \
+        is the chunk's log-stream sequence and whose data is a `LogEvent`; and `end`, the \
+        last one, whose data is an `EndEvent`. Truncation of a long output shows as a \
+        `system` `log` event. Keep-alive comments are sent while the stream is idle.",
+    params(
+        ("job_id" = String, Path, description = "The job's id."),
+        ("from" = Option<u64>, Query, description = "Replay from this event id (a log-stream \
+            sequence, not the per-attempt `seq`); 0 counts as 1."),
+        ("follow" = Option<bool>, Query, description = "`true` (when absent) follows until \
+            the job ends; `false` sends what is stored, then `end` with the current status."),
+        ("Last-Event-ID" = Option<String>, Header, nullable = false, description = "When `from` is absent, \
+            replay resumes after this event id; a value that is not a number is ignored."),
+    ),
+    responses(
+        (status = 200, description = "The event stream.", content_type = "text/event-stream",
+            body = String,
+            example = "event: log\nid: 17\ndata: {\"attempt\":1,\"data\":\"hi\\n\",\"seq\":0,\"stream\":\"stdout\"}\n\nevent: end\ndata: {\"error\":null,\"exit_code\":0,\"status\":\"completed\"}\n\n"),
+        (status = 401, response = Unauthorized),
+        (status = 404, response = NotFoundJob),
+        (status = 422, description = "`invalid_field` (`from` or `follow`): not a \
+            non-negative integer, or not exactly `true` or `false`.", body = ErrorBody),
+        (status = 500, response = Internal),
+        (status = 503, response = Unavailable),
+    ),
+    security(("api_key" = [])),
+)]
 pub async fn stream(
     State(state): State<Arc<AppState>>,
     Path(job_id): Path<String>,
@@ -181,19 +246,51 @@ fn end_from_record(record: &JobRecord) -> LogEnd {
 }
 
 fn log_event(chunk: &LogChunk, sequence: u64) -> Event {
-    let data = json!({
-        "seq": chunk.seq,
-        "attempt": chunk.attempt,
-        "stream": chunk.stream,
-        "data": String::from_utf8_lossy(&chunk.data),
-    });
+    let data = LogEvent {
+        attempt: chunk.attempt,
+        data: String::from_utf8_lossy(&chunk.data),
+        seq: chunk.seq,
+        stream: chunk.stream,
+    };
     Event::default()
         .event("log")
         .id(sequence.to_string())
-        .data(data.to_string())
+        .data(to_json(&data))
 }
 
 fn end_event(end: &LogEnd) -> Event {
-    let data = json!({ "status": end.status, "exit_code": end.exit_code, "error": end.error });
-    Event::default().event("end").data(data.to_string())
+    let data = EndEvent {
+        error: end.error.as_deref(),
+        exit_code: end.exit_code,
+        status: end.status,
+    };
+    Event::default().event("end").data(to_json(&data))
+}
+
+fn to_json(data: &impl Serialize) -> String {
+    // Strings, numbers and enums with string names: serde_json cannot fail on these.
+    serde_json::to_string(data).expect("event data serializes")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::openapi::tests::assert_required_matches;
+
+    #[test]
+    fn openapi_event_schemas_require_what_is_always_sent() {
+        let end = EndEvent {
+            error: None,
+            exit_code: None,
+            status: JobStatus::Running,
+        };
+        assert_required_matches("EndEvent", &end);
+        let log = LogEvent {
+            attempt: 1,
+            data: "hi".into(),
+            seq: 0,
+            stream: LogStream::Stdout,
+        };
+        assert_required_matches("LogEvent", &log);
+    }
 }

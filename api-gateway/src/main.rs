@@ -28,14 +28,17 @@ struct Args {
     limits: flotilla_catalog::LimitsArgs,
     #[command(flatten)]
     topology: flotilla_nats::TopologyArgs,
-    #[arg(long, env = "FLOTILLA_LOG_JSON")]
-    log_json: bool,
+    #[command(flatten)]
+    telemetry: flotilla_telemetry::TelemetryArgs,
 }
 
 #[tokio::main]
 async fn main() -> ExitCode {
     let args = Args::parse();
-    flotilla_telemetry::init(args.log_json);
+    let telemetry = match flotilla_telemetry::init(args.telemetry.into_config("api-gateway")) {
+        Ok(telemetry) => telemetry,
+        Err(e) => return flotilla_telemetry::config_error(e),
+    };
     let limits = match args.limits.into_limits() {
         Ok(limits) => limits,
         Err(e) => return flotilla_telemetry::config_error(e),
@@ -57,5 +60,7 @@ async fn main() -> ExitCode {
         Err(e) => return flotilla_telemetry::config_error(e),
     };
     let shutdown = flotilla_telemetry::shutdown_on_signals();
-    flotilla_telemetry::exit_code(api_gateway::run(config, shutdown).await)
+    let result = api_gateway::run(config, shutdown).await;
+    telemetry.shutdown().await;
+    flotilla_telemetry::exit_code(result)
 }

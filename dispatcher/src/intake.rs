@@ -13,11 +13,15 @@ use flotilla_nats::{StoreError, Topology};
 use flotilla_proto::{Encoding, JobRecord, JobStatus, SubmitRequest, ids, names};
 use futures::StreamExt;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument as _;
+
+use crate::metrics::{Admission, DispatcherMetrics};
 
 pub(crate) struct Intake {
     pub(crate) topology: Topology,
     pub(crate) catalog: Arc<LiveCatalog>,
     pub(crate) limits: Limits,
+    pub(crate) metrics: Arc<DispatcherMetrics>,
 }
 
 pub(crate) async fn run(intake: Arc<Intake>, stop: CancellationToken) {
@@ -52,11 +56,24 @@ pub(crate) async fn run(intake: Arc<Intake>, stop: CancellationToken) {
 
 impl Intake {
     async fn handle(&self, message: jetstream::Message) {
-        let ack = match self.admit(&message).await {
-            Ok(()) => AckKind::Ack,
+        // A publisher's trace context (W3C headers) makes admission part of its trace; the
+        // job message then carries this span's context on to the node.
+        let span = tracing::info_span!(
+            "intake",
+            otel.kind = "consumer",
+            job_id = tracing::field::Empty
+        );
+        flotilla_telemetry::propagation::set_parent_from_nats(&span, message.headers.as_ref());
+        let admitted = self.admit(&message).instrument(span).await;
+        let ack = match admitted {
+            Ok(admission) => {
+                self.metrics.submission(admission);
+                AckKind::Ack
+            }
             // NATS trouble: try the message again shortly; admission is idempotent.
             Err(e) => {
                 tracing::warn!(error = %e, "cannot admit submission, will retry");
+                self.metrics.submission(Admission::Retried);
                 AckKind::Nak(Some(Duration::from_secs(1)))
             }
         };
@@ -65,7 +82,7 @@ impl Intake {
         }
     }
 
-    async fn admit(&self, message: &jetstream::Message) -> Result<(), StoreError> {
+    async fn admit(&self, message: &jetstream::Message) -> Result<Admission, StoreError> {
         let encoding = Encoding::from_content_type(
             message
                 .headers
@@ -78,7 +95,7 @@ impl Intake {
             Err(e) => {
                 self.reject(message, None, &format!("undecodable message: {e}"))
                     .await;
-                return Ok(());
+                return Ok(Admission::Rejected);
             }
         };
         let claimed_id = submission
@@ -104,7 +121,7 @@ impl Intake {
                     self.record_rejection(job_id, &submission, &reason).await?;
                 }
                 self.reject(message, claimed_id.as_deref(), &reason).await;
-                return Ok(());
+                return Ok(Admission::Rejected);
             }
         };
 
@@ -122,16 +139,22 @@ impl Intake {
                 if existing.is_none_or(|current| current.record.status != JobStatus::Pending) {
                     let reason = format!("job id {} is already taken", request.job_id);
                     self.reject(message, Some(&request.job_id), &reason).await;
-                    return Ok(());
+                    return Ok(Admission::Rejected);
                 }
             }
             Err(e) => return Err(e),
         }
-        flotilla_nats::enqueue(&self.topology.js, &request)
+        let span = tracing::Span::current();
+        span.record("job_id", request.job_id.as_str());
+        let trace = flotilla_telemetry::propagation::nats_headers_or_forward(
+            &span,
+            message.headers.as_ref(),
+        );
+        flotilla_nats::enqueue(&self.topology.js, &request, trace)
             .await
             .map_err(|e| StoreError::Nats(e.to_string()))?;
         tracing::info!(job_id = %request.job_id, "direct submission queued");
-        Ok(())
+        Ok(Admission::Accepted)
     }
 
     /// Records a failed job explaining the rejection, unless the id is already in use.
@@ -162,6 +185,9 @@ impl Intake {
             timeout_seconds: 0,
             attempts: Vec::new(),
             ack_subject: None,
+            // Never called: the URL of a refused submission was not validated.
+            webhook_url: None,
+            webhook: None,
         };
         match self.topology.jobs.create(&record).await {
             Ok(_) | Err(StoreError::AlreadyExists(_)) => Ok(()),

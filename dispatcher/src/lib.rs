@@ -4,10 +4,18 @@
 
 mod intake;
 mod lifecycle;
+mod metrics;
+mod webhooks;
 
 use std::{net::SocketAddr, path::PathBuf, sync::Arc};
 
-use axum::{Json, Router, extract::State, http::StatusCode, routing::get};
+use axum::{
+    Json, Router,
+    extract::State,
+    http::{HeaderValue, StatusCode, header},
+    response::{IntoResponse, Response},
+    routing::get,
+};
 use flotilla_catalog::Limits;
 use flotilla_config::LiveCatalog;
 use flotilla_nats::{Topology, TopologyConfig};
@@ -15,6 +23,7 @@ use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
 pub use lifecycle::LifecycleConfig;
+pub use webhooks::WebhookConfig;
 
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -25,6 +34,7 @@ pub struct Config {
     pub profiles_dir: PathBuf,
     pub limits: Limits,
     pub topology: TopologyConfig,
+    pub webhooks: WebhookConfig,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -42,6 +52,16 @@ pub enum DispatcherError {
     },
     #[error("health server failed: {0}")]
     Serve(std::io::Error),
+    #[error("cannot set up the webhook HTTP client (TLS): {0}")]
+    Http(std::io::Error),
+}
+
+/// What the HTTP endpoints read.
+#[derive(Clone)]
+struct HttpState {
+    client: async_nats::Client,
+    metrics: Arc<metrics::DispatcherMetrics>,
+    leading: tokio::sync::watch::Receiver<bool>,
 }
 
 pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), DispatcherError> {
@@ -56,7 +76,13 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Disp
         workers.clone(),
     )
     .await?;
+    let metrics = Arc::new(metrics::DispatcherMetrics::default());
     let (leading_tx, leading) = tokio::sync::watch::channel(false);
+    let http_state = HttpState {
+        client: client.clone(),
+        metrics: metrics.clone(),
+        leading: leading.clone(),
+    };
     let election = tokio::spawn(lifecycle::elect(
         topology.clone(),
         workers.clone(),
@@ -67,17 +93,22 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Disp
         topology: topology.clone(),
         config: config.lifecycle.clone(),
         jobs: Default::default(),
+        metrics: metrics.clone(),
+        webhooks: webhooks::Webhooks::new(topology.clone(), config.webhooks.clone())
+            .map_err(DispatcherError::Http)?,
     });
     tokio::spawn(lifecycle.run(leading, workers.clone()));
     let dead_letters = tokio::spawn(lifecycle::dead_letters(
         client.clone(),
         topology.clone(),
+        metrics.clone(),
         workers.clone(),
     ));
     let intake = Arc::new(intake::Intake {
         topology,
         catalog,
         limits: config.limits.clone(),
+        metrics,
     });
     let intake_task = tokio::spawn(intake::run(intake, workers.clone()));
 
@@ -90,7 +121,8 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Disp
     tracing::info!(listen = %config.listen, "dispatcher ready");
     let app = Router::new()
         .route("/health", get(health))
-        .with_state(client.clone());
+        .route("/metrics", get(render_metrics))
+        .with_state(http_state);
     axum::serve(listener, app)
         .with_graceful_shutdown(shutdown.cancelled_owned())
         .await
@@ -107,8 +139,18 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Disp
     Ok(())
 }
 
-async fn health(State(client): State<async_nats::Client>) -> (StatusCode, Json<serde_json::Value>) {
-    let connected = client.connection_state() == async_nats::connection::State::Connected;
+async fn render_metrics(State(state): State<HttpState>) -> Response {
+    let leading = *state.leading.borrow();
+    let mut response = state.metrics.render(leading).into_response();
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static(prometheus_client::encoding::prometheus_text::CONTENT_TYPE),
+    );
+    response
+}
+
+async fn health(State(state): State<HttpState>) -> (StatusCode, Json<serde_json::Value>) {
+    let connected = state.client.connection_state() == async_nats::connection::State::Connected;
     let status = if connected {
         StatusCode::OK
     } else {

@@ -18,6 +18,8 @@ use serde::Deserialize;
 use tokio::{sync::watch, time::Instant};
 use tokio_util::sync::CancellationToken;
 
+use crate::metrics::DispatcherMetrics;
+
 /// Lifecycle settings.
 #[derive(Debug, Clone)]
 pub struct LifecycleConfig {
@@ -38,7 +40,12 @@ pub(crate) struct Lifecycle {
     pub(crate) topology: Topology,
     pub(crate) config: LifecycleConfig,
     pub(crate) jobs: Mutex<HashMap<String, JobSummary>>,
+    pub(crate) metrics: Arc<DispatcherMetrics>,
+    pub(crate) webhooks: Arc<crate::webhooks::Webhooks>,
 }
+
+/// How often the leader looks for webhooks to send.
+const WEBHOOK_CHECK: Duration = Duration::from_millis(250);
 
 #[derive(Debug, Clone)]
 pub(crate) struct JobSummary {
@@ -101,6 +108,7 @@ impl Lifecycle {
         let mut nodes = NodeWatch::default();
         let mut node_ticker = tokio::time::interval(self.config.node_check_interval);
         let mut sweep_ticker = tokio::time::interval(self.config.sweep_interval);
+        let mut webhook_ticker = tokio::time::interval(WEBHOOK_CHECK);
         loop {
             tokio::select! {
                 () = stop.cancelled() => return,
@@ -115,6 +123,11 @@ impl Lifecycle {
                 _ = sweep_ticker.tick() => {
                     if *leading.borrow() {
                         self.sweep().await;
+                    }
+                }
+                _ = webhook_ticker.tick() => {
+                    if *leading.borrow() {
+                        self.webhooks.start_due(Utc::now());
                     }
                 }
             }
@@ -150,6 +163,7 @@ impl Lifecycle {
                     .collect()
             };
             tracing::warn!(node_id = %info.node_id, jobs = held.len(), "node lost");
+            self.metrics.lost_nodes.inc();
             for job_id in &held {
                 self.requeue_lost(&info.node_id, job_id).await;
             }
@@ -203,6 +217,7 @@ impl Lifecycle {
         {
             tracing::warn!(job_id, error = %e, "cannot hand back lost job");
         }
+        self.metrics.requeued.inc();
         tracing::info!(job_id, node_id, "lost job requeued");
     }
 
@@ -221,9 +236,12 @@ impl Lifecycle {
                             created_at: record.created_at,
                             finished_at: record.finished_at,
                         };
+                        self.webhooks
+                            .track(&record.job_id, crate::webhooks::due(record));
                         jobs.insert(record.job_id.clone(), summary);
                     }
                     WatchEvent::Removed { job_id, .. } => {
+                        self.webhooks.track(&job_id, None);
                         jobs.remove(&job_id);
                     }
                     WatchEvent::Corrupt { .. } | WatchEvent::Error(_) => {}
@@ -256,6 +274,7 @@ impl Lifecycle {
                 .await;
             match changed {
                 Ok(Some(Ok(versioned))) if versioned.record.status == JobStatus::Failed => {
+                    self.metrics.queue_timeouts.inc();
                     tracing::info!(job_id, "job failed: queued too long");
                 }
                 Err(e) => tracing::warn!(job_id, error = %e, "cannot time out queued job"),
@@ -271,6 +290,7 @@ impl Lifecycle {
                 tracing::warn!(job_id, error = %e, "cannot delete expired job");
                 continue;
             }
+            self.metrics.retention_deleted.inc();
             if let Ok(logs) = &logs {
                 let _ = logs.purge().filter(names::log_subject(job_id)).await;
             }
@@ -367,6 +387,7 @@ struct MaxDeliveries {
 pub(crate) async fn dead_letters(
     client: async_nats::Client,
     topology: Topology,
+    metrics: Arc<DispatcherMetrics>,
     stop: CancellationToken,
 ) -> Result<(), async_nats::SubscribeError> {
     let mut advisories = client
@@ -387,8 +408,13 @@ pub(crate) async fn dead_letters(
             tracing::warn!("undecodable max-deliveries advisory");
             continue;
         };
-        if let Err(e) = dead_letter_one(&topology, &advisory).await {
-            tracing::warn!(seq = advisory.stream_seq, error = %e, "cannot dead-letter job message");
+        match dead_letter_one(&topology, &advisory).await {
+            Ok(()) => {
+                metrics.dead_letters.inc();
+            }
+            Err(e) => {
+                tracing::warn!(seq = advisory.stream_seq, error = %e, "cannot dead-letter job message");
+            }
         }
     }
 }

@@ -6,7 +6,7 @@ use clap::Parser;
 #[derive(Debug, Parser)]
 #[command(version)]
 struct Args {
-    /// Address of the health endpoint.
+    /// Address of the health and metrics endpoints.
     #[arg(
         long,
         env = "FLOTILLA_DISPATCHER_LISTEN",
@@ -40,16 +40,22 @@ struct Args {
     /// Finished jobs kept at most (Parpaing's MAX_RETAINED_JOBS).
     #[arg(long, env = "FLOTILLA_MAX_RETAINED_JOBS", default_value_t = 1000)]
     max_retained_jobs: usize,
+    /// Seconds a webhook receiver may take to answer.
+    #[arg(long, env = "FLOTILLA_WEBHOOK_TIMEOUT_SECS", default_value_t = 10)]
+    webhook_timeout_secs: u64,
     #[command(flatten)]
     topology: flotilla_nats::TopologyArgs,
-    #[arg(long, env = "FLOTILLA_LOG_JSON")]
-    log_json: bool,
+    #[command(flatten)]
+    telemetry: flotilla_telemetry::TelemetryArgs,
 }
 
 #[tokio::main]
 async fn main() -> ExitCode {
     let args = Args::parse();
-    flotilla_telemetry::init(args.log_json);
+    let telemetry = match flotilla_telemetry::init(args.telemetry.into_config("dispatcher")) {
+        Ok(telemetry) => telemetry,
+        Err(e) => return flotilla_telemetry::config_error(e),
+    };
     let limits = match args.limits.into_limits() {
         Ok(limits) => limits,
         Err(e) => return flotilla_telemetry::config_error(e),
@@ -61,6 +67,14 @@ async fn main() -> ExitCode {
         job_ttl: Duration::from_secs(args.job_ttl_hours * 3600),
         max_retained_jobs: args.max_retained_jobs,
     };
+    let webhooks = dispatcher::WebhookConfig {
+        // Only from the environment: a secret on the command line would show in `ps`.
+        secret: std::env::var("FLOTILLA_WEBHOOK_SECRET")
+            .ok()
+            .filter(|s| !s.is_empty()),
+        allow_private: limits.allow_private_webhooks,
+        timeout: Duration::from_secs(args.webhook_timeout_secs.clamp(1, 60)),
+    };
     let config = dispatcher::Config {
         listen: args.listen,
         lifecycle,
@@ -69,7 +83,10 @@ async fn main() -> ExitCode {
         profiles_dir: args.profiles_dir,
         limits,
         topology: args.topology.into_config(),
+        webhooks,
     };
     let shutdown = flotilla_telemetry::shutdown_on_signals();
-    flotilla_telemetry::exit_code(dispatcher::run(config, shutdown).await)
+    let result = dispatcher::run(config, shutdown).await;
+    telemetry.shutdown().await;
+    flotilla_telemetry::exit_code(result)
 }

@@ -1,28 +1,76 @@
-use std::{net::SocketAddr, process::ExitCode};
+use std::{net::SocketAddr, path::PathBuf, process::ExitCode, time::Duration};
 
 use clap::Parser;
 
-/// Flotilla llm-gateway: keeps LLM API keys out of job containers.
+/// Flotilla llm-gateway: keeps LLM API keys out of job containers, meters and budgets jobs.
 #[derive(Debug, Parser)]
 #[command(version)]
 struct Args {
+    /// Job containers must reach this address: on a node's host, listen on the job network's
+    /// gateway address (or 0.0.0.0) at the port the nodes are given.
     #[arg(
         long,
         env = "FLOTILLA_LLM_GATEWAY_LISTEN",
         default_value = "127.0.0.1:8421"
     )]
     listen: SocketAddr,
-    #[arg(long, env = "FLOTILLA_LOG_JSON")]
-    log_json: bool,
+    #[arg(
+        long,
+        env = "FLOTILLA_NATS_URL",
+        default_value = "nats://127.0.0.1:4222"
+    )]
+    nats_url: String,
+    /// Providers and prices (TOML); without it, deploy/llm-gateway.toml as built in.
+    #[arg(long, env = "FLOTILLA_LLM_CONFIG")]
+    config: Option<PathBuf>,
+    /// Request body cap, in bytes.
+    #[arg(long, env = "FLOTILLA_LLM_MAX_REQUEST_BYTES", default_value_t = 32 << 20)]
+    max_request_bytes: usize,
+    /// Seconds an upstream may take to start answering.
+    #[arg(
+        long,
+        env = "FLOTILLA_LLM_UPSTREAM_TIMEOUT_SECS",
+        default_value_t = 600
+    )]
+    upstream_timeout_secs: u64,
+    #[command(flatten)]
+    topology: flotilla_nats::TopologyArgs,
+    #[command(flatten)]
+    telemetry: flotilla_telemetry::TelemetryArgs,
 }
 
 #[tokio::main]
 async fn main() -> ExitCode {
     let args = Args::parse();
-    flotilla_telemetry::init(args.log_json);
-    let shutdown = flotilla_telemetry::shutdown_on_signals();
+    let telemetry = match flotilla_telemetry::init(args.telemetry.into_config("llm-gateway")) {
+        Ok(telemetry) => telemetry,
+        Err(e) => return flotilla_telemetry::config_error(e),
+    };
+    let text = match &args.config {
+        Some(path) => match std::fs::read_to_string(path) {
+            Ok(text) => text,
+            Err(e) => {
+                return flotilla_telemetry::config_error(format!("{}: {e}", path.display()));
+            }
+        },
+        None => llm_gateway::DEFAULT_CONFIG.to_owned(),
+    };
+    // Credentials come from the variables and files the config names, read here only.
+    let upstreams = match llm_gateway::Upstreams::parse(&text, &llm_gateway::ProcessSecrets) {
+        Ok(upstreams) => upstreams,
+        Err(e) => return flotilla_telemetry::config_error(e),
+    };
     let config = llm_gateway::Config {
         listen: args.listen,
+        nats_url: args.nats_url,
+        topology: args.topology.into_config(),
+        providers: upstreams.providers,
+        prices: upstreams.prices,
+        max_request_bytes: args.max_request_bytes,
+        upstream_timeout: Duration::from_secs(args.upstream_timeout_secs.max(1)),
     };
-    flotilla_telemetry::exit_code(llm_gateway::run(config, shutdown).await)
+    let shutdown = flotilla_telemetry::shutdown_on_signals();
+    let result = llm_gateway::run(config, shutdown).await;
+    telemetry.shutdown().await;
+    flotilla_telemetry::exit_code(result)
 }

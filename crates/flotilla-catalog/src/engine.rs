@@ -111,6 +111,33 @@ pub struct Engine {
     /// File name, in /workspace, where the engine reads its agent instructions (CLAUDE.md,
     /// AGENTS.md, GEMINI.md, ...).
     pub instructions_file: String,
+    /// How the engine reaches LLMs through the llm-gateway; `None` for engines that call none.
+    pub llm: Option<LlmAccess>,
+}
+
+/// An engine file's `[llm]` section: which llm-gateway providers the job's token may use, and
+/// the environment the CLI reads them from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LlmAccess {
+    pub providers: Vec<String>,
+    /// Variable name to value, where `{gateway}` becomes the gateway's base URL and `{token}`
+    /// the job's token (e.g. `ANTHROPIC_BASE_URL = "{gateway}/anthropic"`).
+    pub env: BTreeMap<String, String>,
+}
+
+impl LlmAccess {
+    /// The variables for one job: placeholders filled in.
+    pub fn render_env(&self, gateway_url: &str, token: &str) -> Vec<(String, String)> {
+        self.env
+            .iter()
+            .map(|(name, value)| {
+                let value = value
+                    .replace("{gateway}", gateway_url.trim_end_matches('/'))
+                    .replace("{token}", token);
+                (name.clone(), value)
+            })
+            .collect()
+    }
 }
 
 impl Engine {
@@ -166,6 +193,7 @@ impl Engine {
             command,
             output,
             env,
+            llm,
         } = file;
         let id = engine.id.unwrap_or_else(|| stem.to_owned());
         rules::check_safe_id(&id).map_err(|e| format!("engine id {e}"))?;
@@ -227,6 +255,7 @@ impl Engine {
                 parser: output.parser,
             },
             auth_env: env.auth,
+            llm: llm.map(LlmSection::into_access).transpose()?,
         })
     }
 }
@@ -247,6 +276,41 @@ struct EngineFile {
     output: OutputSection,
     #[serde(default)]
     env: EnvSection,
+    #[serde(default)]
+    llm: Option<LlmSection>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LlmSection {
+    providers: Vec<String>,
+    env: BTreeMap<String, String>,
+}
+
+impl LlmSection {
+    fn into_access(self) -> Result<LlmAccess, String> {
+        if self.providers.is_empty() {
+            return Err("[llm].providers must name at least one provider".to_owned());
+        }
+        for provider in &self.providers {
+            rules::check_safe_id(provider).map_err(|e| format!("[llm].providers: {e}"))?;
+        }
+        for name in self.env.keys() {
+            let valid = !name.is_empty()
+                && !name.starts_with(|c: char| c.is_ascii_digit())
+                && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+            if !valid {
+                return Err(format!("[llm.env]: {name:?} is not a variable name"));
+            }
+        }
+        if !self.env.values().any(|v| v.contains("{token}")) {
+            return Err("[llm.env] must pass {token} in some variable".to_owned());
+        }
+        Ok(LlmAccess {
+            providers: self.providers,
+            env: self.env,
+        })
+    }
 }
 
 #[derive(Default, Deserialize)]
@@ -327,33 +391,7 @@ mod tests {
     use super::*;
 
     fn request(prompt: &str) -> JobRequest {
-        JobRequest {
-            job_id: "a-1".to_owned(),
-            agent_id: "a".to_owned(),
-            engine: "e".to_owned(),
-            profile: "default".to_owned(),
-            prompt: prompt.to_owned(),
-            system_prompt: None,
-            model: None,
-            allowed_tools: Vec::new(),
-            max_turns: None,
-            max_budget_usd: None,
-            output_format: None,
-            mcp_config: None,
-            plugins: Vec::new(),
-            instructions: None,
-            pre_hook: None,
-            post_hook: None,
-            dry_run: false,
-            webhook_url: None,
-            timeout_seconds: 60,
-            resources: flotilla_proto::job::Resources {
-                memory_bytes: 1 << 30,
-                nano_cpus: 1,
-            },
-            metadata: BTreeMap::new(),
-            created_at: chrono::DateTime::UNIX_EPOCH,
-        }
+        JobRequest::example("a-1", "e", prompt)
     }
 
     #[test]
@@ -419,6 +457,24 @@ mod tests {
     }
 
     #[test]
+    fn llm_access_fills_in_the_gateway_and_token() {
+        let text = std::fs::read_to_string(
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../engines/claude-code.toml"),
+        )
+        .unwrap();
+        let engine = Engine::parse("claude-code", &text).unwrap();
+        let llm = engine.llm.expect("claude-code calls the llm-gateway");
+        assert_eq!(llm.providers, vec!["anthropic".to_owned()]);
+        let env = llm.render_env("http://10.0.0.1:8421/", "flj_abc");
+        assert!(env.contains(&(
+            "ANTHROPIC_BASE_URL".to_owned(),
+            "http://10.0.0.1:8421/anthropic".to_owned()
+        )));
+        assert!(env.contains(&("ANTHROPIC_API_KEY".to_owned(), "flj_abc".to_owned())));
+        assert!(Engine::parse("tool", "").unwrap().llm.is_none());
+    }
+
+    #[test]
     fn bad_engine_files() {
         let cases = [
             ("[engine]\ncolour = \"red\"\n", "unknown field `colour`"),
@@ -435,6 +491,18 @@ mod tests {
                 "[output].format must be one of",
             ),
             ("[command]\nbinary = \"\"\n", "binary must not be empty"),
+            (
+                "[llm]\nproviders = []\n[llm.env]\nK = \"{token}\"\n",
+                "at least one provider",
+            ),
+            (
+                "[llm]\nproviders = [\"a\"]\n[llm.env]\n\"X;rm\" = \"{token}\"\n",
+                "is not a variable name",
+            ),
+            (
+                "[llm]\nproviders = [\"a\"]\n[llm.env]\nURL = \"{gateway}\"\n",
+                "must pass {token}",
+            ),
         ];
         for (text, want) in cases {
             let err = Engine::parse("x", text).unwrap_err();

@@ -12,7 +12,7 @@ mod webhook;
 
 pub use args::LimitsArgs;
 pub use catalog::{Catalog, CatalogError};
-pub use engine::{Engine, EngineKind, MCP_CONFIG_PATH, MappedField, Output, OutputMode};
+pub use engine::{Engine, EngineKind, LlmAccess, MCP_CONFIG_PATH, MappedField, Output, OutputMode};
 pub use output::{ParsedOutput, Parser, parse};
 pub use profile::{Hooks, Profile, VarType, Variable};
 pub use rules::parse_memory;

@@ -97,6 +97,9 @@ pub struct Profile {
     pub model: Option<String>,
     pub max_turns: Option<u32>,
     pub max_budget_usd: Option<f64>,
+    /// Models the job may ask the llm-gateway for (exact, or a prefix ending in `*`); empty
+    /// allows any.
+    pub allowed_models: Vec<String>,
     pub output_format: Option<String>,
     pub allowed_tools: Vec<String>,
     /// Template source (inline, or read from `template_file` at load).
@@ -165,6 +168,17 @@ impl Profile {
         if let Some(format) = &agent.output_format {
             rules::check_output_format(format).map_err(|e| format!("[agent].output_format {e}"))?;
         }
+        for (i, pattern) in agent.allowed_models.iter().enumerate() {
+            rules::check_model(pattern.trim_end_matches('*'))
+                .map_err(|e| format!("[agent].allowed_models[{i}] {e}"))?;
+        }
+        if let Some(model) = &agent.model
+            && !flotilla_proto::llm::model_allowed(&agent.allowed_models, model)
+        {
+            return Err(format!(
+                "[agent].model {model:?} is not in [agent].allowed_models"
+            ));
+        }
         if tools.allowed.len() > rules::MAX_TOOLS {
             return Err(format!(
                 "[tools].allowed has more than {} items",
@@ -206,6 +220,7 @@ impl Profile {
             model: agent.model,
             max_turns,
             max_budget_usd: agent.max_budget_usd,
+            allowed_models: agent.allowed_models,
             output_format: agent.output_format,
             allowed_tools: tools.allowed,
             prompt_template,
@@ -251,6 +266,7 @@ struct AgentSection {
     model: Option<String>,
     max_turns: Option<i64>,
     max_budget_usd: Option<f64>,
+    allowed_models: Vec<String>,
     output_format: Option<String>,
 }
 

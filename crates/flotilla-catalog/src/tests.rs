@@ -758,31 +758,8 @@ async fn defaults_request_then_profile_then_limits() {
 
 fn job(engine: &str, prompt: &str) -> JobRequest {
     JobRequest {
-        job_id: "a-1".to_owned(),
-        agent_id: "a".to_owned(),
-        engine: engine.to_owned(),
-        profile: "default".to_owned(),
-        prompt: prompt.to_owned(),
-        system_prompt: None,
-        model: None,
-        allowed_tools: Vec::new(),
-        max_turns: None,
-        max_budget_usd: None,
-        output_format: None,
-        mcp_config: None,
-        plugins: Vec::new(),
-        instructions: None,
-        pre_hook: None,
-        post_hook: None,
-        dry_run: false,
-        webhook_url: None,
-        timeout_seconds: 60,
-        resources: flotilla_proto::Resources {
-            memory_bytes: 1 << 30,
-            nano_cpus: 1_000_000_000,
-        },
-        metadata: BTreeMap::new(),
         created_at: now(),
+        ..JobRequest::example("a-1", engine, prompt)
     }
 }
 
@@ -906,5 +883,60 @@ fn profile_summaries() {
     assert_eq!(
         catalog.profile("shell").unwrap().summary()["engine"],
         "shell"
+    );
+}
+
+#[tokio::test]
+async fn a_profile_model_allow_list_travels_with_the_job_and_refuses_other_models() {
+    let catalog = with_profile(
+        "[agent]\nengine = \"claude-code\"\nmodel = \"claude-sonnet-4-5\"\nallowed_models = [\"claude-sonnet-4-5*\", \"claude-haiku-4-5\"]\n",
+    );
+    let request = |model: Option<&str>| SubmitRequest {
+        engine: None,
+        profile: Some("custom".to_owned()),
+        model: model.map(str::to_owned),
+        ..base()
+    };
+    let job = run_with(&catalog, &Limits::default(), request(None))
+        .await
+        .unwrap();
+    assert_eq!(
+        job.allowed_models,
+        vec!["claude-sonnet-4-5*", "claude-haiku-4-5"]
+    );
+    run_with(
+        &catalog,
+        &Limits::default(),
+        request(Some("claude-haiku-4-5")),
+    )
+    .await
+    .unwrap();
+    let e = run_with(
+        &catalog,
+        &Limits::default(),
+        request(Some("claude-opus-4-1")),
+    )
+    .await
+    .unwrap_err();
+    assert_err(&e, "invalid_field", "model");
+    assert!(
+        e.message.contains("not allowed by profile custom"),
+        "{}",
+        e.message
+    );
+}
+
+#[test]
+fn a_profile_whose_model_is_outside_its_allow_list_does_not_load() {
+    let tmp = tempfile::tempdir().unwrap();
+    std::fs::write(
+        tmp.path().join("bad.toml"),
+        "[agent]\nmodel = \"gpt-5\"\nallowed_models = [\"claude-*\"]\n",
+    )
+    .unwrap();
+    let e = Catalog::load(&root().join("engines"), tmp.path()).unwrap_err();
+    assert!(
+        e.to_string().contains("not in [agent].allowed_models"),
+        "{e}"
     );
 }

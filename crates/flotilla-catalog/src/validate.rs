@@ -174,6 +174,16 @@ pub async fn validate(
     };
 
     let model = model.or_else(|| profile.model.clone());
+    if let Some(model) = &model
+        && !flotilla_proto::llm::model_allowed(&profile.allowed_models, model)
+    {
+        let reason = format!(
+            "{model:?} is not allowed by profile {}: allowed are {}",
+            profile.name,
+            profile.allowed_models.join(", ")
+        );
+        return Err(ValidationError::invalid("model", reason));
+    }
     if let Some(model) = &model {
         rules::check_model(model).map_err(|e| ValidationError::invalid("model", e))?;
     }
@@ -253,6 +263,7 @@ pub async fn validate(
         allowed_tools,
         max_turns,
         max_budget_usd,
+        allowed_models: profile.allowed_models.clone(),
         output_format: Some(output_format),
         mcp_config,
         plugins,

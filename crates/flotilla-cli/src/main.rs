@@ -323,7 +323,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     let available = if engine["available"] == true {
                         "available"
                     } else {
-                        "no live node"
+                        "unavailable"
                     };
                     println!(
                         "{:<12} {:<14} {}",

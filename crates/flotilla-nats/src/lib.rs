@@ -3,11 +3,13 @@
 //!
 //! Names come from `flotilla_proto::names`; this crate only decides how they are configured.
 
+mod grants;
 mod store;
 mod topology;
 
 use std::time::Duration;
 
+pub use grants::GrantStore;
 pub use store::{JobStore, StoreError, Versioned, WatchEvent};
 pub use topology::{LEADER_LEASE, Topology, TopologyArgs, TopologyConfig, TopologyError};
 
@@ -52,10 +54,14 @@ pub enum QueueError {
 }
 
 /// Puts a validated job on the run queue and waits until JetStream has stored it. Publishing the
-/// same job twice within the dedupe window stores it once.
-pub async fn enqueue(js: &jetstream::Context, request: &JobRequest) -> Result<(), QueueError> {
+/// same job twice within the dedupe window stores it once. `headers` travel with the message
+/// (the submitter's trace context, possibly none); the job-id header is added here.
+pub async fn enqueue(
+    js: &jetstream::Context,
+    request: &JobRequest,
+    mut headers: async_nats::HeaderMap,
+) -> Result<(), QueueError> {
     let payload: Bytes = flotilla_proto::encode(request)?;
-    let mut headers = async_nats::HeaderMap::new();
     headers.insert(names::HEADER_JOB_ID, request.job_id.as_str());
     let message = jetstream::message::PublishMessage::build()
         .payload(payload)

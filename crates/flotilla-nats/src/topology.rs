@@ -10,7 +10,7 @@ use async_nats::jetstream::{
 };
 use flotilla_proto::names;
 
-use crate::JobStore;
+use crate::{GrantStore, JobStore};
 
 /// How long a dispatcher leader lease lives without being refreshed.
 pub const LEADER_LEASE: Duration = Duration::from_secs(5);
@@ -28,6 +28,8 @@ pub struct TopologyConfig {
     pub queue_max_messages: i64,
     /// How long job output stays replayable.
     pub log_max_age: Duration,
+    /// Total bytes of job output kept; beyond it the oldest output goes first.
+    pub log_max_bytes: i64,
     /// How long an `Idempotency-Key` is remembered.
     pub idempotency_ttl: Duration,
     pub storage: StorageType,
@@ -46,6 +48,10 @@ pub struct TopologyArgs {
     /// Queue bound: beyond it, POST /jobs answers 503 with Retry-After.
     #[arg(long, env = "FLOTILLA_QUEUE_MAX", default_value_t = 100_000)]
     pub queue_max: i64,
+    /// Total job output kept for replay, in MiB (oldest dropped first; each job's output is
+    /// also capped by its node).
+    #[arg(long, env = "FLOTILLA_LOGS_MAX_MB", default_value_t = 8192)]
+    pub logs_max_mb: i64,
 }
 
 impl TopologyArgs {
@@ -54,6 +60,7 @@ impl TopologyArgs {
             ack_wait: Duration::from_secs(self.ack_wait_secs.max(1)),
             max_deliver: self.max_deliver.max(1),
             queue_max_messages: self.queue_max.max(1),
+            log_max_bytes: self.logs_max_mb.max(1) << 20,
             ..TopologyConfig::default()
         }
     }
@@ -67,6 +74,7 @@ impl Default for TopologyConfig {
             max_ack_pending: 1024,
             queue_max_messages: 100_000,
             log_max_age: Duration::from_secs(24 * 3600),
+            log_max_bytes: 8 << 30,
             idempotency_ttl: Duration::from_secs(24 * 3600),
             storage: StorageType::File,
         }
@@ -101,6 +109,8 @@ pub struct Topology {
     pub idempotency: Store,
     /// Dispatcher coordination (the leader lease).
     pub dispatch: Store,
+    /// Per-job llm-gateway grants.
+    pub grants: GrantStore,
     /// The fleet's shared pull consumer on the run queue.
     pub agents: consumer::PullConsumer,
     /// The dispatchers' shared pull consumer on direct submissions.
@@ -147,6 +157,7 @@ impl Topology {
                 retention: RetentionPolicy::Limits,
                 storage: config.storage,
                 max_age: config.log_max_age,
+                max_bytes: config.log_max_bytes,
                 duplicate_window: names::DEDUPE_WINDOW,
                 ..Default::default()
             },
@@ -248,12 +259,27 @@ impl Topology {
         )
         .await?;
 
+        let grants = ensure_bucket(
+            &js,
+            kv::Config {
+                bucket: names::BUCKET_LLM_GRANTS.to_owned(),
+                history: 1,
+                // A grant lives at most as long as its job's timeout (24 h); one its node could
+                // not revoke vanishes by itself after that.
+                max_age: Duration::from_secs(48 * 3600),
+                storage: config.storage,
+                ..Default::default()
+            },
+        )
+        .await?;
+
         Ok(Self {
             js,
             jobs: JobStore::new(job_bucket),
             nodes,
             idempotency,
             dispatch,
+            grants: GrantStore::new(grants),
             agents,
             intake,
             config,

@@ -10,59 +10,102 @@ use serde_json::Value;
 /// [`crate::names::SUBJECT_SUBMIT`]. Nothing here is trusted yet; validation turns it into a
 /// [`JobRequest`]. Every field is optional at this level so that a missing required field gets
 /// a validation error naming it rather than a decoding error.
+// The field comments are also the OpenAPI descriptions (feature `openapi`); the rules they state
+// are enforced by `flotilla_catalog::validate`.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(
+    feature = "openapi",
+    derive(utoipa::ToSchema),
+    schema(description = "The body of `POST /jobs`. Unknown fields are refused (422).")
+)]
 #[serde(deny_unknown_fields)]
 pub struct SubmitRequest {
     /// Only for direct NATS submissions: the id the publisher wants (see `ids::is_valid_job_id`).
-    /// Over HTTP the server assigns it.
+    /// Over HTTP the server assigns it (and refuses this field), so the API does not list it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "openapi", schema(ignore))]
     pub job_id: Option<String>,
+    /// Who submits the job; the job id starts with it. Required: `^[A-Za-z0-9_-]{1,64}$`.
     #[serde(default)]
+    #[cfg_attr(
+        feature = "openapi",
+        schema(value_type = String, required, pattern = "^[A-Za-z0-9_-]{1,64}$")
+    )]
     pub agent_id: Option<String>,
+    /// An engine id (`GET /engines`). Required unless the profile names one.
     #[serde(default)]
     pub engine: Option<String>,
+    /// At most 1,000,000 characters, no NUL. When null or blank, the profile's prompt template
+    /// is rendered with `prompt_vars`. For the `shell` engine, the script to run.
     #[serde(default)]
     pub prompt: Option<String>,
+    /// A profile name (`GET /profiles`); `default` when absent.
     #[serde(default)]
     pub profile: Option<String>,
+    /// Values for the profile's prompt template variables, checked against their declared
+    /// types, `required` and `enum`.
     #[serde(default)]
     pub prompt_vars: Option<serde_json::Map<String, Value>>,
+    /// Values for the profile's agent-instructions (CLAUDE.md) template; same checks.
     #[serde(default)]
     pub claude_md_vars: Option<serde_json::Map<String, Value>>,
+    /// The profile's when absent: `^[A-Za-z0-9._/:-]{1,128}$`.
     #[serde(default)]
+    #[cfg_attr(feature = "openapi", schema(pattern = "^[A-Za-z0-9._/:-]{1,128}$"))]
     pub model: Option<String>,
+    /// At most 500,000 characters, no NUL.
     #[serde(default)]
     pub system_prompt: Option<String>,
+    /// The profile's when absent. At most 100 items of 1-256 characters.
     #[serde(default)]
     pub allowed_tools: Option<Vec<String>>,
+    /// The profile's when absent: 1-100.
     #[serde(default)]
+    #[cfg_attr(feature = "openapi", schema(minimum = 1, maximum = 100))]
     pub max_turns: Option<i64>,
+    /// The profile's when absent: more than 0, at most 50.
     #[serde(default)]
+    #[cfg_attr(feature = "openapi", schema(exclusive_minimum = 0, maximum = 50))]
     pub max_budget_usd: Option<f64>,
+    /// `json`, `text` or `stream-json`; the profile's, else `json`, when absent.
     #[serde(default)]
     pub output_format: Option<String>,
+    /// An MCP configuration object (at most 256 KiB as JSON), written into the job's container.
     #[serde(default)]
     pub mcp_config: Option<Value>,
+    /// Plugin ids (`^[A-Za-z0-9_-]{1,64}$`); validated and carried with the job.
     #[serde(default)]
     pub plugins: Option<Vec<String>>,
+    /// Run the job through the fleet and a real container, but record the command line instead
+    /// of running the engine.
     #[serde(default)]
     pub dry_run: Option<bool>,
+    /// http or https, at most 2048 characters; the host must not resolve to loopback, private,
+    /// link-local or metadata addresses. Validated; webhooks are not sent yet.
     #[serde(default)]
     pub webhook_url: Option<String>,
+    /// 1-86400; the profile's, else the global default, when absent.
     #[serde(default)]
+    #[cfg_attr(feature = "openapi", schema(minimum = 1, maximum = 86400))]
     pub timeout_seconds: Option<i64>,
+    /// Container limits, capped by the operator's limits; the profile's when absent.
     #[serde(default)]
     pub resources: Option<ResourcesRequest>,
+    /// Free-form labels, echoed back in the record and filterable in `GET /jobs`: at most 32
+    /// keys matching `^[A-Za-z0-9_.-]{1,64}$`, values of at most 1024 characters.
     #[serde(default)]
     pub metadata: Option<BTreeMap<String, String>>,
 }
 
 /// `resources` as submitted: `{"memory": "512m", "cpus": 0.5}`.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct ResourcesRequest {
+    /// Memory limit with a unit suffix (`512m`, `2g`); at least `6m`.
     #[serde(default)]
     pub memory: Option<String>,
+    /// CPUs, fractions allowed.
     #[serde(default)]
     pub cpus: Option<f64>,
 }
@@ -95,6 +138,10 @@ pub struct JobRequest {
     pub max_turns: Option<u32>,
     #[serde(default)]
     pub max_budget_usd: Option<f64>,
+    /// The profile's model allow-list (exact names, or prefixes ending in `*`), enforced at
+    /// the llm-gateway; empty allows any model.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub allowed_models: Vec<String>,
     #[serde(default)]
     pub output_format: Option<String>,
     #[serde(default)]
@@ -123,9 +170,54 @@ pub struct JobRequest {
     pub created_at: DateTime<Utc>,
 }
 
+#[cfg(feature = "test-support")]
+impl JobRequest {
+    /// A plain request for tests: agent `a`, profile `default`, 60 s, 1 GiB and one CPU,
+    /// created now, nothing else set. Tests change what they need with `..`.
+    pub fn example(job_id: &str, engine: &str, prompt: &str) -> Self {
+        Self {
+            job_id: job_id.to_owned(),
+            agent_id: "a".to_owned(),
+            engine: engine.to_owned(),
+            profile: "default".to_owned(),
+            prompt: prompt.to_owned(),
+            system_prompt: None,
+            model: None,
+            allowed_tools: Vec::new(),
+            max_turns: None,
+            max_budget_usd: None,
+            allowed_models: Vec::new(),
+            output_format: None,
+            mcp_config: None,
+            plugins: Vec::new(),
+            instructions: None,
+            pre_hook: None,
+            post_hook: None,
+            dry_run: false,
+            webhook_url: None,
+            timeout_seconds: 60,
+            resources: Resources {
+                memory_bytes: 1 << 30,
+                nano_cpus: 1_000_000_000,
+            },
+            metadata: BTreeMap::new(),
+            created_at: Utc::now(),
+        }
+    }
+}
+
 /// The job record stored in KV under `job.<job_id>`. Its shape is the `GET /jobs/{id}` body.
 /// Every change to it is a compare-and-set on the KV revision.
+// `schema(required)` marks what every response carries: the `serde(default)`s are there to
+// decode older records, and would otherwise make the OpenAPI document call those fields optional.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(
+    feature = "openapi",
+    derive(utoipa::ToSchema),
+    schema(
+        description = "A job: the body of `GET /jobs/{job_id}` and `/wait`, and an item of `GET /jobs`."
+    )
+)]
 pub struct JobRecord {
     pub job_id: String,
     pub status: JobStatus,
@@ -133,52 +225,106 @@ pub struct JobRecord {
     pub engine: String,
     pub profile: String,
     pub created_at: DateTime<Utc>,
+    /// When the current (last) attempt started.
     #[serde(default)]
+    #[cfg_attr(feature = "openapi", schema(required))]
     pub started_at: Option<DateTime<Utc>>,
     #[serde(default)]
+    #[cfg_attr(feature = "openapi", schema(required))]
     pub finished_at: Option<DateTime<Utc>>,
+    /// The engine's exit code, once it ran.
     #[serde(default)]
+    #[cfg_attr(feature = "openapi", schema(required))]
     pub exit_code: Option<i64>,
+    /// Why the job failed or was cancelled; always set for a failed job.
     #[serde(default)]
+    #[cfg_attr(feature = "openapi", schema(required))]
     pub error: Option<String>,
+    /// The structured outcome, once the job ended after running.
     #[serde(default)]
+    #[cfg_attr(feature = "openapi", schema(required))]
     pub result: Option<JobResult>,
     /// 0 while pending; raised each time a node starts the job.
     #[serde(default)]
+    #[cfg_attr(feature = "openapi", schema(required))]
     pub attempt: u32,
+    /// The node running the job, or that ran its last attempt.
     #[serde(default)]
+    #[cfg_attr(feature = "openapi", schema(required))]
     pub node_id: Option<String>,
     #[serde(default)]
+    #[cfg_attr(feature = "openapi", schema(required))]
     pub usage: Option<Usage>,
+    /// As submitted.
     #[serde(default)]
+    #[cfg_attr(feature = "openapi", schema(required))]
     pub metadata: BTreeMap<String, String>,
     #[serde(default)]
+    #[cfg_attr(feature = "openapi", schema(required))]
     pub dry_run: bool,
+    /// The resolved run-time limit.
     #[serde(default)]
+    #[cfg_attr(feature = "openapi", schema(required))]
     pub timeout_seconds: u64,
     /// Every attempt so far, oldest first, with why each ended.
     #[serde(default)]
+    #[cfg_attr(feature = "openapi", schema(required))]
     pub attempts: Vec<Attempt>,
     /// Internal: the JetStream reply subject of the message behind the running attempt, so the
     /// dispatcher can hand the job back at once if its node dies. Not shown over HTTP.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "openapi", schema(ignore))]
     pub ack_subject: Option<String>,
+    /// Where the dispatcher POSTs the record once the job ends.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub webhook_url: Option<String>,
+    /// How delivery to `webhook_url` went.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub webhook: Option<WebhookDelivery>,
+}
+
+/// The state of a job's webhook: tried up to [`WebhookDelivery::MAX_ATTEMPTS`] times.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct WebhookDelivery {
+    pub attempts: u32,
+    /// When the receiver answered 2xx.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub delivered_at: Option<DateTime<Utc>>,
+    /// The last answer's HTTP status.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status_code: Option<u16>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
+    /// When the next attempt is due (also a lease: an attempt in flight holds it); absent once
+    /// delivered or given up.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_at: Option<DateTime<Utc>>,
+}
+
+impl WebhookDelivery {
+    pub const MAX_ATTEMPTS: u32 = 5;
 }
 
 /// One try at running a job on a node.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Attempt {
+    /// 1 for the first attempt.
     pub attempt: u32,
     pub node_id: String,
     pub started_at: DateTime<Utc>,
     #[serde(default)]
+    #[cfg_attr(feature = "openapi", schema(required))]
     pub finished_at: Option<DateTime<Utc>>,
     /// Why the attempt ended: `completed`, `exited with code 3`, `node lost`, ...
     #[serde(default)]
+    #[cfg_attr(feature = "openapi", schema(required))]
     pub outcome: Option<String>,
     /// Milliseconds from the node receiving the job to its process running (warm pool hit or
     /// cold start).
     #[serde(default)]
+    #[cfg_attr(feature = "openapi", schema(required))]
     pub start_ms: Option<f64>,
 }
 
@@ -205,6 +351,8 @@ impl JobRecord {
             timeout_seconds: request.timeout_seconds,
             attempts: Vec::new(),
             ack_subject: None,
+            webhook_url: request.webhook_url.clone(),
+            webhook: None,
         }
     }
 
@@ -224,7 +372,10 @@ impl JobRecord {
     }
 }
 
+/// Where a job is: `pending` (queued, or back in the queue after its node was lost), `running`,
+/// then one of the terminal `completed`, `failed`, `cancelled`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum JobStatus {
     Pending,
@@ -270,37 +421,70 @@ impl std::fmt::Display for JobStatus {
 
 /// The structured outcome of a job.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct JobResult {
     /// The agent's final answer; for the shell engine, its standard output.
     pub text: String,
     #[serde(default)]
+    #[cfg_attr(feature = "openapi", schema(required))]
     pub exit_code: Option<i64>,
+    /// The engine's session id, where it reports one.
     #[serde(default)]
+    #[cfg_attr(feature = "openapi", schema(required))]
     pub session_id: Option<String>,
+    /// Agent turns, where the engine reports them.
     #[serde(default)]
+    #[cfg_attr(feature = "openapi", schema(required))]
     pub num_turns: Option<u32>,
+    /// Cost in USD, where the engine reports it.
     #[serde(default)]
+    #[cfg_attr(feature = "openapi", schema(required))]
     pub cost_usd: Option<f64>,
     /// The engine's own JSON output, if it produced any. For a dry run:
     /// `{"dry_run": true, "engine", "binary", "args"}`.
     #[serde(default)]
+    #[cfg_attr(feature = "openapi", schema(required))]
     pub raw: Option<Value>,
     /// The last 4 KiB of combined output.
     #[serde(default)]
+    #[cfg_attr(feature = "openapi", schema(required))]
     pub logs_tail: String,
     /// True when `text` was cut to the result size cap.
     #[serde(default)]
+    #[cfg_attr(feature = "openapi", schema(required))]
     pub truncated: bool,
     /// Dry run: the exact argv that would have run.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub command: Option<Vec<String>>,
 }
 
+/// Tokens and money a job spent. Counted by the llm-gateway request by request when the job
+/// went through it (`metered`), else taken from what the engine reported at the end.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Usage {
     pub input_tokens: u64,
     pub output_tokens: u64,
     pub cost_usd: f64,
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub cache_read_tokens: u64,
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub cache_write_tokens: u64,
+    /// LLM requests the gateway forwarded for this job.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub requests: u64,
+    /// True when the llm-gateway counted these figures (then they are exact and cover every
+    /// attempt).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub metered: bool,
+    /// Set by the llm-gateway when the job spent its `max_budget_usd`: it refuses further
+    /// requests and the job fails with "budget exceeded".
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub budget_exceeded: bool,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 #[cfg(test)]

@@ -8,6 +8,7 @@
 pub mod codec;
 pub mod ids;
 pub mod job;
+pub mod llm;
 pub mod log;
 pub mod names;
 pub mod node;
@@ -15,7 +16,8 @@ pub mod node;
 pub use codec::{CodecError, Encoding, decode, encode};
 pub use job::{
     Attempt, JobRecord, JobRequest, JobResult, JobStatus, Resources, ResourcesRequest,
-    SubmitRequest, Usage,
+    SubmitRequest, Usage, WebhookDelivery,
 };
+pub use llm::LlmGrant;
 pub use log::{LogChunk, LogEnd, LogStream};
 pub use node::NodeInfo;

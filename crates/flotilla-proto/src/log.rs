@@ -19,7 +19,9 @@ pub struct LogChunk {
     pub end: Option<LogEnd>,
 }
 
+/// Which output a log chunk comes from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum LogStream {
     Stdout,

@@ -61,6 +61,9 @@ pub const BUCKET_JOBS: &str = "flotilla_jobs";
 pub const BUCKET_NODES: &str = "flotilla_nodes";
 /// KV bucket mapping `Idempotency-Key`s to the job they created; see [`idempotency_key`].
 pub const BUCKET_IDEMPOTENCY: &str = "flotilla_idempotency";
+/// KV bucket with one [`crate::LlmGrant`] per job attempt, under [`crate::llm::grant_key`]
+/// (the hash of the job's llm-gateway token).
+pub const BUCKET_LLM_GRANTS: &str = "flotilla_llm_grants";
 
 /// Standard NATS header naming the payload encoding. `application/json` selects JSON;
 /// anything else (or no header) means MessagePack with named fields.
@@ -71,6 +74,25 @@ pub const CONTENT_TYPE_MSGPACK: &str = "application/msgpack";
 pub const HEADER_REJECT_REASON: &str = "Flotilla-Reject-Reason";
 /// Set on every message that concerns one job, so tools can route without decoding.
 pub const HEADER_JOB_ID: &str = "Flotilla-Job-Id";
+
+/// W3C Trace Context headers (<https://www.w3.org/TR/trace-context/>), carried on job
+/// messages so that a job's spans on the node join the trace of the request that submitted it.
+/// Lower case, as the W3C spells them; optional on every message.
+pub const HEADER_TRACEPARENT: &str = "traceparent";
+pub const HEADER_TRACESTATE: &str = "tracestate";
+/// Every trace-context header, for propagator adapters.
+pub const TRACE_HEADERS: [&str; 2] = [HEADER_TRACEPARENT, HEADER_TRACESTATE];
+
+/// Headers of the webhook POST the dispatcher sends when a job ends (`docs/api.md`).
+/// `job.completed`, `job.failed` or `job.cancelled`.
+pub const HEADER_WEBHOOK_EVENT: &str = "Flotilla-Event";
+/// `<job_id>.<attempt>`: one value per delivery attempt.
+pub const HEADER_WEBHOOK_DELIVERY: &str = "Flotilla-Delivery";
+/// The job id, the same on every retry, so a receiver can drop duplicates.
+pub const HEADER_WEBHOOK_IDEMPOTENCY: &str = "Idempotency-Key";
+/// `t=<unix seconds>,v1=<hex HMAC-SHA256 of "<t>.<body>" with the webhook secret>`, when the
+/// dispatcher has a secret.
+pub const HEADER_WEBHOOK_SIGNATURE: &str = "Flotilla-Signature";
 
 /// Container labels. Every container Flotilla creates carries all of them.
 pub const LABEL_MANAGED: &str = "flotilla.managed";
@@ -108,6 +130,12 @@ pub fn job_key(job_id: &str) -> String {
 /// Inverse of [`job_key`].
 pub fn job_id_from_key(key: &str) -> Option<&str> {
     key.strip_prefix("job.")
+}
+
+/// The host firewall chain (iptables, INPUT) fencing a job network, from the network's id:
+/// nodes create it, and whoever removes the network removes it too.
+pub fn job_network_chain(network_id: &str) -> String {
+    format!("FLOTILLA-{}", &network_id[..network_id.len().min(12)])
 }
 
 pub fn node_key(node_id: &str) -> String {

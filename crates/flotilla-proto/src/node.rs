@@ -5,7 +5,10 @@ use std::collections::BTreeMap;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
+/// A node's heartbeat, as of its last beat; an item of `GET /nodes`.
+// `schema(required)`: see `JobRecord`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct NodeInfo {
     pub node_id: String,
     pub host: String,
@@ -13,22 +16,31 @@ pub struct NodeInfo {
     /// Engines this node can run.
     pub engines: Vec<String>,
     pub slots_total: u32,
+    /// Jobs on the node now.
     pub slots_busy: u32,
     /// Warm containers per image.
     #[serde(default)]
+    #[cfg_attr(feature = "openapi", schema(required))]
     pub warm: BTreeMap<String, u32>,
     /// Jobs that found a warm container / had to start cold, since the node started.
     #[serde(default)]
+    #[cfg_attr(feature = "openapi", schema(required))]
     pub pool_hits: u64,
     #[serde(default)]
+    #[cfg_attr(feature = "openapi", schema(required))]
     pub pool_misses: u64,
     /// Mean time to prepare a warm container, in milliseconds.
     #[serde(default)]
+    #[cfg_attr(feature = "openapi", schema(required))]
     pub pool_refill_ms: f64,
     pub started_at: DateTime<Utc>,
     pub heartbeat_at: DateTime<Utc>,
     /// A node is live while `now - heartbeat_at < ttl`.
     pub ttl_ms: u64,
+    /// The LLM providers this node's jobs can use: those its llm-gateway holds a credential
+    /// for. Absent when the node gives jobs no LLM access.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub llm_providers: Option<Vec<String>>,
 }
 
 impl NodeInfo {

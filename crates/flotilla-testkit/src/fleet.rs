@@ -16,8 +16,12 @@ pub struct Fleet {
     /// Further gateways (see [`FleetBuilder::gateways`]) and their URLs.
     pub extra_gateways: Vec<(Process, String)>,
     pub dispatcher: Process,
+    /// The dispatcher's health and metrics endpoints: `http://127.0.0.1:<port>`.
+    pub dispatcher_url: String,
     pub nodes: Vec<Process>,
     pub node_ids: Vec<String>,
+    /// Each node's metrics URL, `http://127.0.0.1:<port>/metrics` (same port across restarts).
+    pub node_metrics: Vec<String>,
     /// The profiles directory every service of this fleet reads.
     pub profiles: PathBuf,
     /// The `flotilla.cluster` label of this fleet's containers.
@@ -28,9 +32,24 @@ pub struct Fleet {
     pub api: String,
     pub api_key: Option<String>,
     pub http: reqwest::Client,
+    /// The llm-gateway, when built with [`FleetBuilder::llm`].
+    pub llm: Option<LlmGateway>,
     dir: TempDir,
     builder: FleetBuilder,
 }
+
+/// The fleet's llm-gateway process and the job network its nodes fence.
+pub struct LlmGateway {
+    pub process: Process,
+    pub port: u16,
+    /// The gateway from the host: `http://127.0.0.1:<port>`.
+    pub url: String,
+    pub network: String,
+}
+
+/// The provider keys the test llm-gateway holds: they must never reach a job.
+pub const TEST_ANTHROPIC_KEY: &str = "sk-ant-api03-TEST-REAL-KEY-never-in-a-container";
+pub const TEST_OPENAI_KEY: &str = "sk-proj-TEST-REAL-KEY-never-in-a-container";
 
 #[derive(Clone)]
 pub struct FleetBuilder {
@@ -49,7 +68,14 @@ pub struct FleetBuilder {
     /// Nodes reach NATS through a [`TcpProxy`] each, so a test can cut one off.
     proxied_nodes: bool,
     gateways: usize,
+    /// Base URL of the upstream the fleet's llm-gateway forwards to.
+    llm_upstream: Option<String>,
+    llm_port: Option<u16>,
 }
+
+/// `OTEL_BSP_SCHEDULE_DELAY` (ms) of a fleet exporting traces: spans reach the test's
+/// receiver within a fraction of a second instead of the SDK's default five.
+const TEST_EXPORT_DELAY_MS: &str = "100";
 
 impl Default for FleetBuilder {
     fn default() -> Self {
@@ -66,6 +92,8 @@ impl Default for FleetBuilder {
             extra_profiles: Vec::new(),
             proxied_nodes: false,
             gateways: 1,
+            llm_upstream: None,
+            llm_port: None,
         }
     }
 }
@@ -124,6 +152,26 @@ impl FleetBuilder {
     pub fn proxied_nodes(mut self) -> Self {
         self.proxied_nodes = true;
         self
+    }
+
+    /// Runs an llm-gateway whose `anthropic` and `openai` providers forward to `upstream`
+    /// (a [`crate::MockLlm`]), holding [`TEST_ANTHROPIC_KEY`] and [`TEST_OPENAI_KEY`]; nodes get
+    /// its port and a fenced job network of their own.
+    pub fn llm(mut self, upstream: &str) -> Self {
+        self.llm_upstream = Some(upstream.to_owned());
+        self
+    }
+
+    /// The llm-gateway's port, when a test must know it before the fleet starts.
+    pub fn llm_port(mut self, port: u16) -> Self {
+        self.llm_port = Some(port);
+        self
+    }
+
+    /// Every service exports its spans over OTLP/HTTP to `endpoint` (a [`crate::OtlpReceiver`]).
+    pub fn otlp(self, endpoint: &str) -> Self {
+        self.env("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint)
+            .env("OTEL_BSP_SCHEDULE_DELAY", TEST_EXPORT_DELAY_MS)
     }
 
     pub fn drain_grace_secs(mut self, seconds: u64) -> Self {
@@ -190,25 +238,54 @@ impl FleetBuilder {
 
         let mut command = Command::new(binary("dispatcher")?);
         common(&mut command);
+        let dispatcher_port = free_port();
         command
             .env(
                 "FLOTILLA_DISPATCHER_LISTEN",
-                format!("127.0.0.1:{}", free_port()),
+                format!("127.0.0.1:{dispatcher_port}"),
             )
             .env("FLOTILLA_NODE_CHECK_MS", "250")
             .envs(self.extra_dispatcher_env.iter().map(|(k, v)| (k, v)));
         let dispatcher =
             Process::spawn_command("dispatcher", command, &dir.path().join("dispatcher.log"))?;
 
+        let cluster = format!("test-{tag}");
+        let llm = match &self.llm_upstream {
+            Some(upstream) => {
+                let port = self.llm_port.unwrap_or_else(free_port);
+                let config = dir.path().join("llm-gateway.toml");
+                std::fs::write(&config, crate::mock_llm::gateway_config(upstream))?;
+                let mut command = Command::new(binary("llm-gateway")?);
+                common(&mut command);
+                command
+                    // Containers reach it on the job network's bridge address.
+                    .env("FLOTILLA_LLM_GATEWAY_LISTEN", format!("0.0.0.0:{port}"))
+                    .env("FLOTILLA_LLM_CONFIG", &config)
+                    .env("FLOTILLA_TEST_ANTHROPIC_KEY", TEST_ANTHROPIC_KEY)
+                    .env("FLOTILLA_TEST_OPENAI_KEY", TEST_OPENAI_KEY);
+                let log = dir.path().join("llm-gateway.log");
+                Some(LlmGateway {
+                    process: Process::spawn_command("llm-gateway", command, &log)?,
+                    port,
+                    url: format!("http://127.0.0.1:{port}"),
+                    network: format!("flotilla-{cluster}"),
+                })
+            }
+            None => None,
+        };
+
         let mut fleet = Fleet {
             nats,
             gateway,
             extra_gateways,
             dispatcher,
+            dispatcher_url: format!("http://127.0.0.1:{dispatcher_port}"),
             nodes: Vec::new(),
             node_ids: Vec::new(),
+            node_metrics: Vec::new(),
             proxies: Vec::new(),
-            cluster: format!("test-{tag}"),
+            cluster,
+            llm,
             profiles: profiles.clone(),
             api: format!("http://127.0.0.1:{port}"),
             api_key: self.api_key.clone(),
@@ -218,6 +295,9 @@ impl FleetBuilder {
         };
         for i in 0..self.nodes {
             fleet.node_ids.push(format!("test-{tag}-{i}"));
+            fleet
+                .node_metrics
+                .push(format!("http://127.0.0.1:{}/metrics", free_port()));
             if self.proxied_nodes {
                 fleet
                     .proxies
@@ -250,6 +330,10 @@ impl Fleet {
             .env("FLOTILLA_PROFILES_DIR", &self.profiles)
             .env("FLOTILLA_STATE_DIR", self.dir.path().join("state"))
             .env("FLOTILLA_NODE_ID", &self.node_ids[i])
+            .env(
+                "FLOTILLA_NODE_METRICS_LISTEN",
+                metrics_addr(&self.node_metrics[i]),
+            )
             .env("FLOTILLA_CLUSTER", &self.cluster)
             .env("FLOTILLA_NODE_SLOTS", self.builder.slots.to_string())
             .env(
@@ -266,6 +350,11 @@ impl Fleet {
             )
             .env("RUST_LOG", "info")
             .envs(self.builder.common_env.iter().map(|(k, v)| (k, v)));
+        if let Some(llm) = &self.llm {
+            command
+                .env("FLOTILLA_LLM_GATEWAY_PORT", llm.port.to_string())
+                .env("FLOTILLA_JOB_NETWORK", &llm.network);
+        }
         Process::spawn_command(
             &format!("agent-node {}", self.node_ids[i]),
             command,
@@ -278,6 +367,9 @@ impl Fleet {
 
     /// Starts node `i` again (same id) after it was killed: it reaps what it left behind.
     pub fn restart_node(&mut self, i: usize) -> anyhow::Result<()> {
+        // A fresh metrics port: the old process may not have released its own yet (a KILL is
+        // delivered asynchronously).
+        self.node_metrics[i] = format!("http://127.0.0.1:{}/metrics", free_port());
         let node = self.spawn_node(i)?;
         let _old = std::mem::replace(&mut self.nodes[i], node);
         Ok(())
@@ -295,6 +387,17 @@ impl Fleet {
     async fn wait_ready(&mut self) -> anyhow::Result<()> {
         let expected = self.nodes.len();
         let result = wait_until(Duration::from_secs(30), "the fleet to be ready", || async {
+            if let Some(llm) = &self.llm {
+                let health = self
+                    .http
+                    .get(format!("{}/health", llm.url))
+                    .send()
+                    .await
+                    .ok()?;
+                if !health.status().is_success() {
+                    return None;
+                }
+            }
             let health = self
                 .request(reqwest::Method::GET, "/health")
                 .send()
@@ -322,6 +425,7 @@ impl Fleet {
         let mut out = String::new();
         for process in [&self.gateway, &self.dispatcher]
             .into_iter()
+            .chain(self.llm.as_ref().map(|l| &l.process))
             .chain(self.nodes.iter())
         {
             let log = process.log();
@@ -406,7 +510,42 @@ impl Drop for Fleet {
                 .args(&ids)
                 .output();
         }
+        if let Some(llm) = &self.llm {
+            remove_job_network(&llm.network);
+        }
     }
+}
+
+/// Removes a job network a node created, and the firewall chain that fenced it.
+fn remove_job_network(network: &str) {
+    let Ok(output) = Command::new("docker")
+        .args(["network", "inspect", "-f", "{{.Id}}", network])
+        .output()
+    else {
+        return;
+    };
+    let id = String::from_utf8_lossy(&output.stdout).trim().to_owned();
+    let _ = Command::new("docker")
+        .args(["network", "rm", network])
+        .output();
+    if id.len() < 12 {
+        return;
+    }
+    let chain = flotilla_proto::names::job_network_chain(&id);
+    let bridge = format!("br-{}", &id[..12]);
+    for args in [
+        vec!["-D", "INPUT", "-i", &bridge, "-j", &chain],
+        vec!["-F", &chain],
+        vec!["-X", &chain],
+    ] {
+        let _ = Command::new("iptables").arg("-w").args(&args).output();
+    }
+}
+
+/// `127.0.0.1:<port>` from `http://127.0.0.1:<port>/metrics`.
+fn metrics_addr(url: &str) -> &str {
+    url.trim_start_matches("http://")
+        .trim_end_matches("/metrics")
 }
 
 fn uuid_fragment() -> String {

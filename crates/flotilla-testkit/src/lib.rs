@@ -1,18 +1,27 @@
 //! Test harness: a real `nats-server` per test on a free port with its own store, the real
-//! service binaries as child processes, and polling helpers. Missing tools fail the test with a
-//! message saying what to install; nothing is skipped.
+//! service binaries as child processes, polling helpers, and headless Chromium for the
+//! dashboard. Missing tools fail the test with a message saying what to install; nothing is
+//! skipped.
 
 mod fleet;
+pub mod mock_llm;
 mod nats;
+mod otlp;
 mod process;
+mod prom;
 mod proxy;
+mod webdriver;
 
 use std::{future::Future, path::PathBuf, time::Duration};
 
-pub use fleet::{Fleet, FleetBuilder};
+pub use fleet::{Fleet, FleetBuilder, LlmGateway, TEST_ANTHROPIC_KEY, TEST_OPENAI_KEY};
+pub use mock_llm::MockLlm;
 pub use nats::NatsServer;
+pub use otlp::{OtlpReceiver, ReceivedSpan};
 pub use process::Process;
+pub use prom::Scrape;
 pub use proxy::TcpProxy;
+pub use webdriver::{Browser, Element};
 
 /// The repository root (engines/, profiles/, scripts/ live there).
 pub fn repo_root() -> PathBuf {

@@ -148,3 +148,63 @@ async fn a_configuration_change_reaches_every_gateway_and_node() {
     assert_eq!(status, 202, "{accepted}");
     fleet.assert_no_containers_left().await.unwrap();
 }
+
+/// `available` of `engine` in `GET /engines`, if it is listed.
+async fn available(fleet: &Fleet, engine: &str) -> Option<bool> {
+    let engines: Value = fleet
+        .request(Method::GET, "/engines")
+        .send()
+        .await
+        .ok()?
+        .json()
+        .await
+        .ok()?;
+    engines["engines"]
+        .as_array()?
+        .iter()
+        .find(|e| e["id"] == engine)
+        .map(|e| e["available"] == true)
+}
+
+#[tokio::test]
+async fn an_engine_is_available_only_if_the_worker_image_has_its_binary() {
+    let fleet = Fleet::builder().start().await.unwrap();
+    // The shipped engines' (fake) CLIs are in the test image.
+    for engine in [
+        "shell",
+        "claude-code",
+        "codex",
+        "opencode",
+        "aider",
+        "gemini",
+    ] {
+        let expected = match engine {
+            // These call an LLM, and this fleet has no llm-gateway.
+            "claude-code" | "codex" | "opencode" | "aider" => false,
+            _ => true,
+        };
+        assert_eq!(available(&fleet, engine).await, Some(expected), "{engine}");
+    }
+    let ghost = ECHOER.replace("\"echo\"", "\"no-such-cli\"");
+    let (status, body) = put(&fleet, "/configs/engine/ghost", &ghost).await;
+    assert_eq!(status, 200, "{body}");
+    let (status, body) = put(&fleet, "/configs/engine/echoer", ECHOER).await;
+    assert_eq!(status, 200, "{body}");
+    // Added at runtime: the node probes both binaries; only echo is in the image.
+    wait_until(
+        Duration::from_secs(20),
+        "echoer to become available",
+        || async { available(&fleet, "echoer").await.filter(|a| *a) },
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", fleet.logs()));
+    wait_until(
+        Duration::from_secs(20),
+        "the node to report no-such-cli missing",
+        || async { fleet.logs().contains("no-such-cli").then_some(()) },
+    )
+    .await
+    .unwrap();
+    assert_eq!(available(&fleet, "ghost").await, Some(false));
+    fleet.assert_no_containers_left().await.unwrap();
+}

@@ -9,7 +9,7 @@ use flotilla_testkit::{Fleet, wait_until};
 use futures::StreamExt;
 use serde_json::json;
 
-use crate::{LogReader, get_job, js_context, shell, stdout_of, submit, wait};
+use crate::{LogReader, get_job, js_context, shell, stdout_of, submit, until_visible, wait};
 
 const SCRIPT: &str = "for i in 1 2 3; do echo tick $i; sleep 0.2; done";
 
@@ -104,6 +104,7 @@ async fn bad_submissions_are_rejected_with_a_reason_and_do_not_stall_the_queue()
     let good = submit(&fleet, shell("echo still flowing")).await;
     assert_eq!(wait(&fleet, &good).await["status"], "completed");
 
+    until_visible(&fleet, "direct-bad-1").await;
     let job = wait(&fleet, "direct-bad-1").await;
     assert_eq!(job["status"], "failed");
     let error = job["error"].as_str().unwrap();

@@ -106,3 +106,25 @@ async fn logs_of_a_job_that_never_ran_end_at_once() {
         .unwrap();
     assert_eq!(missing.status(), 404);
 }
+
+#[tokio::test]
+async fn the_log_stream_is_bounded_in_total_as_configured() {
+    let fleet = Fleet::builder()
+        .env("FLOTILLA_LOGS_MAX_MB", "64")
+        .start()
+        .await
+        .unwrap();
+    let js = crate::js_context(&fleet).await;
+    let mut stream = js
+        .get_stream(flotilla_proto::names::STREAM_LOGS)
+        .await
+        .unwrap();
+    let config = stream.info().await.unwrap().config.clone();
+    assert_eq!(config.max_bytes, 64 << 20);
+    assert_eq!(config.max_age, Duration::from_secs(24 * 3600));
+    assert_eq!(
+        config.discard,
+        async_nats::jetstream::stream::DiscardPolicy::Old,
+        "a full log stream drops the oldest output, never new output"
+    );
+}

@@ -10,10 +10,15 @@ mod engines;
 mod fleet;
 mod hooks;
 mod jobs;
+mod llm;
 mod logs;
+mod observability;
+mod openapi;
 mod outage;
 mod reliability;
 mod security;
+mod ui;
+mod webhooks;
 
 use std::time::Duration;
 
@@ -38,6 +43,30 @@ pub async fn submit(fleet: &Fleet, body: Value) -> String {
     let value: Value = serde_json::from_str(&text).unwrap();
     assert_eq!(value["status"], "pending");
     value["job_id"].as_str().unwrap().to_owned()
+}
+
+/// A page or asset served to browsers (dashboard, API reference): 200 with `content_type`, a
+/// strict CSP without inline code, no sniffing or framing, a request id, and a body.
+pub async fn assert_locked_down_asset(response: reqwest::Response, path: &str, content_type: &str) {
+    assert_eq!(response.status(), 200, "{path}");
+    let headers = response.headers();
+    assert_eq!(headers["content-type"], content_type, "{path}");
+    let csp = headers["content-security-policy"].to_str().unwrap();
+    for directive in [
+        "default-src 'none'",
+        "script-src 'self'",
+        "style-src 'self'",
+        "connect-src 'self'",
+        "base-uri 'none'",
+        "frame-ancestors 'none'",
+    ] {
+        assert!(csp.contains(directive), "{path}: {csp}");
+    }
+    assert!(!csp.contains("unsafe"), "{path}: {csp}");
+    assert_eq!(headers["x-content-type-options"], "nosniff", "{path}");
+    assert_eq!(headers["x-frame-options"], "DENY", "{path}");
+    assert!(headers.contains_key("x-request-id"), "{path}");
+    assert!(!response.text().await.unwrap().is_empty(), "{path}");
 }
 
 /// A shell job with sensible test defaults.
@@ -78,6 +107,18 @@ pub async fn get_job(fleet: &Fleet, job_id: &str) -> (u16, Value) {
         .unwrap();
     let status = response.status().as_u16();
     (status, response.json().await.unwrap_or(Value::Null))
+}
+
+/// Polls until `GET /jobs/{id}` knows a job published straight to NATS: the dispatcher writes
+/// its record asynchronously, and until then the job is a 404.
+pub async fn until_visible(fleet: &Fleet, job_id: &str) {
+    flotilla_testkit::wait_until(
+        std::time::Duration::from_secs(10),
+        "the direct submission's record",
+        || async { (get_job(fleet, job_id).await.0 == 200).then_some(()) },
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{e}: {job_id}\n{}", fleet.logs()));
 }
 
 pub async fn js_context(fleet: &Fleet) -> jetstream::Context {

@@ -1,0 +1,308 @@
+//! A mock LLM upstream speaking Anthropic Messages (`POST /v1/messages`) and OpenAI Chat
+//! Completions (`POST /v1/chat/completions`), streamed (SSE) or not, with usage fields shaped
+//! like the real APIs'. It records every request it gets, and can hold a streamed answer
+//! half-way until released, so a test can see bytes arrive before the upstream has finished.
+
+use std::{
+    net::SocketAddr,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use axum::{
+    Json, Router,
+    body::{Body, Bytes},
+    extract::State,
+    http::{HeaderMap, StatusCode, header},
+    response::{IntoResponse, Response},
+    routing::post,
+};
+use futures::StreamExt;
+use serde_json::{Value, json};
+use tokio::sync::watch;
+
+/// Usage every Anthropic answer reports.
+pub const ANTHROPIC_USAGE: MockUsage = MockUsage {
+    input: 100,
+    output: 20,
+    cache_read: 1000,
+    cache_write: 50,
+};
+/// Usage every OpenAI answer reports (`prompt_tokens` includes the cached ones).
+pub const OPENAI_USAGE: MockUsage = MockUsage {
+    input: 200,
+    output: 40,
+    cache_read: 50,
+    cache_write: 0,
+};
+
+#[derive(Debug, Clone, Copy)]
+pub struct MockUsage {
+    pub input: u64,
+    pub output: u64,
+    pub cache_read: u64,
+    pub cache_write: u64,
+}
+
+/// One request as the upstream saw it.
+#[derive(Debug, Clone)]
+pub struct Recorded {
+    pub path: String,
+    pub headers: HeaderMap,
+    pub body: Value,
+}
+
+#[derive(Clone)]
+struct Shared {
+    requests: Arc<Mutex<Vec<Recorded>>>,
+    /// While true, streamed answers pause after their first event.
+    hold: watch::Sender<bool>,
+}
+
+pub struct MockLlm {
+    pub addr: SocketAddr,
+    shared: Shared,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl MockLlm {
+    /// Listens on 127.0.0.1, on a free port.
+    pub async fn start() -> anyhow::Result<Self> {
+        let shared = Shared {
+            requests: Arc::default(),
+            hold: watch::channel(false).0,
+        };
+        let app = Router::new()
+            .route("/v1/messages", post(anthropic))
+            .route("/v1/chat/completions", post(openai))
+            .with_state(shared.clone());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        // Like a real provider's server: streamed events go out as they are written.
+        let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+            let _ = tcp.set_nodelay(true);
+        });
+        let task = tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        Ok(Self { addr, shared, task })
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub fn requests(&self) -> Vec<Recorded> {
+        self.shared.requests.lock().expect("requests").clone()
+    }
+
+    /// Streamed answers stop after their first event until [`MockLlm::release`].
+    pub fn hold(&self) {
+        self.shared.hold.send_replace(true);
+    }
+
+    pub fn release(&self) {
+        self.shared.hold.send_replace(false);
+    }
+}
+
+impl Drop for MockLlm {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+fn record(shared: &Shared, path: &str, headers: &HeaderMap, body: &Bytes) -> Value {
+    let body: Value = serde_json::from_slice(body).unwrap_or(Value::Null);
+    shared.requests.lock().expect("requests").push(Recorded {
+        path: path.to_owned(),
+        headers: headers.clone(),
+        body: body.clone(),
+    });
+    body
+}
+
+async fn anthropic(State(shared): State<Shared>, headers: HeaderMap, body: Bytes) -> Response {
+    let request = record(&shared, "/v1/messages", &headers, &body);
+    let model = request["model"]
+        .as_str()
+        .unwrap_or("claude-sonnet-4-5")
+        .to_owned();
+    let u = ANTHROPIC_USAGE;
+    if request["stream"] != Value::Bool(true) {
+        return Json(json!({
+            "id": "msg_mock", "type": "message", "role": "assistant", "model": model,
+            "content": [{"type": "text", "text": "mock answer"}],
+            "stop_reason": "end_turn", "stop_sequence": null,
+            "usage": {"input_tokens": u.input, "output_tokens": u.output,
+                      "cache_read_input_tokens": u.cache_read,
+                      "cache_creation_input_tokens": u.cache_write}
+        }))
+        .into_response();
+    }
+    let first = vec![sse(
+        "message_start",
+        &json!({"type": "message_start", "message": {"id": "msg_mock", "type": "message",
+            "role": "assistant", "model": model, "content": [],
+            "usage": {"input_tokens": u.input, "output_tokens": 1,
+                      "cache_read_input_tokens": u.cache_read,
+                      "cache_creation_input_tokens": u.cache_write}}}),
+    )];
+    let rest = vec![
+        sse(
+            "content_block_start",
+            &json!({"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}}),
+        ),
+        sse(
+            "content_block_delta",
+            &json!({"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": "mock answer"}}),
+        ),
+        sse(
+            "content_block_stop",
+            &json!({"type": "content_block_stop", "index": 0}),
+        ),
+        sse(
+            "message_delta",
+            &json!({"type": "message_delta", "delta": {"stop_reason": "end_turn", "stop_sequence": null},
+                    "usage": {"output_tokens": u.output}}),
+        ),
+        sse("message_stop", &json!({"type": "message_stop"})),
+    ];
+    stream(&shared, first, rest)
+}
+
+async fn openai(State(shared): State<Shared>, headers: HeaderMap, body: Bytes) -> Response {
+    let request = record(&shared, "/v1/chat/completions", &headers, &body);
+    let model = request["model"].as_str().unwrap_or("gpt-5").to_owned();
+    let u = OPENAI_USAGE;
+    let usage = json!({"prompt_tokens": u.input, "completion_tokens": u.output,
+        "total_tokens": u.input + u.output,
+        "prompt_tokens_details": {"cached_tokens": u.cache_read}});
+    if request["stream"] != Value::Bool(true) {
+        return Json(json!({
+            "id": "chatcmpl-mock", "object": "chat.completion", "created": 1, "model": model,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": "mock answer"},
+                         "finish_reason": "stop"}],
+            "usage": usage
+        }))
+        .into_response();
+    }
+    let chunk = |delta: Value, finish: Value| {
+        json!({"id": "chatcmpl-mock", "object": "chat.completion.chunk", "created": 1,
+               "model": model, "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]})
+    };
+    let first = vec![data(&chunk(
+        json!({"role": "assistant", "content": ""}),
+        Value::Null,
+    ))];
+    let mut rest = vec![
+        data(&chunk(json!({"content": "mock answer"}), Value::Null)),
+        data(&chunk(json!({}), json!("stop"))),
+    ];
+    // Like OpenAI: usage only when the client asked for it.
+    if request["stream_options"]["include_usage"] == Value::Bool(true) {
+        rest.push(data(
+            &json!({"id": "chatcmpl-mock", "object": "chat.completion.chunk",
+            "created": 1, "model": model, "choices": [], "usage": usage}),
+        ));
+    }
+    rest.push("data: [DONE]\n\n".to_owned());
+    stream(&shared, first, rest)
+}
+
+fn sse(event: &str, value: &Value) -> String {
+    format!("event: {event}\ndata: {value}\n\n")
+}
+
+fn data(value: &Value) -> String {
+    format!("data: {value}\n\n")
+}
+
+/// Sends `first`, waits while held, then sends `rest`.
+fn stream(shared: &Shared, first: Vec<String>, rest: Vec<String>) -> Response {
+    let mut hold = shared.hold.subscribe();
+    let body = futures::stream::iter(first)
+        .chain(futures::stream::once(async move {
+            let _ =
+                tokio::time::timeout(Duration::from_secs(30), hold.wait_for(|held| !held)).await;
+            String::new()
+        }))
+        .chain(futures::stream::iter(rest))
+        .filter(|s| std::future::ready(!s.is_empty()))
+        .map(|s| Ok::<_, std::io::Error>(Bytes::from(s)));
+    Response::builder()
+        .status(StatusCode::OK)
+        .header(header::CONTENT_TYPE, "text/event-stream")
+        .header("request-id", "req_mock")
+        .body(Body::from_stream(body))
+        .expect("response")
+}
+
+/// An llm-gateway config whose `anthropic` and `openai` providers forward to `upstream`, with
+/// keys from `FLOTILLA_TEST_ANTHROPIC_KEY` / `FLOTILLA_TEST_OPENAI_KEY` and prices per million
+/// tokens under which the Anthropic answer above costs [`ANTHROPIC_COST`] and the OpenAI one
+/// [`OPENAI_COST`].
+pub fn gateway_config(upstream: &str) -> String {
+    format!(
+        r#"[providers.anthropic]
+kind = "anthropic"
+base_url = "{upstream}"
+api_key_env = "FLOTILLA_TEST_ANTHROPIC_KEY"
+
+[providers.openai]
+kind = "openai"
+base_url = "{upstream}"
+api_key_env = "FLOTILLA_TEST_OPENAI_KEY"
+
+[prices."claude-sonnet-4-5"]
+input = 3.0
+output = 15.0
+cache_read = 0.3
+cache_write = 3.75
+
+[prices."gpt-5"]
+input = 1.25
+output = 10.0
+cache_read = 0.125
+"#
+    )
+}
+
+/// USD of one Anthropic answer (100 in, 20 out, 1000 cache read, 50 cache write) at the test
+/// prices.
+pub const ANTHROPIC_COST: f64 = 0.0010875;
+/// USD of one OpenAI answer (150 uncached in, 40 out, 50 cached) at the test prices.
+pub const OPENAI_COST: f64 = 0.00059375;
+
+/// A job record running its first attempt, as a node leaves it after claiming: what a job
+/// token is checked against.
+pub fn running_record(job_id: &str) -> flotilla_proto::JobRecord {
+    let request = flotilla_proto::JobRequest {
+        agent_id: "agent-7".to_owned(),
+        ..flotilla_proto::JobRequest::example(job_id, "claude-code", "hi")
+    };
+    let mut record = flotilla_proto::JobRecord::pending(&request);
+    record.status = flotilla_proto::JobStatus::Running;
+    record.attempt = 1;
+    record
+}
+
+/// What a node grants a claude-code job on attempt 1 (ten minutes, Anthropic only).
+pub fn grant(job_id: &str) -> flotilla_proto::LlmGrant {
+    let now = chrono::Utc::now();
+    flotilla_proto::LlmGrant {
+        job_id: job_id.to_owned(),
+        attempt: 1,
+        node_id: "node-a".to_owned(),
+        engine: "claude-code".to_owned(),
+        profile: "default".to_owned(),
+        agent_id: "agent-7".to_owned(),
+        providers: vec!["anthropic".to_owned()],
+        models: Vec::new(),
+        max_budget_usd: None,
+        issued_at: now,
+        expires_at: now + Duration::from_secs(600),
+        revoked_at: None,
+        traceparent: None,
+    }
+}

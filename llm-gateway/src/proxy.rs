@@ -1,0 +1,591 @@
+//! `/<provider>/<path>`: check the job token, swap in the real credential, forward, stream the
+//! answer back unbuffered while metering it, and charge the job.
+
+use std::{
+    pin::Pin,
+    sync::Arc,
+    task::{Context, Poll, ready},
+};
+
+use axum::{
+    body::{Body, Bytes},
+    extract::{Path, Request, State},
+    http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header},
+    response::{IntoResponse, Response},
+};
+use chrono::Utc;
+use flotilla_proto::{JobStatus, LlmGrant, Usage};
+use futures::{Stream, StreamExt, future::BoxFuture, stream::BoxStream};
+use serde_json::{Value, json};
+
+use crate::{
+    AppState,
+    config::{Provider, ProviderKind},
+    meter::{Meter, Tokens},
+    metrics::Spender,
+};
+
+/// Request headers a job may send upstream; everything else (its token above all) stays here.
+const FORWARDED_REQUEST_HEADERS: &[&str] = &[
+    "content-type",
+    "accept",
+    "user-agent",
+    "anthropic-version",
+    "anthropic-beta",
+    "openai-beta",
+    "idempotency-key",
+    "x-app",
+];
+
+/// Response headers passed back (plus the rate-limit families below).
+const FORWARDED_RESPONSE_HEADERS: &[&str] = &[
+    "content-type",
+    "retry-after",
+    "request-id",
+    "x-request-id",
+    "openai-processing-ms",
+    "openai-version",
+];
+
+/// Anthropic requires this beta flag on requests authenticated with a subscription's OAuth token.
+const OAUTH_BETA: &str = "oauth-2025-04-20";
+
+/// Why a request was not forwarded, said the way the provider would say it.
+#[derive(Debug)]
+pub(crate) struct Refusal {
+    status: StatusCode,
+    /// Metrics outcome label.
+    outcome: &'static str,
+    message: String,
+}
+
+impl Refusal {
+    fn new(status: StatusCode, outcome: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            outcome,
+            message: message.into(),
+        }
+    }
+
+    fn unauthorized(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::UNAUTHORIZED, "unauthorized", message)
+    }
+
+    fn forbidden(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::FORBIDDEN, "forbidden", message)
+    }
+
+    fn unavailable(error: impl std::fmt::Display) -> Self {
+        tracing::warn!(%error, "job store unavailable");
+        Self::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "unavailable",
+            "the llm-gateway cannot check job tokens right now; retry shortly",
+        )
+    }
+
+    fn into_response(self, kind: ProviderKind) -> Response {
+        let status = self.status;
+        let body = match kind {
+            ProviderKind::Anthropic => {
+                let error_type = match status {
+                    StatusCode::UNAUTHORIZED => "authentication_error",
+                    StatusCode::FORBIDDEN => "permission_error",
+                    StatusCode::NOT_FOUND => "not_found_error",
+                    StatusCode::PAYLOAD_TOO_LARGE => "request_too_large",
+                    StatusCode::PAYMENT_REQUIRED => "billing_error",
+                    StatusCode::SERVICE_UNAVAILABLE => "overloaded_error",
+                    _ => "api_error",
+                };
+                json!({"type": "error", "error": {"type": error_type, "message": self.message}})
+            }
+            ProviderKind::Openai => {
+                let code = match status {
+                    StatusCode::UNAUTHORIZED => "invalid_api_key",
+                    StatusCode::FORBIDDEN => "permission_denied",
+                    StatusCode::NOT_FOUND => "not_found",
+                    StatusCode::PAYLOAD_TOO_LARGE => "request_too_large",
+                    StatusCode::PAYMENT_REQUIRED => "budget_exceeded",
+                    _ => "upstream_error",
+                };
+                json!({"error": {"message": self.message, "type": "invalid_request_error", "code": code}})
+            }
+        };
+        (status, axum::Json(body)).into_response()
+    }
+}
+
+pub(crate) async fn forward(
+    State(state): State<Arc<AppState>>,
+    Path((name, path)): Path<(String, String)>,
+    request: Request,
+) -> Response {
+    let Some(provider) = state.config.providers.get(&name) else {
+        let known: Vec<&str> = state.config.providers.keys().map(String::as_str).collect();
+        let message = format!(
+            "no provider {name:?} at this gateway; configured: {}",
+            known.join(", ")
+        );
+        return Refusal::new(StatusCode::NOT_FOUND, "not_found", message)
+            .into_response(ProviderKind::Openai);
+    };
+    match relay(&state, &name, provider, &path, request).await {
+        Ok(response) => {
+            state.metrics.request(&name, "forwarded");
+            response
+        }
+        Err(refusal) => {
+            tracing::info!(provider = %name, status = %refusal.status, reason = %refusal.message, "request refused");
+            state.metrics.request(&name, refusal.outcome);
+            refusal.into_response(provider.kind)
+        }
+    }
+}
+
+async fn relay(
+    state: &Arc<AppState>,
+    name: &str,
+    provider: &Provider,
+    path: &str,
+    request: Request,
+) -> Result<Response, Refusal> {
+    let (parts, body) = request.into_parts();
+    let (grant, spent) = admit(state, name, &parts.headers).await?;
+    // One span per admitted call, in the job's trace; it lasts until the call is charged.
+    let span = tracing::info_span!(
+        "llm request",
+        provider = %name,
+        job_id = %grant.job_id,
+        attempt = grant.attempt,
+        status = tracing::field::Empty,
+        model = tracing::field::Empty,
+        input_tokens = tracing::field::Empty,
+        output_tokens = tracing::field::Empty,
+        cost_usd = tracing::field::Empty,
+    );
+    if let Some(traceparent) = &grant.traceparent {
+        flotilla_telemetry::propagation::set_parent_from_traceparent(&span, traceparent);
+    }
+    if let Some(source) = &provider.credential_source
+        && !provider.has_credential()
+    {
+        return Err(Refusal::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "no_credential",
+            format!(
+                "the llm-gateway holds no credential for provider {name}: set {source} where it runs"
+            ),
+        ));
+    }
+
+    let body = axum::body::to_bytes(body, state.config.max_request_bytes)
+        .await
+        .map_err(|_| {
+            Refusal::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "too_large",
+                format!("request body over {} bytes", state.config.max_request_bytes),
+            )
+        })?;
+    let mut json: Option<Value> = serde_json::from_slice(&body).ok().filter(Value::is_object);
+    let model = json
+        .as_ref()
+        .and_then(|v| v["model"].as_str())
+        .map(str::to_owned);
+    if let Some(model) = &model
+        && !grant.allows_model(model)
+    {
+        return Err(Refusal::forbidden(format!(
+            "model {model:?} is not allowed for profile {}; allowed: {}",
+            grant.profile,
+            grant.models.join(", ")
+        )));
+    }
+    check_budget(state, &grant, spent.as_ref()).await?;
+
+    // OpenAI streams report usage only when asked to: ask, so streamed answers are metered.
+    let mut body = body;
+    if provider.kind == ProviderKind::Openai
+        && path.ends_with("chat/completions")
+        && let Some(v) = json.as_mut()
+        && v["stream"] == Value::Bool(true)
+    {
+        v["stream_options"]["include_usage"] = Value::Bool(true);
+        body = Bytes::from(serde_json::to_vec(v).unwrap_or_else(|_| body.to_vec()));
+    }
+
+    let mut url = provider.base_url.clone();
+    let base_path = url.path().trim_end_matches('/').to_owned();
+    url.set_path(&format!("{base_path}/{path}"));
+    url.set_query(parts.uri.query());
+    let mut upstream = axum::http::Request::new(http_body_util::Full::new(body));
+    *upstream.method_mut() = parts.method.clone();
+    *upstream.uri_mut() = url.as_str().parse().map_err(|_| {
+        Refusal::new(
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+            format!("{path:?} does not make a valid upstream URL"),
+        )
+    })?;
+    let mut headers = forwarded_request_headers(&parts.headers, provider);
+    authorize(&mut headers, provider);
+    *upstream.headers_mut() = headers;
+    let response =
+        tokio::time::timeout(state.config.upstream_timeout, state.http.request(upstream))
+            .await
+            .map_err(|_| {
+                Refusal::new(
+                    StatusCode::GATEWAY_TIMEOUT,
+                    "upstream_error",
+                    format!("provider {name} did not answer in time"),
+                )
+            })?
+            .map_err(|e| {
+                // Client errors describe the connection, never the headers: no credential here.
+                tracing::warn!(provider = %name, error = %e, "upstream request failed");
+                Refusal::new(
+                    StatusCode::BAD_GATEWAY,
+                    "upstream_error",
+                    format!("provider {name} is unreachable"),
+                )
+            })?;
+
+    let (upstream_parts, upstream_body) = response.into_parts();
+    let status = upstream_parts.status;
+    let mut headers = HeaderMap::new();
+    for (key, value) in &upstream_parts.headers {
+        let key_name = key.as_str();
+        if FORWARDED_RESPONSE_HEADERS.contains(&key_name)
+            || key_name.starts_with("anthropic-ratelimit-")
+            || key_name.starts_with("x-ratelimit-")
+        {
+            headers.append(key.clone(), value.clone());
+        }
+    }
+    let sse = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("text/event-stream"));
+    if sse {
+        // Tell any proxy in between not to buffer the stream.
+        headers.insert("x-accel-buffering", HeaderValue::from_static("no"));
+        headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    }
+    span.record("status", status.as_u16());
+    let charge = Charge {
+        state: state.clone(),
+        grant,
+        provider: name.to_owned(),
+        request_model: model,
+        span,
+    };
+    let body = MeteredBody {
+        inner: http_body_util::BodyDataStream::new(upstream_body)
+            .map(|chunk| chunk.map_err(std::io::Error::other))
+            .boxed(),
+        meter: Some(Meter::new(provider.kind, sse)),
+        charge: Some(charge),
+        settling: None,
+    };
+    let mut out = Response::new(Body::from_stream(body));
+    *out.status_mut() = status;
+    *out.headers_mut() = headers;
+    Ok(out)
+}
+
+/// The grant behind the request's token, if the token is good for this provider right now,
+/// and what the job has spent so far.
+async fn admit(
+    state: &AppState,
+    name: &str,
+    headers: &HeaderMap,
+) -> Result<(LlmGrant, Option<Usage>), Refusal> {
+    let token = job_token(headers).ok_or_else(|| {
+        Refusal::unauthorized("missing job token: send it as x-api-key or Authorization: Bearer")
+    })?;
+    let grant = state
+        .topology
+        .grants
+        .lookup(token)
+        .await
+        .map_err(Refusal::unavailable)?
+        .ok_or_else(|| Refusal::unauthorized("unknown token: only job tokens are accepted"))?;
+    let job = format!("job {} attempt {}", grant.job_id, grant.attempt);
+    if let Some(at) = grant.revoked_at {
+        return Err(Refusal::unauthorized(format!(
+            "token revoked at {at}: {job} has ended"
+        )));
+    }
+    if Utc::now() >= grant.expires_at {
+        return Err(Refusal::unauthorized(format!(
+            "token expired at {}: {job}",
+            grant.expires_at
+        )));
+    }
+    // The record is the truth: a token outlives neither its attempt nor its job, even when
+    // its node could not revoke it (crash, lost node).
+    let record = state
+        .topology
+        .jobs
+        .get(&grant.job_id)
+        .await
+        .map_err(Refusal::unavailable)?
+        .map(|v| v.record);
+    let usage = match record {
+        Some(record) if record.attempt == grant.attempt && record.status == JobStatus::Running => {
+            record.usage
+        }
+        Some(record) => {
+            return Err(Refusal::unauthorized(format!(
+                "token of {job}, which is no longer running (the job is {}, attempt {})",
+                record.status, record.attempt
+            )));
+        }
+        None => return Err(Refusal::unauthorized(format!("{job} does not exist"))),
+    };
+    if !grant.providers.iter().any(|p| p == name) {
+        return Err(Refusal::forbidden(format!(
+            "engine {} may use provider(s) {}, not {name}",
+            grant.engine,
+            grant.providers.join(", ")
+        )));
+    }
+    Ok((grant, usage))
+}
+
+/// Refuses once the job has spent its budget, and flags the job so it fails with
+/// "budget exceeded".
+async fn check_budget(
+    state: &AppState,
+    grant: &LlmGrant,
+    usage: Option<&Usage>,
+) -> Result<(), Refusal> {
+    let Some(budget) = grant.max_budget_usd else {
+        return Ok(());
+    };
+    let spent = usage.filter(|u| u.metered).map_or(0.0, |u| u.cost_usd);
+    let flagged = usage.is_some_and(|u| u.budget_exceeded);
+    if spent < budget && !flagged {
+        return Ok(());
+    }
+    if !flagged {
+        let _ = state
+            .topology
+            .jobs
+            .modify(&grant.job_id, |record| {
+                let usage = metered_usage(record);
+                let changed = !usage.budget_exceeded;
+                usage.budget_exceeded = true;
+                Ok::<bool, ()>(changed)
+            })
+            .await;
+    }
+    Err(Refusal::new(
+        StatusCode::PAYMENT_REQUIRED,
+        "budget_exceeded",
+        format!(
+            "budget exceeded: job {} has spent ${spent:.4} of its ${budget} max_budget_usd",
+            grant.job_id
+        ),
+    ))
+}
+
+fn job_token(headers: &HeaderMap) -> Option<&str> {
+    let from_key = headers.get("x-api-key").and_then(|v| v.to_str().ok());
+    let from_bearer = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| {
+            v.strip_prefix("Bearer ")
+                .or_else(|| v.strip_prefix("bearer "))
+        });
+    from_key
+        .or(from_bearer)
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+}
+
+fn forwarded_request_headers(headers: &HeaderMap, provider: &Provider) -> HeaderMap {
+    let mut out = HeaderMap::new();
+    for name in FORWARDED_REQUEST_HEADERS {
+        for value in headers.get_all(*name) {
+            out.append(HeaderName::from_static(name), value.clone());
+        }
+    }
+    if provider.kind == ProviderKind::Anthropic
+        && provider.api_key.is_none()
+        && provider.oauth_token.is_some()
+    {
+        let beta = out
+            .get("anthropic-beta")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_owned();
+        if !beta.split(',').any(|b| b.trim() == OAUTH_BETA) {
+            let merged = if beta.is_empty() {
+                OAUTH_BETA.to_owned()
+            } else {
+                format!("{beta},{OAUTH_BETA}")
+            };
+            if let Ok(value) = HeaderValue::from_str(&merged) {
+                out.insert("anthropic-beta", value);
+            }
+        }
+    }
+    out
+}
+
+fn authorize(headers: &mut HeaderMap, provider: &Provider) {
+    let (name, value) = match (provider.kind, &provider.api_key, &provider.oauth_token) {
+        (ProviderKind::Anthropic, Some(key), _) => ("x-api-key", key.expose().to_owned()),
+        (ProviderKind::Anthropic, None, Some(token)) => {
+            ("authorization", format!("Bearer {}", token.expose()))
+        }
+        (ProviderKind::Openai, Some(key), _) => {
+            ("authorization", format!("Bearer {}", key.expose()))
+        }
+        // An upstream that needs no credential (a local model server).
+        _ => return,
+    };
+    match HeaderValue::from_str(&value) {
+        Ok(mut value) => {
+            value.set_sensitive(true);
+            headers.insert(name, value);
+        }
+        Err(_) => tracing::error!(
+            header = name,
+            "the configured credential is not a valid header value"
+        ),
+    }
+}
+
+/// The job's usage as counted here; engine-reported figures give way to metered ones.
+fn metered_usage(record: &mut flotilla_proto::JobRecord) -> &mut Usage {
+    let usage = record.usage.get_or_insert_with(Usage::default);
+    if !usage.metered {
+        *usage = Usage {
+            metered: true,
+            ..Usage::default()
+        };
+    }
+    usage
+}
+
+/// What to charge once an answer has gone by.
+struct Charge {
+    state: Arc<AppState>,
+    grant: LlmGrant,
+    provider: String,
+    request_model: Option<String>,
+    /// The call's span: it ends when the charge is settled.
+    span: tracing::Span,
+}
+
+impl Charge {
+    async fn settle(self, tokens: Tokens, model: Option<String>) {
+        let grant = &self.grant;
+        let model = model.or(self.request_model);
+        let price = model
+            .as_deref()
+            .and_then(|m| self.state.config.prices.get(m));
+        let cost = price.map_or(0.0, |p| p.cost(&tokens));
+        if let Some(model) = &model {
+            self.span.record("model", model.as_str());
+        }
+        self.span.record("input_tokens", tokens.input);
+        self.span.record("output_tokens", tokens.output);
+        self.span.record("cost_usd", cost);
+        if price.is_none() && tokens != Tokens::default() {
+            tracing::warn!(model = ?model, job_id = %grant.job_id, "no price for model: cost counted as 0");
+        }
+        self.state.metrics.usage(
+            &Spender {
+                provider: &self.provider,
+                engine: &grant.engine,
+                profile: &grant.profile,
+                agent_id: &grant.agent_id,
+            },
+            &tokens,
+            cost,
+        );
+        let budget = grant.max_budget_usd;
+        let result = self
+            .state
+            .topology
+            .jobs
+            .modify(&grant.job_id, |record| {
+                let usage = metered_usage(record);
+                usage.input_tokens += tokens.input;
+                usage.output_tokens += tokens.output;
+                usage.cache_read_tokens += tokens.cache_read;
+                usage.cache_write_tokens += tokens.cache_write;
+                usage.cost_usd += cost;
+                usage.requests += 1;
+                if budget.is_some_and(|b| usage.cost_usd >= b) {
+                    usage.budget_exceeded = true;
+                }
+                Ok::<bool, ()>(true)
+            })
+            .await;
+        match result {
+            Ok(_) => tracing::debug!(job_id = %grant.job_id, ?tokens, cost, "request metered"),
+            Err(e) => {
+                tracing::warn!(job_id = %grant.job_id, error = %e, ?tokens, cost, "usage not recorded on the job")
+            }
+        }
+    }
+}
+
+/// The upstream's answer on its way to the job: passed on chunk by chunk as it arrives, seen
+/// by the meter, and charged to the job before the answer ends (so the job's next request
+/// sees its spend).
+struct MeteredBody {
+    inner: BoxStream<'static, Result<Bytes, std::io::Error>>,
+    meter: Option<Meter>,
+    charge: Option<Charge>,
+    settling: Option<BoxFuture<'static, ()>>,
+}
+
+impl Stream for MeteredBody {
+    type Item = Result<Bytes, std::io::Error>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let this = &mut *self;
+        loop {
+            if let Some(settling) = this.settling.as_mut() {
+                ready!(settling.as_mut().poll(cx));
+                this.settling = None;
+                return Poll::Ready(None);
+            }
+            match ready!(this.inner.poll_next_unpin(cx)) {
+                Some(Ok(bytes)) => {
+                    if let Some(meter) = this.meter.as_mut() {
+                        meter.feed(&bytes);
+                    }
+                    return Poll::Ready(Some(Ok(bytes)));
+                }
+                Some(Err(e)) => return Poll::Ready(Some(Err(e))),
+                None => match (this.meter.take(), this.charge.take()) {
+                    (Some(meter), Some(charge)) => {
+                        let (tokens, model) = meter.finish();
+                        this.settling = Some(Box::pin(charge.settle(tokens, model)));
+                    }
+                    _ => return Poll::Ready(None),
+                },
+            }
+        }
+    }
+}
+
+impl Drop for MeteredBody {
+    /// The job went away mid-answer (or the upstream failed): still charge what was seen.
+    fn drop(&mut self) {
+        if let Some(settling) = self.settling.take() {
+            tokio::spawn(settling);
+        } else if let (Some(meter), Some(charge)) = (self.meter.take(), self.charge.take()) {
+            let (tokens, model) = meter.finish();
+            tokio::spawn(charge.settle(tokens, model));
+        }
+    }
+}

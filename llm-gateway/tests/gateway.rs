@@ -1,0 +1,546 @@
+//! The llm-gateway against a real nats-server and a mock upstream over real HTTP: credential
+//! swap and header allow-list, the token checks, streaming, metering and budgets.
+
+use std::time::Duration;
+
+use chrono::Utc;
+use flotilla_nats::{Topology, TopologyConfig};
+use flotilla_proto::{JobRecord, JobStatus, LlmGrant};
+use flotilla_testkit::{
+    MockLlm, NatsServer, TEST_ANTHROPIC_KEY, TEST_OPENAI_KEY, free_port, mock_llm, wait_until,
+};
+use llm_gateway::{Config, SecretSource, Upstreams};
+use serde_json::{Value, json};
+use tokio_util::sync::CancellationToken;
+
+struct Keys;
+
+impl SecretSource for Keys {
+    fn env(&self, name: &str) -> Option<String> {
+        match name {
+            "FLOTILLA_TEST_ANTHROPIC_KEY" => Some(TEST_ANTHROPIC_KEY.to_owned()),
+            "FLOTILLA_TEST_OPENAI_KEY" => Some(TEST_OPENAI_KEY.to_owned()),
+            _ => None,
+        }
+    }
+    fn file(&self, path: &std::path::Path) -> Result<String, std::io::Error> {
+        Err(std::io::Error::other(path.display().to_string()))
+    }
+}
+
+struct Harness {
+    _nats: NatsServer,
+    mock: MockLlm,
+    url: String,
+    topology: Topology,
+    http: reqwest::Client,
+    shutdown: CancellationToken,
+}
+
+impl Drop for Harness {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+const ANTHROPIC_COST: f64 = mock_llm::ANTHROPIC_COST;
+const OPENAI_COST: f64 = mock_llm::OPENAI_COST;
+
+async fn harness() -> Harness {
+    harness_with(&Keys).await
+}
+
+/// Holds the Anthropic key only.
+struct AnthropicOnly;
+
+impl SecretSource for AnthropicOnly {
+    fn env(&self, name: &str) -> Option<String> {
+        Keys.env(name).filter(|_| name.contains("ANTHROPIC"))
+    }
+    fn file(&self, path: &std::path::Path) -> Result<String, std::io::Error> {
+        Keys.file(path)
+    }
+}
+
+async fn harness_with(keys: &dyn SecretSource) -> Harness {
+    let nats = NatsServer::start().await.unwrap();
+    let mock = MockLlm::start().await.unwrap();
+    let text = mock_llm::gateway_config(&mock.url());
+    let upstreams = Upstreams::parse(&text, keys).unwrap();
+    let port = free_port();
+    let config = Config {
+        listen: ([127, 0, 0, 1], port).into(),
+        nats_url: nats.url(),
+        topology: TopologyConfig::default(),
+        providers: upstreams.providers,
+        prices: upstreams.prices,
+        max_request_bytes: 1 << 20,
+        upstream_timeout: Duration::from_secs(30),
+    };
+    let shutdown = CancellationToken::new();
+    tokio::spawn(llm_gateway::run(config, shutdown.clone()));
+    let client = flotilla_nats::connect(&nats.url(), "test").await.unwrap();
+    let topology = Topology::ensure(client, TopologyConfig::default())
+        .await
+        .unwrap();
+    let url = format!("http://127.0.0.1:{port}");
+    let http = reqwest::Client::new();
+    wait_until(Duration::from_secs(10), "the llm-gateway to answer", || {
+        let request = http.get(format!("{url}/health")).send();
+        async move { request.await.ok().filter(|r| r.status().is_success()) }
+    })
+    .await
+    .unwrap();
+    Harness {
+        _nats: nats,
+        mock,
+        url,
+        topology,
+        http,
+        shutdown,
+    }
+}
+
+/// What a node grants a job; tests bend it.
+fn grant(job_id: &str) -> LlmGrant {
+    mock_llm::grant(job_id)
+}
+
+impl Harness {
+    /// A job record that is running its first attempt.
+    async fn running_job(&self, job_id: &str) {
+        let record = mock_llm::running_record(job_id);
+        self.topology.jobs.create(&record).await.unwrap();
+    }
+
+    async fn set_job(&self, job_id: &str, status: JobStatus, attempt: u32) {
+        self.topology
+            .jobs
+            .modify(job_id, |r| {
+                r.status = status;
+                r.attempt = attempt;
+                Ok::<bool, ()>(true)
+            })
+            .await
+            .unwrap();
+    }
+
+    async fn record(&self, job_id: &str) -> JobRecord {
+        self.topology
+            .jobs
+            .get(job_id)
+            .await
+            .unwrap()
+            .unwrap()
+            .record
+    }
+
+    async fn messages(&self, token: &str, body: Value) -> (u16, String) {
+        let response = self
+            .http
+            .post(format!("{}/anthropic/v1/messages", self.url))
+            .header("x-api-key", token)
+            .header("anthropic-version", "2023-06-01")
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        let status = response.status().as_u16();
+        (status, response.text().await.unwrap())
+    }
+}
+
+fn message(model: &str, stream: bool) -> Value {
+    json!({"model": model, "max_tokens": 64, "stream": stream,
+           "messages": [{"role": "user", "content": "hello"}]})
+}
+
+#[tokio::test]
+async fn the_real_key_is_swapped_in_and_only_allowed_headers_pass() {
+    let h = harness().await;
+    h.running_job("job-headers").await;
+    let mut g = grant("job-headers");
+    g.providers.push("openai".to_owned());
+    let token = h.topology.grants.issue(&g).await.unwrap();
+
+    let response = h
+        .http
+        .post(format!("{}/anthropic/v1/messages", h.url))
+        .header("x-api-key", &token)
+        .header("authorization", format!("Bearer {token}"))
+        .header("anthropic-version", "2023-06-01")
+        .header("anthropic-beta", "prompt-caching-2024-07-31")
+        .header("cookie", "session=secret")
+        .header("x-forwarded-for", "10.0.0.9")
+        .header("x-custom-tracking", "abc")
+        .json(&message("claude-sonnet-4-5", false))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["content"][0]["text"], "mock answer");
+
+    let seen = &h.mock.requests()[0];
+    let header = |name: &str| {
+        seen.headers
+            .get(name)
+            .map(|v| v.to_str().unwrap().to_owned())
+    };
+    assert_eq!(header("x-api-key").as_deref(), Some(TEST_ANTHROPIC_KEY));
+    assert_eq!(header("anthropic-version").as_deref(), Some("2023-06-01"));
+    assert_eq!(
+        header("anthropic-beta").as_deref(),
+        Some("prompt-caching-2024-07-31")
+    );
+    for dropped in [
+        "authorization",
+        "cookie",
+        "x-forwarded-for",
+        "x-custom-tracking",
+    ] {
+        assert_eq!(
+            header(dropped),
+            None,
+            "{dropped} must not reach the upstream"
+        );
+    }
+    // The job's token goes no further than the gateway.
+    for (name, value) in &seen.headers {
+        assert!(
+            !value.to_str().unwrap_or_default().contains(&token),
+            "token leaked upstream in {name}"
+        );
+    }
+
+    // OpenAI: the key goes as a bearer token.
+    let response = h
+        .http
+        .post(format!("{}/openai/v1/chat/completions", h.url))
+        .bearer_auth(&token)
+        .json(&json!({"model": "gpt-5", "messages": [{"role": "user", "content": "hi"}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let seen = &h.mock.requests()[1];
+    assert_eq!(
+        seen.headers["authorization"].to_str().unwrap(),
+        format!("Bearer {TEST_OPENAI_KEY}")
+    );
+}
+
+#[tokio::test]
+async fn tokens_are_checked_on_every_request() {
+    let h = harness().await;
+    let body = message("claude-sonnet-4-5", false);
+
+    // (case, grant changes, job changes after issue, revoke?, expected status, message part)
+    struct Case {
+        name: &'static str,
+        grant: fn(&mut LlmGrant),
+        job: Option<(JobStatus, u32)>,
+        revoke: bool,
+        path: &'static str,
+        status: u16,
+        says: &'static str,
+    }
+    let cases = [
+        Case {
+            name: "valid",
+            grant: |_| {},
+            job: None,
+            revoke: false,
+            path: "/anthropic/v1/messages",
+            status: 200,
+            says: "mock answer",
+        },
+        Case {
+            name: "revoked",
+            grant: |_| {},
+            job: None,
+            revoke: true,
+            path: "/anthropic/v1/messages",
+            status: 401,
+            says: "revoked",
+        },
+        Case {
+            name: "expired",
+            grant: |g| g.expires_at = Utc::now() - Duration::from_secs(1),
+            job: None,
+            revoke: false,
+            path: "/anthropic/v1/messages",
+            status: 401,
+            says: "expired",
+        },
+        Case {
+            name: "after the job ended",
+            grant: |_| {},
+            job: Some((JobStatus::Completed, 1)),
+            revoke: false,
+            path: "/anthropic/v1/messages",
+            status: 401,
+            says: "no longer running",
+        },
+        Case {
+            name: "wrong job attempt (the job moved on to attempt 2)",
+            grant: |_| {},
+            job: Some((JobStatus::Running, 2)),
+            revoke: false,
+            path: "/anthropic/v1/messages",
+            status: 401,
+            says: "attempt 2",
+        },
+        Case {
+            name: "wrong job (its record is another job's)",
+            grant: |g| g.job_id = "job-that-does-not-exist".to_owned(),
+            job: None,
+            revoke: false,
+            path: "/anthropic/v1/messages",
+            status: 401,
+            says: "does not exist",
+        },
+        Case {
+            name: "wrong provider",
+            grant: |_| {},
+            job: None,
+            revoke: false,
+            path: "/openai/v1/chat/completions",
+            status: 403,
+            says: "may use provider(s) anthropic, not openai",
+        },
+        Case {
+            name: "disallowed model",
+            grant: |g| g.models = vec!["claude-haiku-*".to_owned()],
+            job: None,
+            revoke: false,
+            path: "/anthropic/v1/messages",
+            status: 403,
+            says: "not allowed for profile default",
+        },
+        Case {
+            name: "allowed model by prefix",
+            grant: |g| g.models = vec!["claude-sonnet-4-5*".to_owned()],
+            job: None,
+            revoke: false,
+            path: "/anthropic/v1/messages",
+            status: 200,
+            says: "mock answer",
+        },
+    ];
+    for (i, case) in cases.iter().enumerate() {
+        let job_id = format!("job-check-{i}");
+        h.running_job(&job_id).await;
+        let mut g = grant(&job_id);
+        (case.grant)(&mut g);
+        let token = h.topology.grants.issue(&g).await.unwrap();
+        if case.revoke {
+            h.topology.grants.revoke(&token).await.unwrap();
+        }
+        if let Some((status, attempt)) = case.job {
+            h.set_job(&job_id, status, attempt).await;
+        }
+        let before = h.mock.requests().len();
+        let response = h
+            .http
+            .post(format!("{}{}", h.url, case.path))
+            .header("x-api-key", &token)
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        let status = response.status().as_u16();
+        let text = response.text().await.unwrap();
+        assert_eq!(status, case.status, "{}: {text}", case.name);
+        assert!(text.contains(case.says), "{}: {text}", case.name);
+        let forwarded = h.mock.requests().len() - before;
+        assert_eq!(forwarded, usize::from(status == 200), "{}", case.name);
+    }
+
+    // Unknown and missing tokens, and an unknown provider.
+    let (status, text) = h.messages("flj_0000", body.clone()).await;
+    assert_eq!(status, 401, "{text}");
+    assert!(text.contains("authentication_error") && text.contains("unknown token"));
+    let response = h
+        .http
+        .post(format!("{}/anthropic/v1/messages", h.url))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 401);
+    let response = h
+        .http
+        .post(format!("{}/gemini/v1/models", h.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 404);
+}
+
+#[tokio::test]
+async fn streamed_answers_pass_through_before_the_upstream_finishes() {
+    let h = harness().await;
+    h.running_job("job-stream").await;
+    let token = h.topology.grants.issue(&grant("job-stream")).await.unwrap();
+    h.mock.hold();
+    let response = h
+        .http
+        .post(format!("{}/anthropic/v1/messages", h.url))
+        .header("x-api-key", &token)
+        .json(&message("claude-sonnet-4-5", true))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    assert!(
+        response.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("text/event-stream")
+    );
+    let mut response = response;
+    // The upstream is holding the rest of its answer: this first event came through alone.
+    let first = tokio::time::timeout(Duration::from_secs(10), response.chunk())
+        .await
+        .expect("first bytes while the upstream is still answering")
+        .unwrap()
+        .unwrap();
+    let first = String::from_utf8_lossy(&first).into_owned();
+    assert!(first.contains("message_start"), "{first}");
+    assert!(!first.contains("message_stop"), "{first}");
+    assert!(h.record("job-stream").await.usage.is_none());
+
+    h.mock.release();
+    let mut rest = String::new();
+    while let Some(chunk) = response.chunk().await.unwrap() {
+        rest.push_str(&String::from_utf8_lossy(&chunk));
+    }
+    assert!(rest.contains("message_stop"), "{rest}");
+    // Charged before the answer ended.
+    let usage = h.record("job-stream").await.usage.unwrap();
+    assert_eq!((usage.input_tokens, usage.output_tokens), (100, 20));
+    assert_eq!(usage.requests, 1);
+}
+
+#[tokio::test]
+async fn metering_is_exact_and_the_budget_cuts_off() {
+    let h = harness().await;
+    h.running_job("job-budget").await;
+    let mut g = grant("job-budget");
+    g.providers.push("openai".to_owned());
+    // Two Anthropic answers plus one OpenAI answer cross it; the next request is refused.
+    g.max_budget_usd = Some(0.0025);
+    let token = h.topology.grants.issue(&g).await.unwrap();
+
+    let (status, text) = h
+        .messages(&token, message("claude-sonnet-4-5", false))
+        .await;
+    assert_eq!(status, 200, "{text}");
+    let (status, text) = h.messages(&token, message("claude-sonnet-4-5", true)).await;
+    assert_eq!(status, 200, "{text}");
+    let usage = h.record("job-budget").await.usage.unwrap();
+    assert!(usage.metered && !usage.budget_exceeded);
+    assert_eq!(
+        (
+            usage.input_tokens,
+            usage.output_tokens,
+            usage.cache_read_tokens,
+            usage.cache_write_tokens,
+            usage.requests
+        ),
+        (200, 40, 2000, 100, 2)
+    );
+    assert!(
+        (usage.cost_usd - 2.0 * ANTHROPIC_COST).abs() < 1e-12,
+        "{usage:?}"
+    );
+
+    // A streamed OpenAI answer: the gateway asks for usage and counts it.
+    let response = h
+        .http
+        .post(format!("{}/openai/v1/chat/completions", h.url))
+        .bearer_auth(&token)
+        .json(&json!({"model": "gpt-5", "stream": true,
+                      "messages": [{"role": "user", "content": "hi"}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let text = response.text().await.unwrap();
+    assert!(text.contains("\"usage\""), "{text}");
+    let sent = h.mock.requests().last().unwrap().body.clone();
+    assert_eq!(sent["stream_options"]["include_usage"], true);
+
+    let usage = h.record("job-budget").await.usage.unwrap();
+    let u = mock_llm::OPENAI_USAGE;
+    assert_eq!(usage.input_tokens, 200 + (u.input - u.cache_read));
+    assert_eq!(usage.cache_read_tokens, 2000 + u.cache_read);
+    assert_eq!(usage.output_tokens, 40 + u.output);
+    let spent = 2.0 * ANTHROPIC_COST + OPENAI_COST;
+    assert!((usage.cost_usd - spent).abs() < 1e-12, "{usage:?}");
+    assert!(usage.budget_exceeded, "{usage:?}");
+
+    let before = h.mock.requests().len();
+    let (status, text) = h
+        .messages(&token, message("claude-sonnet-4-5", false))
+        .await;
+    assert_eq!(status, 402, "{text}");
+    assert!(text.contains("budget exceeded"), "{text}");
+    assert_eq!(
+        h.mock.requests().len(),
+        before,
+        "a refused request is not forwarded"
+    );
+
+    let metrics = h
+        .http
+        .get(format!("{}/metrics", h.url))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("flotilla_llm_tokens_total{provider=\"anthropic\",engine=\"claude-code\",profile=\"default\",agent_id=\"agent-7\",kind=\"output\"} 40"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains(
+            "flotilla_llm_requests_total{provider=\"anthropic\",outcome=\"budget_exceeded\"} 1"
+        ),
+        "{metrics}"
+    );
+}
+
+#[tokio::test]
+async fn a_provider_without_its_credential_refuses_instead_of_forwarding() {
+    let h = harness_with(&AnthropicOnly).await;
+    h.running_job("job-nokey").await;
+    let mut g = grant("job-nokey");
+    g.providers.push("openai".to_owned());
+    let token = h.topology.grants.issue(&g).await.unwrap();
+    let response = h
+        .http
+        .post(format!("{}/openai/v1/chat/completions", h.url))
+        .bearer_auth(&token)
+        .json(&json!({"model": "gpt-5", "messages": [{"role": "user", "content": "hi"}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 503);
+    let text = response.text().await.unwrap();
+    assert!(
+        text.contains("no credential for provider openai: set FLOTILLA_TEST_OPENAI_KEY"),
+        "{text}"
+    );
+    assert!(
+        h.mock.requests().is_empty(),
+        "nothing goes upstream unauthenticated"
+    );
+    let (status, text) = h
+        .messages(&token, message("claude-sonnet-4-5", false))
+        .await;
+    assert_eq!(status, 200, "{text}");
+}
