@@ -753,7 +753,14 @@ async fn run_container(
         network,
         runtime: config.runtime.clone(),
     };
-    let script = script::job_script(engine, request, env);
+    // What the engine runs can continue the job's trace (OpenTelemetry's env carrier).
+    let mut env = env.to_vec();
+    if let Some(traceparent) =
+        flotilla_telemetry::propagation::traceparent(&tracing::Span::current())
+    {
+        env.push(("TRACEPARENT".to_owned(), traceparent));
+    }
+    let script = script::job_script(engine, request, &env);
     let name = format!("flotilla-{}-{attempt}", request.job_id);
     let started = start_container(shared, &key, &name, request, attempt, &script)
         .instrument(tracing::info_span!(

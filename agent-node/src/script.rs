@@ -13,7 +13,8 @@ pub(crate) const PRE_HOOK_MARKER: &str = "flotilla: pre-hook failed";
 
 const DIR: &str = "/workspace/.flotilla";
 
-/// `env` is for the engine only (its llm-gateway URL and token): exported after the pre-hook.
+/// `env` is for the engine only (its llm-gateway URL and token, the trace context): exported
+/// after the pre-hook.
 pub(crate) fn job_script(engine: &Engine, request: &JobRequest, env: &[(String, String)]) -> Bytes {
     let mut script = format!("F={DIR}\nmkdir -p \"$F\"\n");
     if let Some(instructions) = &request.instructions {

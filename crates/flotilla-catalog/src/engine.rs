@@ -104,6 +104,8 @@ pub struct Engine {
     pub flags: Vec<(MappedField, String)>,
     /// Separator for list fields; "," when absent.
     pub list_join: BTreeMap<MappedField, String>,
+    /// Per field, job values the CLI spells differently (`[command.values]`); others pass as is.
+    pub values: BTreeMap<MappedField, BTreeMap<String, String>>,
     pub mcp_config_flag: Option<String>,
     pub output: Output,
     /// Names of the credentials the engine needs (informational).
@@ -172,6 +174,14 @@ impl Engine {
                 }
             };
             if let Some(value) = value {
+                let value = match self
+                    .values
+                    .get(field)
+                    .and_then(|spellings| spellings.get(&value))
+                {
+                    Some(spelled) => spelled.clone(),
+                    None => value,
+                };
                 argv.push(flag.clone());
                 argv.push(value);
             }
@@ -216,6 +226,25 @@ impl Engine {
             };
         }
 
+        let mut values = BTreeMap::new();
+        for (key, spellings) in command.values {
+            let field = MappedField::parse(&key).ok_or_else(|| {
+                format!(
+                    "[command.values]: unknown field {key:?}; {}",
+                    known_fields()
+                )
+            })?;
+            if !flags.iter().any(|(mapped, _)| *mapped == field) {
+                return Err(format!(
+                    "[command.values].{key}: {key} has no flag in [command.map]"
+                ));
+            }
+            if let Some((from, _)) = spellings.iter().find(|(_, to)| to.is_empty()) {
+                return Err(format!("[command.values].{key}.{from} must not be empty"));
+            }
+            values.insert(field, spellings);
+        }
+
         let default_binary = match engine.kind {
             EngineKind::Shell => "/bin/sh",
             EngineKind::Cli => id.as_str(),
@@ -247,6 +276,7 @@ impl Engine {
             trailing_args: command.trailing_args,
             flags,
             list_join,
+            values,
             mcp_config_flag: command.mcp_config_flag,
             output: Output {
                 mode: output.mode,
@@ -333,6 +363,7 @@ struct CommandSection {
     mcp_config_flag: Option<String>,
     map: OrderedStrings,
     list_join: BTreeMap<String, String>,
+    values: BTreeMap<String, BTreeMap<String, String>>,
 }
 
 #[derive(Deserialize)]
@@ -457,6 +488,28 @@ mod tests {
     }
 
     #[test]
+    fn values_are_respelled_for_the_cli() {
+        let engine = Engine::parse(
+            "x",
+            "[command.map]\noutput_format = \"--format\"\n\
+             [command.values.output_format]\ntext = \"default\"\n",
+        )
+        .unwrap();
+        let mut req = request("p");
+        req.output_format = Some("text".to_owned());
+        assert_eq!(
+            engine.command_line(&req),
+            ["x", "-p", "p", "--format", "default"]
+        );
+        req.output_format = Some("json".to_owned());
+        assert_eq!(
+            engine.command_line(&req),
+            ["x", "-p", "p", "--format", "json"],
+            "values without a spelling pass as they are"
+        );
+    }
+
+    #[test]
     fn llm_access_fills_in_the_gateway_and_token() {
         let text = std::fs::read_to_string(
             std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../engines/claude-code.toml"),
@@ -483,6 +536,18 @@ mod tests {
                 "unknown field \"prompt_text\"",
             ),
             ("[command.list_join]\nmodel = \",\"\n", "not a list field"),
+            (
+                "[command.values.model]\na = \"b\"\n",
+                "model has no flag in [command.map]",
+            ),
+            (
+                "[command.values.colour]\na = \"b\"\n",
+                "[command.values]: unknown field \"colour\"",
+            ),
+            (
+                "[command.map]\nmodel = \"-m\"\n[command.values.model]\na = \"\"\n",
+                "[command.values].model.a must not be empty",
+            ),
             ("[engine]\nkind = \"python\"\n", "unknown variant `python`"),
             ("[engine]\nid = \"a b\"\n", "engine id must match"),
             ("[output]\nmode = \"file\"\n", "[output].path is required"),

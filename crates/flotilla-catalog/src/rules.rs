@@ -4,6 +4,8 @@
 
 pub(crate) const MAX_PROMPT_CHARS: usize = 1_000_000;
 pub(crate) const MAX_SYSTEM_PROMPT_CHARS: usize = 500_000;
+/// Linux refuses a single argv element of 128 KiB or more (`MAX_ARG_STRLEN`, NUL included).
+pub(crate) const MAX_ARG_BYTES: usize = 128 * 1024 - 1;
 pub(crate) const MAX_TOOLS: usize = 100;
 pub(crate) const MAX_TOOL_CHARS: usize = 256;
 pub(crate) const SAFE_ID_MAX: usize = 64;

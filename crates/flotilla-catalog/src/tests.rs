@@ -206,6 +206,29 @@ async fn prompt_rules() {
     })
     .await;
     assert_eq!(job.prompt.chars().count(), 1_000_000);
+
+    // An agent CLI takes it as one argument, which Linux caps at 128 KiB.
+    let cli = |field: &str, text: String| {
+        let mut request = SubmitRequest {
+            engine: Some("claude-code".to_owned()),
+            ..base()
+        };
+        match field {
+            "prompt" => request.prompt = Some(text),
+            _ => request.system_prompt = Some(text),
+        }
+        request
+    };
+    for field in ["prompt", "system_prompt"] {
+        let job = ok(cli(field, "x".repeat(128 * 1024 - 1))).await;
+        assert_eq!(job.engine, "claude-code");
+        let e = err(cli(field, "x".repeat(128 * 1024))).await;
+        assert_err(&e, "invalid_field", field);
+        assert!(
+            e.to_string().contains("one command-line argument"),
+            "{field}: {e}"
+        );
+    }
 }
 
 #[tokio::test]
@@ -835,6 +858,15 @@ fn opencode_prompt_is_positional() {
             "--format",
             "json"
         ]
+    );
+    // OpenCode's --format has no `text`: it is `default` there.
+    let text = JobRequest {
+        output_format: Some("text".to_owned()),
+        ..job("opencode", "Explain this repo")
+    };
+    assert_eq!(
+        catalog.engine("opencode").unwrap().command_line(&text)[3..],
+        ["--format", "default"]
     );
 }
 

@@ -9,6 +9,7 @@ use flotilla_proto::{JobRequest, Resources, ResourcesRequest, SubmitRequest, ids
 use serde_json::{Map, Value};
 
 use crate::catalog::Catalog;
+use crate::engine::{Engine, EngineKind, MappedField};
 use crate::profile::{Profile, Variable};
 use crate::rules::{self, clip, human_bytes};
 use crate::webhook::check_webhook_url;
@@ -150,10 +151,10 @@ pub async fn validate(
         let message = format!("engine is required: profile {profile_name:?} names none");
         return Err(ValidationError::missing("engine", message));
     };
-    if catalog.engine(&engine_id).is_none() {
+    let Some(engine) = catalog.engine(&engine_id) else {
         let message = format!("unknown engine {}", clip(&engine_id));
         return Err(ValidationError::new("unknown_engine", "engine", message));
-    }
+    };
 
     if let Some(prompt) = &prompt {
         check_text("prompt", prompt, rules::MAX_PROMPT_CHARS)?;
@@ -251,6 +252,14 @@ pub async fn validate(
     };
     let resources = resolve_resources(resources.unwrap_or_default(), profile, limits)?;
     let metadata = check_metadata(metadata.unwrap_or_default())?;
+    check_fits_argv(engine, "prompt", Some(&prompt))?;
+    if engine
+        .flags
+        .iter()
+        .any(|(field, _)| *field == MappedField::SystemPrompt)
+    {
+        check_fits_argv(engine, "system_prompt", system_prompt.as_deref())?;
+    }
 
     Ok(JobRequest {
         job_id,
@@ -277,6 +286,30 @@ pub async fn validate(
         metadata,
         created_at: now,
     })
+}
+
+/// An agent CLI gets the prompt (and system prompt) as one argument, which the kernel caps;
+/// better a clear 422 now than a container that cannot start. Shell scripts travel as a file.
+fn check_fits_argv(
+    engine: &Engine,
+    field: &str,
+    text: Option<&str>,
+) -> Result<(), ValidationError> {
+    match text {
+        Some(text) if engine.kind == EngineKind::Cli && text.len() > rules::MAX_ARG_BYTES => {
+            Err(ValidationError::invalid(
+                field,
+                format!(
+                    "is {} bytes, but engine {} passes it to its CLI as one command-line \
+                     argument, which Linux limits to {} bytes",
+                    text.len(),
+                    engine.id,
+                    rules::MAX_ARG_BYTES
+                ),
+            ))
+        }
+        _ => Ok(()),
+    }
 }
 
 fn check_text(field: &str, text: &str, max_chars: usize) -> Result<(), ValidationError> {

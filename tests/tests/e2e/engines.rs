@@ -25,6 +25,9 @@ async fn every_engine_runs_through_its_cli_and_yields_a_structured_result() {
         ("codex", "codex", "json"),
         ("gemini", "gemini", "json"),
         ("opencode", "opencode", "json"),
+        // OpenCode spells these `default` and `json` (`[command.values]`).
+        ("opencode", "opencode", "text"),
+        ("opencode", "opencode", "stream-json"),
         ("aider", "aider", "text"),
     ] {
         let job = run(&fleet, engine, json!({ "output_format": format })).await;
@@ -35,6 +38,9 @@ async fn every_engine_runs_through_its_cli_and_yields_a_structured_result() {
             // Aider prints plain text: the whole output is the answer; its token report is read.
             assert!(result["text"].as_str().unwrap().contains(&answer), "{job}");
             assert_eq!(job["usage"]["input_tokens"], 1200, "{job}");
+        } else if format == "text" {
+            assert_eq!(result["text"], answer, "{engine}/{format}: {job}");
+            assert!(result["raw"].is_null(), "plain text has no raw: {job}");
         } else {
             assert_eq!(result["text"], answer, "{engine}/{format}: {job}");
             assert!(

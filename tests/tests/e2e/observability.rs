@@ -269,8 +269,9 @@ async fn one_trace_runs_from_post_jobs_to_the_job_outcome() {
     let fleet = Fleet::builder().otlp(&receiver.url).start().await.unwrap();
 
     // Over HTTP: POST /jobs (api-gateway) -> job (agent-node) and its steps.
-    let job_id = submit(&fleet, shell("echo traced")).await;
-    assert_eq!(wait(&fleet, &job_id).await["status"], "completed");
+    let job_id = submit(&fleet, shell("echo \"$TRACEPARENT\"")).await;
+    let record = wait(&fleet, &job_id).await;
+    assert_eq!(record["status"], "completed", "{record}");
     // Each service exports in its own batches: wait for both ends of the trace.
     let spans = wait_until(Duration::from_secs(15), "the job's spans", || async {
         let spans = receiver.spans();
@@ -304,6 +305,12 @@ async fn one_trace_runs_from_post_jobs_to_the_job_outcome() {
     assert_eq!(
         job.attributes.get("status").map(String::as_str),
         Some("completed")
+    );
+    // The container carries the trace on (OpenTelemetry's TRACEPARENT variable).
+    assert_eq!(
+        record["result"]["text"],
+        format!("00-{trace}-{}-01\n", job.span_id),
+        "the job's processes see its span as their parent"
     );
     // Claim, container start, run and the recorded outcome, inside the job span.
     for step in [
