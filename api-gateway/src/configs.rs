@@ -2,12 +2,12 @@
 //! store, but one copy for the whole system: a change here reaches every gateway, dispatcher
 //! and node at once, and a change that does not load is refused.
 
-use std::sync::Arc;
+use std::{collections::HashMap, sync::Arc};
 
 use axum::{
     Json,
     body::Body,
-    extract::{Path, State},
+    extract::{Path, Query, State},
     http::StatusCode,
     response::{IntoResponse, Response},
 };
@@ -97,10 +97,20 @@ fn path_of(kind: &str, name: &str) -> Result<(ConfigType, String), ApiError> {
             "names are 1-128 of A-Z a-z 0-9 _ - . and do not start with a dot",
         ));
     }
+    let kind = parse_type(kind)?;
+    let path = match kind {
+        ConfigType::Engine => format!("engines/{name}.toml"),
+        ConfigType::Profile => format!("profiles/{name}.toml"),
+        ConfigType::Template => format!("profiles/templates/{name}"),
+    };
+    Ok((kind, path))
+}
+
+fn parse_type(kind: &str) -> Result<ConfigType, ApiError> {
     match kind {
-        "engine" => Ok((ConfigType::Engine, format!("engines/{name}.toml"))),
-        "profile" => Ok((ConfigType::Profile, format!("profiles/{name}.toml"))),
-        "template" => Ok((ConfigType::Template, format!("profiles/templates/{name}"))),
+        "engine" => Ok(ConfigType::Engine),
+        "profile" => Ok(ConfigType::Profile),
+        "template" => Ok(ConfigType::Template),
         _ => Err(ApiError::invalid(
             "type",
             "type must be engine, profile or template",
@@ -141,20 +151,33 @@ fn config_error(error: ConfigError) -> ApiError {
     operation_id = "list_configs",
     summary = "List configuration files",
     description = "Every engine, profile and template file of the shared configuration, in \
-        key order. Query parameters are ignored.",
+        key order; `type` keeps one kind. Other query parameters are ignored.",
+    params(
+        ("type" = Option<ConfigType>, Query, description = "Only files of this kind."),
+    ),
     responses(
         (status = 200, description = "The files.", body = ConfigList<'_>),
         (status = 401, response = Unauthorized),
+        (status = 422, description = "`invalid_field`: `type` is not engine, profile or \
+            template.", body = ErrorBody),
         (status = 500, response = Internal),
         (status = 503, response = Unavailable),
     ),
     security(("api_key" = [])),
 )]
-pub async fn list(State(state): State<Arc<AppState>>) -> Result<Response, ApiError> {
+pub async fn list(
+    State(state): State<Arc<AppState>>,
+    Query(params): Query<HashMap<String, String>>,
+) -> Result<Response, ApiError> {
+    let only = match params.get("type") {
+        Some(kind) => Some(parse_type(kind)?),
+        None => None,
+    };
     let files = state.catalog.files().await.map_err(config_error)?;
     let configs = files
         .keys()
         .filter_map(|path| kind_of(path).map(|(kind, name)| ConfigRef { name, kind }))
+        .filter(|file| only.is_none_or(|kind| file.kind == kind))
         .collect();
     let version = state.catalog.version();
     Ok(Json(ConfigList { configs, version }).into_response())

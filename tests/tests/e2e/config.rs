@@ -208,3 +208,54 @@ async fn an_engine_is_available_only_if_the_worker_image_has_its_binary() {
     assert_eq!(available(&fleet, "ghost").await, Some(false));
     fleet.assert_no_containers_left().await.unwrap();
 }
+
+#[tokio::test]
+async fn configs_are_listed_whole_or_by_type() {
+    let fleet = Fleet::builder().start().await.unwrap();
+    let list = |query: &'static str| {
+        let fleet = &fleet;
+        async move {
+            let response = fleet
+                .request(Method::GET, &format!("/configs{query}"))
+                .send()
+                .await
+                .unwrap();
+            (
+                response.status().as_u16(),
+                response.json::<Value>().await.unwrap(),
+            )
+        }
+    };
+    let (status, all) = list("").await;
+    assert_eq!(status, 200, "{all}");
+    let kinds = |body: &Value| -> Vec<String> {
+        let mut kinds: Vec<String> = body["configs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|file| file["type"].as_str().unwrap().to_owned())
+            .collect();
+        kinds.dedup();
+        kinds
+    };
+    assert_eq!(kinds(&all), ["engine", "profile", "template"], "{all}");
+    for (kind, query) in [
+        ("engine", "?type=engine"),
+        ("profile", "?type=profile"),
+        ("template", "?type=template"),
+    ] {
+        let (status, some) = list(query).await;
+        assert_eq!(status, 200, "{some}");
+        assert_eq!(kinds(&some), [kind], "{some}");
+        let expected = all["configs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|file| file["type"] == kind)
+            .count();
+        assert_eq!(some["configs"].as_array().unwrap().len(), expected);
+    }
+    let (status, error) = list("?type=engines").await;
+    assert_eq!(status, 422, "{error}");
+    assert_eq!(error["error"]["field"], "type", "{error}");
+}
