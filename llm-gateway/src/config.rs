@@ -33,6 +33,9 @@ pub enum ProviderKind {
     Anthropic,
     /// OpenAI, or any server speaking its Chat Completions / Responses API.
     Openai,
+    /// Google's Gemini API (`generativelanguage.googleapis.com`, `generateContent`). Named for
+    /// the API's owner, like the other kinds; the engine and CLI are called gemini.
+    Google,
 }
 
 #[derive(Debug, Clone)]
@@ -255,14 +258,29 @@ mod tests {
 
     #[test]
     fn default_config_loads_and_reads_keys_from_the_environment() {
-        let secrets = Fake(BTreeMap::from([("ANTHROPIC_API_KEY", "sk-ant-x")]));
+        let secrets = Fake(BTreeMap::from([
+            ("ANTHROPIC_API_KEY", "sk-ant-x"),
+            ("GEMINI_API_KEY", "AIza-x"),
+        ]));
         let upstreams = Upstreams::parse(DEFAULT_CONFIG, &secrets).unwrap();
         let anthropic = &upstreams.providers["anthropic"];
         assert_eq!(anthropic.api_key.as_ref().unwrap().expose(), "sk-ant-x");
         assert!(!upstreams.providers["openai"].has_credential());
-        // The key never shows in Debug output.
-        assert!(!format!("{upstreams:?}").contains("sk-ant-x"));
+        let google = &upstreams.providers["google"];
+        assert_eq!(google.kind, ProviderKind::Google);
+        assert_eq!(
+            google.base_url.as_str(),
+            "https://generativelanguage.googleapis.com/"
+        );
+        assert_eq!(google.api_key.as_ref().unwrap().expose(), "AIza-x");
+        // Keys never show in Debug output.
+        let debug = format!("{upstreams:?}");
+        assert!(!debug.contains("sk-ant-x") && !debug.contains("AIza-x"));
         assert!(upstreams.prices.get("claude-sonnet-4-5-20250929").is_some());
+        // Flash-Lite is cheaper than Flash: the longer prefix wins.
+        let flash = upstreams.prices.get("gemini-2.5-flash").unwrap().input;
+        let lite = upstreams.prices.get("gemini-2.5-flash-lite").unwrap().input;
+        assert!(lite < flash, "{lite} {flash}");
     }
 
     #[test]
@@ -270,7 +288,7 @@ mod tests {
         let none = Fake(BTreeMap::new());
         for (text, expected) in [
             (
-                "[providers.x]\nkind = \"gemini\"\nbase_url = \"http://a\"\n",
+                "[providers.x]\nkind = \"cohere\"\nbase_url = \"http://a\"\n",
                 "unknown variant",
             ),
             (

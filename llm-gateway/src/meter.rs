@@ -1,6 +1,6 @@
 //! Metering: the usage a provider reports in its answer, read as the answer streams by, and
-//! what it costs. Anthropic Messages, OpenAI Chat Completions and OpenAI Responses, streamed
-//! (server-sent events) or not.
+//! what it costs. Anthropic Messages, OpenAI Chat Completions, OpenAI Responses and Gemini
+//! `generateContent` / `streamGenerateContent`, streamed (server-sent events) or not.
 
 use std::collections::BTreeMap;
 
@@ -9,7 +9,8 @@ use serde_json::Value;
 use crate::config::ProviderKind;
 
 /// Tokens of one answer. `input` excludes cached input (Anthropic reports it that way; for
-/// OpenAI the cached part is taken out of `prompt_tokens`), so the four counts add up.
+/// OpenAI and Gemini the cached part is taken out of the prompt count), so the four counts add
+/// up. Gemini's thinking tokens count as `output`, as they are billed.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Tokens {
     pub input: u64,
@@ -127,6 +128,7 @@ impl Meter {
         match self.kind {
             ProviderKind::Anthropic => self.anthropic(v),
             ProviderKind::Openai => self.openai(v),
+            ProviderKind::Google => self.google(v),
         }
     }
 
@@ -187,6 +189,42 @@ impl Meter {
         self.tokens = Tokens {
             input: input.saturating_sub(cached),
             output,
+            cache_read: cached,
+            cache_write: 0,
+        };
+    }
+
+    fn google(&mut self, v: &Value) {
+        // `streamGenerateContent` without `alt=sse` answers one JSON array of the chunks.
+        if let Some(chunks) = v.as_array() {
+            for chunk in chunks {
+                self.google(chunk);
+            }
+            return;
+        }
+        if let Some(model) = v["modelVersion"].as_str() {
+            let model = model.strip_prefix("models/").unwrap_or(model);
+            self.model = Some(model.to_owned());
+        }
+        let usage = &v["usageMetadata"];
+        if !usage.is_object() {
+            return;
+        }
+        // Each streamed chunk carries the usage so far: the last one replaces the others.
+        // `promptTokenCount` includes the cached tokens; tool-use prompts are billed as input,
+        // thinking as output. `totalTokenCount` is the sum of prompt, tool-use prompt,
+        // candidates and thoughts; where it equals the first three alone, the candidates
+        // already hold the thoughts (seen from some backends), so they are not added twice.
+        let count = |field: &str| usage[field].as_u64().unwrap_or(0);
+        let cached = count("cachedContentTokenCount");
+        let prompt = count("promptTokenCount") + count("toolUsePromptTokenCount");
+        let candidates = count("candidatesTokenCount");
+        let thoughts = count("thoughtsTokenCount");
+        let thoughts_inside =
+            thoughts > 0 && usage["totalTokenCount"].as_u64() == Some(prompt + candidates);
+        self.tokens = Tokens {
+            input: prompt.saturating_sub(cached),
+            output: candidates + if thoughts_inside { 0 } else { thoughts },
             cache_read: cached,
             cache_write: 0,
         };
@@ -255,6 +293,61 @@ data: [DONE]\n\n";
         let (tokens, model) = run(ProviderKind::Openai, true, responses, 9);
         assert_eq!((tokens.input, tokens.output), (50, 8));
         assert_eq!(model.as_deref(), Some("gpt-5-mini"));
+    }
+
+    /// Three SSE chunks as the Gemini API sends them (`\r\n` line ends), each with the usage
+    /// so far: summing them would give 60 output tokens instead of 40 + 12.
+    const GOOGLE_STREAM: &str = "data: {\"candidates\": [{\"content\": {\"parts\": [{\"text\": \"Hel\"}],\"role\": \"model\"},\"index\": 0}],\"usageMetadata\": {\"promptTokenCount\": 1500,\"candidatesTokenCount\": 2,\"totalTokenCount\": 1514,\"cachedContentTokenCount\": 1024,\"thoughtsTokenCount\": 12},\"modelVersion\": \"gemini-2.5-flash\",\"responseId\": \"r1\"}\r\n\r\n\
+data: {\"candidates\": [{\"content\": {\"parts\": [{\"text\": \"lo\"}],\"role\": \"model\"},\"index\": 0}],\"usageMetadata\": {\"promptTokenCount\": 1500,\"candidatesTokenCount\": 18,\"totalTokenCount\": 1530,\"cachedContentTokenCount\": 1024,\"thoughtsTokenCount\": 12},\"modelVersion\": \"gemini-2.5-flash\",\"responseId\": \"r1\"}\r\n\r\n\
+data: {\"candidates\": [{\"content\": {\"parts\": [{\"text\": \"!\"}],\"role\": \"model\"},\"finishReason\": \"STOP\",\"index\": 0}],\"usageMetadata\": {\"promptTokenCount\": 1500,\"candidatesTokenCount\": 40,\"totalTokenCount\": 1552,\"cachedContentTokenCount\": 1024,\"thoughtsTokenCount\": 12},\"modelVersion\": \"gemini-2.5-flash\",\"responseId\": \"r1\"}\r\n\r\n";
+
+    #[test]
+    fn google_streamed_takes_the_last_usage_and_counts_thoughts_as_output() {
+        let expected = Tokens {
+            input: 476,
+            output: 52,
+            cache_read: 1024,
+            cache_write: 0,
+        };
+        for split in [1, 2, 13, 4096] {
+            let (tokens, model) = run(ProviderKind::Google, true, GOOGLE_STREAM, split);
+            assert_eq!(tokens, expected, "split {split}");
+            assert_eq!(model.as_deref(), Some("gemini-2.5-flash"));
+        }
+        // A stream cut before its last chunk is charged what was reported so far.
+        let cut = &GOOGLE_STREAM[..GOOGLE_STREAM.rfind("data:").unwrap()];
+        let (tokens, _) = run(ProviderKind::Google, true, cut, 7);
+        assert_eq!(tokens.output, 18 + 12);
+    }
+
+    #[test]
+    fn google_plain_and_json_array_streams() {
+        let plain = r#"{"candidates":[{"content":{"parts":[{"text":"Hi"}],"role":"model"},"finishReason":"STOP"}],
+            "usageMetadata":{"promptTokenCount":10,"candidatesTokenCount":3,"toolUsePromptTokenCount":5,"totalTokenCount":18},
+            "modelVersion":"models/gemini-2.5-pro"}"#;
+        let (tokens, model) = run(ProviderKind::Google, false, plain, 4);
+        assert_eq!(
+            tokens,
+            Tokens {
+                input: 15,
+                output: 3,
+                cache_read: 0,
+                cache_write: 0
+            }
+        );
+        assert_eq!(model.as_deref(), Some("gemini-2.5-pro"));
+        // `streamGenerateContent` without `alt=sse`: one JSON array of cumulative chunks.
+        let array = r#"[{"usageMetadata":{"promptTokenCount":10,"candidatesTokenCount":1,"totalTokenCount":11}},
+            {"usageMetadata":{"promptTokenCount":10,"candidatesTokenCount":7,"thoughtsTokenCount":4,"totalTokenCount":21},"modelVersion":"gemini-2.5-pro"}]"#;
+        let (tokens, _) = run(ProviderKind::Google, false, array, 3);
+        assert_eq!((tokens.input, tokens.output), (10, 11));
+        // A backend whose candidates already include the thoughts (the total says so).
+        let inclusive = r#"{"usageMetadata":{"promptTokenCount":10,"candidatesTokenCount":30,"thoughtsTokenCount":20,"totalTokenCount":40}}"#;
+        let (tokens, _) = run(ProviderKind::Google, false, inclusive, 64);
+        assert_eq!(tokens.output, 30);
+        // countTokens and model listings report no usage: nothing is charged.
+        let (tokens, model) = run(ProviderKind::Google, false, r#"{"totalTokens": 31}"#, 64);
+        assert_eq!((tokens, model), (Tokens::default(), None));
     }
 
     #[test]

@@ -35,6 +35,8 @@ const FORWARDED_REQUEST_HEADERS: &[&str] = &[
     "openai-beta",
     "idempotency-key",
     "x-app",
+    // The Google SDKs' name and version (no credential).
+    "x-goog-api-client",
 ];
 
 /// Response headers passed back (plus the rate-limit families below).
@@ -111,6 +113,20 @@ impl Refusal {
                 };
                 json!({"error": {"message": self.message, "type": "invalid_request_error", "code": code}})
             }
+            ProviderKind::Google => {
+                // google.rpc.Status, as the Gemini API answers errors.
+                let rpc_status = match status {
+                    StatusCode::BAD_REQUEST | StatusCode::PAYLOAD_TOO_LARGE => "INVALID_ARGUMENT",
+                    StatusCode::UNAUTHORIZED => "UNAUTHENTICATED",
+                    StatusCode::FORBIDDEN => "PERMISSION_DENIED",
+                    StatusCode::NOT_FOUND => "NOT_FOUND",
+                    StatusCode::PAYMENT_REQUIRED => "RESOURCE_EXHAUSTED",
+                    StatusCode::SERVICE_UNAVAILABLE | StatusCode::BAD_GATEWAY => "UNAVAILABLE",
+                    StatusCode::GATEWAY_TIMEOUT => "DEADLINE_EXCEEDED",
+                    _ => "INTERNAL",
+                };
+                json!({"error": {"code": status.as_u16(), "message": self.message, "status": rpc_status}})
+            }
         };
         (status, axum::Json(body)).into_response()
     }
@@ -151,7 +167,13 @@ async fn relay(
     request: Request,
 ) -> Result<Response, Refusal> {
     let (parts, body) = request.into_parts();
-    let (grant, spent) = admit(state, name, &parts.headers).await?;
+    // Google clients may send the key as `?key=`: for that kind the token may come that way,
+    // and the parameter never goes upstream (the real key goes as a header, out of URLs).
+    let (query, query_token) = match provider.kind {
+        ProviderKind::Google => without_key_param(parts.uri.query()),
+        _ => (parts.uri.query().map(str::to_owned), None),
+    };
+    let (grant, spent) = admit(state, name, &parts.headers, query_token.as_deref()).await?;
     // One span per admitted call, in the job's trace; it lasts until the call is charged.
     let span = tracing::info_span!(
         "llm request",
@@ -188,11 +210,24 @@ async fn relay(
                 format!("request body over {} bytes", state.config.max_request_bytes),
             )
         })?;
+    let mut url = provider.base_url.clone();
+    let base_path = url.path().trim_end_matches('/').to_owned();
+    url.set_path(&format!("{base_path}/{path}"));
+    url.set_query(query.as_deref());
+
     let mut json: Option<Value> = serde_json::from_slice(&body).ok().filter(Value::is_object);
-    let model = json
+    let body_model = json
         .as_ref()
         .and_then(|v| v["model"].as_str())
         .map(str::to_owned);
+    let model = match provider.kind {
+        // Gemini names the model in the path; a body `model` (cachedContents, batches) is
+        // `models/<name>`.
+        ProviderKind::Google => google_model(&url)?.or_else(|| {
+            body_model.map(|m| m.strip_prefix("models/").map(str::to_owned).unwrap_or(m))
+        }),
+        _ => body_model,
+    };
     if let Some(model) = &model
         && !grant.allows_model(model)
     {
@@ -215,10 +250,6 @@ async fn relay(
         body = Bytes::from(serde_json::to_vec(v).unwrap_or_else(|_| body.to_vec()));
     }
 
-    let mut url = provider.base_url.clone();
-    let base_path = url.path().trim_end_matches('/').to_owned();
-    url.set_path(&format!("{base_path}/{path}"));
-    url.set_query(parts.uri.query());
     let mut upstream = axum::http::Request::new(http_body_util::Full::new(body));
     *upstream.method_mut() = parts.method.clone();
     *upstream.uri_mut() = url.as_str().parse().map_err(|_| {
@@ -300,9 +331,13 @@ async fn admit(
     state: &AppState,
     name: &str,
     headers: &HeaderMap,
+    query_token: Option<&str>,
 ) -> Result<(LlmGrant, Option<Usage>), Refusal> {
-    let token = job_token(headers).ok_or_else(|| {
-        Refusal::unauthorized("missing job token: send it as x-api-key or Authorization: Bearer")
+    let token = job_token(headers, query_token).ok_or_else(|| {
+        Refusal::unauthorized(
+            "missing job token: send it as x-api-key, x-goog-api-key or Authorization: Bearer \
+             (Gemini: or ?key=)",
+        )
     })?;
     let grant = state
         .topology
@@ -391,19 +426,85 @@ async fn check_budget(
     ))
 }
 
-fn job_token(headers: &HeaderMap) -> Option<&str> {
-    let from_key = headers.get("x-api-key").and_then(|v| v.to_str().ok());
-    let from_bearer = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| {
-            v.strip_prefix("Bearer ")
-                .or_else(|| v.strip_prefix("bearer "))
-        });
-    from_key
-        .or(from_bearer)
-        .map(str::trim)
-        .filter(|t| !t.is_empty())
+/// The job's token, wherever its CLI puts an API key: `x-api-key` (Anthropic),
+/// `x-goog-api-key` (Google), `Authorization: Bearer` (OpenAI), else the query's `key`
+/// (Google, passed in by the caller only for that kind). Empty ones are skipped: a CLI may
+/// send an empty key header beside the real one.
+fn job_token<'a>(headers: &'a HeaderMap, query_token: Option<&'a str>) -> Option<&'a str> {
+    let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+    let bearer = header(header::AUTHORIZATION.as_str()).and_then(|v| {
+        v.strip_prefix("Bearer ")
+            .or_else(|| v.strip_prefix("bearer "))
+    });
+    [
+        header("x-api-key"),
+        header("x-goog-api-key"),
+        bearer,
+        query_token,
+    ]
+    .into_iter()
+    .flatten()
+    .map(str::trim)
+    .find(|t| !t.is_empty())
+}
+
+/// The query without its `key` parameters, and the first `key` value. Names are compared
+/// decoded, as the upstream would read them (`%6Bey` is `key` too); the other parameters pass
+/// byte for byte.
+fn without_key_param(query: Option<&str>) -> (Option<String>, Option<String>) {
+    let Some(query) = query else {
+        return (None, None);
+    };
+    let mut key = None;
+    let mut kept = Vec::new();
+    for pair in query.split('&') {
+        match url::form_urlencoded::parse(pair.as_bytes()).next() {
+            Some((name, value)) if name == "key" => {
+                key.get_or_insert_with(|| value.into_owned());
+            }
+            _ => kept.push(pair),
+        }
+    }
+    let kept = (!kept.is_empty()).then(|| kept.join("&"));
+    (kept, key)
+}
+
+/// The model a Gemini API path names: `…/models/<model>[:method]` (or `tunedModels/<name>`,
+/// which no allow-list of base models matches). Read from the URL that goes upstream, where
+/// dot-segments are already resolved, so `flash/../pro` cannot pass for `flash`; a name outside
+/// `[A-Za-z0-9._-]` (a `%` escape the upstream would decode, say) is refused rather than guessed.
+fn google_model(url: &url::Url) -> Result<Option<String>, Refusal> {
+    let segments: Vec<&str> = url
+        .path_segments()
+        .map(Iterator::collect)
+        .unwrap_or_default();
+    let Some(at) = segments
+        .iter()
+        .position(|s| *s == "models" || *s == "tunedModels")
+    else {
+        return Ok(None);
+    };
+    let Some(segment) = segments.get(at + 1).filter(|s| !s.is_empty()) else {
+        // A listing (`GET /v1beta/models`) names no model.
+        return Ok(None);
+    };
+    let name = segment.split(':').next().unwrap_or_default();
+    let valid = !name.is_empty()
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
+    if !valid {
+        return Err(Refusal::new(
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+            format!("{name:?} is not a model name"),
+        ));
+    }
+    Ok(Some(if segments[at] == "tunedModels" {
+        format!("tunedModels/{name}")
+    } else {
+        name.to_owned()
+    }))
 }
 
 fn forwarded_request_headers(headers: &HeaderMap, provider: &Provider) -> HeaderMap {
@@ -445,6 +546,8 @@ fn authorize(headers: &mut HeaderMap, provider: &Provider) {
         (ProviderKind::Openai, Some(key), _) => {
             ("authorization", format!("Bearer {}", key.expose()))
         }
+        // A header, not `?key=`: URLs end up in logs.
+        (ProviderKind::Google, Some(key), _) => ("x-goog-api-key", key.expose().to_owned()),
         // An upstream that needs no credential (a local model server).
         _ => return,
     };
@@ -587,5 +690,103 @@ impl Drop for MeteredBody {
             let (tokens, model) = meter.finish();
             tokio::spawn(charge.settle(tokens, model));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_key_parameter_is_taken_out_of_the_query() {
+        let cases = [
+            (None, None, None),
+            (Some("alt=sse"), Some("alt=sse"), None),
+            (Some("key=flj_a&alt=sse"), Some("alt=sse"), Some("flj_a")),
+            (Some("alt=sse&key=flj_a"), Some("alt=sse"), Some("flj_a")),
+            (Some("key=flj_a"), None, Some("flj_a")),
+            // Encoded names are still `key`; every copy goes, the first value counts.
+            (
+                Some("%6Bey=flj_a&key=x&pageSize=5"),
+                Some("pageSize=5"),
+                Some("flj_a"),
+            ),
+            // Other parameters pass byte for byte.
+            (Some("a=%2F%20b&keys=1"), Some("a=%2F%20b&keys=1"), None),
+        ];
+        for (query, kept, key) in cases {
+            let (q, k) = without_key_param(query);
+            assert_eq!((q.as_deref(), k.as_deref()), (kept, key), "{query:?}");
+        }
+    }
+
+    #[test]
+    fn the_token_is_taken_from_whichever_place_holds_one() {
+        let headers = |pairs: &[(&'static str, &'static str)]| {
+            let mut map = HeaderMap::new();
+            for (name, value) in pairs {
+                map.insert(*name, HeaderValue::from_static(value));
+            }
+            map
+        };
+        let cases = [
+            (headers(&[("x-goog-api-key", "flj_g")]), None, Some("flj_g")),
+            (
+                headers(&[("authorization", "Bearer flj_b")]),
+                None,
+                Some("flj_b"),
+            ),
+            (headers(&[]), Some("flj_q"), Some("flj_q")),
+            // An empty key header (as some Gemini CLI modes send) does not hide the real one.
+            (
+                headers(&[("x-goog-api-key", "")]),
+                Some("flj_q"),
+                Some("flj_q"),
+            ),
+            (headers(&[("x-goog-api-key", " ")]), None, None),
+        ];
+        for (map, query, expected) in cases {
+            assert_eq!(job_token(&map, query), expected, "{map:?} {query:?}");
+        }
+    }
+
+    #[test]
+    fn gemini_models_are_read_from_the_upstream_path() {
+        let model = |path: &str| {
+            let mut url = url::Url::parse("https://generativelanguage.googleapis.com").unwrap();
+            url.set_path(path);
+            google_model(&url).map_err(|r| r.status)
+        };
+        let ok = |m: &str| Ok(Some(m.to_owned()));
+        assert_eq!(
+            model("/v1beta/models/gemini-2.5-pro:generateContent"),
+            ok("gemini-2.5-pro")
+        );
+        assert_eq!(
+            model("/v1beta/models/gemini-2.5-flash:streamGenerateContent"),
+            ok("gemini-2.5-flash")
+        );
+        assert_eq!(model("/v1beta/models/gemini-2.5-pro"), ok("gemini-2.5-pro"));
+        assert_eq!(model("/v1beta/models"), Ok(None));
+        assert_eq!(model("/v1beta/models/"), Ok(None));
+        assert_eq!(model("/v1beta/cachedContents"), Ok(None));
+        assert_eq!(
+            model("/v1beta/tunedModels/mine:generateContent"),
+            ok("tunedModels/mine")
+        );
+        // Dot-segments are resolved before the model is read: this calls pro, not flash.
+        assert_eq!(
+            model("/v1beta/models/gemini-2.5-flash/../gemini-2.5-pro:generateContent"),
+            ok("gemini-2.5-pro")
+        );
+        // An escape the upstream would decode is not guessed at.
+        assert_eq!(
+            model("/v1beta/models/gemini-2.5-flash%2Fx:generateContent"),
+            Err(StatusCode::BAD_REQUEST)
+        );
+        assert_eq!(
+            model("/v1beta/models/:generateContent"),
+            Err(StatusCode::BAD_REQUEST)
+        );
     }
 }

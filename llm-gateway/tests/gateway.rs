@@ -7,7 +7,8 @@ use chrono::Utc;
 use flotilla_nats::{Topology, TopologyConfig};
 use flotilla_proto::{JobRecord, JobStatus, LlmGrant};
 use flotilla_testkit::{
-    MockLlm, NatsServer, TEST_ANTHROPIC_KEY, TEST_OPENAI_KEY, free_port, mock_llm, wait_until,
+    MockLlm, NatsServer, TEST_ANTHROPIC_KEY, TEST_GOOGLE_KEY, TEST_OPENAI_KEY, free_port, mock_llm,
+    wait_until,
 };
 use llm_gateway::{Config, SecretSource, Upstreams};
 use serde_json::{Value, json};
@@ -20,6 +21,7 @@ impl SecretSource for Keys {
         match name {
             "FLOTILLA_TEST_ANTHROPIC_KEY" => Some(TEST_ANTHROPIC_KEY.to_owned()),
             "FLOTILLA_TEST_OPENAI_KEY" => Some(TEST_OPENAI_KEY.to_owned()),
+            "FLOTILLA_TEST_GOOGLE_KEY" => Some(TEST_GOOGLE_KEY.to_owned()),
             _ => None,
         }
     }
@@ -45,6 +47,7 @@ impl Drop for Harness {
 
 const ANTHROPIC_COST: f64 = mock_llm::ANTHROPIC_COST;
 const OPENAI_COST: f64 = mock_llm::OPENAI_COST;
+const GOOGLE_COST: f64 = mock_llm::GOOGLE_COST;
 
 async fn harness() -> Harness {
     harness_with(&Keys).await
@@ -135,6 +138,31 @@ impl Harness {
             .record
     }
 
+    /// A job allowed the `google` provider only, with `models` as its allow-list.
+    async fn gemini_job(&self, job_id: &str, models: &[&str], budget: Option<f64>) -> String {
+        self.running_job(job_id).await;
+        let mut g = grant(job_id);
+        g.engine = "gemini".to_owned();
+        g.providers = vec!["google".to_owned()];
+        g.models = models.iter().map(|m| (*m).to_owned()).collect();
+        g.max_budget_usd = budget;
+        self.topology.grants.issue(&g).await.unwrap()
+    }
+
+    /// A Gemini API call the way `@google/genai` makes it: `x-goog-api-key` holds the key.
+    async fn gemini(&self, token: &str, path_and_query: &str) -> (u16, String) {
+        let response = self
+            .http
+            .post(format!("{}/google/v1beta/{path_and_query}", self.url))
+            .header("x-goog-api-key", token)
+            .json(&gemini_request())
+            .send()
+            .await
+            .unwrap();
+        let status = response.status().as_u16();
+        (status, response.text().await.unwrap())
+    }
+
     async fn messages(&self, token: &str, body: Value) -> (u16, String) {
         let response = self
             .http
@@ -148,6 +176,10 @@ impl Harness {
         let status = response.status().as_u16();
         (status, response.text().await.unwrap())
     }
+}
+
+fn gemini_request() -> Value {
+    json!({"contents": [{"role": "user", "parts": [{"text": "hello"}]}]})
 }
 
 fn message(model: &str, stream: bool) -> Value {
@@ -543,4 +575,297 @@ async fn a_provider_without_its_credential_refuses_instead_of_forwarding() {
         .messages(&token, message("claude-sonnet-4-5", false))
         .await;
     assert_eq!(status, 200, "{text}");
+}
+
+#[tokio::test]
+async fn gemini_the_real_key_goes_upstream_as_a_header_and_the_job_token_nowhere() {
+    let h = harness().await;
+    let token = h.gemini_job("job-gemini-keys", &[], None).await;
+
+    // As the SDK sends it: x-goog-api-key, plus a header that must not pass.
+    let response = h
+        .http
+        .post(format!(
+            "{}/google/v1beta/models/gemini-2.5-pro:generateContent",
+            h.url
+        ))
+        .header("x-goog-api-key", &token)
+        .header("x-goog-api-client", "google-genai-sdk/1.30.0 gl-node/v22")
+        .header("cookie", "session=secret")
+        .json(&gemini_request())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(
+        body["candidates"][0]["content"]["parts"][0]["text"],
+        "mock answer"
+    );
+
+    // The token as `?key=`, among other parameters, on a stream and on the model listing.
+    let response = h
+        .http
+        .post(format!(
+            "{}/google/v1beta/models/gemini-2.5-pro:streamGenerateContent?key={token}&alt=sse",
+            h.url
+        ))
+        .json(&gemini_request())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let text = response.text().await.unwrap();
+    assert!(text.contains("\"finishReason\":\"STOP\""), "{text}");
+    let response = h
+        .http
+        .get(format!(
+            "{}/google/v1beta/models?pageSize=50&key={token}",
+            h.url
+        ))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let listing: Value = response.json().await.unwrap();
+    assert_eq!(listing["models"][0]["name"], "models/gemini-2.5-pro");
+
+    let seen = h.mock.requests();
+    let upstream: Vec<(&str, Option<&str>)> = seen
+        .iter()
+        .map(|r| (r.path.as_str(), r.query.as_deref()))
+        .collect();
+    assert_eq!(
+        upstream,
+        [
+            ("/v1beta/models/gemini-2.5-pro:generateContent", None),
+            (
+                "/v1beta/models/gemini-2.5-pro:streamGenerateContent",
+                Some("alt=sse")
+            ),
+            ("/v1beta/models", Some("pageSize=50")),
+        ]
+    );
+    for request in &seen {
+        assert_eq!(
+            request.headers["x-goog-api-key"].to_str().unwrap(),
+            TEST_GOOGLE_KEY,
+            "{}",
+            request.path
+        );
+        assert!(request.headers.get("cookie").is_none());
+        assert!(request.headers.get("authorization").is_none());
+        for (name, value) in &request.headers {
+            assert!(
+                !value.to_str().unwrap_or_default().contains(&token),
+                "token leaked upstream in {name}"
+            );
+        }
+    }
+    assert_eq!(
+        seen[0].headers["x-goog-api-client"],
+        "google-genai-sdk/1.30.0 gl-node/v22"
+    );
+
+    // No token: refused in the Gemini API's own error shape, and nothing is forwarded.
+    let response = h
+        .http
+        .post(format!(
+            "{}/google/v1beta/models/gemini-2.5-pro:generateContent?key=",
+            h.url
+        ))
+        .json(&gemini_request())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 401);
+    let error: Value = response.json().await.unwrap();
+    assert_eq!(error["error"]["status"], "UNAUTHENTICATED", "{error}");
+    assert_eq!(error["error"]["code"], 401, "{error}");
+    assert_eq!(h.mock.requests().len(), 3);
+}
+
+#[tokio::test]
+async fn gemini_the_model_allow_list_is_checked_against_the_model_in_the_path() {
+    let h = harness().await;
+    let token = h
+        .gemini_job("job-gemini-models", &["gemini-2.5-flash*"], None)
+        .await;
+    let cases = [
+        (
+            "models/gemini-2.5-flash:generateContent",
+            200,
+            "mock answer",
+        ),
+        (
+            "models/gemini-2.5-flash-lite:countTokens",
+            200,
+            "totalTokens",
+        ),
+        (
+            "models/gemini-2.5-pro:generateContent",
+            403,
+            // The message, JSON-escaped.
+            r#"model \"gemini-2.5-pro\" is not allowed"#,
+        ),
+        (
+            "models/gemini-2.5-pro:streamGenerateContent?alt=sse",
+            403,
+            "PERMISSION_DENIED",
+        ),
+        // An escape the upstream would decode into something else is not a model name.
+        (
+            "models/gemini-2.5-flash%252F..%252Fgemini-2.5-pro:generateContent",
+            400,
+            "not a model name",
+        ),
+        // Listing models names none.
+        ("models", 200, "models/gemini-2.5-pro"),
+    ];
+    for (path, status, says) in cases {
+        let before = h.mock.requests().len();
+        let response = if path == "models" {
+            h.http
+                .get(format!("{}/google/v1beta/models", h.url))
+                .header("x-goog-api-key", &token)
+                .send()
+                .await
+                .unwrap()
+        } else {
+            h.http
+                .post(format!("{}/google/v1beta/{path}", h.url))
+                .header("x-goog-api-key", &token)
+                .json(&gemini_request())
+                .send()
+                .await
+                .unwrap()
+        };
+        let got = response.status().as_u16();
+        let text = response.text().await.unwrap();
+        assert_eq!(got, status, "{path}: {text}");
+        assert!(text.contains(says), "{path}: {text}");
+        let forwarded = h.mock.requests().len() - before;
+        assert_eq!(forwarded, usize::from(status == 200), "{path}");
+    }
+    // A body `model` (context caches, batches) is checked too.
+    let response = h
+        .http
+        .post(format!("{}/google/v1beta/cachedContents", h.url))
+        .header("x-goog-api-key", &token)
+        .json(&json!({"model": "models/gemini-2.5-pro", "contents": []}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 403);
+}
+
+#[tokio::test]
+async fn gemini_streams_pass_through_are_metered_exactly_and_the_budget_cuts_off() {
+    let h = harness().await;
+    // Two answers cross the budget; the third request is refused.
+    let token = h
+        .gemini_job("job-gemini-budget", &[], Some(1.5 * GOOGLE_COST))
+        .await;
+    let u = mock_llm::GOOGLE_USAGE;
+    let one = (u.input - u.cache_read, u.output, u.cache_read);
+
+    // Streamed: the first chunk arrives while the upstream holds the rest.
+    h.mock.hold();
+    let mut response = h
+        .http
+        .post(format!(
+            "{}/google/v1beta/models/gemini-2.5-pro:streamGenerateContent?alt=sse",
+            h.url
+        ))
+        .header("x-goog-api-key", &token)
+        .json(&gemini_request())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    assert!(
+        response.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("text/event-stream")
+    );
+    let first = tokio::time::timeout(Duration::from_secs(10), response.chunk())
+        .await
+        .expect("first bytes while the upstream is still answering")
+        .unwrap()
+        .unwrap();
+    let first = String::from_utf8_lossy(&first).into_owned();
+    assert!(
+        first.starts_with("data: ") && first.contains("mock "),
+        "{first}"
+    );
+    assert!(!first.contains("STOP"), "{first}");
+    assert!(h.record("job-gemini-budget").await.usage.is_none());
+    h.mock.release();
+    let mut rest = String::new();
+    while let Some(chunk) = response.chunk().await.unwrap() {
+        rest.push_str(&String::from_utf8_lossy(&chunk));
+    }
+    assert_eq!(rest.matches("data: ").count(), 2, "{rest}");
+    // Charged before the answer ended: the last chunk's usage, not the sum of the three.
+    let usage = h.record("job-gemini-budget").await.usage.unwrap();
+    assert_eq!(
+        (
+            usage.input_tokens,
+            usage.output_tokens,
+            usage.cache_read_tokens,
+            usage.cache_write_tokens,
+            usage.requests
+        ),
+        (one.0, one.1, one.2, 0, 1)
+    );
+    assert!((usage.cost_usd - GOOGLE_COST).abs() < 1e-12, "{usage:?}");
+    assert!(!usage.budget_exceeded);
+
+    // countTokens is a request but costs nothing.
+    let (status, text) = h.gemini(&token, "models/gemini-2.5-pro:countTokens").await;
+    assert_eq!(status, 200, "{text}");
+    let (status, text) = h
+        .gemini(&token, "models/gemini-2.5-pro:generateContent")
+        .await;
+    assert_eq!(status, 200, "{text}");
+    let usage = h.record("job-gemini-budget").await.usage.unwrap();
+    assert_eq!(
+        (
+            usage.input_tokens,
+            usage.output_tokens,
+            usage.cache_read_tokens,
+            usage.requests
+        ),
+        (2 * one.0, 2 * one.1, 2 * one.2, 3)
+    );
+    assert!(
+        (usage.cost_usd - 2.0 * GOOGLE_COST).abs() < 1e-12,
+        "{usage:?}"
+    );
+    assert!(usage.budget_exceeded, "{usage:?}");
+
+    let before = h.mock.requests().len();
+    let (status, text) = h
+        .gemini(&token, "models/gemini-2.5-pro:generateContent")
+        .await;
+    assert_eq!(status, 402, "{text}");
+    let error: Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(error["error"]["status"], "RESOURCE_EXHAUSTED", "{error}");
+    assert!(text.contains("budget exceeded"), "{text}");
+    assert_eq!(h.mock.requests().len(), before, "not forwarded");
+
+    let metrics = h
+        .http
+        .get(format!("{}/metrics", h.url))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains(&format!("flotilla_llm_tokens_total{{provider=\"google\",engine=\"gemini\",profile=\"default\",agent_id=\"agent-7\",kind=\"output\"}} {}", 2 * one.1)),
+        "{metrics}"
+    );
 }

@@ -525,6 +525,24 @@ mod tests {
         )));
         assert!(env.contains(&("ANTHROPIC_API_KEY".to_owned(), "flj_abc".to_owned())));
         assert!(Engine::parse("tool", "").unwrap().llm.is_none());
+
+        // Gemini: the SDK appends /v1beta/... to the base URL, which names the google provider.
+        let text = std::fs::read_to_string(
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../engines/gemini.toml"),
+        )
+        .unwrap();
+        let llm = Engine::parse("gemini", &text).unwrap().llm.unwrap();
+        assert_eq!(llm.providers, vec!["google".to_owned()]);
+        assert_eq!(
+            llm.render_env("http://10.0.0.1:8421", "flj_abc"),
+            vec![
+                ("GEMINI_API_KEY".to_owned(), "flj_abc".to_owned()),
+                (
+                    "GOOGLE_GEMINI_BASE_URL".to_owned(),
+                    "http://10.0.0.1:8421/google".to_owned()
+                ),
+            ]
+        );
     }
 
     #[test]

@@ -50,6 +50,7 @@ pub struct LlmGateway {
 /// The provider keys the test llm-gateway holds: they must never reach a job.
 pub const TEST_ANTHROPIC_KEY: &str = "sk-ant-api03-TEST-REAL-KEY-never-in-a-container";
 pub const TEST_OPENAI_KEY: &str = "sk-proj-TEST-REAL-KEY-never-in-a-container";
+pub const TEST_GOOGLE_KEY: &str = "AIzaSy-TEST-REAL-KEY-never-in-a-container";
 
 #[derive(Clone)]
 pub struct FleetBuilder {
@@ -154,9 +155,9 @@ impl FleetBuilder {
         self
     }
 
-    /// Runs an llm-gateway whose `anthropic` and `openai` providers forward to `upstream`
-    /// (a [`crate::MockLlm`]), holding [`TEST_ANTHROPIC_KEY`] and [`TEST_OPENAI_KEY`]; nodes get
-    /// its port and a fenced job network of their own.
+    /// Runs an llm-gateway whose `anthropic`, `openai` and `google` providers forward to
+    /// `upstream` (a [`crate::MockLlm`]), holding [`TEST_ANTHROPIC_KEY`], [`TEST_OPENAI_KEY`] and
+    /// [`TEST_GOOGLE_KEY`]; nodes get its port and a fenced job network of their own.
     pub fn llm(mut self, upstream: &str) -> Self {
         self.llm_upstream = Some(upstream.to_owned());
         self
@@ -262,7 +263,8 @@ impl FleetBuilder {
                     .env("FLOTILLA_LLM_GATEWAY_LISTEN", format!("0.0.0.0:{port}"))
                     .env("FLOTILLA_LLM_CONFIG", &config)
                     .env("FLOTILLA_TEST_ANTHROPIC_KEY", TEST_ANTHROPIC_KEY)
-                    .env("FLOTILLA_TEST_OPENAI_KEY", TEST_OPENAI_KEY);
+                    .env("FLOTILLA_TEST_OPENAI_KEY", TEST_OPENAI_KEY)
+                    .env("FLOTILLA_TEST_GOOGLE_KEY", TEST_GOOGLE_KEY);
                 let log = dir.path().join("llm-gateway.log");
                 Some(LlmGateway {
                     process: Process::spawn_command("llm-gateway", command, &log)?,

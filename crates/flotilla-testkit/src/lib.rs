@@ -14,7 +14,9 @@ mod webdriver;
 
 use std::{future::Future, path::PathBuf, time::Duration};
 
-pub use fleet::{Fleet, FleetBuilder, LlmGateway, TEST_ANTHROPIC_KEY, TEST_OPENAI_KEY};
+pub use fleet::{
+    Fleet, FleetBuilder, LlmGateway, TEST_ANTHROPIC_KEY, TEST_GOOGLE_KEY, TEST_OPENAI_KEY,
+};
 pub use mock_llm::MockLlm;
 pub use nats::NatsServer;
 pub use otlp::{OtlpReceiver, ReceivedSpan};

@@ -1,7 +1,10 @@
-//! A mock LLM upstream speaking Anthropic Messages (`POST /v1/messages`) and OpenAI Chat
-//! Completions (`POST /v1/chat/completions`), streamed (SSE) or not, with usage fields shaped
-//! like the real APIs'. It records every request it gets, and can hold a streamed answer
-//! half-way until released, so a test can see bytes arrive before the upstream has finished.
+//! A mock LLM upstream speaking Anthropic Messages (`POST /v1/messages`), OpenAI Chat
+//! Completions (`POST /v1/chat/completions`) and the Gemini API
+//! (`POST /v1beta/models/<model>:generateContent`, `:streamGenerateContent`, `:countTokens`,
+//! `GET /v1beta/models`), streamed (SSE) or not, with usage fields shaped like the real APIs'.
+//! It records every request it gets (headers and query, so the key it was sent), and can hold a
+//! streamed answer half-way until released, so a test can see bytes arrive before the upstream
+//! has finished.
 
 use std::{
     net::SocketAddr,
@@ -12,10 +15,10 @@ use std::{
 use axum::{
     Json, Router,
     body::{Body, Bytes},
-    extract::State,
+    extract::{Path, RawQuery, State},
     http::{HeaderMap, StatusCode, header},
     response::{IntoResponse, Response},
-    routing::post,
+    routing::{get, post},
 };
 use futures::StreamExt;
 use serde_json::{Value, json};
@@ -36,6 +39,17 @@ pub const OPENAI_USAGE: MockUsage = MockUsage {
     cache_write: 0,
 };
 
+/// Usage every Gemini answer reports: `input` is `promptTokenCount` (it includes the cached
+/// ones), `output` is `candidatesTokenCount` plus [`GOOGLE_THOUGHTS`] thinking tokens.
+pub const GOOGLE_USAGE: MockUsage = MockUsage {
+    input: 300,
+    output: 50,
+    cache_read: 100,
+    cache_write: 0,
+};
+/// The thinking part of [`GOOGLE_USAGE`]`.output` (`thoughtsTokenCount`).
+pub const GOOGLE_THOUGHTS: u64 = 20;
+
 #[derive(Debug, Clone, Copy)]
 pub struct MockUsage {
     pub input: u64,
@@ -48,6 +62,8 @@ pub struct MockUsage {
 #[derive(Debug, Clone)]
 pub struct Recorded {
     pub path: String,
+    /// The raw query string, if any.
+    pub query: Option<String>,
     pub headers: HeaderMap,
     pub body: Value,
 }
@@ -75,6 +91,8 @@ impl MockLlm {
         let app = Router::new()
             .route("/v1/messages", post(anthropic))
             .route("/v1/chat/completions", post(openai))
+            .route("/v1beta/models", get(google_models))
+            .route("/v1beta/models/{call}", post(google))
             .with_state(shared.clone());
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let addr = listener.local_addr()?;
@@ -112,10 +130,17 @@ impl Drop for MockLlm {
     }
 }
 
-fn record(shared: &Shared, path: &str, headers: &HeaderMap, body: &Bytes) -> Value {
+fn record(
+    shared: &Shared,
+    path: &str,
+    query: Option<String>,
+    headers: &HeaderMap,
+    body: &Bytes,
+) -> Value {
     let body: Value = serde_json::from_slice(body).unwrap_or(Value::Null);
     shared.requests.lock().expect("requests").push(Recorded {
         path: path.to_owned(),
+        query,
         headers: headers.clone(),
         body: body.clone(),
     });
@@ -123,7 +148,7 @@ fn record(shared: &Shared, path: &str, headers: &HeaderMap, body: &Bytes) -> Val
 }
 
 async fn anthropic(State(shared): State<Shared>, headers: HeaderMap, body: Bytes) -> Response {
-    let request = record(&shared, "/v1/messages", &headers, &body);
+    let request = record(&shared, "/v1/messages", None, &headers, &body);
     let model = request["model"]
         .as_str()
         .unwrap_or("claude-sonnet-4-5")
@@ -172,7 +197,7 @@ async fn anthropic(State(shared): State<Shared>, headers: HeaderMap, body: Bytes
 }
 
 async fn openai(State(shared): State<Shared>, headers: HeaderMap, body: Bytes) -> Response {
-    let request = record(&shared, "/v1/chat/completions", &headers, &body);
+    let request = record(&shared, "/v1/chat/completions", None, &headers, &body);
     let model = request["model"].as_str().unwrap_or("gpt-5").to_owned();
     let u = OPENAI_USAGE;
     let usage = json!({"prompt_tokens": u.input, "completion_tokens": u.output,
@@ -210,6 +235,82 @@ async fn openai(State(shared): State<Shared>, headers: HeaderMap, body: Bytes) -
     stream(&shared, first, rest)
 }
 
+async fn google_models(
+    State(shared): State<Shared>,
+    RawQuery(query): RawQuery,
+    headers: HeaderMap,
+) -> Response {
+    record(&shared, "/v1beta/models", query, &headers, &Bytes::new());
+    Json(json!({"models": [
+        {"name": "models/gemini-2.5-pro", "displayName": "Gemini 2.5 Pro",
+         "supportedGenerationMethods": ["generateContent", "countTokens"]},
+        {"name": "models/gemini-2.5-flash", "displayName": "Gemini 2.5 Flash",
+         "supportedGenerationMethods": ["generateContent", "countTokens"]}
+    ]}))
+    .into_response()
+}
+
+/// `/v1beta/models/<model>:<method>`: the model is in the path, as the Gemini API has it.
+async fn google(
+    State(shared): State<Shared>,
+    Path(call): Path<String>,
+    RawQuery(query): RawQuery,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let sse = query
+        .as_deref()
+        .is_some_and(|q| q.split('&').any(|p| p == "alt=sse"));
+    record(
+        &shared,
+        &format!("/v1beta/models/{call}"),
+        query,
+        &headers,
+        &body,
+    );
+    let Some((model, method)) = call.split_once(':') else {
+        return (StatusCode::NOT_FOUND, "no method").into_response();
+    };
+    let u = GOOGLE_USAGE;
+    // Cumulative usage, as every chunk of a Gemini stream reports it.
+    let usage = |candidates: u64| {
+        json!({"promptTokenCount": u.input, "candidatesTokenCount": candidates,
+               "cachedContentTokenCount": u.cache_read, "thoughtsTokenCount": GOOGLE_THOUGHTS,
+               "totalTokenCount": u.input + candidates + GOOGLE_THOUGHTS})
+    };
+    let chunk = |text: &str, candidates: u64, finish: bool| {
+        let mut candidate = json!({"content": {"parts": [{"text": text}], "role": "model"},
+                                   "index": 0});
+        if finish {
+            candidate["finishReason"] = json!("STOP");
+        }
+        json!({"candidates": [candidate], "usageMetadata": usage(candidates),
+               "modelVersion": model, "responseId": "mock-response"})
+    };
+    let answer = u.output - GOOGLE_THOUGHTS;
+    match method {
+        "generateContent" => Json(chunk("mock answer", answer, true)).into_response(),
+        "countTokens" => Json(json!({"totalTokens": u.input})).into_response(),
+        "streamGenerateContent" => {
+            let chunks = [
+                chunk("mock ", 5, false),
+                chunk("ans", 18, false),
+                chunk("wer", answer, true),
+            ];
+            if !sse {
+                // Without `alt=sse` the API streams one JSON array.
+                return Json(Value::Array(chunks.to_vec())).into_response();
+            }
+            // The Gemini API ends its SSE lines with CRLF.
+            let event = |v: &Value| format!("data: {v}\r\n\r\n");
+            let first = vec![event(&chunks[0])];
+            let rest = chunks[1..].iter().map(event).collect();
+            stream(&shared, first, rest)
+        }
+        _ => (StatusCode::NOT_FOUND, format!("no method {method:?}")).into_response(),
+    }
+}
+
 fn sse(event: &str, value: &Value) -> String {
     format!("event: {event}\ndata: {value}\n\n")
 }
@@ -238,10 +339,11 @@ fn stream(shared: &Shared, first: Vec<String>, rest: Vec<String>) -> Response {
         .expect("response")
 }
 
-/// An llm-gateway config whose `anthropic` and `openai` providers forward to `upstream`, with
-/// keys from `FLOTILLA_TEST_ANTHROPIC_KEY` / `FLOTILLA_TEST_OPENAI_KEY` and prices per million
-/// tokens under which the Anthropic answer above costs [`ANTHROPIC_COST`] and the OpenAI one
-/// [`OPENAI_COST`].
+/// An llm-gateway config whose `anthropic`, `openai` and `google` providers forward to
+/// `upstream`, with keys from `FLOTILLA_TEST_ANTHROPIC_KEY` / `FLOTILLA_TEST_OPENAI_KEY` /
+/// `FLOTILLA_TEST_GOOGLE_KEY` and prices per million tokens under which the Anthropic answer
+/// above costs [`ANTHROPIC_COST`], the OpenAI one [`OPENAI_COST`] and the Gemini one
+/// [`GOOGLE_COST`].
 pub fn gateway_config(upstream: &str) -> String {
     format!(
         r#"[providers.anthropic]
@@ -254,6 +356,11 @@ kind = "openai"
 base_url = "{upstream}"
 api_key_env = "FLOTILLA_TEST_OPENAI_KEY"
 
+[providers.google]
+kind = "google"
+base_url = "{upstream}"
+api_key_env = "FLOTILLA_TEST_GOOGLE_KEY"
+
 [prices."claude-sonnet-4-5"]
 input = 3.0
 output = 15.0
@@ -264,6 +371,11 @@ cache_write = 3.75
 input = 1.25
 output = 10.0
 cache_read = 0.125
+
+[prices."gemini-2.5-pro"]
+input = 1.25
+output = 10.0
+cache_read = 0.3125
 "#
     )
 }
@@ -273,6 +385,9 @@ cache_read = 0.125
 pub const ANTHROPIC_COST: f64 = 0.0010875;
 /// USD of one OpenAI answer (150 uncached in, 40 out, 50 cached) at the test prices.
 pub const OPENAI_COST: f64 = 0.00059375;
+/// USD of one Gemini answer from `gemini-2.5-pro` (200 uncached in, 30 + 20 thinking out, 100
+/// cached) at the test prices.
+pub const GOOGLE_COST: f64 = 0.00078125;
 
 /// A job record running its first attempt, as a node leaves it after claiming: what a job
 /// token is checked against.

@@ -180,7 +180,7 @@ async fn an_engine_is_available_only_if_the_worker_image_has_its_binary() {
     ] {
         let expected = match engine {
             // These call an LLM, and this fleet has no llm-gateway.
-            "claude-code" | "codex" | "opencode" | "aider" => false,
+            "claude-code" | "codex" | "opencode" | "aider" | "gemini" => false,
             _ => true,
         };
         assert_eq!(available(&fleet, engine).await, Some(expected), "{engine}");

@@ -4,7 +4,9 @@
 use std::process::Command;
 
 use flotilla_proto::{Encoding, LlmGrant, names};
-use flotilla_testkit::{Fleet, MockLlm, TEST_ANTHROPIC_KEY, TEST_OPENAI_KEY, mock_llm};
+use flotilla_testkit::{
+    Fleet, MockLlm, TEST_ANTHROPIC_KEY, TEST_GOOGLE_KEY, TEST_OPENAI_KEY, mock_llm,
+};
 use futures::StreamExt;
 use serde_json::{Value, json};
 
@@ -70,7 +72,7 @@ async fn an_engine_job_calls_the_gateway_with_its_own_token_and_is_metered() {
 
     // No real key in the record, the output, or any container's configuration.
     let record = job.to_string();
-    for key in [TEST_ANTHROPIC_KEY, TEST_OPENAI_KEY] {
+    for key in [TEST_ANTHROPIC_KEY, TEST_OPENAI_KEY, TEST_GOOGLE_KEY] {
         assert!(!record.contains(key));
         assert!(!fleet.logs().contains(key), "a service logged a key");
     }
@@ -87,6 +89,75 @@ async fn an_engine_job_calls_the_gateway_with_its_own_token_and_is_metered() {
         let config = String::from_utf8_lossy(&output.stdout);
         assert!(
             !config.contains("sk-") && !config.contains("flj_"),
+            "{config}"
+        );
+    }
+    fleet.assert_no_containers_left().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_gemini_job_calls_the_gateway_with_its_own_token_and_is_metered() {
+    let mock = MockLlm::start().await.unwrap();
+    let fleet = Fleet::builder().llm(&mock.url()).start().await.unwrap();
+    let job_id = submit(
+        &fleet,
+        json!({"agent_id": "llm-e2e", "engine": "gemini", "prompt": "say hi LLM_CALLS=2",
+               "model": "gemini-2.5-pro", "output_format": "json"}),
+    )
+    .await;
+    let job = wait(&fleet, &job_id).await;
+    assert_eq!(job["status"], "completed", "{job:#}\n{}", fleet.logs());
+
+    // The fake CLI streamed twice through GOOGLE_GEMINI_BASE_URL with its token as the key;
+    // the upstream saw the real key, in a header, and the model in the path.
+    let seen = mock.requests();
+    assert_eq!(seen.len(), 2, "{job:#}");
+    for request in &seen {
+        assert_eq!(
+            request.path,
+            "/v1beta/models/gemini-2.5-pro:streamGenerateContent"
+        );
+        assert_eq!(request.query.as_deref(), Some("alt=sse"));
+        assert_eq!(request.headers["x-goog-api-key"], TEST_GOOGLE_KEY);
+    }
+    let logs = job["result"]["logs_tail"].as_str().unwrap();
+    assert!(logs.contains("llm call 2 answered"), "{logs}");
+
+    // Metered by the gateway from the streams' last usage, replacing what the CLI reported.
+    let usage = &job["usage"];
+    let u = mock_llm::GOOGLE_USAGE;
+    assert_eq!(usage["metered"], true, "{usage}");
+    assert_eq!(usage["requests"], 2);
+    assert_eq!(usage["input_tokens"], 2 * (u.input - u.cache_read));
+    assert_eq!(usage["output_tokens"], 2 * u.output);
+    assert_eq!(usage["cache_read_tokens"], 2 * u.cache_read);
+    let cost = usage["cost_usd"].as_f64().unwrap();
+    assert!((cost - 2.0 * mock_llm::GOOGLE_COST).abs() < 1e-9, "{usage}");
+
+    let all = grants(&fleet).await;
+    let ours: Vec<_> = all.iter().filter(|g| g.job_id == job_id).collect();
+    assert_eq!(ours.len(), 1, "{all:?}");
+    assert_eq!(ours[0].providers, vec!["google".to_owned()]);
+    assert!(ours[0].revoked_at.is_some(), "{:?}", ours[0]);
+
+    assert!(!job.to_string().contains(TEST_GOOGLE_KEY));
+    assert!(
+        !fleet.logs().contains(TEST_GOOGLE_KEY),
+        "a service logged a key"
+    );
+    for container in fleet.containers().unwrap() {
+        let output = Command::new("docker")
+            .args([
+                "inspect",
+                "-f",
+                "{{json .Config.Env}} {{json .Config.Cmd}}",
+                &container,
+            ])
+            .output()
+            .unwrap();
+        let config = String::from_utf8_lossy(&output.stdout);
+        assert!(
+            !config.contains("AIza") && !config.contains("flj_"),
             "{config}"
         );
     }
@@ -236,7 +307,7 @@ async fn engines_that_call_an_llm_are_available_only_where_a_gateway_holds_a_key
     let engines = availability(&plain).await;
     assert!(engines["shell"], "{engines:?}");
     assert!(
-        !engines["claude-code"],
+        !engines["claude-code"] && !engines["gemini"],
         "no llm-gateway, no LLM: {engines:?}"
     );
     drop(plain);
@@ -253,5 +324,8 @@ async fn engines_that_call_an_llm_are_available_only_where_a_gateway_holds_a_key
     )
     .await
     .unwrap();
-    assert!(engines["shell"] && engines["codex"], "{engines:?}");
+    assert!(
+        engines["shell"] && engines["codex"] && engines["gemini"],
+        "{engines:?}"
+    );
 }
