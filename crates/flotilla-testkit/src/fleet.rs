@@ -6,7 +6,7 @@ use std::{
 
 use tempfile::TempDir;
 
-use crate::{NatsServer, Process, binary, free_port, repo_root, wait_until};
+use crate::{NatsServer, NatsServerBuilder, Process, binary, free_port, repo_root, wait_until};
 
 /// The whole system as real processes: nats-server, api-gateway, dispatcher and N agent-nodes.
 /// Node ids are unique per fleet, so the containers of one test are told apart from another's.
@@ -71,6 +71,9 @@ pub struct FleetBuilder {
     /// Base URL of the upstream the fleet's llm-gateway forwards to.
     llm_upstream: Option<String>,
     llm_port: Option<u16>,
+    /// The fleet's nats-server; every service gets its credentials and CA through the
+    /// environment ([`NatsServer::service_env`]).
+    nats: NatsServerBuilder,
 }
 
 /// `OTEL_BSP_SCHEDULE_DELAY` (ms) of a fleet exporting traces: spans reach the test's
@@ -94,6 +97,7 @@ impl Default for FleetBuilder {
             gateways: 1,
             llm_upstream: None,
             llm_port: None,
+            nats: NatsServerBuilder::default(),
         }
     }
 }
@@ -174,13 +178,19 @@ impl FleetBuilder {
             .env("OTEL_BSP_SCHEDULE_DELAY", TEST_EXPORT_DELAY_MS)
     }
 
+    /// Runs the fleet on a nats-server built this way (authorization, TLS).
+    pub fn nats(mut self, nats: NatsServerBuilder) -> Self {
+        self.nats = nats;
+        self
+    }
+
     pub fn drain_grace_secs(mut self, seconds: u64) -> Self {
         self.drain_grace_secs = seconds;
         self
     }
 
     pub async fn start(self) -> anyhow::Result<Fleet> {
-        let nats = NatsServer::start().await?;
+        let nats = self.nats.clone().start().await?;
         let dir = tempfile::Builder::new()
             .prefix("flotilla-fleet-")
             .tempdir()?;
@@ -202,6 +212,7 @@ impl FleetBuilder {
         let common = |command: &mut Command| {
             command
                 .env("FLOTILLA_NATS_URL", nats.url())
+                .envs(nats.service_env())
                 .env("FLOTILLA_ENGINES_DIR", root.join("engines"))
                 .env("FLOTILLA_PROFILES_DIR", &profiles)
                 .env("RUST_LOG", "info")
@@ -326,6 +337,7 @@ impl Fleet {
                     .get(i)
                     .map_or_else(|| self.nats.url(), |p| p.url()),
             )
+            .envs(self.nats.service_env())
             .env("FLOTILLA_ENGINES_DIR", root.join("engines"))
             .env("FLOTILLA_PROFILES_DIR", &self.profiles)
             .env("FLOTILLA_STATE_DIR", self.dir.path().join("state"))
