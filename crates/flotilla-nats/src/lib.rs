@@ -165,28 +165,42 @@ fn log_event(service: &str, event: async_nats::Event) {
                 "nats refused this service's credentials (authorization violation)"
             )
         }
-        async_nats::Event::ServerError(error) => {
-            if error
-                .to_string()
-                .to_lowercase()
-                .contains("permissions violation")
-            {
-                tracing::error!(%service, %error, "nats refused an operation: permissions violation");
-            } else {
-                tracing::warn!(%service, %error, "nats server error");
-            }
+        async_nats::Event::ServerError(error) if is_permissions_violation(&error) => {
+            tracing::error!(%service, %error, "nats refused an operation: permissions violation");
         }
-        async_nats::Event::ClientError(error) if is_refusal(&error.to_string()) => {
-            tracing::error!(%service, %error, "nats refused this service's credentials while reconnecting");
+        async_nats::Event::ServerError(error) => {
+            tracing::warn!(%service, %error, "nats server error");
+        }
+        async_nats::Event::ClientError(error) if is_refusal(&error) => {
+            tracing::error!(
+                %service,
+                %error,
+                "nats refused this service's credentials while reconnecting"
+            );
         }
         other => tracing::debug!(%service, %other, "nats event"),
     }
 }
 
-/// How async-nats words a refused connect in the events of its reconnect loop.
-fn is_refusal(message: &str) -> bool {
-    let message = message.to_lowercase();
-    message.contains("authorization violation") || message.contains("failed signing nonce")
+/// A subject this user may not publish or subscribe to (nats-server's `-ERR 'Permissions
+/// Violation for ...'`).
+fn is_permissions_violation(error: &async_nats::ServerError) -> bool {
+    error
+        .to_string()
+        .to_lowercase()
+        .contains("permissions violation")
+}
+
+/// A refused connect in async-nats' reconnect loop, which reports it as the text of its
+/// `ConnectErrorKind`.
+fn is_refusal(error: &async_nats::ClientError) -> bool {
+    let message = error.to_string();
+    [
+        ConnectErrorKind::AuthorizationViolation,
+        ConnectErrorKind::Authentication,
+    ]
+    .iter()
+    .any(|kind| message.contains(&kind.to_string()))
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -238,4 +252,36 @@ pub fn header_safe(text: &str) -> String {
         .map(|c| if c.is_control() { ' ' } else { c })
         .take(1000)
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use async_nats::{ClientError, ServerError};
+
+    use super::*;
+
+    #[test]
+    fn refusals_while_reconnecting_are_recognised() {
+        // What async-nats' connector sends when a reconnect is refused.
+        for kind in [
+            ConnectErrorKind::AuthorizationViolation,
+            ConnectErrorKind::Authentication,
+        ] {
+            assert!(is_refusal(&ClientError::Other(kind.to_string())), "{kind}");
+        }
+        for kind in [ConnectErrorKind::Io, ConnectErrorKind::TimedOut] {
+            assert!(!is_refusal(&ClientError::Other(kind.to_string())), "{kind}");
+        }
+        assert!(!is_refusal(&ClientError::MaxReconnects));
+    }
+
+    #[test]
+    fn permissions_violations_are_recognised() {
+        let violation =
+            ServerError::Other("Permissions Violation for Publish to \"flotilla.jobs.run\"".into());
+        assert!(is_permissions_violation(&violation));
+        assert!(!is_permissions_violation(&ServerError::Other(
+            "Maximum Payload Violation".into()
+        )));
+    }
 }

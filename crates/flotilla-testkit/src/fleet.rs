@@ -60,6 +60,7 @@ pub struct FleetBuilder {
     drain_grace_secs: u64,
     extra_gateway_env: Vec<(String, String)>,
     extra_dispatcher_env: Vec<(String, String)>,
+    extra_node_env: Vec<(String, String)>,
     /// Applied to every service.
     common_env: Vec<(String, String)>,
     heartbeat_ms: u64,
@@ -90,6 +91,7 @@ impl Default for FleetBuilder {
             drain_grace_secs: 10,
             extra_gateway_env: Vec::new(),
             extra_dispatcher_env: Vec::new(),
+            extra_node_env: Vec::new(),
             common_env: Vec::new(),
             heartbeat_ms: 500,
             extra_profiles: Vec::new(),
@@ -126,6 +128,13 @@ impl FleetBuilder {
 
     pub fn dispatcher_env(mut self, name: &str, value: &str) -> Self {
         self.extra_dispatcher_env
+            .push((name.to_owned(), value.to_owned()));
+        self
+    }
+
+    /// An environment variable for every agent-node (after [`Self::env`]'s).
+    pub fn node_env(mut self, name: &str, value: &str) -> Self {
+        self.extra_node_env
             .push((name.to_owned(), value.to_owned()));
         self
     }
@@ -361,7 +370,8 @@ impl Fleet {
                 self.builder.heartbeat_ms.to_string(),
             )
             .env("RUST_LOG", "info")
-            .envs(self.builder.common_env.iter().map(|(k, v)| (k, v)));
+            .envs(self.builder.common_env.iter().map(|(k, v)| (k, v)))
+            .envs(self.builder.extra_node_env.iter().map(|(k, v)| (k, v)));
         if let Some(llm) = &self.llm {
             command
                 .env("FLOTILLA_LLM_GATEWAY_PORT", llm.port.to_string())

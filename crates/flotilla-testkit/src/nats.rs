@@ -14,6 +14,7 @@ pub struct NatsServer {
     tls: Option<TlsFiles>,
     verify_clients: bool,
     extra_config: String,
+    env: Vec<(String, String)>,
 }
 
 /// What a [`NatsServer`] demands of its clients.
@@ -28,6 +29,8 @@ pub enum NatsServerAuth {
 pub struct NatsServerBuilder {
     port: Option<u16>,
     extra_config: String,
+    /// The nats-server process's environment (its configuration may refer to `$NAME`).
+    env: Vec<(String, String)>,
     auth: Option<NatsServerAuth>,
     tls: bool,
     verify_clients: bool,
@@ -45,6 +48,13 @@ impl NatsServerBuilder {
     pub fn config(mut self, text: &str) -> Self {
         self.extra_config.push_str(text);
         self.extra_config.push('\n');
+        self
+    }
+
+    /// Sets an environment variable of the nats-server process, for a configuration that
+    /// refers to it as `$NAME`.
+    pub fn server_env(mut self, name: &str, value: &str) -> Self {
+        self.env.push((name.to_owned(), value.to_owned()));
         self
     }
 
@@ -94,6 +104,7 @@ impl NatsServerBuilder {
             tls,
             verify_clients: self.verify_clients,
             extra_config: self.extra_config,
+            env: self.env,
         };
         server.launch().await?;
         Ok(server)
@@ -185,6 +196,11 @@ impl NatsServer {
         Ok(self.connect_options().connect(self.url()).await?)
     }
 
+    /// Everything nats-server logged so far (permission violations show here).
+    pub fn log(&self) -> String {
+        self.process.as_ref().map(Process::log).unwrap_or_default()
+    }
+
     fn password_file(&self) -> PathBuf {
         self.dir.path().join("nats-password")
     }
@@ -223,7 +239,11 @@ impl NatsServer {
         std::fs::write(&config, self.config_text()?)?;
         let log = self.dir.path().join("nats.log");
         let mut command = std::process::Command::new(binary);
-        command.arg("-c").arg(&config).stdin(Stdio::null());
+        command
+            .arg("-c")
+            .arg(&config)
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
+            .stdin(Stdio::null());
         let process = Process::spawn_command("nats-server", command, &log)?;
         self.process = Some(process);
         let addr = format!("127.0.0.1:{}", self.port);
