@@ -6,6 +6,8 @@ use flotilla_nats::TopologyConfig;
 #[derive(Debug, Clone)]
 pub struct Config {
     pub nats_url: String,
+    /// Credentials and TLS for NATS.
+    pub nats: flotilla_nats::NatsOptions,
     /// Unique per node and stable across restarts: it labels this node's containers, so a
     /// restarted node can remove what its previous run left behind.
     pub node_id: String,

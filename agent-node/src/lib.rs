@@ -40,8 +40,8 @@ pub enum NodeError {
     Docker(#[from] docker::DockerError),
     #[error("worker image {0} is missing: build it with scripts/build-image")]
     MissingImage(String),
-    #[error("cannot connect to nats: {0}")]
-    Connect(#[from] async_nats::ConnectError),
+    #[error(transparent)]
+    Connect(#[from] flotilla_nats::ConnectError),
     #[error(transparent)]
     Topology(#[from] flotilla_nats::TopologyError),
     #[error("cannot open the outbox: {0}")]
@@ -122,8 +122,12 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Node
         );
     }
 
-    let client =
-        flotilla_nats::connect(&config.nats_url, &format!("agent-node {}", config.node_id)).await?;
+    let name = format!("agent-node {}", config.node_id);
+    let client = tokio::select! {
+        client = flotilla_nats::connect(&config.nats_url, &name, &config.nats) => client?,
+        // NATS may never come up: a stop request must still stop us.
+        () = shutdown.cancelled() => return Ok(()),
+    };
     let topology = Topology::ensure(client.clone(), config.topology.clone()).await?;
     let background = CancellationToken::new();
     let catalog = LiveCatalog::start(

@@ -12,6 +12,8 @@ struct Args {
         default_value = "nats://127.0.0.1:4222"
     )]
     nats_url: String,
+    #[command(flatten)]
+    nats: flotilla_nats::NatsArgs,
     /// Unique, stable id of this node (default: the host name).
     #[arg(long, env = "FLOTILLA_NODE_ID")]
     node_id: Option<String>,
@@ -90,6 +92,10 @@ async fn main() -> ExitCode {
         Ok(telemetry) => telemetry,
         Err(e) => return flotilla_telemetry::config_error(e),
     };
+    let nats = match args.nats.into_options() {
+        Ok(nats) => nats,
+        Err(e) => return flotilla_telemetry::config_error(e),
+    };
     let host = hostname();
     let limits = match args.limits.clone().into_limits() {
         Ok(limits) => limits,
@@ -97,6 +103,7 @@ async fn main() -> ExitCode {
     };
     let config = agent_node::Config {
         nats_url: args.nats_url,
+        nats,
         node_id: args.node_id.unwrap_or_else(|| host.clone()),
         host,
         slots: args.slots,

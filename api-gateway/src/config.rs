@@ -7,6 +7,8 @@ use flotilla_nats::TopologyConfig;
 pub struct Config {
     pub listen: SocketAddr,
     pub nats_url: String,
+    /// Credentials and TLS for NATS.
+    pub nats: flotilla_nats::NatsOptions,
     /// When set, every non-public path needs `Authorization: Bearer <key>`.
     pub api_key: Option<String>,
     /// Allow listening beyond loopback without an API key.

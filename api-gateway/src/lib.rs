@@ -43,8 +43,8 @@ pub struct AppState {
 pub enum GatewayError {
     #[error("cannot load engines/profiles: {0}")]
     Config(#[from] flotilla_config::ConfigError),
-    #[error("cannot connect to nats: {0}")]
-    Connect(#[from] async_nats::ConnectError),
+    #[error(transparent)]
+    Connect(#[from] flotilla_nats::ConnectError),
     #[error(transparent)]
     Topology(#[from] flotilla_nats::TopologyError),
     #[error("cannot listen on {addr}: {source}")]
@@ -132,7 +132,11 @@ pub fn router(state: Arc<AppState>) -> Router {
 
 /// Serves the API until `shutdown`, then finishes in-flight requests and returns.
 pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), GatewayError> {
-    let client = flotilla_nats::connect(&config.nats_url, "api-gateway").await?;
+    let client = tokio::select! {
+        client = flotilla_nats::connect(&config.nats_url, "api-gateway", &config.nats) => client?,
+        // NATS may never come up: a stop request must still stop us.
+        () = shutdown.cancelled() => return Ok(()),
+    };
     let topology = Topology::ensure(client.clone(), config.topology.clone()).await?;
     let index = Arc::new(index::JobIndex::default());
     let background = CancellationToken::new();

@@ -14,6 +14,8 @@ struct Args {
         default_value = "nats://127.0.0.1:4222"
     )]
     nats_url: String,
+    #[command(flatten)]
+    nats: flotilla_nats::NatsArgs,
     /// Listen beyond loopback even without an API key.
     #[arg(long, env = "FLOTILLA_ALLOW_UNAUTHENTICATED_PUBLIC")]
     allow_unauthenticated_public: bool,
@@ -39,6 +41,10 @@ async fn main() -> ExitCode {
         Ok(telemetry) => telemetry,
         Err(e) => return flotilla_telemetry::config_error(e),
     };
+    let nats = match args.nats.into_options() {
+        Ok(nats) => nats,
+        Err(e) => return flotilla_telemetry::config_error(e),
+    };
     let limits = match args.limits.into_limits() {
         Ok(limits) => limits,
         Err(e) => return flotilla_telemetry::config_error(e),
@@ -46,6 +52,7 @@ async fn main() -> ExitCode {
     let config = api_gateway::Config {
         listen: args.listen,
         nats_url: args.nats_url,
+        nats,
         // Only from the environment: a key on the command line would show in `ps`.
         api_key: std::env::var("FLOTILLA_API_KEY").ok(),
         allow_unauthenticated_public: args.allow_unauthenticated_public,

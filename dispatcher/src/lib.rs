@@ -30,6 +30,8 @@ pub struct Config {
     pub listen: SocketAddr,
     pub lifecycle: LifecycleConfig,
     pub nats_url: String,
+    /// Credentials and TLS for NATS.
+    pub nats: flotilla_nats::NatsOptions,
     pub engines_dir: PathBuf,
     pub profiles_dir: PathBuf,
     pub limits: Limits,
@@ -41,8 +43,8 @@ pub struct Config {
 pub enum DispatcherError {
     #[error("cannot load engines/profiles: {0}")]
     Config(#[from] flotilla_config::ConfigError),
-    #[error("cannot connect to nats: {0}")]
-    Connect(#[from] async_nats::ConnectError),
+    #[error(transparent)]
+    Connect(#[from] flotilla_nats::ConnectError),
     #[error(transparent)]
     Topology(#[from] flotilla_nats::TopologyError),
     #[error("cannot listen on {addr}: {source}")]
@@ -65,7 +67,11 @@ struct HttpState {
 }
 
 pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), DispatcherError> {
-    let client = flotilla_nats::connect(&config.nats_url, "dispatcher").await?;
+    let client = tokio::select! {
+        client = flotilla_nats::connect(&config.nats_url, "dispatcher", &config.nats) => client?,
+        // NATS may never come up: a stop request must still stop us.
+        () = shutdown.cancelled() => return Ok(()),
+    };
     let topology = Topology::ensure(client.clone(), config.topology.clone()).await?;
 
     let workers = CancellationToken::new();

@@ -19,6 +19,8 @@ struct Args {
         default_value = "nats://127.0.0.1:4222"
     )]
     nats_url: String,
+    #[command(flatten)]
+    nats: flotilla_nats::NatsArgs,
     #[arg(long, env = "FLOTILLA_ENGINES_DIR", default_value = "engines")]
     engines_dir: PathBuf,
     #[arg(long, env = "FLOTILLA_PROFILES_DIR", default_value = "profiles")]
@@ -56,6 +58,10 @@ async fn main() -> ExitCode {
         Ok(telemetry) => telemetry,
         Err(e) => return flotilla_telemetry::config_error(e),
     };
+    let nats = match args.nats.into_options() {
+        Ok(nats) => nats,
+        Err(e) => return flotilla_telemetry::config_error(e),
+    };
     let limits = match args.limits.into_limits() {
         Ok(limits) => limits,
         Err(e) => return flotilla_telemetry::config_error(e),
@@ -79,6 +85,7 @@ async fn main() -> ExitCode {
         listen: args.listen,
         lifecycle,
         nats_url: args.nats_url,
+        nats,
         engines_dir: args.engines_dir,
         profiles_dir: args.profiles_dir,
         limits,

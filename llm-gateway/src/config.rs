@@ -17,6 +17,8 @@ pub const DEFAULT_CONFIG: &str = include_str!("../../deploy/llm-gateway.toml");
 pub struct Config {
     pub listen: SocketAddr,
     pub nats_url: String,
+    /// Credentials and TLS for NATS.
+    pub nats: flotilla_nats::NatsOptions,
     pub topology: TopologyConfig,
     pub providers: BTreeMap<String, Provider>,
     pub prices: Prices,

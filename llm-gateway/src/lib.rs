@@ -36,8 +36,8 @@ struct AppState {
 
 #[derive(Debug, thiserror::Error)]
 pub enum LlmGatewayError {
-    #[error("cannot connect to nats: {0}")]
-    Connect(#[from] async_nats::ConnectError),
+    #[error(transparent)]
+    Connect(#[from] flotilla_nats::ConnectError),
     #[error(transparent)]
     Topology(#[from] flotilla_nats::TopologyError),
     #[error("cannot set up the upstream HTTP client (TLS): {0}")]
@@ -80,7 +80,11 @@ async fn render_metrics(State(state): State<Arc<AppState>>) -> impl IntoResponse
 }
 
 pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), LlmGatewayError> {
-    let client = flotilla_nats::connect(&config.nats_url, "llm-gateway").await?;
+    let client = tokio::select! {
+        client = flotilla_nats::connect(&config.nats_url, "llm-gateway", &config.nats) => client?,
+        // NATS may never come up: a stop request must still stop us.
+        () = shutdown.cancelled() => return Ok(()),
+    };
     let topology = Topology::ensure(client.clone(), config.topology.clone()).await?;
     let http =
         flotilla_http::client(std::time::Duration::from_secs(10)).map_err(LlmGatewayError::Http)?;

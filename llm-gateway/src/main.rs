@@ -20,6 +20,8 @@ struct Args {
         default_value = "nats://127.0.0.1:4222"
     )]
     nats_url: String,
+    #[command(flatten)]
+    nats: flotilla_nats::NatsArgs,
     /// Providers and prices (TOML); without it, deploy/llm-gateway.toml as built in.
     #[arg(long, env = "FLOTILLA_LLM_CONFIG")]
     config: Option<PathBuf>,
@@ -46,6 +48,10 @@ async fn main() -> ExitCode {
         Ok(telemetry) => telemetry,
         Err(e) => return flotilla_telemetry::config_error(e),
     };
+    let nats = match args.nats.into_options() {
+        Ok(nats) => nats,
+        Err(e) => return flotilla_telemetry::config_error(e),
+    };
     let text = match &args.config {
         Some(path) => match std::fs::read_to_string(path) {
             Ok(text) => text,
@@ -63,6 +69,7 @@ async fn main() -> ExitCode {
     let config = llm_gateway::Config {
         listen: args.listen,
         nats_url: args.nats_url,
+        nats,
         topology: args.topology.into_config(),
         providers: upstreams.providers,
         prices: upstreams.prices,

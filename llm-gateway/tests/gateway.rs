@@ -74,6 +74,7 @@ async fn harness_with(keys: &dyn SecretSource) -> Harness {
     let config = Config {
         listen: ([127, 0, 0, 1], port).into(),
         nats_url: nats.url(),
+        nats: flotilla_nats::NatsOptions::default(),
         topology: TopologyConfig::default(),
         providers: upstreams.providers,
         prices: upstreams.prices,
@@ -82,7 +83,9 @@ async fn harness_with(keys: &dyn SecretSource) -> Harness {
     };
     let shutdown = CancellationToken::new();
     tokio::spawn(llm_gateway::run(config, shutdown.clone()));
-    let client = flotilla_nats::connect(&nats.url(), "test").await.unwrap();
+    let client = flotilla_nats::connect(&nats.url(), "test", &Default::default())
+        .await
+        .unwrap();
     let topology = Topology::ensure(client, TopologyConfig::default())
         .await
         .unwrap();

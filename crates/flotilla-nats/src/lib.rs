@@ -1,48 +1,206 @@
-//! NATS plumbing shared by the services: connecting, creating the JetStream topology
+//! NATS plumbing shared by the services: connecting (credentials, TLS), creating the JetStream topology
 //! idempotently, the job store (KV with compare-and-set) and queueing jobs.
 //!
 //! Names come from `flotilla_proto::names`; this crate only decides how they are configured.
 
 mod grants;
+mod options;
 mod store;
 mod topology;
 
 use std::time::Duration;
 
 pub use grants::GrantStore;
+pub use options::{
+    ClientCertificate, ENV_CREDS, ENV_NKEY_FILE, ENV_PASSWORD, ENV_PASSWORD_FILE, ENV_TLS_CA,
+    ENV_TLS_CERT, ENV_TLS_KEY, ENV_TLS_REQUIRED, ENV_TOKEN, ENV_TOKEN_FILE, ENV_USER, NatsArgs,
+    NatsAuth, NatsOptions, NatsOptionsError, NatsTls, Secret,
+};
 pub use store::{JobStore, StoreError, Versioned, WatchEvent};
 pub use topology::{LEADER_LEASE, Topology, TopologyArgs, TopologyConfig, TopologyError};
 
-use async_nats::jetstream;
+use async_nats::{ConnectErrorKind, jetstream};
 use bytes::Bytes;
 use flotilla_proto::{JobRequest, names};
 
-/// Connects with the settings every service wants: retry the first connect (NATS may start
-/// after us), reconnect forever, and log connection changes.
+/// Why [`connect`] gave up. Only failures that retrying cannot fix end it: an unreachable
+/// server is waited for.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    #[error(
+        "NATS at {url} refused {auth}: {}. Check the credentials against the server's \
+         authorization settings",
+        source.kind()
+    )]
+    Refused {
+        url: String,
+        /// What was offered, never the secret itself.
+        auth: String,
+        source: async_nats::ConnectError,
+    },
+    #[error(
+        "TLS with NATS at {url} failed: {source}. Check {ENV_TLS_CA} (the CA that signed the \
+         server's certificate), {ENV_TLS_CERT} and {ENV_TLS_KEY} (when the server verifies \
+         clients) and {ENV_TLS_REQUIRED}"
+    )]
+    Tls {
+        url: String,
+        source: async_nats::ConnectError,
+    },
+    #[error("cannot connect to NATS at {url}: {source}")]
+    Other {
+        url: String,
+        source: async_nats::ConnectError,
+    },
+    #[error("cannot use the NATS credentials: {0}")]
+    Credentials(std::io::Error),
+}
+
+/// Connects with the settings every service wants, and `options` (credentials, TLS).
+///
+/// Waits for the server while it is unreachable (NATS may start after us), but fails at once
+/// when it refuses the credentials or the TLS handshake fails: retrying would never help, and
+/// a service that kept trying would look alive while doing nothing. Once connected, the client
+/// reconnects forever; a refusal then (credentials revoked, say) is logged at error level on
+/// every attempt.
 pub async fn connect(
     url: &str,
     name: &str,
-) -> Result<async_nats::Client, async_nats::ConnectError> {
+    options: &NatsOptions,
+) -> Result<async_nats::Client, ConnectError> {
+    let mut delay = Duration::from_millis(100);
+    let mut attempt = 0u32;
+    loop {
+        attempt += 1;
+        let error = match connect_options(name, options)?.connect(url).await {
+            Ok(client) => return Ok(client),
+            Err(error) => error,
+        };
+        let url = url.to_owned();
+        match error.kind() {
+            ConnectErrorKind::AuthorizationViolation | ConnectErrorKind::Authentication => {
+                return Err(ConnectError::Refused {
+                    url,
+                    auth: options.auth.describe(),
+                    source: error,
+                });
+            }
+            _ if is_tls_failure(&error) => return Err(ConnectError::Tls { url, source: error }),
+            ConnectErrorKind::Tls => return Err(ConnectError::Tls { url, source: error }),
+            ConnectErrorKind::ServerParse => {
+                return Err(ConnectError::Other { url, source: error });
+            }
+            _ => {
+                tracing::warn!(service = %name, %url, attempt, %error, "waiting for NATS");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(5));
+            }
+        }
+    }
+}
+
+fn connect_options(
+    name: &str,
+    options: &NatsOptions,
+) -> Result<async_nats::ConnectOptions, ConnectError> {
     let name_for_events = name.to_owned();
-    async_nats::ConnectOptions::new()
+    let mut connect = async_nats::ConnectOptions::new()
         .name(name)
-        .retry_on_initial_connect()
         .max_reconnects(None)
         .connection_timeout(Duration::from_secs(5))
         .event_callback(move |event| {
             let service = name_for_events.clone();
-            async move {
-                match event {
-                    async_nats::Event::Disconnected => {
-                        tracing::warn!(%service, "nats disconnected")
-                    }
-                    async_nats::Event::Connected => tracing::info!(%service, "nats connected"),
-                    other => tracing::debug!(%service, %other, "nats event"),
-                }
-            }
-        })
-        .connect(url)
-        .await
+            async move { log_event(&service, event) }
+        });
+    connect = match &options.auth {
+        NatsAuth::None => connect,
+        NatsAuth::Credentials { content, .. } => connect
+            .credentials(content.expose())
+            .map_err(ConnectError::Credentials)?,
+        NatsAuth::NKey { seed, .. } => connect.nkey(seed.expose().to_owned()),
+        NatsAuth::UserPassword { user, password } => {
+            connect.user_and_password(user.clone(), password.expose().to_owned())
+        }
+        NatsAuth::Token(token) => connect.token(token.expose().to_owned()),
+    };
+    if let Some(ca) = &options.tls.ca {
+        connect = connect.add_root_certificates(ca.clone());
+    }
+    if let Some(client) = &options.tls.client {
+        connect = connect.add_client_certificate(client.cert.clone(), client.key.clone());
+    }
+    Ok(connect.require_tls(options.tls.required))
+}
+
+/// A handshake rustls rejected (unknown issuer, wrong name, no client certificate...).
+/// async-nats reports most of these as I/O errors, with the rustls error inside.
+fn is_tls_failure(error: &async_nats::ConnectError) -> bool {
+    let mut source = std::error::Error::source(error);
+    while let Some(current) = source {
+        if current.is::<async_nats::rustls::Error>() {
+            return true;
+        }
+        // `io::Error::source` skips the error it wraps: look inside explicitly.
+        if let Some(io) = current.downcast_ref::<std::io::Error>()
+            && io
+                .get_ref()
+                .is_some_and(|inner| inner.is::<async_nats::rustls::Error>())
+        {
+            return true;
+        }
+        source = current.source();
+    }
+    false
+}
+
+fn log_event(service: &str, event: async_nats::Event) {
+    match event {
+        async_nats::Event::Disconnected => tracing::warn!(%service, "nats disconnected"),
+        async_nats::Event::Connected => tracing::info!(%service, "nats connected"),
+        // The server refused this client's credentials or a subject it is not allowed to use:
+        // an operator must act, so say it loudly.
+        async_nats::Event::ServerError(async_nats::ServerError::AuthorizationViolation) => {
+            tracing::error!(
+                %service,
+                "nats refused this service's credentials (authorization violation)"
+            )
+        }
+        async_nats::Event::ServerError(error) if is_permissions_violation(&error) => {
+            tracing::error!(%service, %error, "nats refused an operation: permissions violation");
+        }
+        async_nats::Event::ServerError(error) => {
+            tracing::warn!(%service, %error, "nats server error");
+        }
+        async_nats::Event::ClientError(error) if is_refusal(&error) => {
+            tracing::error!(
+                %service,
+                %error,
+                "nats refused this service's credentials while reconnecting"
+            );
+        }
+        other => tracing::debug!(%service, %other, "nats event"),
+    }
+}
+
+/// A subject this user may not publish or subscribe to (nats-server's `-ERR 'Permissions
+/// Violation for ...'`).
+fn is_permissions_violation(error: &async_nats::ServerError) -> bool {
+    error
+        .to_string()
+        .to_lowercase()
+        .contains("permissions violation")
+}
+
+/// A refused connect in async-nats' reconnect loop, which reports it as the text of its
+/// `ConnectErrorKind`.
+fn is_refusal(error: &async_nats::ClientError) -> bool {
+    let message = error.to_string();
+    [
+        ConnectErrorKind::AuthorizationViolation,
+        ConnectErrorKind::Authentication,
+    ]
+    .iter()
+    .any(|kind| message.contains(&kind.to_string()))
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -94,4 +252,36 @@ pub fn header_safe(text: &str) -> String {
         .map(|c| if c.is_control() { ' ' } else { c })
         .take(1000)
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use async_nats::{ClientError, ServerError};
+
+    use super::*;
+
+    #[test]
+    fn refusals_while_reconnecting_are_recognised() {
+        // What async-nats' connector sends when a reconnect is refused.
+        for kind in [
+            ConnectErrorKind::AuthorizationViolation,
+            ConnectErrorKind::Authentication,
+        ] {
+            assert!(is_refusal(&ClientError::Other(kind.to_string())), "{kind}");
+        }
+        for kind in [ConnectErrorKind::Io, ConnectErrorKind::TimedOut] {
+            assert!(!is_refusal(&ClientError::Other(kind.to_string())), "{kind}");
+        }
+        assert!(!is_refusal(&ClientError::MaxReconnects));
+    }
+
+    #[test]
+    fn permissions_violations_are_recognised() {
+        let violation =
+            ServerError::Other("Permissions Violation for Publish to \"flotilla.jobs.run\"".into());
+        assert!(is_permissions_violation(&violation));
+        assert!(!is_permissions_violation(&ServerError::Other(
+            "Maximum Payload Violation".into()
+        )));
+    }
 }

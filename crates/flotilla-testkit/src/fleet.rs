@@ -6,7 +6,7 @@ use std::{
 
 use tempfile::TempDir;
 
-use crate::{NatsServer, Process, binary, free_port, repo_root, wait_until};
+use crate::{NatsServer, NatsServerBuilder, Process, binary, free_port, repo_root, wait_until};
 
 /// The whole system as real processes: nats-server, api-gateway, dispatcher and N agent-nodes.
 /// Node ids are unique per fleet, so the containers of one test are told apart from another's.
@@ -61,6 +61,7 @@ pub struct FleetBuilder {
     drain_grace_secs: u64,
     extra_gateway_env: Vec<(String, String)>,
     extra_dispatcher_env: Vec<(String, String)>,
+    extra_node_env: Vec<(String, String)>,
     /// Applied to every service.
     common_env: Vec<(String, String)>,
     heartbeat_ms: u64,
@@ -72,6 +73,9 @@ pub struct FleetBuilder {
     /// Base URL of the upstream the fleet's llm-gateway forwards to.
     llm_upstream: Option<String>,
     llm_port: Option<u16>,
+    /// The fleet's nats-server; every service gets its credentials and CA through the
+    /// environment ([`NatsServer::service_env`]).
+    nats: NatsServerBuilder,
 }
 
 /// `OTEL_BSP_SCHEDULE_DELAY` (ms) of a fleet exporting traces: spans reach the test's
@@ -88,6 +92,7 @@ impl Default for FleetBuilder {
             drain_grace_secs: 10,
             extra_gateway_env: Vec::new(),
             extra_dispatcher_env: Vec::new(),
+            extra_node_env: Vec::new(),
             common_env: Vec::new(),
             heartbeat_ms: 500,
             extra_profiles: Vec::new(),
@@ -95,6 +100,7 @@ impl Default for FleetBuilder {
             gateways: 1,
             llm_upstream: None,
             llm_port: None,
+            nats: NatsServerBuilder::default(),
         }
     }
 }
@@ -123,6 +129,13 @@ impl FleetBuilder {
 
     pub fn dispatcher_env(mut self, name: &str, value: &str) -> Self {
         self.extra_dispatcher_env
+            .push((name.to_owned(), value.to_owned()));
+        self
+    }
+
+    /// An environment variable for every agent-node (after [`Self::env`]'s).
+    pub fn node_env(mut self, name: &str, value: &str) -> Self {
+        self.extra_node_env
             .push((name.to_owned(), value.to_owned()));
         self
     }
@@ -175,13 +188,19 @@ impl FleetBuilder {
             .env("OTEL_BSP_SCHEDULE_DELAY", TEST_EXPORT_DELAY_MS)
     }
 
+    /// Runs the fleet on a nats-server built this way (authorization, TLS).
+    pub fn nats(mut self, nats: NatsServerBuilder) -> Self {
+        self.nats = nats;
+        self
+    }
+
     pub fn drain_grace_secs(mut self, seconds: u64) -> Self {
         self.drain_grace_secs = seconds;
         self
     }
 
     pub async fn start(self) -> anyhow::Result<Fleet> {
-        let nats = NatsServer::start().await?;
+        let nats = self.nats.clone().start().await?;
         let dir = tempfile::Builder::new()
             .prefix("flotilla-fleet-")
             .tempdir()?;
@@ -203,6 +222,7 @@ impl FleetBuilder {
         let common = |command: &mut Command| {
             command
                 .env("FLOTILLA_NATS_URL", nats.url())
+                .envs(nats.service_env())
                 .env("FLOTILLA_ENGINES_DIR", root.join("engines"))
                 .env("FLOTILLA_PROFILES_DIR", &profiles)
                 .env("RUST_LOG", "info")
@@ -328,6 +348,7 @@ impl Fleet {
                     .get(i)
                     .map_or_else(|| self.nats.url(), |p| p.url()),
             )
+            .envs(self.nats.service_env())
             .env("FLOTILLA_ENGINES_DIR", root.join("engines"))
             .env("FLOTILLA_PROFILES_DIR", &self.profiles)
             .env("FLOTILLA_STATE_DIR", self.dir.path().join("state"))
@@ -351,7 +372,8 @@ impl Fleet {
                 self.builder.heartbeat_ms.to_string(),
             )
             .env("RUST_LOG", "info")
-            .envs(self.builder.common_env.iter().map(|(k, v)| (k, v)));
+            .envs(self.builder.common_env.iter().map(|(k, v)| (k, v)))
+            .envs(self.builder.extra_node_env.iter().map(|(k, v)| (k, v)));
         if let Some(llm) = &self.llm {
             command
                 .env("FLOTILLA_LLM_GATEWAY_PORT", llm.port.to_string())

@@ -10,6 +10,7 @@ mod otlp;
 mod process;
 mod prom;
 mod proxy;
+mod tls;
 mod webdriver;
 
 use std::{future::Future, path::PathBuf, time::Duration};
@@ -18,11 +19,12 @@ pub use fleet::{
     Fleet, FleetBuilder, LlmGateway, TEST_ANTHROPIC_KEY, TEST_GOOGLE_KEY, TEST_OPENAI_KEY,
 };
 pub use mock_llm::MockLlm;
-pub use nats::NatsServer;
+pub use nats::{NatsServer, NatsServerAuth, NatsServerBuilder};
 pub use otlp::{OtlpReceiver, ReceivedSpan};
 pub use process::Process;
 pub use prom::Scrape;
 pub use proxy::TcpProxy;
+pub use tls::TlsFiles;
 pub use webdriver::{Browser, Element};
 
 /// The repository root (engines/, profiles/, scripts/ live there).

@@ -12,6 +12,7 @@ mod hooks;
 mod jobs;
 mod llm;
 mod logs;
+mod nats_auth;
 mod observability;
 mod openapi;
 mod outage;
@@ -122,7 +123,7 @@ pub async fn until_visible(fleet: &Fleet, job_id: &str) {
 }
 
 pub async fn js_context(fleet: &Fleet) -> jetstream::Context {
-    let client = async_nats::connect(fleet.nats.url()).await.unwrap();
+    let client = fleet.nats.client().await.unwrap();
     jetstream::new(client)
 }
 

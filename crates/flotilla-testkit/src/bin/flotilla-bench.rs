@@ -105,7 +105,7 @@ struct PathFigures {
 }
 
 async fn flotilla_path(fleet: &Fleet) -> anyhow::Result<PathFigures> {
-    let client = async_nats::connect(fleet.nats.url()).await?;
+    let client = fleet.nats.client().await?;
     let mut figures = PathFigures {
         start: Vec::new(),
         first_line: Vec::new(),

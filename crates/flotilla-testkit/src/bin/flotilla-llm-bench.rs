@@ -24,7 +24,7 @@ async fn main() -> anyhow::Result<()> {
     let gateway = fleet.llm.as_ref().expect("llm-gateway").url.clone();
 
     // A running job and its token, written the way a node writes them.
-    let js = jetstream::new(async_nats::connect(fleet.nats.url()).await?);
+    let js = jetstream::new(fleet.nats.client().await?);
     let jobs = js.get_key_value(names::BUCKET_JOBS).await?;
     let grants = js.get_key_value(names::BUCKET_LLM_GRANTS).await?;
     let record = mock_llm::running_record("bench-job");

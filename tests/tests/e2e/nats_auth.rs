@@ -1,0 +1,363 @@
+//! The fleet on a NATS server that demands credentials, and on one that speaks only TLS and
+//! verifies client certificates: every service gets its settings through the environment
+//! (`FLOTILLA_NATS_*`), jobs run, and a refused service exits with an error that says why,
+//! without printing the secret.
+
+use std::{process::Command, time::Duration};
+
+use flotilla_proto::{Encoding, names};
+use flotilla_testkit::{
+    Fleet, NatsServer, Process, binary, containers_for_job, free_port, repo_root, wait_until,
+};
+use serde_json::{Value, json};
+
+use crate::{get_job, shell, submit, wait};
+
+const PASSWORD: &str = "e2e-nats-password-7f3a";
+const TOKEN: &str = "e2e-nats-token-91c2";
+
+/// The llm-gateway, started by hand on the fleet's NATS: it answers `/health` only once it
+/// has connected and found the topology.
+async fn assert_llm_gateway_connects(fleet: &Fleet) {
+    let port = free_port();
+    let log = tempfile::NamedTempFile::new().unwrap();
+    let mut command = Command::new(binary("llm-gateway").unwrap());
+    command
+        .env("FLOTILLA_NATS_URL", fleet.nats.url())
+        .envs(fleet.nats.service_env())
+        .env("FLOTILLA_LLM_GATEWAY_LISTEN", format!("127.0.0.1:{port}"))
+        .env("RUST_LOG", "info");
+    let gateway = Process::spawn_command("llm-gateway", command, log.path()).unwrap();
+    let url = format!("http://127.0.0.1:{port}/health");
+    wait_until(
+        Duration::from_secs(20),
+        "the llm-gateway to answer",
+        || async {
+            let response = fleet.http.get(&url).send().await.ok()?;
+            response.status().is_success().then_some(())
+        },
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", gateway.log()));
+}
+
+#[tokio::test]
+async fn the_fleet_runs_jobs_on_a_nats_server_that_requires_a_password() {
+    let fleet = Fleet::builder()
+        .nats(NatsServer::builder().user_password("flotilla", PASSWORD))
+        .start()
+        .await
+        .unwrap();
+    // The server refuses anonymous clients: the services got in with the credentials.
+    let anonymous = async_nats::ConnectOptions::new()
+        .connect(fleet.nats.url())
+        .await;
+    assert!(
+        matches!(&anonymous, Err(e) if e.kind() == async_nats::ConnectErrorKind::AuthorizationViolation),
+        "{:?}",
+        anonymous.err()
+    );
+
+    let job_id = submit(&fleet, shell("echo authenticated")).await;
+    let job = wait(&fleet, &job_id).await;
+    assert_eq!(job["status"], "completed", "{job}\n{}", fleet.logs());
+    assert_eq!(job["result"]["text"], "authenticated\n");
+    assert_llm_gateway_connects(&fleet).await;
+    assert!(
+        !fleet.logs().contains(PASSWORD),
+        "the password reached a log"
+    );
+}
+
+#[tokio::test]
+async fn the_fleet_runs_jobs_on_a_tls_only_nats_server_that_verifies_clients() {
+    let fleet = Fleet::builder()
+        .nats(NatsServer::builder().token(TOKEN).verify_clients())
+        .start()
+        .await
+        .unwrap();
+    // With the CA and the token but no client certificate, a client is turned away: the
+    // services presented theirs (FLOTILLA_NATS_TLS_CERT, FLOTILLA_NATS_TLS_KEY).
+    let ca = fleet.nats.tls_files().unwrap().ca.clone();
+    let without_certificate = async_nats::ConnectOptions::with_token(TOKEN.to_owned())
+        .add_root_certificates(ca)
+        .require_tls(true)
+        .connect(fleet.nats.url())
+        .await;
+    assert!(without_certificate.is_err());
+
+    let job_id = submit(&fleet, shell("echo over tls")).await;
+    let job = wait(&fleet, &job_id).await;
+    assert_eq!(job["status"], "completed", "{job}\n{}", fleet.logs());
+    assert_eq!(job["result"]["text"], "over tls\n");
+    assert_llm_gateway_connects(&fleet).await;
+    assert!(!fleet.logs().contains(TOKEN), "the token reached a log");
+}
+
+/// Each service with a wrong password: it must exit (not retry forever), with status 1 and an
+/// error naming the user and the variables to check, and never print the password.
+#[tokio::test]
+async fn every_service_refused_by_nats_exits_with_a_clear_error() {
+    let nats = NatsServer::builder()
+        .user_password("flotilla", PASSWORD)
+        .start()
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let wrong = "wrong-password-d41d8c";
+    let root = repo_root();
+    let mut services = Vec::new();
+    for name in ["api-gateway", "dispatcher", "agent-node", "llm-gateway"] {
+        let mut command = Command::new(binary(name).unwrap());
+        command
+            .env("FLOTILLA_NATS_URL", nats.url())
+            .env("FLOTILLA_NATS_USER", "flotilla")
+            .env("FLOTILLA_NATS_PASSWORD", wrong)
+            .env("FLOTILLA_ENGINES_DIR", root.join("engines"))
+            .env("FLOTILLA_PROFILES_DIR", root.join("profiles"))
+            .env("FLOTILLA_LISTEN", format!("127.0.0.1:{}", free_port()))
+            .env(
+                "FLOTILLA_DISPATCHER_LISTEN",
+                format!("127.0.0.1:{}", free_port()),
+            )
+            .env(
+                "FLOTILLA_LLM_GATEWAY_LISTEN",
+                format!("127.0.0.1:{}", free_port()),
+            )
+            .env("FLOTILLA_STATE_DIR", dir.path().join("state"))
+            .env("FLOTILLA_NODE_ID", format!("nats-auth-{}", free_port()))
+            .env("FLOTILLA_CLUSTER", format!("nats-auth-{}", free_port()))
+            .env("FLOTILLA_POOL_SIZE", "0")
+            .env("RUST_LOG", "info");
+        let log = dir.path().join(format!("{name}.log"));
+        services.push(Process::spawn_command(name, command, &log).unwrap());
+    }
+    // Settings that cannot work are refused before any connection: exit 64 (EX_USAGE).
+    let mut command = Command::new(binary("api-gateway").unwrap());
+    command
+        .env("FLOTILLA_NATS_URL", nats.url())
+        .env("FLOTILLA_NATS_USER", "flotilla")
+        .env("FLOTILLA_LISTEN", format!("127.0.0.1:{}", free_port()));
+    let mut no_password =
+        Process::spawn_command("api-gateway", command, &dir.path().join("no-password.log"))
+            .unwrap();
+
+    wait_until(
+        Duration::from_secs(30),
+        "every refused service to exit",
+        || {
+            let exited = services
+                .iter_mut()
+                .chain(std::iter::once(&mut no_password))
+                .all(|service| service.try_exit_code().is_some());
+            async move { exited.then_some(()) }
+        },
+    )
+    .await
+    .unwrap_or_else(|e| {
+        let logs: Vec<String> = services.iter().map(Process::log).collect();
+        panic!("{e}\n{}", logs.join("\n"))
+    });
+
+    for service in &mut services {
+        let log = service.log();
+        assert_eq!(
+            service.try_exit_code(),
+            Some(Some(1)),
+            "{}: {log}",
+            service.name()
+        );
+        assert!(log.contains("ERROR"), "{}: {log}", service.name());
+        assert!(
+            log.contains("refused user \"flotilla\" (FLOTILLA_NATS_USER)"),
+            "{}: {log}",
+            service.name()
+        );
+        assert!(
+            log.contains("authorization violation"),
+            "{}: {log}",
+            service.name()
+        );
+        assert!(
+            !log.contains(wrong),
+            "{} printed the password: {log}",
+            service.name()
+        );
+    }
+    let log = no_password.log();
+    assert_eq!(no_password.try_exit_code(), Some(Some(64)), "{log}");
+    assert!(log.contains("FLOTILLA_NATS_PASSWORD_FILE"), "{log}");
+}
+
+/// The per-service users of `nats.conf`'s commented example, uncommented as they stand.
+fn per_service_users() -> String {
+    let conf = std::fs::read_to_string(repo_root().join("nats.conf")).unwrap();
+    let start = conf
+        .find("# BEGIN per-service users\n")
+        .expect("nats.conf has the per-service users block");
+    let end = conf.find("# END per-service users").unwrap();
+    conf[start..end]
+        .lines()
+        .skip(1)
+        .map(|line| {
+            line.strip_prefix("# ")
+                .unwrap_or(line.trim_start_matches('#'))
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+const SERVICES: [(&str, &str); 5] = [
+    ("api-gateway", "FLOTILLA_API_GATEWAY_NATS_PASSWORD"),
+    ("dispatcher", "FLOTILLA_DISPATCHER_NATS_PASSWORD"),
+    ("agent-node", "FLOTILLA_AGENT_NODE_NATS_PASSWORD"),
+    ("llm-gateway", "FLOTILLA_LLM_GATEWAY_NATS_PASSWORD"),
+    ("submitter", "FLOTILLA_SUBMITTER_NATS_PASSWORD"),
+];
+
+fn password_of(user: &str) -> String {
+    format!("{user}-e2e-password")
+}
+
+/// The example in `nats.conf` works as documented: each service with its own user runs,
+/// cancels and admits direct submissions without a single permission violation, and the
+/// `submitter` user can submit and read records but not queue a job past validation.
+#[tokio::test]
+async fn the_fleet_runs_with_the_per_service_users_of_nats_conf() {
+    let mut nats = NatsServer::builder().config(&per_service_users());
+    for (user, variable) in SERVICES {
+        nats = nats.server_env(variable, &password_of(user));
+    }
+    let fleet = Fleet::builder()
+        .nats(nats)
+        .gateway_env("FLOTILLA_NATS_USER", "api-gateway")
+        .gateway_env("FLOTILLA_NATS_PASSWORD", &password_of("api-gateway"))
+        .dispatcher_env("FLOTILLA_NATS_USER", "dispatcher")
+        .dispatcher_env("FLOTILLA_NATS_PASSWORD", &password_of("dispatcher"))
+        .node_env("FLOTILLA_NATS_USER", "agent-node")
+        .node_env("FLOTILLA_NATS_PASSWORD", &password_of("agent-node"))
+        .start()
+        .await
+        .unwrap();
+
+    // Over HTTP: queued by the gateway, run by the node (logs, acks, its buckets).
+    let job_id = submit(&fleet, shell("echo per-service users")).await;
+    let job = wait(&fleet, &job_id).await;
+    assert_eq!(job["status"], "completed", "{job}\n{}", fleet.logs());
+    assert_eq!(job["result"]["text"], "per-service users\n");
+
+    // Cancelled by the gateway, stopped by the node that hears it.
+    let job_id = submit(&fleet, shell("echo started; sleep 60")).await;
+    wait_until(Duration::from_secs(20), "the job to run", || async {
+        (get_job(&fleet, &job_id).await.1["status"] == "running").then_some(())
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", fleet.logs()));
+    let response = fleet
+        .request(reqwest::Method::DELETE, &format!("/jobs/{job_id}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    wait_until(
+        Duration::from_secs(20),
+        "the cancelled job's container to be removed",
+        || async { containers_for_job(&job_id).ok().filter(|c| c.is_empty()) },
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", fleet.logs()));
+
+    // Straight to NATS as `submitter`: admitted by the dispatcher, record read back from KV.
+    let client = async_nats::ConnectOptions::with_user_and_password(
+        "submitter".to_owned(),
+        password_of("submitter"),
+    )
+    .connect(fleet.nats.url())
+    .await
+    .unwrap();
+    let js = async_nats::jetstream::new(client.clone());
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert(names::HEADER_CONTENT_TYPE, names::CONTENT_TYPE_JSON);
+    let body = json!({
+        "job_id": "per-service-direct-1",
+        "agent_id": "direct",
+        "engine": "shell",
+        "prompt": "echo direct",
+    });
+    js.publish_with_headers(names::SUBJECT_SUBMIT, headers, body.to_string().into())
+        .await
+        .unwrap()
+        .await
+        .expect("the submission stored by JetStream");
+    let jobs = js.get_key_value(names::BUCKET_JOBS).await.unwrap();
+    wait_until(
+        Duration::from_secs(30),
+        "the direct job's record to say completed",
+        || async {
+            let entry = jobs
+                .get(names::job_key("per-service-direct-1"))
+                .await
+                .ok()??;
+            let record: Value = flotilla_proto::decode(&entry, Encoding::MessagePack)
+                .ok()
+                .or_else(|| serde_json::from_slice(&entry).ok())?;
+            (record["status"] == "completed").then_some(())
+        },
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", fleet.logs()));
+
+    // The submitter cannot skip validation by queueing a job itself.
+    let short = async_nats::jetstream::ContextBuilder::new()
+        .timeout(Duration::from_secs(1))
+        .build(client);
+    let bypass = match short.publish(names::SUBJECT_RUN, "{}".into()).await {
+        Ok(ack) => ack.await.map(|_| ()).map_err(|e| e.to_string()),
+        Err(e) => Err(e.to_string()),
+    };
+    assert!(bypass.is_err(), "the submitter queued a job directly");
+
+    // The llm-gateway connects as its own user.
+    let port = free_port();
+    let log = tempfile::NamedTempFile::new().unwrap();
+    let mut command = Command::new(binary("llm-gateway").unwrap());
+    command
+        .env("FLOTILLA_NATS_URL", fleet.nats.url())
+        .env("FLOTILLA_NATS_USER", "llm-gateway")
+        .env("FLOTILLA_NATS_PASSWORD", password_of("llm-gateway"))
+        .env("FLOTILLA_LLM_GATEWAY_LISTEN", format!("127.0.0.1:{port}"));
+    let gateway = Process::spawn_command("llm-gateway", command, log.path()).unwrap();
+    let url = format!("http://127.0.0.1:{port}/health");
+    wait_until(
+        Duration::from_secs(20),
+        "the llm-gateway to answer",
+        || async {
+            let response = fleet.http.get(&url).send().await.ok()?;
+            response.status().is_success().then_some(())
+        },
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", gateway.log()));
+
+    // Not one violation but the submitter's attempt.
+    let server_log = fleet.nats.log();
+    let violations: Vec<&str> = server_log
+        .lines()
+        .filter(|line| line.contains("Violation"))
+        .collect();
+    assert!(
+        violations
+            .iter()
+            .all(|line| line.contains("submitter") && line.contains(names::SUBJECT_RUN)),
+        "{violations:#?}"
+    );
+    assert!(
+        !violations.is_empty(),
+        "the bypass was not refused for permissions"
+    );
+    let logs = format!("{}{}", fleet.logs(), gateway.log());
+    assert!(
+        !logs.to_lowercase().contains("permissions violation"),
+        "{logs}"
+    );
+}
