@@ -49,6 +49,7 @@ pub struct LiveCatalog {
     /// same configuration.
     version: AtomicU64,
     store: Store,
+    js: jetstream::Context,
 }
 
 impl LiveCatalog {
@@ -78,6 +79,7 @@ impl LiveCatalog {
             current: RwLock::new(Arc::new(catalog)),
             version: AtomicU64::new(version),
             store,
+            js: js.clone(),
         });
         tokio::spawn(live.clone().follow(version, stop));
         Ok(live)
@@ -98,32 +100,57 @@ impl LiveCatalog {
 
     /// Writes (or with `None`, deletes) one file after checking that the whole configuration
     /// still loads with the change. Returns the new version.
+    ///
+    /// The write carries the bucket's last sequence as a precondition, so two changes made at
+    /// once cannot each pass their check and together break the configuration: the later one
+    /// is refused by JetStream and checked again against the files as they now are.
     pub async fn change(&self, path: &str, content: Option<&str>) -> Result<u64, ConfigError> {
-        let (mut files, _) = read_all(&self.store).await?;
-        match content {
-            Some(text) => files.insert(path.to_owned(), text.to_owned()),
-            None => files.remove(path),
-        };
-        build(&files)?;
-        let revision = match content {
-            Some(text) => self
-                .store
-                .put(path, text.to_owned().into())
-                .await
-                .map_err(nats)?,
-            None => {
-                self.store.delete(path).await.map_err(nats)?;
-                self.store
-                    .status()
-                    .await
-                    .map_err(nats)?
-                    .info
-                    .state
-                    .last_sequence
+        for _ in 0..CHANGE_ATTEMPTS {
+            let (mut files, version) = read_all(&self.store).await?;
+            match content {
+                Some(text) => files.insert(path.to_owned(), text.to_owned()),
+                None => files.remove(path),
+            };
+            build(&files)?;
+            match self.write_if_unchanged(path, content, version).await {
+                Ok(revision) => {
+                    self.reload(revision).await;
+                    return Ok(revision);
+                }
+                Err(e) if e.kind() == jetstream::context::PublishErrorKind::WrongLastSequence => {
+                    tracing::debug!(path, "configuration changed meanwhile; checking again");
+                }
+                Err(e) => return Err(nats(e)),
             }
+        }
+        Err(ConfigError::Nats(format!(
+            "the configuration changed {CHANGE_ATTEMPTS} times while this change was being \
+             checked; try again"
+        )))
+    }
+
+    /// Puts (or deletes) `path` unless the bucket moved past `version`; returns the revision.
+    async fn write_if_unchanged(
+        &self,
+        path: &str,
+        content: Option<&str>,
+        version: u64,
+    ) -> Result<u64, jetstream::context::PublishError> {
+        // The KV's own subject for the key (no JetStream domain is used, so no API prefix).
+        let store = &self.store;
+        let subject = format!(
+            "{}{path}",
+            store.put_prefix.as_ref().unwrap_or(&store.prefix)
+        );
+        let mut message =
+            jetstream::message::PublishMessage::build().expected_last_sequence(version);
+        message = match content {
+            Some(text) => message.payload(text.to_owned().into()),
+            // A KV delete is an empty message marked as such (NATS' own KV header).
+            None => message.header("KV-Operation", "DEL"),
         };
-        self.reload(revision).await;
-        Ok(revision)
+        let ack = self.js.send_publish(subject, message).await?.await?;
+        Ok(ack.sequence)
     }
 
     /// Applies every change made in the bucket, from any service, as it happens.
@@ -183,6 +210,9 @@ impl LiveCatalog {
         }
     }
 }
+
+/// Tries of a change that other changes keep overtaking, before giving up.
+const CHANGE_ATTEMPTS: usize = 10;
 
 /// Written after the last seeded file: services that find files but no marker wait for it, so
 /// none loads a half-seeded configuration.
@@ -256,7 +286,14 @@ fn read_dir_into(dir: &Path, prefix: &str, files: &mut Files) -> Result<(), Conf
 /// Every file, and the bucket's last revision taken *before* reading them: every change up to
 /// it is included, and any later one reaches the watcher (which starts after it).
 async fn read_all(store: &Store) -> Result<(Files, u64), ConfigError> {
-    let version = store.status().await.map_err(nats)?.info.state.last_sequence;
+    // `Store::status` answers from a copy cached when the store was opened: ask the server.
+    let version = store
+        .stream
+        .get_info()
+        .await
+        .map_err(nats)?
+        .state
+        .last_sequence;
     let keys: Vec<String> = store
         .keys()
         .await
