@@ -237,6 +237,17 @@ async fn relay(
             grant.models.join(", ")
         )));
     }
+    // A model without a price costs 0 here, so a budget could not stop it.
+    if let (Some(model), Some(budget)) = (&model, grant.max_budget_usd)
+        && state.config.prices.get(model).is_none()
+    {
+        return Err(Refusal::forbidden(format!(
+            "model {model:?} has no price in this llm-gateway's [prices], so job {}'s \
+             ${budget} max_budget_usd could not be enforced: add a price for it (or a \"*\" \
+             fallback), or run the job without a budget",
+            grant.job_id
+        )));
+    }
     check_budget(state, &grant, spent.as_ref()).await?;
 
     // OpenAI streams report usage only when asked to: ask, so streamed answers are metered.

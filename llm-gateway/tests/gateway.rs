@@ -547,6 +547,24 @@ async fn metering_is_exact_and_the_budget_cuts_off() {
         ),
         "{metrics}"
     );
+
+    // A model without a price would cost 0: with a budget it is refused, without one it runs.
+    h.running_job("job-unpriced").await;
+    let mut g = grant("job-unpriced");
+    g.max_budget_usd = Some(1.0);
+    let budgeted = h.topology.grants.issue(&g).await.unwrap();
+    let (status, text) = h
+        .messages(&budgeted, message("claude-unpriced-1", false))
+        .await;
+    assert_eq!(status, 403, "{text}");
+    assert!(text.contains("has no price"), "{text}");
+    assert_eq!(h.mock.requests().len(), before, "not forwarded");
+    g.max_budget_usd = None;
+    let unbudgeted = h.topology.grants.issue(&g).await.unwrap();
+    let (status, text) = h
+        .messages(&unbudgeted, message("claude-unpriced-1", false))
+        .await;
+    assert_eq!(status, 200, "{text}");
 }
 
 #[tokio::test]
