@@ -4,6 +4,7 @@
 //! real credential, streams the answer back, meters the tokens and enforces the job's budget.
 
 mod config;
+mod inflight;
 mod meter;
 mod metrics;
 mod proxy;
@@ -32,6 +33,7 @@ struct AppState {
     topology: Topology,
     http: flotilla_http::Client,
     metrics: metrics::Metrics,
+    in_flight: Arc<inflight::InFlight>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -103,6 +105,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), LlmG
         topology,
         http,
         metrics: metrics::Metrics::default(),
+        in_flight: Arc::default(),
     });
     let listener = tokio::net::TcpListener::bind(listen)
         .await

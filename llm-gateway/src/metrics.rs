@@ -9,7 +9,7 @@ use std::{
 
 use prometheus_client::{
     encoding::EncodeLabelSet,
-    metrics::{counter::Counter, family::Family},
+    metrics::{counter::Counter, family::Family, gauge::Gauge},
     registry::Registry,
 };
 
@@ -44,6 +44,8 @@ pub struct Metrics {
     requests: Family<RequestLabels, Counter>,
     tokens: Family<TokenLabels, Counter>,
     cost: Family<SpendLabels, Counter<f64, AtomicU64>>,
+    /// Requests held back until their job's requests in flight settle (budgets).
+    waiting: Gauge,
     /// Agent ids that have their own series.
     agents: Mutex<BTreeSet<String>>,
 }
@@ -77,17 +79,39 @@ impl Default for Metrics {
             "Cost in USD from the price table, by provider, engine, profile and agent",
             cost.clone(),
         );
+        let waiting = Gauge::default();
+        registry.register(
+            "flotilla_llm_requests_waiting",
+            "Requests waiting for their job's requests in flight to settle, so that together they stay within its budget",
+            waiting.clone(),
+        );
         Self {
             registry,
             requests,
             tokens,
             cost,
+            waiting,
             agents: Mutex::default(),
         }
     }
 }
 
+/// One request counted as waiting until dropped, however the wait ends (the client hanging
+/// up included).
+pub struct Waiting<'a>(&'a Gauge);
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
 impl Metrics {
+    pub fn start_waiting(&self) -> Waiting<'_> {
+        self.waiting.inc();
+        Waiting(&self.waiting)
+    }
+
     /// One request that ended with `outcome` (forwarded, unauthorized, forbidden, ...).
     pub fn request(&self, provider: &str, outcome: &'static str) {
         self.requests

@@ -21,6 +21,7 @@ use serde_json::{Value, json};
 use crate::{
     AppState,
     config::{Provider, ProviderKind},
+    inflight::{self, Reservation},
     meter::{Meter, Tokens},
     metrics::Spender,
 };
@@ -249,6 +250,14 @@ async fn relay(
         )));
     }
     check_budget(state, &grant, spent.as_ref()).await?;
+    let price = model.as_deref().and_then(|m| state.config.prices.get(m));
+    let reservation = match (grant.max_budget_usd, price) {
+        (Some(budget), Some(price)) => {
+            let usd = inflight::worst_case(price, body.len(), json.as_ref());
+            Some(reserve(state, &grant, budget, usd, spent).await?)
+        }
+        _ => None,
+    };
 
     // OpenAI streams report usage only when asked to: ask, so streamed answers are metered.
     let mut body = body;
@@ -321,6 +330,7 @@ async fn relay(
         provider: name.to_owned(),
         request_model: model,
         span,
+        _reservation: reservation,
     };
     let body = MeteredBody {
         inner: http_body_util::BodyDataStream::new(upstream_body)
@@ -435,6 +445,40 @@ async fn check_budget(
             grant.job_id
         ),
     ))
+}
+
+/// Waits until the request's worst case `usd` fits beside the job's requests in flight
+/// (see [`inflight`]), re-reading the spend each time one settles.
+async fn reserve(
+    state: &Arc<AppState>,
+    grant: &LlmGrant,
+    budget: f64,
+    usd: f64,
+    mut usage: Option<Usage>,
+) -> Result<Reservation, Refusal> {
+    loop {
+        let spent = usage
+            .as_ref()
+            .filter(|u| u.metered)
+            .map_or(0.0, |u| u.cost_usd);
+        let settled = match state
+            .in_flight
+            .try_reserve(&grant.job_id, usd, spent, budget)
+        {
+            Ok(reservation) => return Ok(reservation),
+            Err(settled) => settled,
+        };
+        let _waiting = state.metrics.start_waiting();
+        settled.await;
+        usage = state
+            .topology
+            .jobs
+            .get(&grant.job_id)
+            .await
+            .map_err(Refusal::unavailable)?
+            .and_then(|current| current.record.usage);
+        check_budget(state, grant, usage.as_ref()).await?;
+    }
 }
 
 /// The job's token, wherever its CLI puts an API key: `x-api-key` (Anthropic),
@@ -594,6 +638,8 @@ struct Charge {
     request_model: Option<String>,
     /// The call's span: it ends when the charge is settled.
     span: tracing::Span,
+    /// Held until the charge is settled (or dropped with the answer).
+    _reservation: Option<Reservation>,
 }
 
 impl Charge {

@@ -567,6 +567,70 @@ async fn metering_is_exact_and_the_budget_cuts_off() {
     assert_eq!(status, 200, "{text}");
 }
 
+/// Parallel requests of a job with a budget: one whose worst case would not fit beside those
+/// in flight waits for them to settle, then runs against the spend they left.
+#[tokio::test]
+async fn requests_in_flight_count_against_the_budget() {
+    let h = harness().await;
+    h.running_job("job-parallel").await;
+    let mut g = grant("job-parallel");
+    // Room for one answer's worst case (about $0.0011 here), not two.
+    g.max_budget_usd = Some(0.0015);
+    let token = h.topology.grants.issue(&g).await.unwrap();
+
+    h.mock.hold();
+    let mut first = h
+        .http
+        .post(format!("{}/anthropic/v1/messages", h.url))
+        .header("x-api-key", &token)
+        .json(&message("claude-sonnet-4-5", true))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(first.status(), 200);
+    first.chunk().await.unwrap().expect("the first event");
+
+    let second = tokio::spawn({
+        let (http, url, token) = (h.http.clone(), h.url.clone(), token.clone());
+        async move {
+            let response = http
+                .post(format!("{url}/anthropic/v1/messages"))
+                .header("x-api-key", &token)
+                .json(&message("claude-sonnet-4-5", false))
+                .send()
+                .await
+                .unwrap();
+            (response.status().as_u16(), response.text().await.unwrap())
+        }
+    });
+    wait_until(
+        Duration::from_secs(10),
+        "the second request to wait",
+        || {
+            let (http, url) = (h.http.clone(), h.url.clone());
+            async move {
+                let metrics = http.get(format!("{url}/metrics")).send().await.ok()?;
+                let metrics = metrics.text().await.ok()?;
+                metrics
+                    .contains("flotilla_llm_requests_waiting 1")
+                    .then_some(())
+            }
+        },
+    )
+    .await
+    .unwrap();
+    assert_eq!(h.mock.requests().len(), 1, "the second is held back");
+
+    h.mock.release();
+    while first.chunk().await.unwrap().is_some() {}
+    let (status, text) = second.await.unwrap();
+    assert_eq!(status, 200, "{text}");
+    assert_eq!(h.mock.requests().len(), 2);
+    let usage = h.record("job-parallel").await.usage.unwrap();
+    assert_eq!(usage.requests, 2);
+    assert!(usage.budget_exceeded, "two answers cost more: {usage:?}");
+}
+
 #[tokio::test]
 async fn a_provider_without_its_credential_refuses_instead_of_forwarding() {
     let h = harness_with(&AnthropicOnly).await;
