@@ -95,12 +95,15 @@ async fn every_service_serves_metrics_about_the_jobs_it_handled() {
     let node = scrape_until(
         &fleet,
         &fleet.node_metrics[0],
-        "the node to count three finished jobs",
+        "the node to count three finished jobs, and none running",
+        // A job counts as finished once its outcome is recorded, and leaves the running set
+        // a moment later (after its ack).
         |s| {
             s.value(
                 "flotilla_node_jobs_finished_total",
                 &[("outcome", "completed")],
             ) == Some(ran)
+                && s.value("flotilla_node_jobs_running", &[]) == Some(0.0)
         },
     )
     .await;
