@@ -2,7 +2,7 @@
 //! Parsed once from TOML; credentials are read at startup through a lookup the caller passes
 //! (environment variables or files), never from the file itself.
 
-use std::{collections::BTreeMap, fmt, net::SocketAddr, path::PathBuf, time::Duration};
+use std::{collections::BTreeMap, net::SocketAddr, path::PathBuf, time::Duration};
 
 use flotilla_nats::TopologyConfig;
 use serde::Deserialize;
@@ -54,25 +54,8 @@ pub struct Provider {
     pub credential_source: Option<String>,
 }
 
-/// A credential. Its `Debug` never shows it, so it cannot leak through a log line.
-#[derive(Clone, PartialEq, Eq)]
-pub struct Secret(String);
-
-impl Secret {
-    pub fn new(value: String) -> Self {
-        Self(value)
-    }
-
-    pub fn expose(&self) -> &str {
-        &self.0
-    }
-}
-
-impl fmt::Debug for Secret {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("Secret(***)")
-    }
-}
+/// A credential: the same never-printed type as NATS passwords.
+pub use flotilla_nats::Secret;
 
 #[derive(Debug, thiserror::Error)]
 #[error("invalid llm-gateway config: {0}")]
@@ -206,7 +189,7 @@ impl ProviderSection {
                     path.display()
                 ))
             })?;
-            api_key = Some(Secret::new(text.trim().to_owned())).filter(|s| !s.0.is_empty());
+            api_key = Some(Secret::new(text.trim().to_owned())).filter(|s| !s.expose().is_empty());
         }
         let oauth_token = from_env(&self.oauth_token_env);
         let sources: Vec<String> = [

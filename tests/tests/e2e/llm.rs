@@ -70,28 +70,7 @@ async fn an_engine_job_calls_the_gateway_with_its_own_token_and_is_metered() {
     assert_eq!(ours[0].providers, vec!["anthropic".to_owned()]);
     assert!(ours[0].revoked_at.is_some(), "{:?}", ours[0]);
 
-    // No real key in the record, the output, or any container's configuration.
-    let record = job.to_string();
-    for key in [TEST_ANTHROPIC_KEY, TEST_OPENAI_KEY, TEST_GOOGLE_KEY] {
-        assert!(!record.contains(key));
-        assert!(!fleet.logs().contains(key), "a service logged a key");
-    }
-    for container in fleet.containers().unwrap() {
-        let output = Command::new("docker")
-            .args([
-                "inspect",
-                "-f",
-                "{{json .Config.Env}} {{json .Config.Cmd}}",
-                &container,
-            ])
-            .output()
-            .unwrap();
-        let config = String::from_utf8_lossy(&output.stdout);
-        assert!(
-            !config.contains("sk-") && !config.contains("flj_"),
-            "{config}"
-        );
-    }
+    assert_no_secret_anywhere(&fleet, &job, &["sk-", "flj_"]);
     fleet.assert_no_containers_left().await.unwrap();
 }
 
@@ -140,27 +119,7 @@ async fn a_gemini_job_calls_the_gateway_with_its_own_token_and_is_metered() {
     assert_eq!(ours[0].providers, vec!["google".to_owned()]);
     assert!(ours[0].revoked_at.is_some(), "{:?}", ours[0]);
 
-    assert!(!job.to_string().contains(TEST_GOOGLE_KEY));
-    assert!(
-        !fleet.logs().contains(TEST_GOOGLE_KEY),
-        "a service logged a key"
-    );
-    for container in fleet.containers().unwrap() {
-        let output = Command::new("docker")
-            .args([
-                "inspect",
-                "-f",
-                "{{json .Config.Env}} {{json .Config.Cmd}}",
-                &container,
-            ])
-            .output()
-            .unwrap();
-        let config = String::from_utf8_lossy(&output.stdout);
-        assert!(
-            !config.contains("AIza") && !config.contains("flj_"),
-            "{config}"
-        );
-    }
+    assert_no_secret_anywhere(&fleet, &job, &["AIza", "flj_"]);
     fleet.assert_no_containers_left().await.unwrap();
 }
 
@@ -328,4 +287,29 @@ async fn engines_that_call_an_llm_are_available_only_where_a_gateway_holds_a_key
         engines["shell"] && engines["codex"] && engines["gemini"],
         "{engines:?}"
     );
+}
+
+/// No real key in the job's record or any service's log, and no key or token (`patterns`) in
+/// any container's environment or command.
+fn assert_no_secret_anywhere(fleet: &Fleet, job: &Value, patterns: &[&str]) {
+    let record = job.to_string();
+    for key in [TEST_ANTHROPIC_KEY, TEST_OPENAI_KEY, TEST_GOOGLE_KEY] {
+        assert!(!record.contains(key), "a key in the job record");
+        assert!(!fleet.logs().contains(key), "a service logged a key");
+    }
+    for container in fleet.containers().unwrap() {
+        let output = Command::new("docker")
+            .args([
+                "inspect",
+                "-f",
+                "{{json .Config.Env}} {{json .Config.Cmd}}",
+                &container,
+            ])
+            .output()
+            .unwrap();
+        let config = String::from_utf8_lossy(&output.stdout);
+        for pattern in patterns {
+            assert!(!config.contains(pattern), "{pattern} in {config}");
+        }
+    }
 }

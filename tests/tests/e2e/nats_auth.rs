@@ -16,15 +16,15 @@ use crate::{get_job, shell, submit, wait};
 const PASSWORD: &str = "e2e-nats-password-7f3a";
 const TOKEN: &str = "e2e-nats-token-91c2";
 
-/// The llm-gateway, started by hand on the fleet's NATS: it answers `/health` only once it
-/// has connected and found the topology.
-async fn assert_llm_gateway_connects(fleet: &Fleet) {
+/// Starts the llm-gateway by hand on the fleet's NATS, with `auth` as its NATS settings, and
+/// waits until it answers `/health`: only once it has connected and found the topology.
+async fn assert_llm_gateway_connects_with(fleet: &Fleet, auth: &[(String, String)]) -> Process {
     let port = free_port();
     let log = tempfile::NamedTempFile::new().unwrap();
     let mut command = Command::new(binary("llm-gateway").unwrap());
     command
         .env("FLOTILLA_NATS_URL", fleet.nats.url())
-        .envs(fleet.nats.service_env())
+        .envs(auth.iter().cloned())
         .env("FLOTILLA_LLM_GATEWAY_LISTEN", format!("127.0.0.1:{port}"))
         .env("RUST_LOG", "info");
     let gateway = Process::spawn_command("llm-gateway", command, log.path()).unwrap();
@@ -39,6 +39,12 @@ async fn assert_llm_gateway_connects(fleet: &Fleet) {
     )
     .await
     .unwrap_or_else(|e| panic!("{e}\n{}", gateway.log()));
+    gateway
+}
+
+/// The same, with the settings the fleet gives every service.
+async fn assert_llm_gateway_connects(fleet: &Fleet) {
+    assert_llm_gateway_connects_with(fleet, &fleet.nats.service_env()).await;
 }
 
 #[tokio::test]
@@ -318,26 +324,14 @@ async fn the_fleet_runs_with_the_per_service_users_of_nats_conf() {
     assert!(bypass.is_err(), "the submitter queued a job directly");
 
     // The llm-gateway connects as its own user.
-    let port = free_port();
-    let log = tempfile::NamedTempFile::new().unwrap();
-    let mut command = Command::new(binary("llm-gateway").unwrap());
-    command
-        .env("FLOTILLA_NATS_URL", fleet.nats.url())
-        .env("FLOTILLA_NATS_USER", "llm-gateway")
-        .env("FLOTILLA_NATS_PASSWORD", password_of("llm-gateway"))
-        .env("FLOTILLA_LLM_GATEWAY_LISTEN", format!("127.0.0.1:{port}"));
-    let gateway = Process::spawn_command("llm-gateway", command, log.path()).unwrap();
-    let url = format!("http://127.0.0.1:{port}/health");
-    wait_until(
-        Duration::from_secs(20),
-        "the llm-gateway to answer",
-        || async {
-            let response = fleet.http.get(&url).send().await.ok()?;
-            response.status().is_success().then_some(())
-        },
-    )
-    .await
-    .unwrap_or_else(|e| panic!("{e}\n{}", gateway.log()));
+    let auth = [
+        ("FLOTILLA_NATS_USER".to_owned(), "llm-gateway".to_owned()),
+        (
+            "FLOTILLA_NATS_PASSWORD".to_owned(),
+            password_of("llm-gateway"),
+        ),
+    ];
+    let gateway = assert_llm_gateway_connects_with(&fleet, &auth).await;
 
     // Not one violation but the submitter's attempt.
     let server_log = fleet.nats.log();
