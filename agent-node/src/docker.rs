@@ -6,7 +6,7 @@ use std::{collections::HashMap, pin::Pin, time::Duration};
 use bollard::{
     Docker,
     container::LogOutput,
-    models::{ContainerCreateBody, HostConfig, Mount, MountTmpfsOptions, MountType},
+    models::{ContainerCreateBody, HostConfig},
     query_parameters::{
         AttachContainerOptionsBuilder, CreateContainerOptionsBuilder, ListContainersOptionsBuilder,
         RemoveContainerOptionsBuilder, StopContainerOptionsBuilder, WaitContainerOptionsBuilder,
@@ -280,16 +280,10 @@ impl DockerRuntime {
 /// The hardened container: unprivileged user, no capabilities, no privilege escalation,
 /// read-only root, no network, bounded memory/CPU/pids, writable scratch only on tmpfs.
 fn container_body(key: &PoolKey, labels: HashMap<String, String>) -> ContainerCreateBody {
-    let tmpfs = |target: &str, size_bytes: i64| Mount {
-        target: Some(target.to_owned()),
-        typ: Some(MountType::TMPFS),
-        tmpfs_options: Some(MountTmpfsOptions {
-            size_bytes: Some(size_bytes),
-            mode: Some(0o1777),
-            ..Default::default()
-        }),
-        ..Default::default()
-    };
+    // The `--tmpfs` form, because mounts made through `Mounts` are always `noexec` before API
+    // 1.46: a coding agent must run what it builds and installs (tests, `node_modules/.bin`,
+    // Go's binaries in TMPDIR), and `noexec` stops none of that anyway (`sh x`, `ld.so x`).
+    let tmpfs = |size_bytes: i64| format!("rw,exec,nosuid,nodev,size={size_bytes},mode=1777");
     let host_config = HostConfig {
         memory: Some(key.memory_bytes),
         // Equal to memory: no swap on top.
@@ -303,10 +297,10 @@ fn container_body(key: &PoolKey, labels: HashMap<String, String>) -> ContainerCr
         runtime: key.runtime.clone(),
         ipc_mode: Some("private".to_owned()),
         init: Some(true),
-        mounts: Some(vec![
-            tmpfs("/workspace", key.workspace_bytes),
-            tmpfs("/tmp", 64 << 20),
-        ]),
+        tmpfs: Some(HashMap::from([
+            ("/workspace".to_owned(), tmpfs(key.workspace_bytes)),
+            ("/tmp".to_owned(), tmpfs(64 << 20)),
+        ])),
         ..Default::default()
     };
     ContainerCreateBody {

@@ -5,7 +5,7 @@
 
 use bytes::Bytes;
 use flotilla_catalog::{Engine, EngineKind, MCP_CONFIG_PATH};
-use flotilla_proto::JobRequest;
+use flotilla_proto::{JobRequest, WorkspaceFile};
 
 /// Exit status of a job whose pre-hook failed; the marker line on stderr confirms it.
 pub(crate) const PRE_HOOK_FAILED: i64 = 199;
@@ -17,6 +17,9 @@ const DIR: &str = "/workspace/.flotilla";
 /// after the pre-hook.
 pub(crate) fn job_script(engine: &Engine, request: &JobRequest, env: &[(String, String)]) -> Bytes {
     let mut script = format!("F={DIR}\nmkdir -p \"$F\"\n");
+    for file in &request.files {
+        write_workspace_file(&mut script, file);
+    }
     if let Some(instructions) = &request.instructions {
         write_file(
             &mut script,
@@ -94,6 +97,53 @@ fn write_file(script: &mut String, path: &str, content: &str) {
     ));
 }
 
+/// Appends commands writing a submitted file under /workspace (its parent directories too).
+/// The content goes through printf's format, with `%` and `\` escaped and the bytes a shell
+/// string cannot carry (NUL, controls, non-UTF-8) as octal escapes: binary files need nothing
+/// in the image but the shell.
+fn write_workspace_file(script: &mut String, file: &WorkspaceFile) {
+    let path = format!("/workspace/{}", file.path);
+    if let Some((dir, _)) = file.path.rsplit_once('/') {
+        script.push_str(&format!(
+            "mkdir -p {}\n",
+            quote(&format!("/workspace/{dir}"))
+        ));
+    }
+    let octal = |format: &mut String, byte: u8| format.push_str(&format!("\\{byte:03o}"));
+    let mut format = String::with_capacity(file.content.len() + 16);
+    match std::str::from_utf8(&file.content) {
+        Ok(text) => {
+            for c in text.chars() {
+                match c {
+                    '%' => format.push_str("%%"),
+                    '\\' => format.push_str("\\\\"),
+                    '\n' | '\t' => format.push(c),
+                    c if c.is_ascii_control() => octal(&mut format, c as u8),
+                    c => format.push(c),
+                }
+            }
+        }
+        Err(_) => {
+            for &byte in &file.content {
+                match byte {
+                    b'%' => format.push_str("%%"),
+                    b'\\' => format.push_str("\\\\"),
+                    b'\n' | b'\t' | 0x20..=0x7e => format.push(char::from(byte)),
+                    _ => octal(&mut format, byte),
+                }
+            }
+        }
+    }
+    // A format starting with `-` would read as an option.
+    if format.starts_with('-') {
+        format.replace_range(..1, "\\055");
+    }
+    script.push_str(&format!("printf {} > {}\n", quote(&format), quote(&path)));
+    if file.executable {
+        script.push_str(&format!("chmod +x {}\n", quote(&path)));
+    }
+}
+
 /// Single-quotes `arg` for /bin/sh.
 pub(crate) fn quote(arg: &str) -> String {
     format!("'{}'", arg.replace('\'', "'\\''"))
@@ -102,6 +152,46 @@ pub(crate) fn quote(arg: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Runs what the script writes for `file` through the host's /bin/sh and reads it back.
+    fn written(file: &WorkspaceFile) -> Vec<u8> {
+        let mut script = String::new();
+        write_workspace_file(&mut script, file);
+        let dir = tempfile::tempdir().unwrap();
+        let script = script.replace("/workspace", &dir.path().display().to_string());
+        let status = std::process::Command::new("/bin/sh")
+            .arg("-c")
+            .arg(&script)
+            .status()
+            .unwrap();
+        assert!(status.success(), "{script}");
+        std::fs::read(dir.path().join(&file.path)).unwrap()
+    }
+
+    #[test]
+    fn workspace_files_arrive_byte_for_byte() {
+        let all_bytes: Vec<u8> = (0..=255).collect();
+        for content in [
+            b"plain text\nwith 100% and a \\ backslash and 'quotes'\n".to_vec(),
+            "unicode: héllo ✓\ttab\u{1b}[0m".as_bytes().to_vec(),
+            b"-n looks like an option".to_vec(),
+            b"%s %d \\n \\000".to_vec(),
+            Vec::new(),
+            all_bytes,
+        ] {
+            let file = WorkspaceFile {
+                path: "deep/er/file.bin".to_owned(),
+                content: content.clone(),
+                executable: false,
+            };
+            assert_eq!(
+                written(&file),
+                content,
+                "{:?}",
+                String::from_utf8_lossy(&content)
+            );
+        }
+    }
 
     #[test]
     fn quoting_survives_quotes() {

@@ -29,6 +29,30 @@ pub(crate) fn clip(s: &str) -> String {
     }
 }
 
+/// A path inside `/workspace` for a submitted file: relative, plain parts, outside the job's
+/// own `.flotilla/` directory.
+pub(crate) fn check_workspace_path(path: &str) -> Result<(), String> {
+    if path.is_empty() || path.len() > 1024 {
+        return Err("must be 1-1024 bytes".to_owned());
+    }
+    if path.contains('\0') {
+        return Err("must not contain NUL characters".to_owned());
+    }
+    if path.starts_with('/') {
+        return Err("must be relative to /workspace".to_owned());
+    }
+    if path
+        .split('/')
+        .any(|part| part.is_empty() || part == "." || part == "..")
+    {
+        return Err("must not have empty, `.` or `..` parts".to_owned());
+    }
+    if path == ".flotilla" || path.starts_with(".flotilla/") {
+        return Err("must not be under .flotilla/ (the job's own files)".to_owned());
+    }
+    Ok(())
+}
+
 pub(crate) fn check_safe_id(s: &str) -> Result<(), String> {
     if flotilla_proto::ids::is_safe_id(s, SAFE_ID_MAX) {
         Ok(())

@@ -4,7 +4,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use chrono::{DateTime, TimeZone, Utc};
-use flotilla_proto::{JobRequest, ResourcesRequest, SubmitRequest};
+use flotilla_proto::{FileRequest, JobRequest, ResourcesRequest, SubmitRequest, WorkspaceFile};
 use serde_json::{Value, json};
 
 use crate::{Catalog, Limits, Origin, ValidationError, validate};
@@ -971,4 +971,91 @@ fn a_profile_whose_model_is_outside_its_allow_list_does_not_load() {
         e.to_string().contains("not in [agent].allowed_models"),
         "{e}"
     );
+}
+
+fn file(path: &str, content: &str, encoding: Option<&str>) -> FileRequest {
+    FileRequest {
+        path: Some(path.to_owned()),
+        content: Some(content.to_owned()),
+        encoding: encoding.map(str::to_owned),
+        executable: None,
+    }
+}
+
+fn with_files(files: Vec<FileRequest>) -> SubmitRequest {
+    SubmitRequest {
+        files: Some(files),
+        ..base()
+    }
+}
+
+#[tokio::test]
+async fn files_are_decoded_and_their_paths_checked() {
+    let job = ok(with_files(vec![
+        file("notes/a.txt", "héllo\n", None),
+        FileRequest {
+            executable: Some(true),
+            ..file("bin/data", "AP9h", Some("base64"))
+        },
+    ]))
+    .await;
+    assert_eq!(
+        job.files,
+        [
+            WorkspaceFile {
+                path: "notes/a.txt".to_owned(),
+                content: "héllo\n".as_bytes().to_vec(),
+                executable: false,
+            },
+            WorkspaceFile {
+                path: "bin/data".to_owned(),
+                content: vec![0, 0xff, 0x61],
+                executable: true,
+            },
+        ]
+    );
+    assert!(ok(base()).await.files.is_empty());
+
+    for (files, field) in [
+        (vec![file("/etc/passwd", "x", None)], "files[0].path"),
+        (vec![file("a/../../etc", "x", None)], "files[0].path"),
+        (vec![file("a//b", "x", None)], "files[0].path"),
+        (vec![file("./a", "x", None)], "files[0].path"),
+        (vec![file(".flotilla/job.sh", "x", None)], "files[0].path"),
+        (vec![file("", "x", None)], "files[0].path"),
+        (
+            vec![file("a", "x", None), file("a", "y", None)],
+            "files[1].path",
+        ),
+        (vec![file("a", "%%%", Some("base64"))], "files[0].content"),
+        (vec![file("a", "x", Some("hex"))], "files[0].encoding"),
+    ] {
+        let e = err(with_files(files)).await;
+        assert_err(&e, "invalid_field", field);
+    }
+    let e = err(with_files(vec![FileRequest {
+        content: None,
+        ..file("a", "", None)
+    }]))
+    .await;
+    assert_err(&e, "missing_field", "files[0].content");
+
+    // 2 MiB in all, decoded.
+    let half = "x".repeat(1024 * 1024);
+    ok(with_files(vec![
+        file("a", &half, None),
+        file("b", &half, None),
+    ]))
+    .await;
+    let e = err(with_files(vec![
+        file("a", &half, None),
+        file("b", &half, None),
+        file("c", "x", None),
+    ]))
+    .await;
+    assert_err(&e, "invalid_field", "files");
+    let many = (0..1001)
+        .map(|i| file(&format!("f{i}"), "", None))
+        .collect();
+    assert_err(&err(with_files(many)).await, "invalid_field", "files");
 }

@@ -5,7 +5,9 @@
 use std::collections::BTreeMap;
 
 use chrono::{DateTime, Utc};
-use flotilla_proto::{JobRequest, Resources, ResourcesRequest, SubmitRequest, ids};
+use flotilla_proto::{
+    FileRequest, JobRequest, Resources, ResourcesRequest, SubmitRequest, WorkspaceFile, ids,
+};
 use serde_json::{Map, Value};
 
 use crate::catalog::Catalog;
@@ -17,6 +19,9 @@ use crate::webhook::check_webhook_url;
 pub const DEFAULT_PROFILE: &str = "default";
 const MAX_MCP_CONFIG_BYTES: usize = 256 * 1024;
 const MAX_METADATA_KEYS: usize = 32;
+const MAX_FILES: usize = 1_000;
+/// Decoded; the job message carries them, beside a prompt of up to 4 MB (NATS max_payload 8MB).
+const MAX_FILES_BYTES: usize = 2 * 1024 * 1024;
 const MAX_METADATA_VALUE_CHARS: usize = 1024;
 
 /// Operator settings that validation applies.
@@ -114,6 +119,7 @@ pub async fn validate(
         timeout_seconds,
         resources,
         metadata,
+        files,
     } = request;
 
     if let Some(id) = &job_id {
@@ -252,6 +258,7 @@ pub async fn validate(
     };
     let resources = resolve_resources(resources.unwrap_or_default(), profile, limits)?;
     let metadata = check_metadata(metadata.unwrap_or_default())?;
+    let files = check_files(files.unwrap_or_default())?;
     check_fits_argv(engine, "prompt", Some(&prompt))?;
     if engine
         .flags
@@ -285,6 +292,7 @@ pub async fn validate(
         resources,
         metadata,
         created_at: now,
+        files,
     })
 }
 
@@ -458,6 +466,59 @@ fn resolve_resources(
         memory_bytes,
         nano_cpus,
     })
+}
+
+/// Decodes and checks `files`: safe relative paths, each once, within the count and size caps.
+fn check_files(files: Vec<FileRequest>) -> Result<Vec<WorkspaceFile>, ValidationError> {
+    use base64::Engine as _;
+    if files.len() > MAX_FILES {
+        let reason = format!("must have at most {MAX_FILES} files");
+        return Err(ValidationError::invalid("files", reason));
+    }
+    let mut total = 0usize;
+    let mut seen = std::collections::BTreeSet::new();
+    let mut out = Vec::with_capacity(files.len());
+    for (i, file) in files.into_iter().enumerate() {
+        let field = |name: &str| format!("files[{i}].{name}");
+        let path = file.path.ok_or_else(|| {
+            ValidationError::missing(&field("path"), "path is required".to_owned())
+        })?;
+        rules::check_workspace_path(&path)
+            .map_err(|e| ValidationError::invalid(&field("path"), e))?;
+        if !seen.insert(path.clone()) {
+            let reason = format!("{} is given twice", clip(&path));
+            return Err(ValidationError::invalid(&field("path"), reason));
+        }
+        let content = file.content.ok_or_else(|| {
+            ValidationError::missing(&field("content"), "content is required".to_owned())
+        })?;
+        let content = match file.encoding.as_deref().unwrap_or("utf-8") {
+            "utf-8" => content.into_bytes(),
+            "base64" => base64::engine::general_purpose::STANDARD
+                .decode(content.as_bytes())
+                .map_err(|e| {
+                    ValidationError::invalid(&field("content"), format!("is not base64: {e}"))
+                })?,
+            other => {
+                let reason = format!("must be utf-8 or base64, got {}", clip(other));
+                return Err(ValidationError::invalid(&field("encoding"), reason));
+            }
+        };
+        total += content.len();
+        if total > MAX_FILES_BYTES {
+            let reason = format!(
+                "hold more than {} in all (decoded)",
+                human_bytes(MAX_FILES_BYTES as i64)
+            );
+            return Err(ValidationError::invalid("files", reason));
+        }
+        out.push(WorkspaceFile {
+            path,
+            content,
+            executable: file.executable.unwrap_or(false),
+        });
+    }
+    Ok(out)
 }
 
 fn check_metadata(

@@ -95,6 +95,43 @@ pub struct SubmitRequest {
     /// keys matching `^[A-Za-z0-9_.-]{1,64}$`, values of at most 1024 characters.
     #[serde(default)]
     pub metadata: Option<BTreeMap<String, String>>,
+    /// Files written into the job's `/workspace` before the pre-hook and the engine run: at
+    /// most 1,000 files and 2 MiB in all (decoded). The profile's agent-instructions file and
+    /// the MCP configuration are written after them.
+    #[serde(default)]
+    pub files: Option<Vec<FileRequest>>,
+}
+
+/// One file of `files`, as submitted.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct FileRequest {
+    /// Relative to `/workspace`: `/`-separated, no empty, `.` or `..` part, no NUL, at most
+    /// 1024 bytes, not under `.flotilla/` (the job's own files).
+    #[cfg_attr(feature = "openapi", schema(value_type = String, required))]
+    pub path: Option<String>,
+    /// The file's content, as `encoding` says.
+    #[cfg_attr(feature = "openapi", schema(value_type = String, required))]
+    pub content: Option<String>,
+    /// `utf-8` (the default: `content` is the text) or `base64` (standard alphabet, padded):
+    /// for binary files.
+    #[serde(default)]
+    pub encoding: Option<String>,
+    /// Make the file executable (by the job's user: the job script runs under `umask 077`).
+    #[serde(default)]
+    pub executable: Option<bool>,
+}
+
+/// A file to write into the job's workspace, validated and decoded.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WorkspaceFile {
+    /// Relative to `/workspace`; checked safe.
+    pub path: String,
+    #[serde(with = "serde_bytes")]
+    pub content: Vec<u8>,
+    #[serde(default)]
+    pub executable: bool,
 }
 
 /// `resources` as submitted: `{"memory": "512m", "cpus": 0.5}`.
@@ -168,6 +205,9 @@ pub struct JobRequest {
     #[serde(default)]
     pub metadata: BTreeMap<String, String>,
     pub created_at: DateTime<Utc>,
+    /// Written into `/workspace` before anything runs.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub files: Vec<WorkspaceFile>,
 }
 
 #[cfg(feature = "test-support")]
@@ -202,6 +242,7 @@ impl JobRequest {
             },
             metadata: BTreeMap::new(),
             created_at: Utc::now(),
+            files: Vec::new(),
         }
     }
 }

@@ -15,8 +15,8 @@ pub mod node;
 
 pub use codec::{CodecError, Encoding, decode, encode};
 pub use job::{
-    Attempt, JobRecord, JobRequest, JobResult, JobStatus, Resources, ResourcesRequest,
-    SubmitRequest, Usage, WebhookDelivery,
+    Attempt, FileRequest, JobRecord, JobRequest, JobResult, JobStatus, Resources, ResourcesRequest,
+    SubmitRequest, Usage, WebhookDelivery, WorkspaceFile,
 };
 pub use llm::LlmGrant;
 pub use log::{LogChunk, LogEnd, LogStream};

@@ -2,10 +2,11 @@
 
 use std::time::{Duration, Instant};
 
+use base64::Engine as _;
 use flotilla_proto::{JobStatus, LogStream};
 use flotilla_testkit::{Fleet, containers_for_job, wait_until};
 use reqwest::Method;
-use serde_json::json;
+use serde_json::{Value, json};
 
 use crate::{LogReader, get_job, js_context, shell, stdout_of, submit, wait};
 
@@ -200,4 +201,45 @@ async fn dry_run_of_an_agent_engine_records_the_command_line() {
         serde_json::from_str(result["logs_tail"].as_str().unwrap().trim()).unwrap();
     assert_eq!(printed["args"], result["raw"]["args"]);
     fleet.assert_no_containers_left().await.unwrap();
+}
+
+#[tokio::test]
+async fn submitted_files_are_in_the_workspace_byte_for_byte() {
+    let fleet = Fleet::builder().start().await.unwrap();
+    // \0, \377, a quote, a percent sign and a backslash: what a shell string cannot hold as is.
+    let binary = [0u8, 0xff, b'\'', b'%', b'\\', b'\n'];
+    let script = "cat notes/readme.md; od -An -tx1 data/blob.bin | tr -s ' '; ./tools/run.sh";
+    let job_id = submit(
+        &fleet,
+        json!({
+            "agent_id": "e2e", "engine": "shell", "prompt": script,
+            "files": [
+                {"path": "notes/readme.md", "content": "# Title\n100% done\n"},
+                {"path": "data/blob.bin", "encoding": "base64",
+                 "content": base64::engine::general_purpose::STANDARD.encode(binary)},
+                {"path": "tools/run.sh", "content": "#!/bin/sh\necho ran\n", "executable": true},
+            ],
+        }),
+    )
+    .await;
+    let job = wait(&fleet, &job_id).await;
+    assert_eq!(job["status"], "completed", "{job}");
+    assert_eq!(
+        job["result"]["text"], "# Title\n100% done\n 00 ff 27 25 5c 0a\nran\n",
+        "{job}"
+    );
+
+    // A path outside the workspace is refused at submit.
+    let response = fleet
+        .request(Method::POST, "/jobs")
+        .json(
+            &json!({"agent_id": "e2e", "engine": "shell", "prompt": "true",
+                      "files": [{"path": "../etc/passwd", "content": "x"}]}),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 422);
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["error"]["field"], "files[0].path", "{body}");
 }

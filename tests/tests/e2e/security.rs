@@ -49,12 +49,26 @@ async fn the_root_filesystem_is_read_only_and_the_workspace_writable() {
         shell(
             "touch /etc/x 2>/dev/null && echo etc-writable; touch /usr/x 2>/dev/null && echo usr-writable; \
              touch /bin/x 2>/dev/null && echo bin-writable; echo kept > /workspace/f && cat /workspace/f; \
-             echo tmp > /tmp/f && cat /tmp/f",
+             echo tmp > /tmp/f && cat /tmp/f; \
+             printf '#!/bin/sh\\necho ran\\n' > /workspace/x && chmod +x /workspace/x && /workspace/x; \
+             grep -E ' /(workspace|tmp) ' /proc/mounts",
         ),
     )
     .await;
     assert_eq!(job["status"], "completed", "{job}");
-    assert_eq!(job["result"]["text"], "kept\ntmp\n");
+    let text = job["result"]["text"].as_str().unwrap();
+    // What the agent builds or installs there runs; set-uid bits and devices do not count.
+    assert!(text.starts_with("kept\ntmp\nran\n"), "{text}");
+    let mounts: Vec<&str> = text.lines().skip(3).collect();
+    assert_eq!(mounts.len(), 2, "{text}");
+    for mount in mounts {
+        let options: Vec<&str> = mount.split(' ').nth(3).unwrap().split(',').collect();
+        for wanted in ["rw", "nosuid", "nodev"] {
+            assert!(options.contains(&wanted), "{mount}");
+        }
+        assert!(!options.contains(&"noexec"), "{mount}");
+        assert!(options.iter().any(|o| o.starts_with("size=")), "{mount}");
+    }
 }
 
 #[tokio::test]
