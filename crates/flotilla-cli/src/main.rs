@@ -51,6 +51,11 @@ enum Command {
         /// Read the prompt from a file.
         #[arg(long, short, conflicts_with = "prompt")]
         file: Option<PathBuf>,
+        /// Put a local file in the job's /workspace, as `PATH` (its file name there) or
+        /// `PATH:DEST` (DEST relative to /workspace). Repeatable; binary files are fine, and
+        /// an executable stays executable.
+        #[arg(long, value_name = "PATH[:DEST]")]
+        attach: Vec<String>,
         #[arg(long, default_value = "cli")]
         agent_id: String,
         #[arg(long)]
@@ -164,6 +169,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             profile,
             vars,
             file,
+            attach,
             agent_id,
             timeout,
             dry_run,
@@ -193,6 +199,13 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             if !vars.is_empty() {
                 body.insert("prompt_vars".into(), Value::Object(parse_vars(&vars)?));
+            }
+            if !attach.is_empty() {
+                let files = attach
+                    .iter()
+                    .map(|spec| attachment(spec))
+                    .collect::<anyhow::Result<_>>()?;
+                body.insert("files".into(), Value::Array(files));
             }
             if dry_run {
                 body.insert("dry_run".into(), json!(true));
@@ -339,6 +352,35 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
 }
 
 /// `name=value` pairs; values that parse as JSON keep their type (`n=3` is a number).
+/// One `--attach PATH[:DEST]` as an entry of the job's `files`.
+fn attachment(spec: &str) -> anyhow::Result<Value> {
+    use base64::Engine as _;
+    let (local, dest) = match spec.split_once(':') {
+        Some((local, dest)) => (PathBuf::from(local), dest.to_owned()),
+        None => {
+            let local = PathBuf::from(spec);
+            let name = local
+                .file_name()
+                .with_context(|| format!("--attach {spec}: no file name"))?
+                .to_string_lossy()
+                .into_owned();
+            (local, name)
+        }
+    };
+    let content =
+        std::fs::read(&local).with_context(|| format!("cannot read {}", local.display()))?;
+    let executable = {
+        use std::os::unix::fs::PermissionsExt as _;
+        std::fs::metadata(&local)?.permissions().mode() & 0o111 != 0
+    };
+    Ok(json!({
+        "path": dest,
+        "content": base64::engine::general_purpose::STANDARD.encode(content),
+        "encoding": "base64",
+        "executable": executable,
+    }))
+}
+
 fn parse_vars(vars: &[String]) -> anyhow::Result<Map<String, Value>> {
     let mut map = Map::new();
     for var in vars {

@@ -106,6 +106,39 @@ async fn submit_follow_get_ls_cancel_from_the_command_line() {
     .await;
     assert_eq!(vars.code, Some(0), "{}{}", vars.stdout, vars.stderr);
 
+    // Local files into the job's workspace: binary content, and an executable stays one.
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data.bin");
+    std::fs::write(&data, [0u8, 0xfe, b'\n']).unwrap();
+    let tool = dir.path().join("tool.sh");
+    std::fs::write(&tool, "#!/bin/sh\necho tool ran\n").unwrap();
+    std::fs::set_permissions(&tool, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let attached = flotilla(
+        &fleet,
+        &[
+            "submit",
+            "--engine",
+            "shell",
+            "--attach",
+            &format!("{}:in/blob", data.display()),
+            "--attach",
+            &tool.display().to_string(),
+            "--wait",
+            "--json",
+            "od -An -tx1 in/blob | tr -s ' '; ./tool.sh",
+        ],
+    )
+    .await;
+    assert_eq!(
+        attached.code,
+        Some(0),
+        "{}{}",
+        attached.stdout,
+        attached.stderr
+    );
+    let job: Value = serde_json::from_str(attached.stdout.trim()).unwrap();
+    assert_eq!(job["result"]["text"], " 00 fe 0a\ntool ran\n", "{job}");
+
     let nodes = flotilla(&fleet, &["nodes", "--json"]).await;
     let nodes: Value = serde_json::from_str(nodes.stdout.trim()).unwrap();
     assert_eq!(nodes["nodes"][0]["node_id"], fleet.node_ids[0].as_str());
