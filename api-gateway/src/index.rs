@@ -11,9 +11,20 @@ use std::{
 
 use chrono::{DateTime, Utc};
 use flotilla_nats::{JobStore, Versioned, WatchEvent};
+use flotilla_proto::JobRecord;
 use flotilla_proto::JobStatus;
-use tokio::sync::Notify;
+use tokio::sync::{Notify, broadcast};
 use tokio_util::sync::CancellationToken;
+
+/// Buffered changes per `/jobs/events` subscriber before it is told it lagged.
+const CHANGES_BUFFER: usize = 1024;
+
+/// A change seen by the watch, as `/jobs/events` subscribers get it.
+#[derive(Debug, Clone)]
+pub enum Change {
+    Put(Arc<JobRecord>),
+    Removed(String),
+}
 
 #[derive(Debug, Clone)]
 struct Summary {
@@ -45,7 +56,25 @@ pub struct Filter {
     pub created_before: Option<DateTime<Utc>>,
 }
 
+impl Summary {
+    fn of(record: &JobRecord, revision: u64) -> Self {
+        Self {
+            revision,
+            status: record.status,
+            agent_id: record.agent_id.clone(),
+            engine: record.engine.clone(),
+            profile: record.profile.clone(),
+            created_at: record.created_at,
+            metadata: record.metadata.clone(),
+        }
+    }
+}
+
 impl Filter {
+    pub fn matches_record(&self, record: &JobRecord) -> bool {
+        self.matches(&Summary::of(record, 0))
+    }
+
     fn matches(&self, s: &Summary) -> bool {
         self.status.is_none_or(|status| s.status == status)
             && self.agent_id.as_ref().is_none_or(|a| *a == s.agent_id)
@@ -60,9 +89,10 @@ impl Filter {
     }
 }
 
-#[derive(Default)]
 pub struct JobIndex {
     inner: RwLock<Inner>,
+    /// Every accepted change, for `/jobs/events`; sent only while someone listens.
+    changes: broadcast::Sender<Change>,
     /// Jobs someone is waiting on, woken when they become terminal.
     waiters: Mutex<HashMap<String, Arc<Notify>>>,
     /// Jobs taken back after a failed submit: their creation may still arrive from the watch
@@ -70,7 +100,23 @@ pub struct JobIndex {
     forgotten: Mutex<HashSet<String>>,
 }
 
+impl Default for JobIndex {
+    fn default() -> Self {
+        Self {
+            inner: RwLock::default(),
+            changes: broadcast::channel(CHANGES_BUFFER).0,
+            waiters: Mutex::default(),
+            forgotten: Mutex::default(),
+        }
+    }
+}
+
 impl JobIndex {
+    /// Changes from now on (see [`Change`]).
+    pub fn subscribe(&self) -> broadcast::Receiver<Change> {
+        self.changes.subscribe()
+    }
+
     /// Adds or refreshes a job; stale revisions (an older update seen late) are ignored.
     pub fn upsert(&self, versioned: &Versioned) {
         let record = &versioned.record;
@@ -91,21 +137,16 @@ impl JobIndex {
             {
                 return;
             }
-            let summary = Summary {
-                revision: versioned.revision,
-                status: record.status,
-                agent_id: record.agent_id.clone(),
-                engine: record.engine.clone(),
-                profile: record.profile.clone(),
-                created_at: record.created_at,
-                metadata: record.metadata.clone(),
-            };
+            let summary = Summary::of(record, versioned.revision);
             if let Some(old) = inner.by_id.insert(record.job_id.clone(), summary) {
                 inner.order.remove(&(old.created_at, record.job_id.clone()));
             }
             inner
                 .order
                 .insert((record.created_at, record.job_id.clone()));
+        }
+        if self.changes.receiver_count() > 0 {
+            let _ = self.changes.send(Change::Put(Arc::new(record.clone())));
         }
         if record.status.is_terminal() {
             self.wake(&record.job_id);
@@ -132,10 +173,14 @@ impl JobIndex {
 
     fn drop_entry(&self, job_id: &str) {
         let mut inner = self.inner.write().expect("index lock");
-        if let Some(old) = inner.by_id.remove(job_id) {
+        let removed = inner.by_id.remove(job_id);
+        if let Some(old) = &removed {
             inner.order.remove(&(old.created_at, job_id.to_owned()));
         }
         drop(inner);
+        if removed.is_some() && self.changes.receiver_count() > 0 {
+            let _ = self.changes.send(Change::Removed(job_id.to_owned()));
+        }
         self.wake(job_id);
     }
 

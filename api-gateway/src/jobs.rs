@@ -263,7 +263,7 @@ fn hex_digest(bytes: &[u8]) -> String {
 }
 
 /// A record as clients see it: internal routing detail removed.
-fn public(mut record: JobRecord) -> JobRecord {
+pub(crate) fn public(mut record: JobRecord) -> JobRecord {
     record.ack_subject = None;
     record
 }
@@ -520,7 +520,7 @@ fn int_param(
         })
 }
 
-fn parse_filter(params: &HashMap<String, String>) -> Result<Filter, ApiError> {
+pub(crate) fn parse_filter(params: &HashMap<String, String>) -> Result<Filter, ApiError> {
     let mut filter = Filter::default();
     for (name, value) in params {
         match name.as_str() {

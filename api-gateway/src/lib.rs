@@ -4,6 +4,7 @@
 mod config;
 mod configs;
 mod error;
+mod events;
 mod index;
 mod jobs;
 mod logs;
@@ -73,6 +74,7 @@ pub(crate) const ROUTES: &[(&str, &str)] = &[
     ("DELETE", "/configs/{type}/{name}"),
     ("POST", "/jobs"),
     ("GET", "/jobs"),
+    ("GET", "/jobs/events"),
     ("GET", "/jobs/{job_id}"),
     ("DELETE", "/jobs/{job_id}"),
     ("GET", "/jobs/{job_id}/wait"),
@@ -102,6 +104,7 @@ pub fn router(state: Arc<AppState>) -> Router {
             get(configs::get).put(configs::put).delete(configs::delete),
         )
         .route("/jobs", post(jobs::create).get(jobs::list))
+        .route("/jobs/events", get(events::stream))
         .route("/jobs/{job_id}", get(jobs::get).delete(jobs::cancel))
         .route("/jobs/{job_id}/wait", get(jobs::wait))
         .route("/jobs/{job_id}/logs", get(logs::stream))

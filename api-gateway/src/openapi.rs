@@ -18,7 +18,7 @@ use utoipa::{
     },
 };
 
-use crate::{configs, error::ErrorBody, jobs, logs, metrics, ops, ui};
+use crate::{configs, error::ErrorBody, events, jobs, logs, metrics, ops, ui};
 
 const DOCS_PAGE: &str = include_str!("../ui/docs.html");
 const DOCS_SCRIPT: &str = include_str!("../ui/docs.js");
@@ -58,6 +58,7 @@ The behaviour in full, and where it differs from Parpaing's API: `docs/api.md`."
         jobs::wait,
         jobs::cancel,
         logs::stream,
+        events::stream,
         ops::engines,
         ops::profiles,
         configs::list,
@@ -81,7 +82,13 @@ The behaviour in full, and where it differs from Parpaing's API: `docs/api.md`."
     // Schemas reached from the operations are collected on their own; these are only named in
     // descriptions (the error body behind the shared responses, the log stream's event data).
     components(
-        schemas(ErrorBody, logs::LogEvent<'_>, logs::EndEvent<'_>),
+        schemas(
+            ErrorBody,
+            logs::LogEvent<'_>,
+            logs::EndEvent<'_>,
+            events::RemovedEvent,
+            events::LaggedEvent
+        ),
         responses(Unauthorized, NotFoundJob, Internal, Unavailable),
     ),
     modifiers(&BearerKey),

@@ -8,7 +8,10 @@ const KEY_STORAGE = "flotilla.apiKey";
 const AGENT_STORAGE = "flotilla.agentId";
 const STATUSES = ["pending", "running", "completed", "failed", "cancelled"];
 const TERMINAL = new Set(["completed", "failed", "cancelled"]);
-const POLL_MS = 1500;
+// Nodes have no change stream: their view polls.
+const NODES_POLL_MS = 2000;
+// With `/jobs/events` pushing job changes, polling them is only a safety net.
+const SAFETY_POLL_MS = 15000;
 
 // ---------------------------------------------------------------------------------------------
 // DOM and formatting helpers
@@ -109,23 +112,24 @@ async function api(method, path, body, signal) {
 }
 
 /**
- * Follows `GET /jobs/{id}/logs` with fetch() rather than EventSource, because EventSource
- * cannot send the Authorization header. Reconnects with `Last-Event-ID` if the stream drops
- * before its `end` event. Calls `onEvent(name, data)` for each event.
+ * Follows a server-sent event stream with fetch() rather than EventSource, because EventSource
+ * cannot send the Authorization header. Reconnects (with `Last-Event-ID` when events carry ids)
+ * if the stream drops before an `end` event. Calls `onEvent(name, data)` for each event and
+ * `onState(text)` as the connection comes and goes.
  */
-async function followLogs(jobId, onEvent, onState, signal) {
+async function followSse(path, onEvent, onState, signal) {
   let lastId = null;
   while (!signal.aborted) {
     const headers = authHeaders();
     if (lastId !== null) headers["Last-Event-ID"] = lastId;
     try {
-      const response = await fetch(`/jobs/${encodeURIComponent(jobId)}/logs`, { headers, signal });
+      const response = await fetch(path, { headers, signal });
       if (!response.ok) {
         if (response.status === 401) keyNeeded();
-        onState(`cannot read logs (HTTP ${response.status})`);
+        onState(`cannot follow (HTTP ${response.status})`);
         return;
       }
-      onState("following live output");
+      onState("live");
       const reader = response.body.pipeThrough(new TextDecoderStream()).getReader();
       let buffer = "";
       let event = { name: "message", data: [], id: null };
@@ -163,6 +167,22 @@ async function followLogs(jobId, onEvent, onState, signal) {
     // The stream closed without `end`: the gateway restarted or the network dropped.
     await delay(2000, signal);
   }
+}
+
+/** A job's output (`GET /jobs/{id}/logs`), until its `end` event. */
+function followLogs(jobId, onEvent, onState, signal) {
+  const state = (text) => onState(text === "live" ? "following live output" : text);
+  return followSse(`/jobs/${encodeURIComponent(jobId)}/logs`, onEvent, state, signal);
+}
+
+/**
+ * Calls `onChange(name, data)` for every change `GET /jobs/events?query` pushes, and `onOpen()`
+ * each time the stream (re)connects: changes made while it was down are not replayed, so the
+ * caller reloads then.
+ */
+function followJobEvents(query, onChange, onOpen, signal) {
+  const path = query ? `/jobs/events?${query}` : "/jobs/events";
+  return followSse(path, onChange, (state) => { if (state === "live") onOpen(); }, signal);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -345,6 +365,23 @@ function jobsView(root, params, signal) {
     next.disabled = offset + body.jobs.length >= body.total;
   };
 
+  // Live: a change of a matching job reloads the page, coalesced; the stream follows the filters.
+  let reloadQueued = false;
+  const reloadSoon = () => {
+    if (reloadQueued) return;
+    reloadQueued = true;
+    setTimeout(() => { reloadQueued = false; load().catch(showError); }, 200);
+  };
+  let live = null;
+  const follow = () => {
+    if (live) live.abort();
+    live = new AbortController();
+    signal.addEventListener("abort", () => live.abort(), { once: true });
+    const query = new URLSearchParams();
+    for (const [name, value] of Object.entries(filters)) if (value) query.set(name, value);
+    followJobEvents(query.toString(), reloadSoon, reloadSoon, live.signal);
+  };
+
   // Filters live in the fragment (so a reload keeps them), replaced without a hashchange so the
   // inputs keep focus while the user types.
   const changed = () => {
@@ -358,6 +395,7 @@ function jobsView(root, params, signal) {
     const text = query.toString();
     history.replaceState(null, "", text ? `#/jobs?${text}` : "#/jobs");
     load().catch(showError);
+    follow();
   };
   statusSelect.addEventListener("change", () => { offset = 0; changed(); });
   for (const input of [agentInput, engineInput, profileInput]) {
@@ -366,7 +404,8 @@ function jobsView(root, params, signal) {
   prev.addEventListener("click", () => { offset = Math.max(0, offset - limit); changed(); });
   next.addEventListener("click", () => { offset += limit; changed(); });
 
-  poll(load, POLL_MS, signal, showError);
+  follow();
+  poll(load, SAFETY_POLL_MS, signal, showError);
 }
 
 function jobRow(job) {
@@ -432,8 +471,12 @@ function jobView(root, jobId, signal) {
     }
   });
 
-  // Keep reading the record after the job ends too: a cancelled job gets its output a moment later.
-  poll(load, POLL_MS, signal, showError);
+  // The record as it changes (pushed), read again whenever the stream (re)connects, and
+  // after the job ends too: a cancelled job gets its output a moment later.
+  followJobEvents(`job_id=${encodeURIComponent(jobId)}`,
+    (name, data) => { if (name === "job") render(data); else load().catch(showError); },
+    () => load().catch(showError), signal);
+  poll(load, SAFETY_POLL_MS, signal, showError);
 
   // Stick to the bottom of the log unless the user scrolled up to read.
   const append = (text, stream) => {
@@ -701,7 +744,7 @@ function nodesView(root, signal) {
       tbody.append(h("tr", {}, h("td", { colspan: 9, class: "empty" }, "No live nodes.")));
     }
   };
-  poll(load, 2000, signal, showError);
+  poll(load, NODES_POLL_MS, signal, showError);
 }
 
 function nodeRow(node) {

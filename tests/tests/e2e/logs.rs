@@ -10,9 +10,24 @@ use crate::{shell, submit};
 
 /// Reads SSE events (name, data, arrival time) until `end` or the stream closes.
 async fn read_events(fleet: &Fleet, path: &str) -> Vec<(String, Value, Instant)> {
-    let mut response = fleet.request(Method::GET, path).send().await.unwrap();
+    let response = open_events(fleet, path).await;
+    read_events_until(response, |name, _| name == "end").await
+}
+
+/// Starts an SSE request: once this returns, the server is sending.
+async fn open_events(fleet: &Fleet, path: &str) -> reqwest::Response {
+    let response = fleet.request(Method::GET, path).send().await.unwrap();
     assert_eq!(response.status(), 200);
     assert_eq!(response.headers()["content-type"], "text/event-stream");
+    response
+}
+
+/// Reads SSE events (name, data, arrival time) until `last` holds for one (included) or the
+/// stream closes.
+async fn read_events_until(
+    mut response: reqwest::Response,
+    last: impl Fn(&str, &Value) -> bool,
+) -> Vec<(String, Value, Instant)> {
     let mut events = Vec::new();
     let mut buffer = String::new();
     let mut name = String::new();
@@ -30,8 +45,9 @@ async fn read_events(fleet: &Fleet, path: &str) -> Vec<(String, Value, Instant)>
                 name = event.trim().to_owned();
             } else if let Some(data) = line.strip_prefix("data:") {
                 let data: Value = serde_json::from_str(data.trim()).unwrap();
+                let done = last(&name, &data);
                 events.push((name.clone(), data, Instant::now()));
-                if name == "end" {
+                if done {
                     return events;
                 }
             }
@@ -127,4 +143,52 @@ async fn the_log_stream_is_bounded_in_total_as_configured() {
         async_nats::jetstream::stream::DiscardPolicy::Old,
         "a full log stream drops the oldest output, never new output"
     );
+}
+
+#[tokio::test]
+async fn job_events_push_each_change_of_the_matching_jobs() {
+    let fleet = Fleet::builder().start().await.unwrap();
+    let events = open_events(&fleet, "/jobs/events?agent_id=watched").await;
+    let mut other = shell("echo not watched");
+    other["agent_id"] = "someone-else".into();
+    submit(&fleet, other).await;
+    let mut watched = shell("echo watched");
+    watched["agent_id"] = "watched".into();
+    let job_id = submit(&fleet, watched).await;
+
+    let events = read_events_until(events, |name, data| {
+        name == "job" && data["job_id"] == job_id.as_str() && data["status"] == "completed"
+    })
+    .await;
+    let mut statuses: Vec<&str> = Vec::new();
+    for (name, data, _) in &events {
+        assert_eq!(name, "job", "{data}");
+        assert_eq!(
+            data["job_id"],
+            job_id.as_str(),
+            "only the watched agent's job: {data}"
+        );
+        let status = data["status"].as_str().unwrap();
+        if statuses.last() != Some(&status) {
+            statuses.push(status);
+        }
+    }
+    assert_eq!(statuses, ["pending", "running", "completed"]);
+    let (_, last, _) = events.last().unwrap();
+    assert_eq!(
+        last["result"]["text"], "watched\n",
+        "the whole record: {last}"
+    );
+    assert!(
+        last.get("ack_subject").is_none(),
+        "as GET /jobs/{{id}} shows it"
+    );
+
+    // A bad filter is refused before the stream starts.
+    let response = fleet
+        .request(Method::GET, "/jobs/events?status=done")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 422);
 }
