@@ -54,6 +54,14 @@ pub(crate) async fn run(intake: Arc<Intake>, stop: CancellationToken) {
     }
 }
 
+/// 1 s, doubling with each failed delivery, at most 30 s.
+fn retry_delay(delivered: i64) -> Duration {
+    let doublings = u32::try_from(delivered.saturating_sub(1))
+        .unwrap_or(0)
+        .min(5);
+    Duration::from_secs(1 << doublings).min(Duration::from_secs(30))
+}
+
 impl Intake {
     async fn handle(&self, message: jetstream::Message) {
         // A publisher's trace context (W3C headers) makes admission part of its trace; the
@@ -70,11 +78,13 @@ impl Intake {
                 self.metrics.submission(admission);
                 AckKind::Ack
             }
-            // NATS trouble: try the message again shortly; admission is idempotent.
+            // NATS trouble: try the message again (as often as it takes: the consumer has no
+            // delivery limit), backing off; admission is idempotent.
             Err(e) => {
-                tracing::warn!(error = %e, "cannot admit submission, will retry");
+                let delivered = message.info().map_or(1, |info| info.delivered);
+                tracing::warn!(error = %e, delivered, "cannot admit submission, will retry");
                 self.metrics.submission(Admission::Retried);
-                AckKind::Nak(Some(Duration::from_secs(1)))
+                AckKind::Nak(Some(retry_delay(delivered)))
             }
         };
         if let Err(e) = message.ack_with(ack).await {
@@ -230,5 +240,19 @@ impl Intake {
             }
             Err(e) => tracing::warn!(error = %e, "cannot store rejected submission"),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retries_back_off_to_thirty_seconds() {
+        let delays: Vec<u64> = [1, 2, 3, 4, 5, 6, 7, 1000]
+            .into_iter()
+            .map(|n| retry_delay(n).as_secs())
+            .collect();
+        assert_eq!(delays, [1, 2, 4, 8, 16, 30, 30, 30]);
     }
 }

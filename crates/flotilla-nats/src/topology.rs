@@ -205,10 +205,15 @@ impl Topology {
             pull(names::CONSUMER_AGENTS, names::SUBJECT_RUN),
         )
         .await?;
+        // Admission only fails on NATS trouble and is idempotent: a stored submission is
+        // retried until admitted, never dropped after a few failures.
         let intake = ensure_consumer(
             &submit,
             names::CONSUMER_INTAKE,
-            pull(names::CONSUMER_INTAKE, names::SUBJECT_SUBMIT),
+            consumer::pull::Config {
+                max_deliver: -1,
+                ..pull(names::CONSUMER_INTAKE, names::SUBJECT_SUBMIT)
+            },
         )
         .await?;
 
