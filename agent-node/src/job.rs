@@ -156,6 +156,16 @@ async fn run(
         Outcome::Exited { start_ms, .. } => Some(*start_ms),
         Outcome::Infrastructure(_) => None,
     };
+    // What `retries` may run again: the job itself failed, nobody stopped it and it did not
+    // run out of memory (the same limit would kill it again).
+    let retryable = matches!(
+        &outcome,
+        Outcome::Exited {
+            stop: None,
+            oom_killed: false,
+            ..
+        }
+    );
     let final_state = match outcome {
         Outcome::Exited {
             stop: Some(Stop::Shutdown),
@@ -176,7 +186,11 @@ async fn run(
                 .system(&format!("attempt {attempt} failed: {error}; retrying"))
                 .await;
             if release(&shared, &request.job_id, &claimed, &error).await {
-                ack(&message, AckKind::Nak(Some(retry_delay(delivered)))).await;
+                ack(
+                    &message,
+                    AckKind::Nak(Some(flotilla_nats::redelivery_delay(delivered))),
+                )
+                .await;
             }
             shared.metrics.finished(Finish::Retried);
             return;
@@ -240,6 +254,29 @@ async fn run(
             error: Some(error.clone()),
             outcome: error,
         };
+    }
+    if final_state.status == JobStatus::Failed
+        && retryable
+        && attempt <= request.retries
+        && delivered < shared.config.topology.max_deliver
+    {
+        let error = &final_state.outcome;
+        tracing::info!(attempt, %error, retries = request.retries, "job failed, will be retried");
+        let _ = logs
+            .system(&format!(
+                "attempt {attempt} failed: {error}; retrying ({attempt} of {} retries)",
+                request.retries
+            ))
+            .await;
+        if release(&shared, &request.job_id, &claimed, error).await {
+            ack(
+                &message,
+                AckKind::Nak(Some(flotilla_nats::redelivery_delay(delivered))),
+            )
+            .await;
+        }
+        shared.metrics.finished(Finish::Retried);
+        return;
     }
     let pending = PendingFinish {
         job_id: request.job_id.clone(),
@@ -753,8 +790,11 @@ async fn run_container(
         network,
         runtime: config.runtime.clone(),
     };
-    // What the engine runs can continue the job's trace (OpenTelemetry's env carrier).
+    // The job's own coordinates, and the trace context (OpenTelemetry's env carrier) so that
+    // what the engine runs can continue the job's trace.
     let mut env = env.to_vec();
+    env.push(("FLOTILLA_JOB_ID".to_owned(), request.job_id.clone()));
+    env.push(("FLOTILLA_ATTEMPT".to_owned(), attempt.to_string()));
     if let Some(traceparent) =
         flotilla_telemetry::propagation::traceparent(&tracing::Span::current())
     {
@@ -990,11 +1030,6 @@ fn build_result(
     (result, usage, parsed.is_error)
 }
 
-fn retry_delay(delivered: i64) -> Duration {
-    let exponent = u32::try_from(delivered.clamp(1, 6) - 1).unwrap_or(0);
-    Duration::from_secs(1 << exponent)
-}
-
 /// While the job runs: tell JetStream we are still working (so the message is not redelivered)
 /// and notice a cancel that this node missed on the cancel subject.
 async fn keep_alive(
@@ -1079,12 +1114,5 @@ mod tests {
             final_state(137, Some(Stop::Cancelled), 5).status,
             JobStatus::Cancelled
         );
-    }
-
-    #[test]
-    fn retry_delay_grows_and_caps() {
-        assert_eq!(retry_delay(1), Duration::from_secs(1));
-        assert_eq!(retry_delay(3), Duration::from_secs(4));
-        assert_eq!(retry_delay(50), Duration::from_secs(32));
     }
 }

@@ -54,14 +54,6 @@ pub(crate) async fn run(intake: Arc<Intake>, stop: CancellationToken) {
     }
 }
 
-/// 1 s, doubling with each failed delivery, at most 30 s.
-fn retry_delay(delivered: i64) -> Duration {
-    let doublings = u32::try_from(delivered.saturating_sub(1))
-        .unwrap_or(0)
-        .min(5);
-    Duration::from_secs(1 << doublings).min(Duration::from_secs(30))
-}
-
 impl Intake {
     async fn handle(&self, message: jetstream::Message) {
         // A publisher's trace context (W3C headers) makes admission part of its trace; the
@@ -84,7 +76,7 @@ impl Intake {
                 let delivered = message.info().map_or(1, |info| info.delivered);
                 tracing::warn!(error = %e, delivered, "cannot admit submission, will retry");
                 self.metrics.submission(Admission::Retried);
-                AckKind::Nak(Some(retry_delay(delivered)))
+                AckKind::Nak(Some(flotilla_nats::redelivery_delay(delivered)))
             }
         };
         if let Err(e) = message.ack_with(ack).await {
@@ -240,19 +232,5 @@ impl Intake {
             }
             Err(e) => tracing::warn!(error = %e, "cannot store rejected submission"),
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn retries_back_off_to_thirty_seconds() {
-        let delays: Vec<u64> = [1, 2, 3, 4, 5, 6, 7, 1000]
-            .into_iter()
-            .map(|n| retry_delay(n).as_secs())
-            .collect();
-        assert_eq!(delays, [1, 2, 4, 8, 16, 30, 30, 30]);
     }
 }

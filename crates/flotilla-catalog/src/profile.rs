@@ -97,6 +97,8 @@ pub struct Profile {
     pub model: Option<String>,
     pub max_turns: Option<u32>,
     pub max_budget_usd: Option<f64>,
+    /// Retries of a job whose engine fails (`[agent].retries`, 0-5).
+    pub retries: Option<u32>,
     /// Models the job may ask the llm-gateway for (exact, or a prefix ending in `*`); empty
     /// allows any.
     pub allowed_models: Vec<String>,
@@ -165,6 +167,10 @@ impl Profile {
         if let Some(usd) = agent.max_budget_usd {
             rules::check_budget(usd).map_err(|e| format!("[agent].max_budget_usd {e}"))?;
         }
+        let retries = agent
+            .retries
+            .map(|n| rules::check_retries(n).map_err(|e| format!("[agent].retries {e}")))
+            .transpose()?;
         if let Some(format) = &agent.output_format {
             rules::check_output_format(format).map_err(|e| format!("[agent].output_format {e}"))?;
         }
@@ -220,6 +226,7 @@ impl Profile {
             model: agent.model,
             max_turns,
             max_budget_usd: agent.max_budget_usd,
+            retries,
             allowed_models: agent.allowed_models,
             output_format: agent.output_format,
             allowed_tools: tools.allowed,
@@ -266,6 +273,7 @@ struct AgentSection {
     model: Option<String>,
     max_turns: Option<i64>,
     max_budget_usd: Option<f64>,
+    retries: Option<i64>,
     allowed_models: Vec<String>,
     output_format: Option<String>,
 }

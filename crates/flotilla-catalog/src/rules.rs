@@ -86,6 +86,14 @@ pub(crate) fn check_max_turns(n: i64) -> Result<u32, String> {
     }
 }
 
+/// Retries of a job whose engine failed (`retries`): 0-5.
+pub(crate) fn check_retries(n: i64) -> Result<u32, String> {
+    match u32::try_from(n) {
+        Ok(retries @ 0..=5) => Ok(retries),
+        _ => Err(format!("must be between 0 and 5, got {n}")),
+    }
+}
+
 pub(crate) fn check_budget(usd: f64) -> Result<(), String> {
     if usd.is_finite() && usd > 0.0 && usd <= 50.0 {
         Ok(())

@@ -1059,3 +1059,28 @@ async fn files_are_decoded_and_their_paths_checked() {
         .collect();
     assert_err(&err(with_files(many)).await, "invalid_field", "files");
 }
+
+#[tokio::test]
+async fn retries_come_from_the_request_or_the_profile() {
+    assert_eq!(ok(base()).await.retries, 0);
+    let retries = |n: i64| SubmitRequest {
+        retries: Some(n),
+        ..base()
+    };
+    assert_eq!(ok(retries(5)).await.retries, 5);
+    for bad in [-1, 6] {
+        assert_err(&err(retries(bad)).await, "invalid_field", "retries");
+    }
+    let catalog = with_profile("[agent]\nengine = \"shell\"\nretries = 2\n");
+    let custom = |request: SubmitRequest| SubmitRequest {
+        profile: Some("custom".to_owned()),
+        ..request
+    };
+    let limits = Limits::default();
+    let job = run_with(&catalog, &limits, custom(base())).await.unwrap();
+    assert_eq!(job.retries, 2, "the profile's");
+    let job = run_with(&catalog, &limits, custom(retries(0)))
+        .await
+        .unwrap();
+    assert_eq!(job.retries, 0, "the request's, even 0");
+}

@@ -120,6 +120,7 @@ pub async fn validate(
         resources,
         metadata,
         files,
+        retries,
     } = request;
 
     if let Some(id) = &job_id {
@@ -226,6 +227,10 @@ pub async fn validate(
         rules::check_budget(usd).map_err(|e| ValidationError::invalid("max_budget_usd", e))?;
     }
     let max_budget_usd = max_budget_usd.or(profile.max_budget_usd);
+    let retries = match retries {
+        Some(n) => rules::check_retries(n).map_err(|e| ValidationError::invalid("retries", e))?,
+        None => profile.retries.unwrap_or(0),
+    };
     if let Some(format) = &output_format {
         rules::check_output_format(format)
             .map_err(|e| ValidationError::invalid("output_format", e))?;
@@ -293,6 +298,7 @@ pub async fn validate(
         metadata,
         created_at: now,
         files,
+        retries,
     })
 }
 

@@ -203,6 +203,13 @@ fn is_refusal(error: &async_nats::ClientError) -> bool {
     .any(|kind| message.contains(&kind.to_string()))
 }
 
+/// How long to wait before a message's next delivery after `delivered` failed ones: 1 s,
+/// doubling each time, at most 32 s. Both the intake and the nodes NAK with it.
+pub fn redelivery_delay(delivered: i64) -> Duration {
+    let exponent = u32::try_from(delivered.clamp(1, 6) - 1).unwrap_or(0);
+    Duration::from_secs(1 << exponent)
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum QueueError {
     #[error("cannot encode job: {0}")]
@@ -259,6 +266,15 @@ mod tests {
     use async_nats::{ClientError, ServerError};
 
     use super::*;
+
+    #[test]
+    fn redelivery_delay_grows_and_caps() {
+        let delays: Vec<u64> = [1, 2, 3, 6, 7, 1000, 0]
+            .into_iter()
+            .map(|n| redelivery_delay(n).as_secs())
+            .collect();
+        assert_eq!(delays, [1, 2, 4, 32, 32, 32, 1]);
+    }
 
     #[test]
     fn refusals_while_reconnecting_are_recognised() {

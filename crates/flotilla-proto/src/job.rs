@@ -95,6 +95,12 @@ pub struct SubmitRequest {
     /// keys matching `^[A-Za-z0-9_.-]{1,64}$`, values of at most 1024 characters.
     #[serde(default)]
     pub metadata: Option<BTreeMap<String, String>>,
+    /// How many times to run the job again when its engine fails (not when it is cancelled,
+    /// times out, runs out of memory or budget): 0-5, the profile's, else 0. Every attempt
+    /// counts, those lost to infrastructure failures too.
+    #[serde(default)]
+    #[cfg_attr(feature = "openapi", schema(minimum = 0, maximum = 5))]
+    pub retries: Option<i64>,
     /// Files written into the job's `/workspace` before the pre-hook and the engine run: at
     /// most 1,000 files and 2 MiB in all (decoded). The profile's agent-instructions file and
     /// the MCP configuration are written after them.
@@ -208,6 +214,13 @@ pub struct JobRequest {
     /// Written into `/workspace` before anything runs.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub files: Vec<WorkspaceFile>,
+    /// Attempts after the first that an engine failure may use (see `SubmitRequest::retries`).
+    #[serde(default, skip_serializing_if = "no_retries")]
+    pub retries: u32,
+}
+
+fn no_retries(n: &u32) -> bool {
+    *n == 0
 }
 
 #[cfg(feature = "test-support")]
@@ -243,6 +256,7 @@ impl JobRequest {
             metadata: BTreeMap::new(),
             created_at: Utc::now(),
             files: Vec::new(),
+            retries: 0,
         }
     }
 }

@@ -243,3 +243,50 @@ async fn submitted_files_are_in_the_workspace_byte_for_byte() {
     let body: Value = response.json().await.unwrap();
     assert_eq!(body["error"]["field"], "files[0].path", "{body}");
 }
+
+#[tokio::test]
+async fn a_failed_job_runs_again_as_many_times_as_it_asks() {
+    let fleet = Fleet::builder().start().await.unwrap();
+    let job = |retries: u32, script: &str| json!({"agent_id": "e2e", "engine": "shell", "retries": retries, "prompt": script});
+    // Fails on its first two attempts (each in a new container), then succeeds.
+    let flaky =
+        "echo attempt $FLOTILLA_ATTEMPT of $FLOTILLA_JOB_ID; [ $FLOTILLA_ATTEMPT -ge 3 ] || exit 7";
+    let id = submit(&fleet, job(2, flaky)).await;
+    let record = wait(&fleet, &id).await;
+    assert_eq!(record["status"], "completed", "{record}");
+    assert_eq!(record["attempt"], 3, "{record}");
+    assert_eq!(record["result"]["text"], format!("attempt 3 of {id}\n"));
+    let outcomes: Vec<&str> = record["attempts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a["outcome"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        outcomes,
+        ["exited with code 7", "exited with code 7", "completed"],
+        "{record}"
+    );
+
+    // Out of retries: failed with the last attempt's error.
+    let id = submit(&fleet, job(1, "exit 7")).await;
+    let record = wait(&fleet, &id).await;
+    assert_eq!(
+        (&record["status"], &record["attempt"], &record["exit_code"]),
+        (&json!("failed"), &json!(2), &json!(7)),
+        "{record}"
+    );
+    // None asked: one attempt. A timeout is not retried, retries or not.
+    let id = submit(&fleet, job(0, "exit 7")).await;
+    assert_eq!(wait(&fleet, &id).await["attempt"], 1);
+    let mut slow = job(2, "sleep 30");
+    slow["timeout_seconds"] = json!(1);
+    let id = submit(&fleet, slow).await;
+    let record = wait(&fleet, &id).await;
+    assert_eq!(
+        (&record["status"], &record["attempt"]),
+        (&json!("failed"), &json!(1)),
+        "{record}"
+    );
+    fleet.assert_no_containers_left().await.unwrap();
+}
