@@ -182,17 +182,17 @@ async fn run(
         }
         Outcome::Infrastructure(error) if delivered < shared.config.topology.max_deliver => {
             tracing::warn!(attempt, %error, "infrastructure failure, job will be retried");
-            let _ = logs
-                .system(&format!("attempt {attempt} failed: {error}; retrying"))
-                .await;
-            if release(&shared, &request.job_id, &claimed, &error).await {
-                ack(
-                    &message,
-                    AckKind::Nak(Some(flotilla_nats::redelivery_delay(delivered))),
-                )
-                .await;
-            }
-            shared.metrics.finished(Finish::Retried);
+            let note = format!("attempt {attempt} failed: {error}; retrying");
+            run_again(
+                &shared,
+                &message,
+                &request.job_id,
+                &claimed,
+                &mut logs,
+                &error,
+                &note,
+            )
+            .await;
             return;
         }
         Outcome::Infrastructure(error) => Final {
@@ -262,20 +262,20 @@ async fn run(
     {
         let error = &final_state.outcome;
         tracing::info!(attempt, %error, retries = request.retries, "job failed, will be retried");
-        let _ = logs
-            .system(&format!(
-                "attempt {attempt} failed: {error}; retrying ({attempt} of {} retries)",
-                request.retries
-            ))
-            .await;
-        if release(&shared, &request.job_id, &claimed, error).await {
-            ack(
-                &message,
-                AckKind::Nak(Some(flotilla_nats::redelivery_delay(delivered))),
-            )
-            .await;
-        }
-        shared.metrics.finished(Finish::Retried);
+        let note = format!(
+            "attempt {attempt} failed: {error}; retrying ({attempt} of {} retries)",
+            request.retries
+        );
+        run_again(
+            &shared,
+            &message,
+            &request.job_id,
+            &claimed,
+            &mut logs,
+            error,
+            &note,
+        )
+        .await;
         return;
     }
     let pending = PendingFinish {
@@ -1057,6 +1057,27 @@ async fn keep_alive(
             }
         }
     }
+}
+
+/// Gives the job back for another attempt on any node: the record returns to `pending` (this
+/// attempt's outcome kept in its history, `note` in its log) and the message is redelivered
+/// after a backoff.
+async fn run_again(
+    shared: &Shared,
+    message: &jetstream::Message,
+    job_id: &str,
+    claimed: &Claimed,
+    logs: &mut LogPublisher,
+    error: &str,
+    note: &str,
+) {
+    let _ = logs.system(note).await;
+    if release(shared, job_id, claimed, error).await {
+        let delivered = message.info().map_or(1, |info| info.delivered);
+        let delay = flotilla_nats::redelivery_delay(delivered);
+        ack(message, AckKind::Nak(Some(delay))).await;
+    }
+    shared.metrics.finished(Finish::Retried);
 }
 
 async fn ack(message: &jetstream::Message, kind: AckKind) {
