@@ -35,7 +35,8 @@ pub fn parse_cron(pattern: &str) -> Result<Cron, String> {
         .build();
     let fields = pattern.split_whitespace().count();
     // croner also takes `@daily` and friends; they have one field and are fine.
-    if !(fields == 1 && pattern.trim_start().starts_with('@')) && !(5..=6).contains(&fields) {
+    let nickname = fields == 1 && pattern.trim_start().starts_with('@');
+    if !nickname && !(5..=6).contains(&fields) {
         return Err(format!(
             "has {fields} fields; expected 5 (minute hour day-of-month month day-of-week) or 6 (seconds first)"
         ));
