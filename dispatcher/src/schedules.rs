@@ -119,6 +119,8 @@ impl Scheduler {
     async fn fire(&self, schedule_id: &str) -> Result<(), StoreError> {
         let store = &self.intake.topology.schedules;
         let Some(current) = store.get(schedule_id).await? else {
+            // Deleted, and the watch has not said so yet: no need to look again.
+            self.due.lock().expect("due schedules").remove(schedule_id);
             return Ok(());
         };
         let now = Utc::now();
@@ -127,6 +129,7 @@ impl Scheduler {
             .next_run_at
             .filter(|_| current.schedule.enabled)
         else {
+            self.due.lock().expect("due schedules").remove(schedule_id);
             return Ok(());
         };
         if due > now {
@@ -138,17 +141,22 @@ impl Scheduler {
             Err(e) => Run::Refused(format!("the schedule's timing is invalid: {e}")),
         };
         let (mut schedule, mut revision) = (current.schedule, current.revision);
+        let mut advance = true;
         loop {
-            record(&mut schedule, &run, due, now);
+            record(&mut schedule, &run, due, now, advance);
             match store.update(&schedule, revision).await {
                 Ok(_) => return Ok(()),
-                // Changed meanwhile (disabled, say): record the run on the new version if this
-                // slot is still the one due, else the change superseded it.
+                // Changed meanwhile (disabled, say): count a created job on the new version,
+                // and move it on only if this slot is still the one due.
                 Err(StoreError::Conflict(_)) => match store.get(schedule_id).await? {
-                    Some(fresh) if fresh.schedule.next_run_at == Some(due) => {
+                    Some(fresh) => {
+                        advance = fresh.schedule.next_run_at == Some(due);
+                        if !advance && matches!(run, Run::Refused(_)) {
+                            return Ok(());
+                        }
                         (schedule, revision) = (fresh.schedule, fresh.revision);
                     }
-                    _ => return Ok(()),
+                    None => return Ok(()),
                 },
                 Err(e) => return Err(e),
             }
@@ -182,8 +190,15 @@ impl Scheduler {
     }
 }
 
-/// Records the run due at `due`, handled at `now`, and moves the schedule to its next slot.
-fn record(schedule: &mut Schedule, run: &Run, due: DateTime<Utc>, now: DateTime<Utc>) {
+/// Records the run due at `due`, handled at `now`, and (with `advance`) moves the schedule to
+/// its next slot.
+fn record(
+    schedule: &mut Schedule,
+    run: &Run,
+    due: DateTime<Utc>,
+    now: DateTime<Utc>,
+    advance: bool,
+) {
     let timing = Timing::of(schedule).ok();
     match run {
         Run::Created(job_id) => {
@@ -194,8 +209,12 @@ fn record(schedule: &mut Schedule, run: &Run, due: DateTime<Utc>, now: DateTime<
         }
         Run::Refused(reason) => schedule.last_error = Some(reason.clone()),
     }
-    schedule.next_run_at =
-        timing.and_then(|timing| schedule::next_run(schedule, &timing, due, now));
+    if advance {
+        schedule.next_run_at =
+            timing.and_then(|timing| schedule::next_run(schedule, &timing, due, now));
+    } else if schedule.finished() {
+        schedule.next_run_at = None;
+    }
     schedule.updated_at = now;
 }
 
@@ -234,13 +253,13 @@ mod tests {
     fn a_run_is_counted_and_the_last_one_ends_the_schedule() {
         let mut s = every_second(Some(2));
         let due = at("2026-01-01T00:00:01Z");
-        record(&mut s, &Run::Created("j1".to_owned()), due, due);
+        record(&mut s, &Run::Created("j1".to_owned()), due, due, true);
         assert_eq!(
             (s.runs, s.next_run_at),
             (1, Some(at("2026-01-01T00:00:02Z")))
         );
         let due = at("2026-01-01T00:00:02Z");
-        record(&mut s, &Run::Created("j2".to_owned()), due, due);
+        record(&mut s, &Run::Created("j2".to_owned()), due, due, true);
         assert_eq!((s.runs, s.next_run_at), (2, None));
         assert_eq!(s.last_job_id.as_deref(), Some("j2"));
     }
@@ -256,6 +275,7 @@ mod tests {
             &Run::Refused("job.profile: unknown".to_owned()),
             due,
             now,
+            true,
         );
         assert_eq!(s.runs, 0);
         assert_eq!(s.last_error.as_deref(), Some("job.profile: unknown"));

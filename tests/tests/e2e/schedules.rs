@@ -325,3 +325,51 @@ async fn schedules_are_validated_like_jobs_and_need_the_api_key() {
     assert_eq!(status, 404);
     assert_fits(&spec, "get", "/schedules/{schedule_id}", 404, &error);
 }
+
+const DOOMED: &str = r#"
+[agent]
+description = "Shell, deleted while a schedule uses it (test)"
+engine = "shell"
+"#;
+
+#[tokio::test]
+async fn a_run_whose_template_no_longer_validates_is_recorded_and_skipped() {
+    let fleet = Fleet::builder()
+        .nodes(0)
+        .profile("doomed", DOOMED)
+        .start()
+        .await
+        .unwrap();
+    let created = create(
+        &fleet,
+        json!({"schedule_id": "orphan", "interval_seconds": 1,
+            "job": {"agent_id": "e2e", "profile": "doomed", "prompt": "true"}}),
+    )
+    .await;
+    assert_eq!(created["job"]["profile"], "doomed");
+    let (status, deleted) = call(&fleet, Method::DELETE, "/configs/profile/doomed", None).await;
+    assert_eq!(status, 200, "{deleted}");
+
+    // Each due run is refused and skipped: the reason is kept, no job is made, and the
+    // schedule moves on one slot at a time instead of spinning.
+    let refused = wait_until(Duration::from_secs(30), "a refused run", || async {
+        let (_, schedule) = schedule_of(&fleet, "orphan").await;
+        schedule["last_error"].is_string().then_some(schedule)
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", fleet.logs()));
+    let error = refused["last_error"].as_str().unwrap();
+    assert!(error.starts_with("job.profile: "), "{refused}");
+    assert_eq!(refused["runs"], 0);
+    assert!(refused["last_job_id"].is_null());
+    let first_next = refused["next_run_at"].as_str().unwrap().to_owned();
+    let later = wait_until(Duration::from_secs(30), "the next refused run", || async {
+        let (_, schedule) = schedule_of(&fleet, "orphan").await;
+        (schedule["next_run_at"].as_str() != Some(first_next.as_str())).then_some(schedule)
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", fleet.logs()));
+    assert_eq!(later["runs"], 0);
+    assert!(later["last_error"].is_string());
+    assert!(runs_of(&fleet, "orphan").await.is_empty());
+}
