@@ -156,7 +156,7 @@ async fn submit(state: &AppState, request: &JobRequest) -> Result<(), ApiError> 
     Ok(())
 }
 
-async fn read_body(body: Body, limit: usize) -> Result<Bytes, ApiError> {
+pub(crate) async fn read_body(body: Body, limit: usize) -> Result<Bytes, ApiError> {
     axum::body::to_bytes(body, limit).await.map_err(|_| {
         ApiError::new(
             StatusCode::PAYLOAD_TOO_LARGE,
@@ -167,6 +167,11 @@ async fn read_body(body: Body, limit: usize) -> Result<Bytes, ApiError> {
 }
 
 fn parse_submission(body: &[u8]) -> Result<SubmitRequest, ApiError> {
+    parse_json(body)
+}
+
+/// Decodes a JSON body; a field that does not fit is named by its path (`job.max_turns`).
+pub(crate) fn parse_json<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
     let deserializer = &mut serde_json::Deserializer::from_slice(body);
     serde_path_to_error::deserialize(deserializer).map_err(|e| {
         let path = e.path().to_string();

@@ -12,6 +12,7 @@ mod metrics;
 mod middleware;
 mod openapi;
 mod ops;
+mod schedules;
 mod ui;
 
 use std::sync::Arc;
@@ -79,6 +80,11 @@ pub(crate) const ROUTES: &[(&str, &str)] = &[
     ("DELETE", "/jobs/{job_id}"),
     ("GET", "/jobs/{job_id}/wait"),
     ("GET", "/jobs/{job_id}/logs"),
+    ("POST", "/schedules"),
+    ("GET", "/schedules"),
+    ("GET", "/schedules/{schedule_id}"),
+    ("PATCH", "/schedules/{schedule_id}"),
+    ("DELETE", "/schedules/{schedule_id}"),
     ("GET", "/openapi.json"),
     ("GET", "/docs"),
     ("GET", "/docs/"),
@@ -108,6 +114,13 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/jobs/{job_id}", get(jobs::get).delete(jobs::cancel))
         .route("/jobs/{job_id}/wait", get(jobs::wait))
         .route("/jobs/{job_id}/logs", get(logs::stream))
+        .route("/schedules", post(schedules::create).get(schedules::list))
+        .route(
+            "/schedules/{schedule_id}",
+            get(schedules::get)
+                .patch(schedules::update)
+                .delete(schedules::delete),
+        )
         .route("/openapi.json", get(openapi::spec))
         .route("/docs", get(openapi::docs_page))
         .route("/docs/", get(openapi::docs_page_dir))

@@ -18,7 +18,7 @@ use utoipa::{
     },
 };
 
-use crate::{configs, error::ErrorBody, events, jobs, logs, metrics, ops, ui};
+use crate::{configs, error::ErrorBody, events, jobs, logs, metrics, ops, schedules, ui};
 
 const DOCS_PAGE: &str = include_str!("../ui/docs.html");
 const DOCS_SCRIPT: &str = include_str!("../ui/docs.js");
@@ -59,6 +59,11 @@ The behaviour in full, and where it differs from Parpaing's API: `docs/api.md`."
         jobs::cancel,
         logs::stream,
         events::stream,
+        schedules::create,
+        schedules::list,
+        schedules::get,
+        schedules::update,
+        schedules::delete,
         ops::engines,
         ops::profiles,
         configs::list,
@@ -89,11 +94,13 @@ The behaviour in full, and where it differs from Parpaing's API: `docs/api.md`."
             events::RemovedEvent,
             events::LaggedEvent
         ),
-        responses(Unauthorized, NotFoundJob, Internal, Unavailable),
+        responses(Unauthorized, NotFoundJob, NotFoundSchedule, Internal, Unavailable),
     ),
     modifiers(&BearerKey),
     tags(
         (name = "jobs", description = "Submit, list, read, wait for, cancel and follow jobs."),
+        (name = "schedules", description = "Jobs run on a cron pattern or at an interval, \
+            created by the dispatcher as they fall due. Not in Parpaing's API."),
         (name = "catalogue", description = "The engines and profiles a job can name."),
         (name = "configs", description = "The shared configuration: engine, profile and \
             template files, kept in NATS and picked up by every service without a restart."),
@@ -172,6 +179,20 @@ impl<'r> ToResponse<'r> for NotFoundJob {
         )
         .build();
         ("NotFoundJob", response.into())
+    }
+}
+
+/// 404 for an unknown schedule id.
+pub struct NotFoundSchedule;
+
+impl<'r> ToResponse<'r> for NotFoundSchedule {
+    fn response() -> (&'r str, RefOr<openapi::Response>) {
+        let response = error_response(
+            "`not_found`: no such schedule, including ids that do not match \
+             `^[A-Za-z0-9_-]{1,64}$`.",
+        )
+        .build();
+        ("NotFoundSchedule", response.into())
     }
 }
 
@@ -443,5 +464,11 @@ pub(crate) mod tests {
         }))
         .unwrap();
         assert_required_matches("NodeInfo", &node);
+        let schedule: flotilla_proto::Schedule = serde_json::from_value(serde_json::json!({
+            "schedule_id": "s", "timezone": "UTC", "enabled": true, "job": {},
+            "created_at": now, "updated_at": now,
+        }))
+        .unwrap();
+        assert_required_matches("Schedule", &schedule);
     }
 }

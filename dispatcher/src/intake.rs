@@ -10,7 +10,7 @@ use chrono::Utc;
 use flotilla_catalog::{Limits, Origin};
 use flotilla_config::LiveCatalog;
 use flotilla_nats::{StoreError, Topology};
-use flotilla_proto::{Encoding, JobRecord, JobStatus, SubmitRequest, ids, names};
+use flotilla_proto::{Encoding, JobRecord, JobRequest, JobStatus, SubmitRequest, ids, names};
 use futures::StreamExt;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument as _;
@@ -22,6 +22,15 @@ pub(crate) struct Intake {
     pub(crate) catalog: Arc<LiveCatalog>,
     pub(crate) limits: Limits,
     pub(crate) metrics: Arc<DispatcherMetrics>,
+}
+
+/// What [`Intake::queue`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Queued {
+    /// On the run queue (possibly again: the queue drops the repeat).
+    Queued,
+    /// The id belongs to a job that is no longer pending; nothing was queued.
+    Taken,
 }
 
 pub(crate) async fn run(intake: Arc<Intake>, stop: CancellationToken) {
@@ -127,36 +136,53 @@ impl Intake {
             }
         };
 
-        match self
-            .topology
-            .jobs
-            .create(&JobRecord::pending(&request))
-            .await
-        {
-            Ok(_) => {}
-            Err(StoreError::AlreadyExists(_)) => {
-                // A redelivery of a submission admitted before (or a duplicate id): queue it
-                // again only if it is still pending; the run-queue dedupe absorbs repeats.
-                let existing = self.topology.jobs.get(&request.job_id).await?;
-                if existing.is_none_or(|current| current.record.status != JobStatus::Pending) {
-                    let reason = format!("job id {} is already taken", request.job_id);
-                    self.reject(message, Some(&request.job_id), &reason).await;
-                    return Ok(Admission::Rejected);
-                }
-            }
-            Err(e) => return Err(e),
-        }
         let span = tracing::Span::current();
         span.record("job_id", request.job_id.as_str());
         let trace = flotilla_telemetry::propagation::nats_headers_or_forward(
             &span,
             message.headers.as_ref(),
         );
-        flotilla_nats::enqueue(&self.topology.js, &request, trace)
+        match self.queue(&request, trace).await? {
+            Queued::Queued => {
+                tracing::info!(job_id = %request.job_id, "direct submission queued");
+                Ok(Admission::Accepted)
+            }
+            Queued::Taken => {
+                let reason = format!("job id {} is already taken", request.job_id);
+                self.reject(message, Some(&request.job_id), &reason).await;
+                Ok(Admission::Rejected)
+            }
+        }
+    }
+
+    /// Records a validated job as `pending` and queues it. Idempotent: when the record exists
+    /// and is still pending (a redelivery, or a retry after a crash), the job is queued again
+    /// and the run queue's `Nats-Msg-Id` dedupe absorbs the repeat; when it has moved on, the
+    /// id is [`Queued::Taken`] and nothing is queued. Shared by intake and schedules.
+    pub(crate) async fn queue(
+        &self,
+        request: &JobRequest,
+        trace: async_nats::HeaderMap,
+    ) -> Result<Queued, StoreError> {
+        match self
+            .topology
+            .jobs
+            .create(&JobRecord::pending(request))
+            .await
+        {
+            Ok(_) => {}
+            Err(StoreError::AlreadyExists(_)) => {
+                let existing = self.topology.jobs.get(&request.job_id).await?;
+                if existing.is_none_or(|current| current.record.status != JobStatus::Pending) {
+                    return Ok(Queued::Taken);
+                }
+            }
+            Err(e) => return Err(e),
+        }
+        flotilla_nats::enqueue(&self.topology.js, request, trace)
             .await
             .map_err(|e| StoreError::Nats(e.to_string()))?;
-        tracing::info!(job_id = %request.job_id, "direct submission queued");
-        Ok(Admission::Accepted)
+        Ok(Queued::Queued)
     }
 
     /// Records a failed job explaining the rejection, unless the id is already in use.

@@ -1,10 +1,11 @@
-//! The dispatcher: the fleet-wide lifecycle. Today it admits jobs published straight to NATS;
-//! dead letters, lost nodes, timeouts and retention come next. Any number of replicas may run:
-//! they share one durable consumer, so each submission is admitted once.
+//! The dispatcher: the fleet-wide lifecycle. It admits jobs published straight to NATS, and its
+//! leader handles lost nodes, timeouts, retention, webhooks and schedules. Any number of
+//! replicas may run: they share one durable consumer, so each submission is admitted once.
 
 mod intake;
 mod lifecycle;
 mod metrics;
+mod schedules;
 mod webhooks;
 
 use std::{net::SocketAddr, path::PathBuf, sync::Arc};
@@ -103,7 +104,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Disp
         webhooks: webhooks::Webhooks::new(topology.clone(), config.webhooks.clone())
             .map_err(DispatcherError::Http)?,
     });
-    tokio::spawn(lifecycle.run(leading, workers.clone()));
+    tokio::spawn(lifecycle.run(leading.clone(), workers.clone()));
     let dead_letters = tokio::spawn(lifecycle::dead_letters(
         client.clone(),
         topology.clone(),
@@ -116,6 +117,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Disp
         limits: config.limits.clone(),
         metrics,
     });
+    tokio::spawn(schedules::Scheduler::new(intake.clone()).run(leading.clone(), workers.clone()));
     let intake_task = tokio::spawn(intake::run(intake, workers.clone()));
 
     let listener = tokio::net::TcpListener::bind(config.listen)

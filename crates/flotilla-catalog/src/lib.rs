@@ -7,6 +7,7 @@ mod engine;
 mod output;
 mod profile;
 mod rules;
+pub mod schedule;
 mod validate;
 mod webhook;
 

@@ -79,11 +79,11 @@ impl ValidationError {
     }
 
     /// `reason` completes the sentence "<field> ...".
-    fn invalid(field: &str, reason: impl std::fmt::Display) -> Self {
+    pub(crate) fn invalid(field: &str, reason: impl std::fmt::Display) -> Self {
         Self::new("invalid_field", field, format!("{field} {reason}"))
     }
 
-    fn missing(field: &str, message: String) -> Self {
+    pub(crate) fn missing(field: &str, message: String) -> Self {
         Self::new("missing_field", field, message)
     }
 }

@@ -5,6 +5,7 @@
 
 mod grants;
 mod options;
+mod schedules;
 mod store;
 mod topology;
 
@@ -16,6 +17,7 @@ pub use options::{
     ENV_TLS_CERT, ENV_TLS_KEY, ENV_TLS_REQUIRED, ENV_TOKEN, ENV_TOKEN_FILE, ENV_USER, NatsArgs,
     NatsAuth, NatsOptions, NatsOptionsError, NatsTls, Secret,
 };
+pub use schedules::{ScheduleEvent, ScheduleStore, VersionedSchedule};
 pub use store::{JobStore, StoreError, Versioned, WatchEvent};
 pub use topology::{LEADER_LEASE, Topology, TopologyArgs, TopologyConfig, TopologyError};
 

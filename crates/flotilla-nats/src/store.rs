@@ -10,14 +10,15 @@ use tokio_util::sync::CancellationToken;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    #[error("job {0} already exists")]
+    /// What already exists: `job <id>` or `schedule <id>`.
+    #[error("{0} already exists")]
     AlreadyExists(String),
     /// Someone else changed the record since it was read.
-    #[error("job {0} changed concurrently")]
+    #[error("{0} changed concurrently")]
     Conflict(String),
-    #[error("job record is corrupt: {0}")]
+    #[error("record is corrupt: {0}")]
     Corrupt(#[from] flotilla_proto::CodecError),
-    #[error("job store unavailable: {0}")]
+    #[error("KV store unavailable: {0}")]
     Nats(String),
 }
 
@@ -45,7 +46,9 @@ impl JobStore {
             .create(names::job_key(&record.job_id), value)
             .await
             .map_err(|e| match e.kind() {
-                CreateErrorKind::AlreadyExists => StoreError::AlreadyExists(record.job_id.clone()),
+                CreateErrorKind::AlreadyExists => {
+                    StoreError::AlreadyExists(format!("job {}", record.job_id))
+                }
                 _ => StoreError::Nats(e.to_string()),
             })
     }
@@ -80,7 +83,9 @@ impl JobStore {
             .update(names::job_key(&record.job_id), value, revision)
             .await
             .map_err(|e| match e.kind() {
-                UpdateErrorKind::WrongLastRevision => StoreError::Conflict(record.job_id.clone()),
+                UpdateErrorKind::WrongLastRevision => {
+                    StoreError::Conflict(format!("job {}", record.job_id))
+                }
                 _ => StoreError::Nats(e.to_string()),
             })
     }

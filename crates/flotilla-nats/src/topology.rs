@@ -10,7 +10,7 @@ use async_nats::jetstream::{
 };
 use flotilla_proto::names;
 
-use crate::{GrantStore, JobStore};
+use crate::{GrantStore, JobStore, ScheduleStore};
 
 /// How long a dispatcher leader lease lives without being refreshed.
 pub const LEADER_LEASE: Duration = Duration::from_secs(5);
@@ -111,6 +111,8 @@ pub struct Topology {
     pub dispatch: Store,
     /// Per-job llm-gateway grants.
     pub grants: GrantStore,
+    /// Schedules (API writes, dispatcher leader fires).
+    pub schedules: ScheduleStore,
     /// The fleet's shared pull consumer on the run queue.
     pub agents: consumer::PullConsumer,
     /// The dispatchers' shared pull consumer on direct submissions.
@@ -278,6 +280,19 @@ impl Topology {
         )
         .await?;
 
+        let schedules = ensure_bucket(
+            &js,
+            kv::Config {
+                bucket: names::BUCKET_SCHEDULES.to_owned(),
+                // One value per schedule, changed by compare-and-set; no TTL: a schedule lives
+                // until it is deleted.
+                history: 1,
+                storage: config.storage,
+                ..Default::default()
+            },
+        )
+        .await?;
+
         Ok(Self {
             js,
             jobs: JobStore::new(job_bucket),
@@ -285,6 +300,7 @@ impl Topology {
             idempotency,
             dispatch,
             grants: GrantStore::new(grants),
+            schedules: ScheduleStore::new(schedules),
             agents,
             intake,
             config,

@@ -12,6 +12,7 @@ pub mod llm;
 pub mod log;
 pub mod names;
 pub mod node;
+pub mod schedule;
 
 pub use codec::{CodecError, Encoding, decode, encode};
 pub use job::{
@@ -21,3 +22,4 @@ pub use job::{
 pub use llm::LlmGrant;
 pub use log::{LogChunk, LogEnd, LogStream};
 pub use node::NodeInfo;
+pub use schedule::{Schedule, ScheduleRequest};

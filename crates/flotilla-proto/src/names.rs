@@ -65,6 +65,10 @@ pub const BUCKET_IDEMPOTENCY: &str = "flotilla_idempotency";
 /// (the hash of the job's llm-gateway token).
 pub const BUCKET_LLM_GRANTS: &str = "flotilla_llm_grants";
 
+/// KV bucket with one [`crate::Schedule`] per schedule under [`schedule_key`]. The dispatcher
+/// leader watches it and creates the jobs as they fall due.
+pub const BUCKET_SCHEDULES: &str = "flotilla_schedules";
+
 /// Standard NATS header naming the payload encoding. `application/json` selects JSON;
 /// anything else (or no header) means MessagePack with named fields.
 pub const HEADER_CONTENT_TYPE: &str = "Content-Type";
@@ -132,6 +136,15 @@ pub fn job_id_from_key(key: &str) -> Option<&str> {
     key.strip_prefix("job.")
 }
 
+pub fn schedule_key(schedule_id: &str) -> String {
+    format!("sched.{schedule_id}")
+}
+
+/// Inverse of [`schedule_key`].
+pub fn schedule_id_from_key(key: &str) -> Option<&str> {
+    key.strip_prefix("sched.")
+}
+
 /// The host firewall chain (iptables, INPUT) fencing a job network, from the network's id:
 /// nodes create it, and whoever removes the network removes it too.
 pub fn job_network_chain(network_id: &str) -> String {
@@ -168,6 +181,7 @@ mod tests {
     #[test]
     fn keys_and_subjects_round_trip() {
         assert_eq!(job_id_from_key(&job_key("a-1")), Some("a-1"));
+        assert_eq!(schedule_id_from_key(&schedule_key("s-1")), Some("s-1"));
         assert_eq!(log_subject("a-1"), "flotilla.logs.a-1");
         assert_eq!(cancel_subject("a-1"), "flotilla.cancel.a-1");
         assert_eq!(rejected_subject(None), "flotilla.rejected._unknown");

@@ -17,6 +17,7 @@ mod observability;
 mod openapi;
 mod outage;
 mod reliability;
+mod schedules;
 mod security;
 mod ui;
 mod webhooks;

@@ -87,7 +87,7 @@ fn misfits(spec: &Value, schema: &Value, value: &Value, at: &str, out: &mut Vec<
 
 /// Asserts that `body`, answered `status` by `method path` (the document's path template),
 /// fits the JSON schema the document gives for that answer.
-fn assert_fits(spec: &Value, method: &str, path: &str, status: u16, body: &Value) {
+pub(crate) fn assert_fits(spec: &Value, method: &str, path: &str, status: u16, body: &Value) {
     let operation = &spec["paths"][path][method];
     assert!(operation.is_object(), "{method} {path} is not documented");
     let mut response = &operation["responses"][status.to_string()];
