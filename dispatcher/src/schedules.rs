@@ -37,6 +37,8 @@ enum Run {
     Created(String),
     /// The template no longer validates (a deleted profile, say): no job, the reason kept.
     Refused(String),
+    /// `skip_if_running`, and the previous run's job has not finished.
+    Skipped,
 }
 
 impl Scheduler {
@@ -136,7 +138,13 @@ impl Scheduler {
             return Ok(());
         }
         let run = match Timing::of(&current.schedule) {
-            Ok(_) => self.submit(&current.schedule, due, now).await?,
+            Ok(_) => match self.unfinished_run(&current.schedule).await? {
+                Some(job_id) => {
+                    tracing::info!(%job_id, "previous run unfinished: this one is skipped");
+                    Run::Skipped
+                }
+                None => self.submit(&current.schedule, due, now).await?,
+            },
             // Checked at creation, so only a damaged record gets here; `record` stops it.
             Err(e) => Run::Refused(format!("the schedule's timing is invalid: {e}")),
         };
@@ -151,7 +159,7 @@ impl Scheduler {
                 Err(StoreError::Conflict(_)) => match store.get(schedule_id).await? {
                     Some(fresh) => {
                         advance = fresh.schedule.next_run_at == Some(due);
-                        if !advance && matches!(run, Run::Refused(_)) {
+                        if !advance && !matches!(run, Run::Created(_)) {
                             return Ok(());
                         }
                         (schedule, revision) = (fresh.schedule, fresh.revision);
@@ -161,6 +169,21 @@ impl Scheduler {
                 Err(e) => return Err(e),
             }
         }
+    }
+
+    /// The previous run's job, if the schedule skips runs while it is unfinished and it is.
+    async fn unfinished_run(&self, schedule: &Schedule) -> Result<Option<String>, StoreError> {
+        let Some(job_id) = schedule
+            .last_job_id
+            .as_ref()
+            .filter(|_| schedule.skip_if_running)
+        else {
+            return Ok(None);
+        };
+        let record = self.intake.topology.jobs.get(job_id).await?;
+        Ok(record
+            .filter(|current| !current.record.status.is_terminal())
+            .map(|_| job_id.clone()))
     }
 
     /// Validates and queues the run due at `due`.
@@ -208,6 +231,7 @@ fn record(
             schedule.last_error = None;
         }
         Run::Refused(reason) => schedule.last_error = Some(reason.clone()),
+        Run::Skipped => schedule.skipped += 1,
     }
     if advance {
         schedule.next_run_at =
@@ -238,6 +262,8 @@ mod tests {
             timezone: "UTC".to_owned(),
             max_runs,
             enabled: true,
+            skip_if_running: false,
+            skipped: 0,
             job: SubmitRequest::default(),
             runs: 0,
             last_run_at: None,
@@ -262,6 +288,21 @@ mod tests {
         record(&mut s, &Run::Created("j2".to_owned()), due, due, true);
         assert_eq!((s.runs, s.next_run_at), (2, None));
         assert_eq!(s.last_job_id.as_deref(), Some("j2"));
+    }
+
+    #[test]
+    fn a_skipped_run_is_counted_and_the_schedule_moves_on() {
+        let mut s = every_second(Some(2));
+        s.last_job_id = Some("j1".to_owned());
+        let due = at("2026-01-01T00:00:01Z");
+        record(&mut s, &Run::Skipped, due, due, true);
+        assert_eq!((s.runs, s.skipped), (0, 1));
+        assert_eq!(
+            s.last_job_id.as_deref(),
+            Some("j1"),
+            "still the unfinished one"
+        );
+        assert_eq!(s.next_run_at, Some(at("2026-01-01T00:00:02Z")));
     }
 
     #[test]

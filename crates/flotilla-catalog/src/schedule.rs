@@ -161,6 +161,7 @@ pub async fn validate_schedule(
         timezone,
         max_runs,
         enabled,
+        skip_if_running,
         job,
     } = request;
     let schedule_id = match schedule_id {
@@ -245,6 +246,8 @@ pub async fn validate_schedule(
         timezone: tz.name().to_owned(),
         max_runs,
         enabled,
+        skip_if_running: skip_if_running.unwrap_or(false),
+        skipped: 0,
         job,
         runs: 0,
         last_run_at: None,
@@ -360,6 +363,8 @@ mod tests {
             timezone: "UTC".to_owned(),
             max_runs: Some(2),
             enabled: true,
+            skip_if_running: false,
+            skipped: 0,
             job: SubmitRequest::default(),
             runs: 1,
             last_run_at: None,

@@ -65,6 +65,10 @@ pub struct ScheduleRequest {
     /// `true` when absent.
     #[serde(default)]
     pub enabled: Option<bool>,
+    /// Skip a run that falls due while the previous run's job has not finished (it is counted
+    /// in `skipped`), rather than start another beside it. `false` when absent.
+    #[serde(default)]
+    pub skip_if_running: Option<bool>,
     /// The job to run: the body of `POST /jobs`, validated the same way now. Each run also
     /// gets `metadata.schedule_id`.
     #[serde(default)]
@@ -98,6 +102,14 @@ pub struct Schedule {
     #[cfg_attr(feature = "openapi", schema(required))]
     pub max_runs: Option<u64>,
     pub enabled: bool,
+    /// Runs falling due while the last one is unfinished are skipped.
+    #[serde(default)]
+    #[cfg_attr(feature = "openapi", schema(required))]
+    pub skip_if_running: bool,
+    /// Runs skipped because the previous one was still unfinished.
+    #[serde(default)]
+    #[cfg_attr(feature = "openapi", schema(required))]
+    pub skipped: u64,
     /// The job template (no `job_id`).
     pub job: SubmitRequest,
     /// Jobs created so far.

@@ -373,3 +373,36 @@ async fn a_run_whose_template_no_longer_validates_is_recorded_and_skipped() {
     assert!(later["last_error"].is_string());
     assert!(runs_of(&fleet, "orphan").await.is_empty());
 }
+
+#[tokio::test]
+async fn skip_if_running_never_starts_a_run_beside_an_unfinished_one() {
+    let fleet = Fleet::builder().start().await.unwrap();
+    // Due every second, each run lasting longer than that.
+    let created = create(
+        &fleet,
+        json!({"interval_seconds": 1, "max_runs": 2, "skip_if_running": true,
+               "job": shell("sleep 2.5; echo done")}),
+    )
+    .await;
+    assert_eq!(created["skip_if_running"], true);
+    let id = created["schedule_id"].as_str().unwrap().to_owned();
+    let finished = until_finished(&fleet, &id, 2).await;
+    assert!(
+        finished["skipped"].as_u64().unwrap() >= 1,
+        "slots fell due while the first run slept: {finished}"
+    );
+    let jobs = wait_until(Duration::from_secs(30), "both runs completed", || async {
+        let jobs = runs_of(&fleet, &id).await;
+        (jobs.len() == 2 && jobs.iter().all(|job| job["status"] == "completed")).then_some(jobs)
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", fleet.logs()));
+    // Newest first: the second run started only after the first had finished.
+    let time = |job: &Value, field: &str| {
+        chrono::DateTime::parse_from_rfc3339(job[field].as_str().unwrap()).unwrap()
+    };
+    assert!(
+        time(&jobs[0], "created_at") >= time(&jobs[1], "finished_at"),
+        "{jobs:#?}"
+    );
+}
