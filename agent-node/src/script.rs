@@ -3,6 +3,8 @@
 //! the pre-hook, then the engine as a child (so SIGTERM on cancel or timeout reaches it), then
 //! the post-hook with the outcome in its environment, and exits with the engine's status.
 
+use std::fmt::Write as _;
+
 use bytes::Bytes;
 use flotilla_catalog::{Engine, EngineKind, MCP_CONFIG_PATH};
 use flotilla_proto::{JobRequest, WorkspaceFile};
@@ -109,7 +111,10 @@ fn write_workspace_file(script: &mut String, file: &WorkspaceFile) {
             quote(&format!("/workspace/{dir}"))
         ));
     }
-    let octal = |format: &mut String, byte: u8| format.push_str(&format!("\\{byte:03o}"));
+    // Written in place: a binary file may need millions of these.
+    let octal = |format: &mut String, byte: u8| {
+        let _ = write!(format, "\\{byte:03o}");
+    };
     let mut format = String::with_capacity(file.content.len() + 16);
     match std::str::from_utf8(&file.content) {
         Ok(text) => {

@@ -72,31 +72,30 @@ pub async fn stream(
     let filter = crate::jobs::parse_filter(&params)?;
     let job_id = params.get("job_id").cloned();
     let changes = state.index.subscribe();
-    let events = futures::stream::unfold(changes, move |mut changes| {
-        let (filter, job_id) = (filter.clone(), job_id.clone());
-        async move {
-            loop {
-                let event = match changes.recv().await {
-                    Ok(Change::Put(record)) => {
-                        if job_id.as_ref().is_some_and(|id| *id != record.job_id)
-                            || !filter.matches_record(&record)
-                        {
-                            continue;
-                        }
-                        let public = crate::jobs::public((*record).clone());
-                        Event::default().event("job").data(to_json(&public))
+    // The filters travel in the stream's state: nothing is cloned per change.
+    let state = (changes, filter, job_id);
+    let events = futures::stream::unfold(state, |(mut changes, filter, job_id)| async move {
+        loop {
+            let event = match changes.recv().await {
+                Ok(Change::Put(record)) => {
+                    if job_id.as_ref().is_some_and(|id| *id != record.job_id)
+                        || !filter.matches_record(&record)
+                    {
+                        continue;
                     }
-                    Ok(Change::Removed(job_id)) => Event::default()
-                        .event("removed")
-                        .data(to_json(&RemovedEvent { job_id })),
-                    Err(RecvError::Lagged(missed)) => Event::default()
-                        .event("lagged")
-                        .data(to_json(&LaggedEvent { missed })),
-                    // The index is gone: the gateway is stopping.
-                    Err(RecvError::Closed) => return None,
-                };
-                return Some((Ok(event), changes));
-            }
+                    let public = crate::jobs::public((*record).clone());
+                    Event::default().event("job").data(to_json(&public))
+                }
+                Ok(Change::Removed(job_id)) => Event::default()
+                    .event("removed")
+                    .data(to_json(&RemovedEvent { job_id })),
+                Err(RecvError::Lagged(missed)) => Event::default()
+                    .event("lagged")
+                    .data(to_json(&LaggedEvent { missed })),
+                // The index is gone: the gateway is stopping.
+                Err(RecvError::Closed) => return None,
+            };
+            return Some((Ok(event), (changes, filter, job_id)));
         }
     });
     Ok(Sse::new(events.boxed()).keep_alive(KeepAlive::default()))

@@ -239,9 +239,8 @@ async fn relay(
         )));
     }
     // A model without a price costs 0 here, so a budget could not stop it.
-    if let (Some(model), Some(budget)) = (&model, grant.max_budget_usd)
-        && state.config.prices.get(model).is_none()
-    {
+    let price = model.as_deref().and_then(|m| state.config.prices.get(m));
+    if let (Some(model), Some(budget), None) = (&model, grant.max_budget_usd, price) {
         return Err(Refusal::forbidden(format!(
             "model {model:?} has no price in this llm-gateway's [prices], so job {}'s \
              ${budget} max_budget_usd could not be enforced: add a price for it (or a \"*\" \
@@ -250,7 +249,6 @@ async fn relay(
         )));
     }
     check_budget(state, &grant, spent.as_ref()).await?;
-    let price = model.as_deref().and_then(|m| state.config.prices.get(m));
     let reservation = match (grant.max_budget_usd, price) {
         (Some(budget), Some(price)) => {
             let usd = inflight::worst_case(price, body.len(), json.as_ref());
