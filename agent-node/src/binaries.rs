@@ -7,13 +7,9 @@ use std::{
     sync::Mutex,
 };
 
-use futures::StreamExt as _;
-
 use crate::{
     Shared,
-    docker::{OutputStream, PoolKey},
-    pool::ROLE_COLD,
-    script,
+    runtime::{ContainerSpec, Role, RuntimeError},
 };
 
 #[derive(Default)]
@@ -40,9 +36,9 @@ impl Binaries {
     }
 }
 
-/// Probes every binary the catalogue names that is not known yet. A probe that fails (Docker
+/// Probes every binary the catalogue names that is not known yet. A probe that fails (runtime
 /// trouble) leaves them unknown, to be tried again at the next call.
-pub(crate) async fn probe_new(shared: &Shared, key: &PoolKey) {
+pub(crate) async fn probe_new(shared: &Shared, key: &ContainerSpec) {
     let wanted: Vec<String> = shared
         .catalog
         .current()
@@ -73,42 +69,20 @@ pub(crate) async fn probe_new(shared: &Shared, key: &PoolKey) {
     }
 }
 
-/// Runs one hardened container that prints which of `binaries` are on its PATH.
+/// Asks the runtime which of `binaries` the image of `key` has, in a container of its own.
 async fn run_probe(
     shared: &Shared,
-    key: &PoolKey,
+    key: &ContainerSpec,
     binaries: &[String],
-) -> Result<HashSet<String>, crate::docker::DockerError> {
-    let args: Vec<String> = binaries.iter().map(|b| script::quote(b)).collect();
-    let probe = format!(
-        "for b in {}; do command -v \"$b\" >/dev/null 2>&1 && printf '%s\\n' \"$b\"; done; exit 0\n",
-        args.join(" ")
-    );
+) -> Result<HashSet<String>, RuntimeError> {
     let name = format!(
         "flotilla-probe-{}-{}",
         shared.config.node_id,
         uuid::Uuid::new_v4().simple()
     );
-    let prepared = shared
-        .docker
-        .prepare(key, &name, shared.pool.labels(ROLE_COLD))
-        .await?;
-    let id = prepared.id.clone();
-    let result = async {
-        let mut started = prepared.launch(probe.as_bytes()).await?;
-        let mut stdout = Vec::new();
-        while let Some(item) = started.output.next().await {
-            if let Ok((OutputStream::Stdout, bytes)) = item {
-                stdout.extend_from_slice(&bytes);
-            }
-        }
-        shared.docker.wait(&id).await?;
-        Ok(String::from_utf8_lossy(&stdout)
-            .lines()
-            .map(str::to_owned)
-            .collect())
-    }
-    .await;
-    shared.docker.remove(&id).await;
-    result
+    let owner = shared.pool.owner(Role::Cold, None);
+    shared
+        .runtime
+        .find_binaries(key, &name, &owner, binaries)
+        .await
 }

@@ -3,33 +3,36 @@
 use std::{sync::Arc, time::Duration};
 
 use async_nats::jetstream::{self, AckKind};
-use backon::{ExponentialBuilder, Retryable};
 use bytes::Bytes;
 use chrono::Utc;
 use flotilla_catalog::Engine;
-use flotilla_nats::StoreError;
+use flotilla_nats::{ApplyError, StoreError};
 use flotilla_proto::{
-    Attempt, Encoding, JobRecord, JobRequest, JobResult, JobStatus, LlmGrant, LogEnd, LogStream,
-    Usage, names,
+    Encoding, JobRecord, JobRequest, JobResult, JobStatus, LlmGrant, LogStream, Usage,
 };
 use futures::StreamExt;
-use tokio_util::sync::CancellationToken;
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use tracing::Instrument as _;
 
 use crate::{
     Shared,
-    docker::{DockerError, OutputStream, PoolKey, Started},
-    logs::{LogPublisher, publish_chunk, publish_end},
+    decide::{Decision, Ended, Parsed, Record, decide},
+    lease::{Claimed, claim, end_stream, record_with_retries, release},
+    logs::{LogError, LogPublisher},
     metrics::{Finish, PoolUse},
     outbox::{Entry, PendingFinish},
-    pool::ROLE_COLD,
+    pool::Pool,
+    runtime::{
+        ContainerRuntime, ContainerSpec, Exit, JobRef, Network, OutputStream, Role, RuntimeError,
+        Started,
+    },
     script,
 };
 
 /// Why a container was stopped before it finished on its own.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Stop {
+pub(crate) enum Stop {
     Timeout,
     Cancelled,
     /// The node is shutting down and could not wait for the job.
@@ -38,7 +41,7 @@ enum Stop {
     Budget,
 }
 
-enum Outcome {
+pub(crate) enum Outcome {
     Exited {
         exit_code: i64,
         stop: Option<Stop>,
@@ -47,8 +50,18 @@ enum Outcome {
         /// The kernel killed it for exceeding its memory limit.
         oom_killed: bool,
     },
-    /// Docker failed us (create/start/attach): the job never really ran.
+    /// The container runtime failed us (create/start/attach/wait): the job never really ran.
     Infrastructure(String),
+}
+
+impl Outcome {
+    /// The engine's exit code, once it ran.
+    fn exit_code(&self) -> Option<i64> {
+        match self {
+            Self::Exited { exit_code, .. } => Some(*exit_code),
+            Self::Infrastructure(_) => None,
+        }
+    }
 }
 
 /// Entry point for one delivered message. Never panics on bad input: a message that cannot be
@@ -92,23 +105,9 @@ async fn run(
     guard: &RunningGuard,
     received: tokio::time::Instant,
 ) {
-    let cancel = guard.token.clone();
-    let ack_subject = message.reply.as_ref().map(|s| s.to_string());
     let delivered = message.info().map(|info| info.delivered).unwrap_or(1);
-    let claimed = match claim(&shared, &request, ack_subject, delivered)
-        .instrument(tracing::info_span!("claim"))
-        .await
-    {
-        Ok(Some(claimed)) => claimed,
-        Ok(None) => {
-            ack(&message, AckKind::Ack).await;
-            return;
-        }
-        Err(e) => {
-            tracing::warn!(error = %e, "cannot claim job, handing it back");
-            ack(&message, AckKind::Nak(Some(Duration::from_secs(1)))).await;
-            return;
-        }
+    let Some(claimed) = claim_or_settle(&shared, &message, &request, delivered).await else {
+        return;
     };
     let attempt = claimed.attempt;
     tracing::Span::current().record("attempt", attempt);
@@ -116,14 +115,6 @@ async fn run(
     tracing::info!(attempt, engine = %request.engine, "job started");
 
     let message = Arc::new(message);
-    let budget_spent = CancellationToken::new();
-    let keepalive = tokio::spawn(keep_alive(
-        shared.clone(),
-        message.clone(),
-        request.job_id.clone(),
-        cancel.clone(),
-        budget_spent.clone(),
-    ));
     let mut logs = LogPublisher::new(
         shared.clone(),
         &request.job_id,
@@ -134,209 +125,172 @@ async fn run(
     // Looked up once: the result is parsed with the engine file the job ran with, even if the
     // configuration changes meanwhile.
     let engine = shared.catalog.current().engine(&request.engine).cloned();
-    let outcome = match &engine {
-        Some(engine) => {
-            let stops = Stops {
-                cancel: &cancel,
-                budget_spent: &budget_spent,
-            };
-            execute(
-                &shared, &request, engine, attempt, stops, &mut logs, received,
-            )
-            .await
+    let attempt_run = AttemptRun {
+        request: &request,
+        engine: engine.as_ref(),
+        attempt,
+        received,
+    };
+    let outcome = run_attempt(&shared, &message, attempt_run, &guard.token, &mut logs).await;
+    let tail = logs.tail_text();
+    let decision = decide(Ended {
+        outcome: &outcome,
+        request: &request,
+        attempt,
+        delivered,
+        max_deliver: shared.config.topology.max_deliver,
+        tail: &tail,
+        parsed: build_result(&request, engine.as_ref(), &logs, outcome.exit_code()),
+    });
+    carry_out(&shared, &message, &request, &claimed, &mut logs, decision).await;
+}
+
+/// Claims the job for this node; without a claim, settles its message: acked when there is
+/// nothing to run, handed back when the record could not be read or written.
+async fn claim_or_settle(
+    shared: &Shared,
+    message: &jetstream::Message,
+    request: &JobRequest,
+    delivered: i64,
+) -> Option<Claimed> {
+    let ack_subject = message.reply.as_ref().map(|s| s.to_string());
+    match claim(shared, &request.job_id, ack_subject, delivered)
+        .instrument(tracing::info_span!("claim"))
+        .await
+    {
+        Ok(Some(claimed)) => Some(claimed),
+        Ok(None) => {
+            ack(message, AckKind::Ack).await;
+            None
         }
-        None => Outcome::Infrastructure(format!(
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot claim job, handing it back");
+            ack(message, AckKind::Nak(Some(Duration::from_secs(1)))).await;
+            None
+        }
+    }
+}
+
+/// The attempt being run.
+#[derive(Clone, Copy)]
+struct AttemptRun<'a> {
+    request: &'a JobRequest,
+    /// `None` when this node's catalogue lacks the job's engine.
+    engine: Option<&'a Engine>,
+    attempt: u32,
+    received: tokio::time::Instant,
+}
+
+/// Runs the attempt to its end while keeping its message alive and watching its record for a
+/// cancel or a spent budget.
+async fn run_attempt(
+    shared: &Arc<Shared>,
+    message: &Arc<jetstream::Message>,
+    run: AttemptRun<'_>,
+    cancel: &CancellationToken,
+    logs: &mut LogPublisher,
+) -> Outcome {
+    let request = run.request;
+    let Some(engine) = run.engine else {
+        return Outcome::Infrastructure(format!(
             "engine {} is not installed on node {}",
             request.engine, shared.config.node_id
-        )),
+        ));
     };
+    let budget_spent = CancellationToken::new();
+    let keepalive = tokio::spawn(keep_alive(
+        shared.clone(),
+        message.clone(),
+        request.job_id.clone(),
+        cancel.clone(),
+        budget_spent.clone(),
+    ));
+    let stops = Stops {
+        cancel,
+        budget_spent: &budget_spent,
+    };
+    let outcome = execute(
+        shared,
+        request,
+        engine,
+        run.attempt,
+        stops,
+        logs,
+        run.received,
+    )
+    .await;
     keepalive.abort();
+    outcome
+}
 
-    let start_ms = match &outcome {
-        Outcome::Exited { start_ms, .. } => Some(*start_ms),
-        Outcome::Infrastructure(_) => None,
-    };
-    // What `retries` may run again: the job itself failed, nobody stopped it and it did not
-    // run out of memory (the same limit would kill it again).
-    let retryable = matches!(
-        &outcome,
-        Outcome::Exited {
-            stop: None,
-            oom_killed: false,
-            ..
-        }
-    );
-    let final_state = match outcome {
-        Outcome::Exited {
-            stop: Some(Stop::Shutdown),
-            ..
-        } => {
+/// Carries out what [`decide`] said.
+async fn carry_out(
+    shared: &Shared,
+    message: &jetstream::Message,
+    request: &JobRequest,
+    claimed: &Claimed,
+    logs: &mut LogPublisher,
+    decision: Decision,
+) {
+    let attempt = claimed.attempt;
+    match decision {
+        Decision::HandBack { reason } => {
             // Hand the job back at once; the next node raises the attempt.
-            let reason = "node shut down before the job finished";
-            if release(&shared, &request.job_id, &claimed, reason).await {
-                ack(&message, AckKind::Nak(None)).await;
+            if release(shared, &request.job_id, claimed, &reason).await {
+                ack(message, AckKind::Nak(None)).await;
             }
             shared.metrics.finished(Finish::HandedBack);
             tracing::info!(attempt, "job handed back: node shutting down");
-            return;
         }
-        Outcome::Infrastructure(error) if delivered < shared.config.topology.max_deliver => {
-            tracing::warn!(attempt, %error, "infrastructure failure, job will be retried");
-            let note = format!("attempt {attempt} failed: {error}; retrying");
+        Decision::RunAgain { error, note } => {
+            tracing::info!(attempt, %error, retries = request.retries, "attempt failed, job will be retried");
             run_again(
-                &shared,
-                &message,
+                shared,
+                message,
                 &request.job_id,
-                &claimed,
-                &mut logs,
+                claimed,
+                logs,
                 &error,
                 &note,
             )
             .await;
-            return;
         }
-        Outcome::Infrastructure(error) => Final {
-            status: JobStatus::Failed,
-            exit_code: None,
-            error: Some(format!("{error} (gave up after {attempt} attempts)")),
-            outcome: error,
-        },
-        Outcome::Exited {
-            exit_code,
-            stop,
-            oom_killed: true,
-            ..
-        } if stop.is_none() => {
-            let error = format!(
-                "out of memory: killed at its {} MiB limit (exit code {exit_code})",
-                request.resources.memory_bytes >> 20
-            );
-            Final {
-                status: JobStatus::Failed,
-                exit_code: Some(exit_code),
-                error: Some(error.clone()),
-                outcome: error,
-            }
+        Decision::Record(record) => {
+            finish(shared, message, request, attempt, logs, *record).await;
         }
-        Outcome::Exited {
-            exit_code: script::PRE_HOOK_FAILED,
-            stop: None,
-            ..
-        } if logs.tail_text().contains(script::PRE_HOOK_MARKER) => {
-            let tail = logs.tail_text();
-            let line = tail
-                .lines()
-                .rev()
-                .find(|l| l.contains(script::PRE_HOOK_MARKER))
-                .unwrap_or_default();
-            let error = line.trim_start_matches("flotilla: ").to_owned();
-            Final {
-                status: JobStatus::Failed,
-                exit_code: Some(script::PRE_HOOK_FAILED),
-                error: Some(error.clone()),
-                outcome: error,
-            }
-        }
-        Outcome::Exited {
-            exit_code, stop, ..
-        } => final_state(exit_code, stop, request.timeout_seconds),
-    };
-    let (result, usage, engine_error) =
-        build_result(&request, engine.as_ref(), &logs, final_state.exit_code);
-    // A CLI that exits 0 but reports an error result (API failure, max turns) failed the job.
-    let mut final_state = final_state;
-    if engine_error && final_state.status == JobStatus::Completed {
-        let summary: String = result.text.chars().take(300).collect();
-        let error = format!("the engine reported an error: {summary}");
-        final_state = Final {
-            status: JobStatus::Failed,
-            exit_code: final_state.exit_code,
-            error: Some(error.clone()),
-            outcome: error,
-        };
     }
-    if final_state.status == JobStatus::Failed
-        && retryable
-        && attempt <= request.retries
-        && delivered < shared.config.topology.max_deliver
-    {
-        let error = &final_state.outcome;
-        tracing::info!(attempt, %error, retries = request.retries, "job failed, will be retried");
-        let note = format!(
-            "attempt {attempt} failed: {error}; retrying ({attempt} of {} retries)",
-            request.retries
-        );
-        run_again(
-            &shared,
-            &message,
-            &request.job_id,
-            &claimed,
-            &mut logs,
-            error,
-            &note,
-        )
-        .await;
-        return;
-    }
+}
+
+/// Records the job's outcome, ends its log stream and acks its message; while NATS does not
+/// answer, the outcome waits in the outbox instead.
+async fn finish(
+    shared: &Shared,
+    message: &jetstream::Message,
+    request: &JobRequest,
+    attempt: u32,
+    logs: &mut LogPublisher,
+    record: Record,
+) {
+    let dead_letter = record.dead_letter();
     let pending = PendingFinish {
         job_id: request.job_id.clone(),
         attempt,
-        status: final_state.status,
-        exit_code: final_state.exit_code,
-        error: final_state.error.clone(),
-        outcome: final_state.outcome.clone(),
-        result,
+        status: record.end.status,
+        exit_code: record.end.exit_code,
+        error: record.end.error,
+        outcome: record.end.outcome,
+        result: record.result,
         ack_subject: message.reply.as_ref().map(|s| s.to_string()),
         end_seq: logs.reserve_end_seq(),
-        start_ms,
-        usage,
+        start_ms: record.start_ms,
+        usage: record.usage,
         max_budget_usd: request.max_budget_usd,
     };
-    let recorded = if shared.outbox.is_empty() && shared.nats_connected() {
-        record_with_retries(&shared, &pending)
-            .instrument(tracing::info_span!("record outcome"))
-            .await
-    } else {
-        Err(FinishError::Store(StoreError::Nats(
-            "nats unreachable".to_owned(),
-        )))
+    let Some(stored) = store_outcome(shared, message, &pending).await else {
+        return;
     };
-    let stored = match recorded {
-        Ok(stored) => stored,
-        Err(FinishError::Store(StoreError::Nats(reason))) => {
-            // NATS is away: the outcome waits on disk; the relay records it, ends the log
-            // stream and acks the message when NATS is back.
-            tracing::warn!(%reason, "outcome kept in the outbox until NATS is back");
-            if let Err(e) = shared.outbox.push(&Entry::Finish(Box::new(pending))).await {
-                tracing::error!(error = %e, "cannot keep the outcome in the outbox");
-            }
-            return;
-        }
-        Err(FinishError::Fenced {
-            attempt: now,
-            node,
-            status,
-        }) => {
-            // Another attempt owns the job now: leave its message alone.
-            tracing::warn!(attempt, current_attempt = now, ?node, %status, "lease lost: late result rejected");
-            shared.metrics.finished(Finish::LeaseLost);
-            return;
-        }
-        Err(FinishError::Gone) => {
-            tracing::warn!("job record vanished; dropping its message");
-            ack(&message, AckKind::Ack).await;
-            shared.metrics.finished(Finish::Abandoned);
-            return;
-        }
-        Err(e) => {
-            // Not recorded: leave the message unacked so the job is tried again.
-            tracing::warn!(error = %e, "outcome not recorded");
-            shared.metrics.finished(Finish::Abandoned);
-            return;
-        }
-    };
-    end_stream(&shared, &pending, &stored).await;
-    if stored.status == JobStatus::Failed && final_state.exit_code.is_none() {
+    end_stream(shared, &pending, &stored).await;
+    if stored.status == JobStatus::Failed && dead_letter {
         let reason = stored.error.as_deref().unwrap_or("failed");
         if let Err(e) = flotilla_nats::dead_letter(
             &shared.topology.js,
@@ -358,340 +312,54 @@ async fn run(
     }
 }
 
-/// Publishes the end-of-stream marker for a recorded outcome.
-async fn end_stream(shared: &Shared, pending: &PendingFinish, stored: &JobRecord) {
-    let end = LogEnd {
-        status: stored.status,
-        exit_code: stored.exit_code,
-        error: stored.error.clone(),
-    };
-    if let Err(e) = publish_end(
-        &shared.topology.js,
-        &pending.job_id,
-        pending.attempt,
-        pending.end_seq,
-        end,
-    )
-    .await
-    {
-        tracing::warn!(error = %e, "cannot publish end marker");
-    }
-}
-
-/// The lease this node holds on a job: the attempt number it wrote.
-struct Claimed {
-    attempt: u32,
-}
-
-/// Moves the record to `running` under this node with the next attempt number. `None` means
-/// there is nothing to run (cancelled while queued, already finished, or unknown).
-async fn claim(
+/// Writes the outcome under the lease, or keeps it in the outbox while NATS is away. `None`
+/// when there is nothing more to do for this delivery here.
+async fn store_outcome(
     shared: &Shared,
-    request: &JobRequest,
-    ack_subject: Option<String>,
-    delivered: i64,
-) -> Result<Option<Claimed>, StoreError> {
-    let node_id = shared.config.node_id.clone();
-    let changed = shared
-        .topology
-        .jobs
-        .modify(&request.job_id, |record| {
-            if record.status.is_terminal() {
-                return Err(format!("job already {}", record.status));
-            }
-            // Every legitimate retry is a redelivery of the one message (NAK or ack wait), so a
-            // first delivery for a job that already started is a duplicate publish.
-            if delivered <= 1 && record.attempt > 0 {
-                return Err(format!("duplicate message for attempt {}", record.attempt));
-            }
-            let now = Utc::now();
-            record.status = JobStatus::Running;
-            // A running record here means its previous holder vanished without a word.
-            record.end_attempt("lease expired", now);
-            record.attempt += 1;
-            record.node_id = Some(node_id.clone());
-            record.started_at = Some(now);
-            record.error = None;
-            record.ack_subject.clone_from(&ack_subject);
-            record.attempts.push(Attempt {
-                attempt: record.attempt,
-                node_id: node_id.clone(),
-                started_at: now,
-                finished_at: None,
-                outcome: None,
-                start_ms: None,
-            });
-            Ok(true)
-        })
-        .await?;
-    Ok(match changed {
-        None => {
-            tracing::warn!("job has no record, dropping its message");
-            None
-        }
-        Some(Err(reason)) => {
-            tracing::info!(%reason, "not running job");
-            None
-        }
-        Some(Ok(versioned)) => Some(Claimed {
-            attempt: versioned.record.attempt,
-        }),
-    })
-}
-
-struct Final {
-    status: JobStatus,
-    exit_code: Option<i64>,
-    error: Option<String>,
-    /// How the attempt ended, for the attempts history.
-    outcome: String,
-}
-
-fn final_state(exit_code: i64, stop: Option<Stop>, timeout_seconds: u64) -> Final {
-    let (status, error) = match stop {
-        Some(Stop::Timeout) => (
-            JobStatus::Failed,
-            Some(format!("timed out after {timeout_seconds}s")),
-        ),
-        Some(Stop::Cancelled) => (JobStatus::Cancelled, Some("cancelled".to_owned())),
-        Some(Stop::Shutdown) => (JobStatus::Failed, Some("node shut down".to_owned())),
-        Some(Stop::Budget) => (JobStatus::Failed, Some("budget exceeded".to_owned())),
-        None if exit_code == 0 => (JobStatus::Completed, None),
-        None => (
-            JobStatus::Failed,
-            Some(format!("exited with code {exit_code}")),
-        ),
-    };
-    let outcome = error.clone().unwrap_or_else(|| "completed".to_owned());
-    Final {
-        status,
-        exit_code: Some(exit_code),
-        error,
-        outcome,
-    }
-}
-
-#[derive(Debug, thiserror::Error)]
-enum FinishError {
-    #[error(transparent)]
-    Store(#[from] StoreError),
-    #[error(
-        "lease lost: job is now attempt {attempt} on {node:?} ({status}); late result rejected"
-    )]
-    Fenced {
-        attempt: u32,
-        node: Option<String>,
-        status: JobStatus,
-    },
-    #[error("job record vanished")]
-    Gone,
-}
-
-/// True while `record` is still the attempt this node claimed.
-fn holds_lease(record: &JobRecord, claimed: &Claimed, node_id: &str) -> Result<(), FinishError> {
-    let ours = record.attempt == claimed.attempt && record.node_id.as_deref() == Some(node_id);
-    if ours && matches!(record.status, JobStatus::Running | JobStatus::Cancelled) {
-        Ok(())
+    message: &jetstream::Message,
+    pending: &PendingFinish,
+) -> Option<JobRecord> {
+    let recorded = if shared.outbox.is_empty() && shared.nats_connected() {
+        Some(
+            record_with_retries(shared, pending)
+                .instrument(tracing::info_span!("record outcome"))
+                .await,
+        )
     } else {
-        Err(FinishError::Fenced {
-            attempt: record.attempt,
-            node: record.node_id.clone(),
-            status: record.status,
-        })
-    }
-}
-
-/// Records the outcome, but only while this node still holds the attempt it claimed. A
-/// cancelled job stays cancelled and gets the output produced so far.
-async fn record_outcome(
-    shared: &Shared,
-    pending: &PendingFinish,
-) -> Result<JobRecord, FinishError> {
-    let node_id = shared.config.node_id.as_str();
-    let claimed = Claimed {
-        attempt: pending.attempt,
+        None
     };
-    let changed = shared
-        .topology
-        .jobs
-        .modify(&pending.job_id, |record| {
-            holds_lease(record, &claimed, node_id)?;
-            let now = Utc::now();
-            // Figures the llm-gateway metered are exact and span every attempt: they win over
-            // what the engine reported.
-            if !record.usage.as_ref().is_some_and(|u| u.metered) {
-                record.usage.clone_from(&pending.usage);
-            }
-            let spent = record
-                .usage
-                .as_ref()
-                .filter(|u| u.budget_exceeded)
-                .map(|u| u.cost_usd);
-            if record.status == JobStatus::Running {
-                record.status = pending.status;
-                record.error.clone_from(&pending.error);
-                if let Some(spent) = spent {
-                    let budget = pending
-                        .max_budget_usd
-                        .map(|b| format!(" of its ${b} max_budget_usd"))
-                        .unwrap_or_default();
-                    record.status = JobStatus::Failed;
-                    record.error = Some(format!("budget exceeded: spent ${spent:.4}{budget}"));
-                }
-            }
-            record.end_attempt(&pending.outcome, now);
-            if let Some(attempt) = record
-                .attempts
-                .iter_mut()
-                .rev()
-                .find(|a| a.attempt == pending.attempt)
-            {
-                attempt.start_ms = pending.start_ms;
-            }
-            record.ack_subject = None;
-            record.exit_code = pending.exit_code;
-            record.finished_at.get_or_insert(now);
-            record.result = Some(pending.result.clone());
-            Ok(true)
-        })
-        .await?;
-    match changed {
-        None => Err(FinishError::Gone),
-        Some(Err(e)) => Err(e),
-        Some(Ok(versioned)) => Ok(versioned.record),
-    }
-}
-
-/// A few quick retries for a NATS hiccup before the outcome goes to the outbox.
-async fn record_with_retries(
-    shared: &Shared,
-    pending: &PendingFinish,
-) -> Result<JobRecord, FinishError> {
-    (|| record_outcome(shared, pending))
-        .retry(
-            ExponentialBuilder::default()
-                .with_min_delay(Duration::from_millis(100))
-                .with_max_delay(Duration::from_secs(1))
-                .with_max_times(3),
-        )
-        .when(|e| matches!(e, FinishError::Store(StoreError::Nats(_))))
-        .await
-}
-
-/// Drains the outbox in order whenever it has entries and NATS answers: log chunks are
-/// published (deduplicated by message id), outcomes recorded under the lease check, their
-/// log streams ended and their messages acked.
-pub(crate) async fn relay(shared: Arc<Shared>, stop: CancellationToken) {
-    let mut failures = 0u32;
-    loop {
-        if shared.outbox.is_empty() || failures > 0 {
-            let pause = Duration::from_millis(200 * u64::from(failures.min(25)));
-            tokio::select! {
-                () = stop.cancelled() => return,
-                () = shared.outbox.pushed.notified(), if failures == 0 => {}
-                () = tokio::time::sleep(pause), if failures > 0 => {}
+    let error = match recorded {
+        Some(Ok(stored)) => return Some(stored),
+        Some(Err(error)) => error,
+        None => ApplyError::Store(StoreError::nats("nats unreachable")),
+    };
+    match error {
+        ApplyError::Store(StoreError::Nats(reason)) => {
+            // NATS is away: the outcome waits on disk; the relay records it, ends the log
+            // stream and acks the message when NATS is back.
+            tracing::warn!(%reason, "outcome kept in the outbox until NATS is back");
+            let entry = Entry::Finish(Box::new(pending.clone()));
+            if let Err(e) = shared.outbox.push(&entry).await {
+                tracing::error!(error = %e, "cannot keep the outcome in the outbox");
             }
         }
-        let entries = match shared.outbox.peek(64).await {
-            Ok(entries) => entries,
-            Err(e) => {
-                tracing::error!(error = %e, "cannot read the outbox");
-                failures += 1;
-                continue;
-            }
-        };
-        failures = 0;
-        for (key, entry) in entries {
-            if let Err(e) = relay_one(&shared, &entry).await {
-                tracing::debug!(error = %e, "outbox relay waiting for NATS");
-                failures = 1;
-                break;
-            }
-            if let Err(e) = shared.outbox.remove(key).await {
-                tracing::error!(error = %e, "cannot remove relayed outbox entry");
-                failures = 1;
-                break;
-            }
+        ApplyError::Refused(refusal) => {
+            // Another attempt owns the job now: leave its message alone.
+            tracing::warn!(attempt = pending.attempt, %refusal, "lease lost: late result rejected");
+            shared.metrics.finished(Finish::LeaseLost);
+        }
+        ApplyError::NotFound(_) => {
+            tracing::warn!("job record vanished; dropping its message");
+            ack(message, AckKind::Ack).await;
+            shared.metrics.finished(Finish::Abandoned);
+        }
+        ApplyError::Store(e) => {
+            // Not recorded: leave the message unacked so the job is tried again.
+            tracing::warn!(error = %e, "outcome not recorded");
+            shared.metrics.finished(Finish::Abandoned);
         }
     }
-}
-
-async fn relay_one(shared: &Shared, entry: &Entry) -> Result<(), String> {
-    match entry {
-        Entry::Publish {
-            subject,
-            msg_id,
-            job_id,
-            payload,
-        } => publish_chunk(
-            &shared.topology.js,
-            subject,
-            msg_id,
-            job_id,
-            Bytes::from(payload.clone()),
-        )
-        .await
-        .map_err(|e| e.to_string()),
-        Entry::Finish(pending) => match record_outcome(shared, pending).await {
-            Ok(stored) => {
-                shared.metrics.finished(Finish::from_status(stored.status));
-                end_stream(shared, pending, &stored).await;
-                if let Some(subject) = &pending.ack_subject {
-                    let _ = shared
-                        .client
-                        .publish(subject.clone(), Bytes::from_static(b"+ACK"))
-                        .await;
-                }
-                tracing::info!(job_id = %pending.job_id, status = %stored.status, "outcome relayed from the outbox");
-                Ok(())
-            }
-            Err(FinishError::Store(StoreError::Nats(e))) => Err(e),
-            Err(e) => {
-                // Fenced or gone: nothing left to do for this entry.
-                tracing::warn!(job_id = %pending.job_id, error = %e, "outbox outcome rejected: late result");
-                shared.metrics.finished(Finish::LeaseLost);
-                Ok(())
-            }
-        },
-    }
-}
-
-/// Puts a job this node could not finish back to `pending` (still fenced by the lease), so
-/// the record says why while it waits for its next attempt. False if the lease is gone.
-async fn release(shared: &Shared, job_id: &str, claimed: &Claimed, reason: &str) -> bool {
-    let node_id = shared.config.node_id.as_str();
-    let changed = shared
-        .topology
-        .jobs
-        .modify(job_id, |record| {
-            holds_lease(record, claimed, node_id)?;
-            if record.status != JobStatus::Running {
-                return Ok::<bool, FinishError>(false);
-            }
-            record.end_attempt(reason, Utc::now());
-            record.status = JobStatus::Pending;
-            record.node_id = None;
-            record.ack_subject = None;
-            record.error = Some(format!(
-                "attempt {} failed: {reason}; retrying",
-                record.attempt
-            ));
-            Ok(true)
-        })
-        .await;
-    match changed {
-        Ok(Some(Ok(_))) => true,
-        Ok(Some(Err(e))) => {
-            tracing::warn!(error = %e, "not handing back");
-            false
-        }
-        Ok(None) => false,
-        // NATS is down: the message will be redelivered after its ack wait anyway.
-        Err(e) => {
-            tracing::warn!(error = %e, "cannot record hand-back");
-            true
-        }
-    }
+    None
 }
 
 /// What can stop a running job besides its own end and the node's shutdown.
@@ -773,25 +441,74 @@ async fn run_container(
     received: tokio::time::Instant,
     env: &[(String, String)],
 ) -> Outcome {
-    let config = &shared.config;
-    // With an llm-gateway, only jobs holding a token need the (fenced) job network; the rest
-    // keep no network at all.
-    let network = if shared.llm_url.is_some() && env.is_empty() {
-        "none".to_owned()
-    } else {
-        config.network.clone()
+    let spec = container_spec(shared, request, env);
+    let script = script_for(engine, request, attempt, env);
+    let job = JobRef {
+        job_id: request.job_id.clone(),
+        attempt,
     };
-    let key = PoolKey {
+    let host = Host::of(shared);
+    let started = start_container(&host, &spec, &job, &script)
+        .instrument(tracing::info_span!(
+            "start container",
+            pool = tracing::field::Empty
+        ))
+        .await;
+    let (started, pool_use) = match started {
+        Ok(started) => started,
+        Err(e) => return start_failed(&e),
+    };
+    let start_ms = note_running(shared, request, attempt, received, pool_use);
+    let id = started.id.clone();
+    let limits = Limits {
+        timeout: Duration::from_secs(request.timeout_seconds),
+        grace: shared.config.stop_grace,
+    };
+    let supervised = async {
+        let node_id = &shared.config.node_id;
+        let _ = logs
+            .system(&format!("attempt {attempt} started on node {node_id}"))
+            .await;
+        supervise(&host, started, logs, limits, stops).await
+    }
+    .instrument(tracing::info_span!("run container", container = %id))
+    .await;
+    host.clean_up(&id);
+    supervised.into_outcome(start_ms)
+}
+
+/// The container a job needs. With an llm-gateway, only jobs holding a token need the
+/// (fenced) job network; the rest keep no network at all.
+fn container_spec(
+    shared: &Shared,
+    request: &JobRequest,
+    env: &[(String, String)],
+) -> ContainerSpec {
+    let config = &shared.config;
+    let network = if shared.llm_url.is_some() && env.is_empty() {
+        Network::None
+    } else {
+        Network::from_name(&config.network)
+    };
+    ContainerSpec {
         image: config.image.clone(),
         memory_bytes: request.resources.memory_bytes,
         nano_cpus: request.resources.nano_cpus,
         pids_limit: config.pids_limit,
         workspace_bytes: config.workspace_bytes,
         network,
-        runtime: config.runtime.clone(),
-    };
-    // The job's own coordinates, and the trace context (OpenTelemetry's env carrier) so that
-    // what the engine runs can continue the job's trace.
+        runtime_class: config.runtime.clone(),
+    }
+}
+
+/// The job script, given the job's own coordinates and the trace context (OpenTelemetry's env
+/// carrier) so that what the engine runs can continue the job's trace.
+fn script_for(
+    engine: &Engine,
+    request: &JobRequest,
+    attempt: u32,
+    env: &[(String, String)],
+) -> Bytes {
     let mut env = env.to_vec();
     env.push(("FLOTILLA_JOB_ID".to_owned(), request.job_id.clone()));
     env.push(("FLOTILLA_ATTEMPT".to_owned(), attempt.to_string()));
@@ -800,20 +517,18 @@ async fn run_container(
     {
         env.push(("TRACEPARENT".to_owned(), traceparent));
     }
-    let script = script::job_script(engine, request, &env);
-    let name = format!("flotilla-{}-{attempt}", request.job_id);
-    let started = start_container(shared, &key, &name, request, attempt, &script)
-        .instrument(tracing::info_span!(
-            "start container",
-            pool = tracing::field::Empty
-        ))
-        .await;
-    let (started, pool_use) = match started {
-        Ok(started) => started,
-        Err(e) => return Outcome::Infrastructure(format!("container failed to start: {e}")),
-    };
+    script::job_script(engine, request, &env)
+}
+
+/// Counts the process as running; returns milliseconds from receipt.
+fn note_running(
+    shared: &Shared,
+    request: &JobRequest,
+    attempt: u32,
+    received: tokio::time::Instant,
+    pool_use: PoolUse,
+) -> f64 {
     let since_receipt = received.elapsed();
-    let start_ms = since_receipt.as_secs_f64() * 1000.0;
     // Dispatch latency counts from creation, so only first attempts say something about it.
     let since_created = (attempt == 1)
         .then(|| (Utc::now() - request.created_at).to_std().ok())
@@ -821,128 +536,193 @@ async fn run_container(
     shared
         .metrics
         .process_running(pool_use, since_receipt, since_created);
-    let run_span = tracing::info_span!("run container", container = %started.id);
-    // Coalesce whatever output is ready right now into one chunk per stream switch.
-    let output = started.output.ready_chunks(64);
-    let (stop, exit_code, oom_killed) = async {
-        let _ = logs
-            .system(&format!(
-                "attempt {attempt} started on node {}",
-                config.node_id
-            ))
-            .await;
-        let deadline = tokio::time::sleep(Duration::from_secs(request.timeout_seconds));
-        tokio::pin!(deadline);
-        let mut output = output;
-        let mut stop = None;
-        let mut stop_sent = false;
-        loop {
-            tokio::select! {
-                batch = output.next() => {
-                    let Some(batch) = batch else { break };
-                    if let Err(e) = publish_batch(logs, batch).await {
-                        tracing::warn!(error = %e, "log streaming failed");
-                    }
-                }
-                () = &mut deadline, if stop.is_none() => stop = Some(Stop::Timeout),
-                () = stops.cancel.cancelled(), if stop.is_none() => stop = Some(Stop::Cancelled),
-                () = stops.budget_spent.cancelled(), if stop.is_none() => stop = Some(Stop::Budget),
-                () = shared.hard_stop.cancelled(), if stop.is_none() => stop = Some(Stop::Shutdown),
-            }
-            if let Some(reason) = stop
-                && !stop_sent
-            {
-                stop_sent = true;
-                let notice = match reason {
-                    Stop::Timeout => {
-                        format!("timed out after {}s, stopping", request.timeout_seconds)
-                    }
-                    Stop::Cancelled => "cancelled, stopping".to_owned(),
-                    Stop::Shutdown => "node shutting down, stopping".to_owned(),
-                    Stop::Budget => "budget exceeded, stopping".to_owned(),
-                };
-                let _ = logs.system(&notice).await;
-                if let Err(e) = shared.docker.stop(&started.id, config.stop_grace).await {
-                    tracing::warn!(error = %e, "cannot stop container");
-                }
-            }
+    since_receipt.as_secs_f64() * 1000.0
+}
+
+/// A container that did not start: the job never really ran.
+fn start_failed(error: &RuntimeError) -> Outcome {
+    Outcome::Infrastructure(format!("container failed to start: {error}"))
+}
+
+/// What running a container takes from the node, NATS aside (tests build one on the fake
+/// runtime).
+struct Host<'a> {
+    runtime: &'a Arc<dyn ContainerRuntime>,
+    pool: &'a Pool,
+    removals: &'a TaskTracker,
+    /// The drain grace period is over: stop and hand back.
+    hard_stop: &'a CancellationToken,
+}
+
+impl<'a> Host<'a> {
+    fn of(shared: &'a Shared) -> Self {
+        Self {
+            runtime: &shared.runtime,
+            pool: &shared.pool,
+            removals: &shared.removals,
+            hard_stop: &shared.hard_stop,
         }
-        let exit_code = shared.docker.wait(&started.id).await;
-        // 137 is SIGKILL: ask Docker whether the memory limit did it.
-        let oom_killed =
-            matches!(exit_code, Ok(137)) && shared.docker.oom_killed(&started.id).await;
-        (stop, exit_code, oom_killed)
     }
-    .instrument(run_span)
-    .await;
-    // Removal (tens of ms) does not hold up recording the outcome; the reaper catches any
-    // container whose removal fails.
-    let docker = shared.docker.clone();
-    let id = started.id.clone();
-    shared
-        .removals
-        .spawn(async move { docker.remove(&id).await });
-    shared.pool.untrack(&started.id);
-    match exit_code {
-        Ok(exit_code) => Outcome::Exited {
-            exit_code,
-            stop,
-            start_ms,
-            oom_killed,
-        },
-        Err(e) => Outcome::Infrastructure(format!("lost track of the container: {e}")),
+
+    /// Removal (tens of ms) does not hold up recording the outcome; the reaper catches any
+    /// container whose removal fails.
+    fn clean_up(&self, id: &str) {
+        let runtime = self.runtime.clone();
+        let owned = id.to_owned();
+        self.removals
+            .spawn(async move { runtime.remove(&owned).await });
+        self.pool.untrack(id);
     }
 }
 
 /// A warm container if one matches, else a cold start. Either way the container is fresh:
 /// no other job has used it.
 async fn start_container(
-    shared: &Shared,
-    key: &PoolKey,
-    name: &str,
-    request: &JobRequest,
-    attempt: u32,
+    host: &Host<'_>,
+    spec: &ContainerSpec,
+    job: &JobRef,
     script: &[u8],
-) -> Result<(Started, PoolUse), DockerError> {
-    if let Some(warm) = shared.pool.acquire(key) {
+) -> Result<(Started, PoolUse), RuntimeError> {
+    let name = format!("flotilla-{}-{}", job.job_id, job.attempt);
+    if let Some(warm) = host.pool.acquire(spec) {
         let id = warm.id.clone();
         match warm.launch(script).await {
             Ok(started) => {
                 // Name it after its job for operators; off the critical path.
-                let docker = shared.docker.clone();
-                let (id, name) = (started.id.clone(), name.to_owned());
-                tokio::spawn(async move { docker.rename(&id, &name).await });
+                let (runtime, id) = (host.runtime.clone(), started.id.clone());
+                tokio::spawn(async move { runtime.rename(&id, &name).await });
                 tracing::Span::current().record("pool", "hit");
                 return Ok((started, PoolUse::Hit));
             }
             Err(e) => {
                 tracing::warn!(error = %e, "warm container unusable, starting cold");
-                shared.pool.untrack(&id);
-                shared.docker.remove(&id).await;
+                host.pool.untrack(&id);
+                host.runtime.remove(&id).await;
             }
         }
     }
-    let mut labels = shared.pool.labels(ROLE_COLD);
-    labels.insert(names::LABEL_JOB.to_owned(), request.job_id.clone());
-    labels.insert(names::LABEL_ATTEMPT.to_owned(), attempt.to_string());
-    let prepared = shared.docker.prepare(key, name, labels).await?;
+    let owner = host.pool.owner(Role::Cold, Some(job.clone()));
+    let prepared = host.runtime.prepare(spec, &name, &owner).await?;
     let id = prepared.id.clone();
-    shared.pool.track(&id);
+    host.pool.track(&id);
     tracing::Span::current().record("pool", "miss");
     match prepared.launch(script).await {
         Ok(started) => Ok((started, PoolUse::Miss)),
         Err(e) => {
-            shared.pool.untrack(&id);
-            shared.docker.remove(&id).await;
+            host.pool.untrack(&id);
+            host.runtime.remove(&id).await;
             Err(e)
         }
     }
 }
 
+/// The limits of one run.
+#[derive(Debug, Clone, Copy)]
+struct Limits {
+    timeout: Duration,
+    /// Between SIGTERM and SIGKILL when the container is stopped.
+    grace: Duration,
+}
+
+/// How a supervised container ended.
+struct Supervised {
+    stop: Option<Stop>,
+    exit: Result<Exit, RuntimeError>,
+}
+
+impl Supervised {
+    fn into_outcome(self, start_ms: f64) -> Outcome {
+        match self.exit {
+            Ok(exit) => Outcome::Exited {
+                exit_code: exit.code,
+                stop: self.stop,
+                start_ms,
+                oom_killed: exit.oom_killed,
+            },
+            Err(e) => Outcome::Infrastructure(format!("lost track of the container: {e}")),
+        }
+    }
+}
+
+/// Where a supervised container's output goes: the job's log stream, or a recorder in tests.
+trait LogSink {
+    /// A notice from the node; one that cannot be published does not stop the job.
+    async fn system(&mut self, text: &str);
+    async fn output(&mut self, stream: LogStream, data: &[u8]) -> Result<(), LogError>;
+}
+
+impl LogSink for LogPublisher {
+    async fn system(&mut self, text: &str) {
+        let _ = LogPublisher::system(self, text).await;
+    }
+
+    async fn output(&mut self, stream: LogStream, data: &[u8]) -> Result<(), LogError> {
+        LogPublisher::output(self, stream, data).await
+    }
+}
+
+/// Streams the container's output to `logs` until it ends, stopping the container (SIGTERM,
+/// SIGKILL after the grace period) on a timeout, a cancel, a spent budget or the node's hard
+/// stop; then waits for its exit.
+async fn supervise(
+    host: &Host<'_>,
+    started: Started,
+    logs: &mut impl LogSink,
+    limits: Limits,
+    stops: Stops<'_>,
+) -> Supervised {
+    // Coalesce whatever output is ready right now into one chunk per stream switch.
+    let mut output = started.output.ready_chunks(64);
+    let deadline = tokio::time::sleep(limits.timeout);
+    tokio::pin!(deadline);
+    let mut stop = None;
+    loop {
+        let requested = tokio::select! {
+            batch = output.next() => {
+                let Some(batch) = batch else { break };
+                if let Err(e) = publish_batch(logs, batch).await {
+                    tracing::warn!(error = %e, "log streaming failed");
+                }
+                None
+            }
+            () = &mut deadline, if stop.is_none() => Some(Stop::Timeout),
+            () = stops.cancel.cancelled(), if stop.is_none() => Some(Stop::Cancelled),
+            () = stops.budget_spent.cancelled(), if stop.is_none() => Some(Stop::Budget),
+            () = host.hard_stop.cancelled(), if stop.is_none() => Some(Stop::Shutdown),
+        };
+        if let Some(reason) = requested {
+            stop = Some(reason);
+            stop_container(host, &started.id, reason, limits, logs).await;
+        }
+    }
+    let exit = host.runtime.wait(&started.id).await;
+    Supervised { stop, exit }
+}
+
+/// Says why in the job's log, then stops the container; its output stream then ends.
+async fn stop_container(
+    host: &Host<'_>,
+    id: &str,
+    reason: Stop,
+    limits: Limits,
+    logs: &mut impl LogSink,
+) {
+    let notice = match reason {
+        Stop::Timeout => format!("timed out after {}s, stopping", limits.timeout.as_secs()),
+        Stop::Cancelled => "cancelled, stopping".to_owned(),
+        Stop::Shutdown => "node shutting down, stopping".to_owned(),
+        Stop::Budget => "budget exceeded, stopping".to_owned(),
+    };
+    logs.system(&notice).await;
+    if let Err(e) = host.runtime.stop(id, limits.grace).await {
+        tracing::warn!(error = %e, "cannot stop container");
+    }
+}
+
 async fn publish_batch(
-    logs: &mut LogPublisher,
-    batch: Vec<Result<(OutputStream, Bytes), crate::docker::DockerError>>,
-) -> Result<(), crate::logs::LogError> {
+    logs: &mut impl LogSink,
+    batch: Vec<Result<(OutputStream, Bytes), RuntimeError>>,
+) -> Result<(), LogError> {
     let mut current: Option<(OutputStream, Vec<u8>)> = None;
     for item in batch {
         let (stream, bytes) = match item {
@@ -983,7 +763,7 @@ fn build_result(
     engine: Option<&Engine>,
     logs: &LogPublisher,
     exit_code: Option<i64>,
-) -> (JobResult, Option<Usage>, bool) {
+) -> Parsed {
     let (stdout, truncated) = logs.stdout_text();
     let mut result = JobResult {
         exit_code,
@@ -993,7 +773,7 @@ fn build_result(
     };
     let Some(engine) = engine else {
         result.text = stdout;
-        return (result, None, false);
+        return Parsed::plain(result);
     };
     if request.dry_run {
         let argv = engine.command_line(request);
@@ -1004,12 +784,12 @@ fn build_result(
             .join(" ");
         result.raw = Some(script::dry_run_plan(engine, request));
         result.command = Some(argv);
-        return (result, None, false);
+        return Parsed::plain(result);
     }
     if engine.kind == flotilla_catalog::EngineKind::Shell {
         // The shell engine's result is its standard output, byte for byte.
         result.text = stdout;
-        return (result, None, false);
+        return Parsed::plain(result);
     }
     let format = request.output_format.as_deref().unwrap_or("text");
     let parsed = flotilla_catalog::parse(engine.output.parser, format, &stdout);
@@ -1027,7 +807,11 @@ fn build_result(
         cost_usd: parsed.cost_usd.unwrap_or(0.0),
         ..Usage::default()
     });
-    (result, usage, parsed.is_error)
+    Parsed {
+        result,
+        usage,
+        engine_error: parsed.is_error,
+    }
 }
 
 /// While the job runs: tell JetStream we are still working (so the message is not redelivered)
@@ -1119,21 +903,372 @@ impl Drop for RunningGuard {
     }
 }
 
+/// The container side of a job (start, supervise, clean up) on the fake runtime.
 #[cfg(test)]
-mod tests {
-    use super::*;
+mod container_tests {
+    use std::sync::Arc;
 
-    #[test]
-    fn outcome_mapping() {
-        assert_eq!(final_state(0, None, 5).status, JobStatus::Completed);
-        let failed = final_state(3, None, 5);
-        assert_eq!(failed.status, JobStatus::Failed);
-        assert_eq!(failed.error.as_deref(), Some("exited with code 3"));
-        let timeout = final_state(143, Some(Stop::Timeout), 5);
-        assert_eq!(timeout.error.as_deref(), Some("timed out after 5s"));
+    use super::*;
+    use crate::{
+        metrics::PoolMetrics,
+        runtime::fake::{Behaviour, Event, FakeRuntime, Op, SIGKILL_EXIT, SIGTERM_EXIT},
+    };
+
+    /// What a job's log stream would have received.
+    #[derive(Default)]
+    struct Recorder {
+        system: Vec<String>,
+        output: Vec<(LogStream, Vec<u8>)>,
+    }
+
+    impl LogSink for Recorder {
+        async fn system(&mut self, text: &str) {
+            self.system.push(text.to_owned());
+        }
+
+        async fn output(&mut self, stream: LogStream, data: &[u8]) -> Result<(), LogError> {
+            self.output.push((stream, data.to_vec()));
+            Ok(())
+        }
+    }
+
+    impl Recorder {
+        fn bytes(&self, stream: Option<LogStream>) -> Vec<u8> {
+            let wanted = |s: &LogStream| stream.is_none_or(|w| w == *s);
+            let chunks = self.output.iter().filter(|(s, _)| wanted(s));
+            chunks.flat_map(|(_, d)| d.iter().copied()).collect()
+        }
+    }
+
+    /// A node's container side on the fake runtime.
+    struct Node {
+        fake: FakeRuntime,
+        runtime: Arc<dyn ContainerRuntime>,
+        pool: Arc<Pool>,
+        removals: TaskTracker,
+        hard_stop: CancellationToken,
+        cancel: CancellationToken,
+        budget_spent: CancellationToken,
+    }
+
+    const GRACE: Duration = Duration::from_secs(10);
+
+    fn spec() -> ContainerSpec {
+        ContainerSpec {
+            image: "flotilla-worker:test".to_owned(),
+            memory_bytes: 512 << 20,
+            nano_cpus: 1_000_000_000,
+            pids_limit: 256,
+            workspace_bytes: 1 << 30,
+            network: Network::None,
+            runtime_class: None,
+        }
+    }
+
+    fn job() -> JobRef {
+        JobRef {
+            job_id: "job-1".to_owned(),
+            attempt: 1,
+        }
+    }
+
+    impl Node {
+        fn new(behaviour: Behaviour) -> Self {
+            Self::with_pool(behaviour, Vec::new())
+        }
+
+        fn with_pool(behaviour: Behaviour, targets: Vec<(ContainerSpec, usize)>) -> Self {
+            let fake = FakeRuntime::new(behaviour);
+            let runtime: Arc<dyn ContainerRuntime> = Arc::new(fake.clone());
+            let pool = Pool::new(
+                runtime.clone(),
+                "node-1".to_owned(),
+                "test".to_owned(),
+                targets,
+                Duration::from_secs(3600),
+                PoolMetrics::default(),
+            );
+            Self {
+                fake,
+                runtime,
+                pool: Arc::new(pool),
+                removals: TaskTracker::new(),
+                hard_stop: CancellationToken::new(),
+                cancel: CancellationToken::new(),
+                budget_spent: CancellationToken::new(),
+            }
+        }
+
+        fn host(&self) -> Host<'_> {
+            Host {
+                runtime: &self.runtime,
+                pool: &self.pool,
+                removals: &self.removals,
+                hard_stop: &self.hard_stop,
+            }
+        }
+
+        /// Starts, supervises and cleans up one job container, as `run_container` does.
+        async fn run(&self, timeout: Duration, logs: &mut Recorder) -> (Outcome, String) {
+            let host = self.host();
+            let (started, _) = start_container(&host, &spec(), &job(), b"the job script")
+                .await
+                .expect("container started");
+            let id = started.id.clone();
+            let stops = Stops {
+                cancel: &self.cancel,
+                budget_spent: &self.budget_spent,
+            };
+            let limits = Limits {
+                timeout,
+                grace: GRACE,
+            };
+            let supervised = supervise(&host, started, logs, limits, stops).await;
+            host.clean_up(&id);
+            self.removals.close();
+            self.removals.wait().await;
+            (supervised.into_outcome(1.0), id)
+        }
+    }
+
+    /// (exit code, stop, OOM) of an outcome that ran.
+    fn exited(outcome: &Outcome) -> (i64, Option<Stop>, bool) {
+        match outcome {
+            Outcome::Exited {
+                exit_code,
+                stop,
+                oom_killed,
+                ..
+            } => (*exit_code, *stop, *oom_killed),
+            Outcome::Infrastructure(error) => panic!("infrastructure failure: {error}"),
+        }
+    }
+
+    fn infrastructure(outcome: &Outcome) -> &str {
+        match outcome {
+            Outcome::Infrastructure(error) => error,
+            Outcome::Exited { exit_code, .. } => panic!("ran and exited {exit_code}"),
+        }
+    }
+
+    const HOUR: Duration = Duration::from_secs(3600);
+
+    /// Interleaved stdout and stderr lines; each stream's bytes and all bytes in order.
+    fn interleaved(duration: Duration) -> (Behaviour, Vec<u8>, Vec<u8>) {
+        let mut behaviour = Behaviour::exit(0).lasting(duration);
+        let (mut all, mut stdout) = (Vec::new(), Vec::new());
+        for i in 0..200 {
+            let line = format!("line {i}\n");
+            all.extend_from_slice(line.as_bytes());
+            if i % 7 == 3 {
+                behaviour = behaviour.stderr(line);
+            } else {
+                stdout.extend_from_slice(line.as_bytes());
+                behaviour = behaviour.stdout(line);
+            }
+        }
+        (behaviour, all, stdout)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn normal_exit_delivers_every_byte_in_order() {
+        // Spread out (one chunk at a time) and all at once (batched by stream switches).
+        for duration in [Duration::from_secs(2), Duration::ZERO] {
+            let (behaviour, all, stdout) = interleaved(duration);
+            let node = Node::new(behaviour);
+            let mut logs = Recorder::default();
+            let (outcome, id) = node.run(HOUR, &mut logs).await;
+            assert_eq!(exited(&outcome), (0, None, false));
+            assert_eq!(logs.bytes(None), all);
+            assert_eq!(logs.bytes(Some(LogStream::Stdout)), stdout);
+            assert!(logs.system.is_empty(), "{:?}", logs.system);
+            // The script went in on stdin; the container is gone and no longer the pool's.
+            let events = node.fake.events();
+            assert!(events.contains(&Event::Launched { id: id.clone() }));
+            assert!(events.contains(&Event::Removed { id: id.clone() }));
+            assert!(!node.pool.owns(&id));
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn cold_start_is_labelled_with_its_job_and_gets_the_script() {
+        let node = Node::new(Behaviour::exit(0));
+        let host = node.host();
+        let (started, pool_use) = start_container(&host, &spec(), &job(), b"echo hi")
+            .await
+            .unwrap();
+        assert_eq!(pool_use, PoolUse::Miss);
+        assert!(node.pool.owns(&started.id));
+        node.runtime.wait(&started.id).await.unwrap();
+        let container = node.fake.container(&started.id).unwrap();
+        assert_eq!(container.name, "flotilla-job-1-1");
+        assert_eq!(container.owner, node.pool.owner(Role::Cold, Some(job())));
+        assert_eq!(container.spec, spec());
+        assert_eq!(container.script.as_deref(), Some(&b"echo hi"[..]));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn non_zero_exit_code_is_reported() {
+        let node = Node::new(Behaviour::exit(3).stderr("boom\n"));
+        let mut logs = Recorder::default();
+        let (outcome, _) = node.run(HOUR, &mut logs).await;
+        assert_eq!(exited(&outcome), (3, None, false));
+        assert_eq!(logs.bytes(Some(LogStream::Stderr)), b"boom\n");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn timeout_stops_a_hanging_container_with_the_grace_period() {
+        let node = Node::new(Behaviour::hang().stdout("working\n").ignoring_term());
+        let mut logs = Recorder::default();
+        let begun = tokio::time::Instant::now();
+        let (outcome, id) = node.run(Duration::from_secs(5), &mut logs).await;
+        // SIGTERM at the timeout is ignored: SIGKILL once the grace period is over.
+        assert_eq!(exited(&outcome), (SIGKILL_EXIT, Some(Stop::Timeout), false));
+        assert_eq!(begun.elapsed(), Duration::from_secs(5) + GRACE);
+        assert_eq!(logs.system, ["timed out after 5s, stopping"]);
+        assert_eq!(logs.bytes(None), b"working\n");
+        let stopped = Event::Stopped { id, grace: GRACE };
+        assert!(node.fake.events().contains(&stopped));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn timeout_of_a_container_that_honours_sigterm() {
+        let node = Node::new(Behaviour::hang());
+        let begun = tokio::time::Instant::now();
+        let (outcome, _) = node
+            .run(Duration::from_secs(5), &mut Recorder::default())
+            .await;
+        assert_eq!(exited(&outcome), (SIGTERM_EXIT, Some(Stop::Timeout), false));
+        assert_eq!(begun.elapsed(), Duration::from_secs(5));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn cancel_stops_the_container() {
+        let node = Node::new(Behaviour::hang());
+        let cancel = node.cancel.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            cancel.cancel();
+        });
+        let mut logs = Recorder::default();
+        let (outcome, _) = node.run(HOUR, &mut logs).await;
         assert_eq!(
-            final_state(137, Some(Stop::Cancelled), 5).status,
-            JobStatus::Cancelled
+            exited(&outcome),
+            (SIGTERM_EXIT, Some(Stop::Cancelled), false)
         );
+        assert_eq!(logs.system, ["cancelled, stopping"]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn spent_budget_and_node_shutdown_stop_the_container() {
+        let node = Node::new(Behaviour::hang());
+        node.budget_spent.cancel();
+        let mut logs = Recorder::default();
+        let (outcome, _) = node.run(HOUR, &mut logs).await;
+        assert_eq!(exited(&outcome), (SIGTERM_EXIT, Some(Stop::Budget), false));
+        assert_eq!(logs.system, ["budget exceeded, stopping"]);
+
+        let node = Node::new(Behaviour::hang());
+        node.hard_stop.cancel();
+        let mut logs = Recorder::default();
+        let (outcome, _) = node.run(HOUR, &mut logs).await;
+        assert_eq!(
+            exited(&outcome),
+            (SIGTERM_EXIT, Some(Stop::Shutdown), false)
+        );
+        assert_eq!(logs.system, ["node shutting down, stopping"]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn oom_kill_is_reported() {
+        let behaviour = Behaviour::oom()
+            .stdout("allocating\n")
+            .lasting(Duration::from_secs(1));
+        let node = Node::new(behaviour);
+        let mut logs = Recorder::default();
+        let (outcome, _) = node.run(HOUR, &mut logs).await;
+        assert_eq!(exited(&outcome), (SIGKILL_EXIT, None, true));
+        assert_eq!(logs.bytes(None), b"allocating\n");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn start_failure_is_an_infrastructure_failure() {
+        let node = Node::new(Behaviour::exit(0));
+        node.fake.fail(Op::Prepare, 1);
+        let host = node.host();
+        let error = start_container(&host, &spec(), &job(), b"x")
+            .await
+            .err()
+            .expect("start fails");
+        let outcome = start_failed(&error);
+        let message = infrastructure(&outcome);
+        assert!(
+            message.starts_with("container failed to start: fake: injected failure"),
+            "{message}"
+        );
+        assert!(node.fake.containers().is_empty());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn failed_stdin_removes_the_container() {
+        let node = Node::new(Behaviour::exit(0));
+        node.fake.fail(Op::Launch, 1);
+        let host = node.host();
+        let error = start_container(&host, &spec(), &job(), b"x")
+            .await
+            .err()
+            .expect("launch fails");
+        assert!(matches!(error, RuntimeError::Stdin { .. }), "{error}");
+        assert!(node.fake.containers().is_empty());
+        assert!(!node.pool.owns("fake-1"));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn losing_the_container_is_an_infrastructure_failure() {
+        let node = Node::new(Behaviour::exit(0));
+        node.fake.fail(Op::Wait, 1);
+        let (outcome, _) = node.run(HOUR, &mut Recorder::default()).await;
+        let message = infrastructure(&outcome);
+        assert!(
+            message.starts_with("lost track of the container: "),
+            "{message}"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn warm_container_serves_the_job_and_a_dead_one_is_replaced_by_a_cold_start() {
+        let node = Node::with_pool(Behaviour::exit(0), vec![(spec(), 1)]);
+        let stop = CancellationToken::new();
+        let pool = node.pool.clone();
+        let maintain = tokio::spawn({
+            let stop = stop.clone();
+            async move { pool.maintain(stop).await }
+        });
+        while node.pool.stats().warm.values().sum::<u32>() < 1 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let host = node.host();
+        let (started, pool_use) = start_container(&host, &spec(), &job(), b"x").await.unwrap();
+        assert_eq!(pool_use, PoolUse::Hit);
+        let warm_id = started.id.clone();
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        let renamed = Event::Renamed {
+            id: warm_id,
+            name: "flotilla-job-1-1".to_owned(),
+        };
+        assert!(node.fake.events().contains(&renamed));
+
+        // The refill is warm again; it dies before its job arrives.
+        while node.pool.stats().warm.values().sum::<u32>() < 1 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let dead = node.fake.containers().last().unwrap().id.clone();
+        node.fake.kill(&dead).await;
+        let (started, pool_use) = start_container(&host, &spec(), &job(), b"x").await.unwrap();
+        assert_eq!(pool_use, PoolUse::Miss);
+        assert_ne!(started.id, dead);
+        assert!(node.fake.events().contains(&Event::Removed { id: dead }));
+        stop.cancel();
+        maintain.await.unwrap();
     }
 }

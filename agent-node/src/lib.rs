@@ -1,21 +1,23 @@
 //! The agent-node: pulls jobs from the shared JetStream consumer, never more than it has free
 //! slots, and runs each in a fresh hardened container. One per Docker host; add nodes to add
-//! capacity.
+//! capacity. The containers come from a [`ContainerRuntime`]: Docker in production
+//! ([`run`]), any other through [`run_with_runtime`].
 
 mod binaries;
 mod config;
-mod docker;
+mod decide;
 mod job;
+mod lease;
 mod llm_health;
 mod logs;
 mod metrics;
-mod network;
 mod outbox;
 mod pool;
+pub mod runtime;
 mod script;
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, HashSet},
     sync::{Arc, Mutex},
     time::Duration,
 };
@@ -25,19 +27,20 @@ use flotilla_config::LiveCatalog;
 use flotilla_nats::Topology;
 use flotilla_proto::{NodeInfo, names};
 use futures::StreamExt;
-use tokio::sync::Semaphore;
+use tokio::{sync::Semaphore, task::JoinHandle};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 pub use config::{Config, ConfigError};
-pub use docker::DockerRuntime;
-pub use network::NetworkError;
+pub use runtime::{ContainerRuntime, DockerRuntime, RuntimeError};
+
+use runtime::{ContainerSpec, Listed, Network, Selector};
 
 #[derive(Debug, thiserror::Error)]
 pub enum NodeError {
     #[error("cannot load engines/profiles: {0}")]
     Config(#[from] flotilla_config::ConfigError),
-    #[error("docker is not usable: {0}")]
-    Docker(#[from] docker::DockerError),
+    #[error("the container runtime is not usable: {0}")]
+    Runtime(#[from] RuntimeError),
     #[error("worker image {0} is missing: build it with scripts/build-image")]
     MissingImage(String),
     #[error(transparent)]
@@ -48,8 +51,9 @@ pub enum NodeError {
     Outbox(#[from] outbox::OutboxError),
     #[error("cannot subscribe to cancels: {0}")]
     Subscribe(#[from] async_nats::SubscribeError),
+    /// The job network cannot be set up or is unsafe.
     #[error(transparent)]
-    Network(#[from] NetworkError),
+    Network(RuntimeError),
     #[error("cannot listen for metrics on {addr}: {source}")]
     MetricsListen {
         addr: std::net::SocketAddr,
@@ -61,7 +65,7 @@ pub enum NodeError {
 pub(crate) struct Shared {
     pub(crate) config: Config,
     pub(crate) topology: Topology,
-    pub(crate) docker: DockerRuntime,
+    pub(crate) runtime: Arc<dyn ContainerRuntime>,
     /// Engines, kept current from the shared configuration.
     pub(crate) catalog: Arc<LiveCatalog>,
     /// Cancel tokens of the jobs on this node, by job id.
@@ -81,7 +85,7 @@ pub(crate) struct Shared {
     /// Which engine binaries the worker image has.
     pub(crate) binaries: binaries::Binaries,
     /// The container spec of those probes.
-    pub(crate) probe_key: docker::PoolKey,
+    pub(crate) probe_key: ContainerSpec,
     pub(crate) metrics: metrics::NodeMetrics,
 }
 
@@ -91,37 +95,43 @@ impl Shared {
     }
 }
 
-/// Runs the node until `shutdown` is cancelled, then drains: stops pulling, lets running jobs
-/// finish within the drain grace period, hands back the rest, and returns.
+/// Runs the node on Docker until `shutdown` is cancelled, then drains: stops pulling, lets
+/// running jobs finish within the drain grace period, hands back the rest, and returns.
 pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), NodeError> {
     // Bound first, so that a taken port fails the start instead of going unnoticed.
-    let metrics_listener = match config.metrics_listen {
-        Some(addr) => Some(
-            tokio::net::TcpListener::bind(addr)
-                .await
-                .map_err(|source| NodeError::MetricsListen { addr, source })?,
-        ),
-        None => None,
-    };
-    let docker = DockerRuntime::connect().await?;
-    if !docker.image_exists(&config.image).await? {
-        return Err(NodeError::MissingImage(config.image.clone()));
-    }
-    reap_leftovers(&docker, &config.node_id).await?;
-    let llm_url = match config.llm_gateway_port {
-        Some(port) => {
-            Some(network::prepare(docker.api(), &config.network, &config.cluster, port).await?)
-        }
-        None => None,
-    };
-    let outbox = outbox::Outbox::open(&config.state_dir.join(&config.node_id).join("outbox.redb"))?;
-    if !outbox.is_empty() {
-        tracing::info!(
-            entries = outbox.len(),
-            "outbox holds output from a previous run; relaying it"
-        );
-    }
+    let metrics_listener = bind_metrics(&config).await?;
+    let runtime = Arc::new(DockerRuntime::connect().await?);
+    serve(config, runtime, metrics_listener, shutdown).await
+}
 
+/// [`run`] on another container runtime, e.g. the fake one (feature `test-support`).
+pub async fn run_with_runtime(
+    config: Config,
+    runtime: Arc<dyn ContainerRuntime>,
+    shutdown: CancellationToken,
+) -> Result<(), NodeError> {
+    let metrics_listener = bind_metrics(&config).await?;
+    serve(config, runtime, metrics_listener, shutdown).await
+}
+
+async fn bind_metrics(config: &Config) -> Result<Option<tokio::net::TcpListener>, NodeError> {
+    let Some(addr) = config.metrics_listen else {
+        return Ok(None);
+    };
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|source| NodeError::MetricsListen { addr, source })?;
+    Ok(Some(listener))
+}
+
+async fn serve(
+    config: Config,
+    runtime: Arc<dyn ContainerRuntime>,
+    metrics_listener: Option<tokio::net::TcpListener>,
+    shutdown: CancellationToken,
+) -> Result<(), NodeError> {
+    let llm_url = prepare_host(runtime.as_ref(), &config).await?;
+    let outbox = open_outbox(&config)?;
     let name = format!("agent-node {}", config.node_id);
     let client = tokio::select! {
         client = flotilla_nats::connect(&config.nats_url, &name, &config.nats) => client?,
@@ -138,50 +148,16 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Node
     )
     .await?;
     let cancels = client.subscribe(names::cancel_wildcard()).await?;
-    let default_key = docker::PoolKey {
-        image: config.image.clone(),
-        memory_bytes: config.default_memory_bytes,
-        nano_cpus: config.default_nano_cpus,
-        pids_limit: config.pids_limit,
-        workspace_bytes: config.workspace_bytes,
-        network: config.network.clone(),
-        runtime: config.runtime.clone(),
-    };
-    // Probes run with no network, whatever the jobs get.
-    let probe_key = docker::PoolKey {
-        network: "none".to_owned(),
-        ..default_key.clone()
-    };
-    let mut targets = Vec::new();
-    if config.pool_size > 0 {
-        if llm_url.is_some() {
-            // Engine jobs run on the fenced job network, the others on none: keep both warm.
-            let isolated = docker::PoolKey {
-                network: "none".to_owned(),
-                ..default_key.clone()
-            };
-            targets.push((isolated, config.pool_size));
-        }
-        targets.push((default_key, config.pool_size));
-    }
     let metrics = metrics::NodeMetrics::default();
-    let pool = pool::Pool::new(
-        docker.clone(),
-        config.node_id.clone(),
-        config.cluster.clone(),
-        targets,
-        config.pool_max_idle,
-        metrics.pool.clone(),
-    );
-
+    let (pool, probe_key) = build_pool(&config, runtime.clone(), llm_url.is_some(), &metrics);
     let shared = Arc::new(Shared {
         config,
         topology,
-        docker,
+        runtime,
         catalog,
         running: Mutex::new(HashMap::new()),
         hard_stop: CancellationToken::new(),
-        client: client.clone(),
+        client,
         outbox,
         pool,
         removals: TaskTracker::new(),
@@ -191,7 +167,107 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Node
         probe_key,
         metrics,
     });
+    let tasks = start_tasks(&shared, cancels, &background, metrics_listener).await;
+    tracing::info!(node_id = %shared.config.node_id, slots = shared.config.slots, "agent-node ready");
+
     let slots = Arc::new(Semaphore::new(shared.config.slots as usize));
+    let jobs = TaskTracker::new();
+    pull_loop(&shared, &slots, &jobs, &shutdown).await;
+    drain(&shared, &jobs).await;
+    stop_tasks(&shared, tasks, &background).await;
+    tracing::info!("agent-node stopped");
+    Ok(())
+}
+
+/// Before the node takes jobs: the image is there, what a previous run left behind is gone,
+/// and the job network is ready when jobs may call the llm-gateway (its URL is returned).
+async fn prepare_host(
+    runtime: &dyn ContainerRuntime,
+    config: &Config,
+) -> Result<Option<String>, NodeError> {
+    if !runtime.image_exists(&config.image).await? {
+        return Err(NodeError::MissingImage(config.image.clone()));
+    }
+    reap_leftovers(runtime, &config.node_id).await?;
+    let Some(port) = config.llm_gateway_port else {
+        return Ok(None);
+    };
+    let url = runtime
+        .job_network(&config.network, &config.cluster, port)
+        .await
+        .map_err(NodeError::Network)?;
+    Ok(Some(url))
+}
+
+fn open_outbox(config: &Config) -> Result<outbox::Outbox, NodeError> {
+    let outbox = outbox::Outbox::open(&config.state_dir.join(&config.node_id).join("outbox.redb"))?;
+    if !outbox.is_empty() {
+        tracing::info!(
+            entries = outbox.len(),
+            "outbox holds output from a previous run; relaying it"
+        );
+    }
+    Ok(outbox)
+}
+
+/// The warm pool, and the spec of the engine-binary probes.
+fn build_pool(
+    config: &Config,
+    runtime: Arc<dyn ContainerRuntime>,
+    llm_gateway: bool,
+    metrics: &metrics::NodeMetrics,
+) -> (pool::Pool, ContainerSpec) {
+    let default_key = ContainerSpec {
+        image: config.image.clone(),
+        memory_bytes: config.default_memory_bytes,
+        nano_cpus: config.default_nano_cpus,
+        pids_limit: config.pids_limit,
+        workspace_bytes: config.workspace_bytes,
+        network: Network::from_name(&config.network),
+        runtime_class: config.runtime.clone(),
+    };
+    // Probes run with no network, whatever the jobs get.
+    let probe_key = ContainerSpec {
+        network: Network::None,
+        ..default_key.clone()
+    };
+    let mut targets = Vec::new();
+    if config.pool_size > 0 {
+        if llm_gateway {
+            // Engine jobs run on the fenced job network, the others on none: keep both warm.
+            let isolated = ContainerSpec {
+                network: Network::None,
+                ..default_key.clone()
+            };
+            targets.push((isolated, config.pool_size));
+        }
+        targets.push((default_key, config.pool_size));
+    }
+    let pool = pool::Pool::new(
+        runtime,
+        config.node_id.clone(),
+        config.cluster.clone(),
+        targets,
+        config.pool_max_idle,
+        metrics.pool.clone(),
+    );
+    (pool, probe_key)
+}
+
+/// Background tasks that [`stop_tasks`] waits for.
+struct Tasks {
+    relay: JoinHandle<()>,
+    pool: JoinHandle<()>,
+    /// Stops the pool, which then removes its warm containers; after the job removals.
+    pool_stop: CancellationToken,
+}
+
+async fn start_tasks(
+    shared: &Arc<Shared>,
+    cancels: async_nats::Subscriber,
+    background: &CancellationToken,
+    metrics_listener: Option<tokio::net::TcpListener>,
+) -> Tasks {
     tokio::spawn(listen_for_cancels(
         shared.clone(),
         cancels,
@@ -205,9 +281,9 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Node
         ));
     }
     // Before the first heartbeat, so the node never offers an engine its image lacks.
-    binaries::probe_new(&shared, &shared.probe_key).await;
+    binaries::probe_new(shared, &shared.probe_key).await;
     tokio::spawn(heartbeat(shared.clone(), background.clone()));
-    let relay = tokio::spawn(job::relay(shared.clone(), background.clone()));
+    let relay = tokio::spawn(lease::relay(shared.clone(), background.clone()));
     tokio::spawn(reap_periodically(shared.clone(), background.clone()));
     if let Some(listener) = metrics_listener {
         if let Ok(addr) = listener.local_addr() {
@@ -216,16 +292,21 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Node
         tokio::spawn(metrics::serve(listener, shared.clone(), background.clone()));
     }
     let pool_stop = CancellationToken::new();
-    let pool_task = {
+    let pool = {
         let shared = shared.clone();
         let stop = pool_stop.clone();
         tokio::spawn(async move { shared.pool.maintain(stop).await })
     };
-    tracing::info!(node_id = %shared.config.node_id, slots = shared.config.slots, "agent-node ready");
+    Tasks {
+        relay,
+        pool,
+        pool_stop,
+    }
+}
 
-    let jobs = TaskTracker::new();
-    pull_loop(&shared, &slots, &jobs, &shutdown).await;
-
+/// Lets running jobs finish within the drain grace period, then stops the rest (their jobs
+/// are handed back).
+async fn drain(shared: &Shared, jobs: &TaskTracker) {
     jobs.close();
     let running = jobs.len();
     if running > 0 {
@@ -239,12 +320,17 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Node
         shared.hard_stop.cancel();
         jobs.wait().await;
     }
+}
+
+/// Once no job runs: stops the background tasks, waits for container removals, empties the
+/// pool and deletes the heartbeat key.
+async fn stop_tasks(shared: &Shared, tasks: Tasks, background: &CancellationToken) {
     background.cancel();
     shared.removals.close();
     shared.removals.wait().await;
-    pool_stop.cancel();
-    let _ = pool_task.await;
-    let _ = relay.await;
+    tasks.pool_stop.cancel();
+    let _ = tasks.pool.await;
+    let _ = tasks.relay.await;
     if !shared.outbox.is_empty() {
         tracing::warn!(
             entries = shared.outbox.len(),
@@ -256,9 +342,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Node
         .nodes
         .delete(names::node_key(&shared.config.node_id))
         .await;
-    let _ = client.flush().await;
-    tracing::info!("agent-node stopped");
-    Ok(())
+    let _ = shared.client.flush().await;
 }
 
 /// Pulls exactly as many messages as there are free slots, so no job waits in this node's
@@ -437,39 +521,67 @@ async fn reap_periodically(shared: Arc<Shared>, stop: CancellationToken) {
             () = stop.cancelled() => return,
             _ = ticker.tick() => {}
         }
-        let Ok(containers) = shared.docker.list_managed(&shared.config.cluster).await else {
+        let cluster = Selector::Cluster(&shared.config.cluster);
+        let Ok(containers) = shared.runtime.list(cluster).await else {
             continue;
         };
-        let live_nodes: std::collections::HashSet<String> = match shared.topology.nodes.keys().await
-        {
+        let live_nodes: HashSet<String> = match shared.topology.nodes.keys().await {
             Ok(keys) => keys.filter_map(|k| async move { k.ok() }).collect().await,
             Err(_) => continue, // without NATS, do not judge other nodes
         };
-        let now = Utc::now().timestamp();
-        for (id, node, created) in containers {
-            // Young containers may be between creation and registration; next round decides.
-            if now - created <= every.as_secs() as i64 {
-                continue;
-            }
-            let orphan = if node == shared.config.node_id {
-                !shared.pool.owns(&id)
-            } else {
-                !live_nodes.contains(&names::node_key(&node))
-            };
-            if orphan {
-                tracing::info!(container = %id, %node, "removing orphan container");
-                shared.docker.remove(&id).await;
-            }
+        let reaper = Reaper {
+            node_id: &shared.config.node_id,
+            min_age_secs: every.as_secs() as i64,
+            live_nodes: &live_nodes,
+        };
+        let orphans = reaper.orphans(containers, Utc::now().timestamp(), |id| {
+            shared.pool.owns(id)
+        });
+        for orphan in orphans {
+            tracing::info!(container = %orphan.id, node = %orphan.node_id, "removing orphan container");
+            shared.runtime.remove(&orphan.id).await;
         }
+    }
+}
+
+/// What the periodic reaper judges by.
+struct Reaper<'a> {
+    node_id: &'a str,
+    /// Younger containers may be between creation and registration; the next round decides.
+    min_age_secs: i64,
+    /// Heartbeat keys present now.
+    live_nodes: &'a HashSet<String>,
+}
+
+impl Reaper<'_> {
+    /// The containers to remove: this node's that `owned` does not know, and those of nodes
+    /// without a heartbeat.
+    fn orphans(
+        &self,
+        containers: Vec<Listed>,
+        now: i64,
+        owned: impl Fn(&str) -> bool,
+    ) -> Vec<Listed> {
+        containers
+            .into_iter()
+            .filter(|c| now - c.created > self.min_age_secs)
+            .filter(|c| {
+                if c.node_id == self.node_id {
+                    !owned(&c.id)
+                } else {
+                    !self.live_nodes.contains(&names::node_key(&c.node_id))
+                }
+            })
+            .collect()
     }
 }
 
 /// Removes containers a previous run of this node left behind (after a crash). Their jobs were
 /// never acked, so JetStream hands them out again.
-async fn reap_leftovers(docker: &DockerRuntime, node_id: &str) -> Result<(), docker::DockerError> {
-    let leftovers = docker.list_labelled(names::LABEL_NODE, node_id).await?;
-    for id in &leftovers {
-        docker.remove(id).await;
+async fn reap_leftovers(runtime: &dyn ContainerRuntime, node_id: &str) -> Result<(), RuntimeError> {
+    let leftovers = runtime.list(Selector::Node(node_id)).await?;
+    for container in &leftovers {
+        runtime.remove(&container.id).await;
     }
     if !leftovers.is_empty() {
         tracing::info!(
@@ -478,4 +590,70 @@ async fn reap_leftovers(docker: &DockerRuntime, node_id: &str) -> Result<(), doc
         );
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::runtime::{
+        Owner, Role,
+        fake::{FakeRuntime, Phase},
+    };
+
+    fn listed(id: &str, node: &str, created: i64) -> Listed {
+        Listed {
+            id: id.to_owned(),
+            node_id: node.to_owned(),
+            created,
+        }
+    }
+
+    #[test]
+    fn orphans_are_old_and_unowned_or_of_lost_nodes() {
+        let live = HashSet::from([names::node_key("alive")]);
+        let reaper = Reaper {
+            node_id: "me",
+            min_age_secs: 60,
+            live_nodes: &live,
+        };
+        let containers = vec![
+            listed("mine-owned", "me", 0),
+            listed("mine-orphan", "me", 0),
+            listed("mine-young", "me", 990),
+            listed("alive-node", "alive", 0),
+            listed("lost-node", "lost", 0),
+            listed("lost-young", "lost", 950),
+        ];
+        let orphans = reaper.orphans(containers, 1000, |id| id == "mine-owned");
+        let ids: Vec<&str> = orphans.iter().map(|c| c.id.as_str()).collect();
+        assert_eq!(ids, ["mine-orphan", "lost-node"]);
+    }
+
+    #[tokio::test]
+    async fn leftovers_of_this_node_are_removed() {
+        let fake = FakeRuntime::default();
+        let spec = ContainerSpec {
+            image: "img".to_owned(),
+            memory_bytes: 1 << 30,
+            nano_cpus: 1_000_000_000,
+            pids_limit: 64,
+            workspace_bytes: 1 << 20,
+            network: Network::None,
+            runtime_class: None,
+        };
+        for node in ["me", "me", "other"] {
+            let owner = Owner {
+                node_id: node.to_owned(),
+                cluster: "c".to_owned(),
+                role: Role::Warm,
+                job: None,
+            };
+            fake.prepare(&spec, "warm", &owner).await.unwrap();
+        }
+        reap_leftovers(&fake, "me").await.unwrap();
+        let left = fake.containers();
+        assert_eq!(left.len(), 1);
+        assert_eq!(left[0].owner.node_id, "other");
+        assert_eq!(left[0].phase, Phase::Waiting);
+    }
 }

@@ -6,33 +6,28 @@
 use std::{
     collections::{BTreeMap, HashMap, HashSet, VecDeque},
     sync::{
-        Mutex,
+        Arc, Mutex,
         atomic::{AtomicU64, Ordering},
     },
     time::Duration,
 };
 
-use crate::metrics::PoolMetrics;
-
-use flotilla_proto::names;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::docker::{DockerRuntime, PoolKey, Prepared};
-
-/// Label value of [`ROLE_LABEL`] on containers that wait in the pool / were started cold.
-pub(crate) const ROLE_WARM: &str = "warm";
-pub(crate) const ROLE_COLD: &str = "cold";
-pub(crate) const ROLE_LABEL: &str = "flotilla.role";
+use crate::{
+    metrics::PoolMetrics,
+    runtime::{ContainerRuntime, ContainerSpec, JobRef, Owner, Prepared, Role},
+};
 
 pub(crate) struct Pool {
-    docker: DockerRuntime,
+    runtime: Arc<dyn ContainerRuntime>,
     node_id: String,
     cluster: String,
     /// Keys kept warm and how many containers each.
-    targets: Vec<(PoolKey, usize)>,
+    targets: Vec<(ContainerSpec, usize)>,
     max_idle: Duration,
-    idle: Mutex<HashMap<PoolKey, VecDeque<Prepared>>>,
+    idle: Mutex<HashMap<ContainerSpec, VecDeque<Prepared>>>,
     /// Containers (warm or cold) running a job on this node.
     active: Mutex<HashSet<String>>,
     /// Hits, misses and refill times, shared with the node's metrics.
@@ -53,15 +48,15 @@ pub(crate) struct PoolStats {
 
 impl Pool {
     pub(crate) fn new(
-        docker: DockerRuntime,
+        runtime: Arc<dyn ContainerRuntime>,
         node_id: String,
         cluster: String,
-        targets: Vec<(PoolKey, usize)>,
+        targets: Vec<(ContainerSpec, usize)>,
         max_idle: Duration,
         metrics: PoolMetrics,
     ) -> Self {
         Self {
-            docker,
+            runtime,
             node_id,
             cluster,
             targets,
@@ -77,7 +72,7 @@ impl Pool {
 
     /// A warm container for `key`, if one is ready. It moves from idle to active under the
     /// pool lock, so the reaper never sees it in neither set.
-    pub(crate) fn acquire(&self, key: &PoolKey) -> Option<Prepared> {
+    pub(crate) fn acquire(&self, key: &ContainerSpec) -> Option<Prepared> {
         let mut idle = self.idle.lock().expect("pool lock");
         let taken = idle.get_mut(key).and_then(VecDeque::pop_front);
         if let Some(prepared) = &taken {
@@ -137,14 +132,14 @@ impl Pool {
         }
     }
 
-    /// Labels of every container this node prepares (warm or cold).
-    pub(crate) fn labels(&self, role: &str) -> HashMap<String, String> {
-        HashMap::from([
-            (names::LABEL_MANAGED.to_owned(), "true".to_owned()),
-            (names::LABEL_NODE.to_owned(), self.node_id.clone()),
-            (names::LABEL_CLUSTER.to_owned(), self.cluster.clone()),
-            (ROLE_LABEL.to_owned(), role.to_owned()),
-        ])
+    /// The owner recorded on every container this node prepares (warm, cold, probes).
+    pub(crate) fn owner(&self, role: Role, job: Option<JobRef>) -> Owner {
+        Owner {
+            node_id: self.node_id.clone(),
+            cluster: self.cluster.clone(),
+            role,
+            job,
+        }
     }
 
     /// Keeps every key at its target, recycles containers idle too long and drops dead ones,
@@ -169,7 +164,7 @@ impl Pool {
             .flat_map(|(_, q)| q)
             .collect();
         for prepared in all {
-            self.docker.remove(&prepared.id).await;
+            self.runtime.remove(&prepared.id).await;
         }
     }
 
@@ -186,13 +181,11 @@ impl Pool {
             if have >= *target || stop.is_cancelled() {
                 continue;
             }
+            let owner = self.owner(Role::Warm, None);
             let prepared = futures::future::join_all((have..*target).map(|_| async {
                 let started = Instant::now();
                 let name = format!("flotilla-warm-{}-{}", self.node_id, uuid_suffix());
-                let prepared = self
-                    .docker
-                    .prepare(key, &name, self.labels(ROLE_WARM))
-                    .await;
+                let prepared = self.runtime.prepare(key, &name, &owner).await;
                 (prepared, started.elapsed())
             }))
             .await;
@@ -232,7 +225,7 @@ impl Pool {
             }
         }
         for prepared in expired {
-            self.docker.remove(&prepared.id).await;
+            self.runtime.remove(&prepared.id).await;
         }
         if !check_liveness {
             return;
@@ -246,14 +239,14 @@ impl Pool {
             .map(|p| p.id.clone())
             .collect();
         for id in ids {
-            if !self.docker.is_running(&id).await {
+            if !self.runtime.is_running(&id).await {
                 tracing::warn!(container = %id, "warm container died; replacing it");
                 self.idle
                     .lock()
                     .expect("pool lock")
                     .values_mut()
                     .for_each(|q| q.retain(|p| p.id != id));
-                self.docker.remove(&id).await;
+                self.runtime.remove(&id).await;
             }
         }
     }
@@ -262,4 +255,77 @@ impl Pool {
 fn uuid_suffix() -> String {
     let id = uuid::Uuid::new_v4().simple().to_string();
     id[..12].to_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::runtime::{
+        Network,
+        fake::{Behaviour, Event, FakeRuntime},
+    };
+
+    fn spec() -> ContainerSpec {
+        ContainerSpec {
+            image: "img".to_owned(),
+            memory_bytes: 1 << 30,
+            nano_cpus: 1_000_000_000,
+            pids_limit: 64,
+            workspace_bytes: 1 << 20,
+            network: Network::None,
+            runtime_class: None,
+        }
+    }
+
+    async fn until_warm(pool: &Pool, count: u32) {
+        while pool.stats().warm.values().sum::<u32>() < count {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn keeps_its_target_replaces_dead_containers_and_empties_on_stop() {
+        let fake = FakeRuntime::new(Behaviour::exit(0));
+        let pool = Arc::new(Pool::new(
+            Arc::new(fake.clone()),
+            "node-1".to_owned(),
+            "test".to_owned(),
+            vec![(spec(), 2)],
+            Duration::from_secs(3600),
+            PoolMetrics::default(),
+        ));
+        let stop = CancellationToken::new();
+        let maintain = tokio::spawn({
+            let (pool, stop) = (pool.clone(), stop.clone());
+            async move { pool.maintain(stop).await }
+        });
+        until_warm(&pool, 2).await;
+        let warm = fake.containers();
+        assert_eq!(warm.len(), 2);
+        assert!(warm.iter().all(|c| c.owner == pool.owner(Role::Warm, None)));
+        assert!(warm.iter().all(|c| pool.owns(&c.id)));
+
+        // The liveness check (every 5 s) finds the dead one and prepares another.
+        fake.kill(&warm[0].id).await;
+        tokio::time::sleep(Duration::from_secs(6)).await;
+        until_warm(&pool, 2).await;
+        let removed = Event::Removed {
+            id: warm[0].id.clone(),
+        };
+        assert!(fake.events().contains(&removed));
+        assert!(!pool.owns(&warm[0].id));
+
+        // Taken: a hit, and the pool refills behind it.
+        let taken = pool.acquire(&spec()).expect("a warm container");
+        assert!(pool.owns(&taken.id));
+        assert_eq!(pool.stats().hits, 1);
+        until_warm(&pool, 2).await;
+
+        stop.cancel();
+        maintain.await.unwrap();
+        let left: Vec<String> = fake.containers().into_iter().map(|c| c.id).collect();
+        assert_eq!(left, [taken.id]);
+    }
 }

@@ -18,7 +18,7 @@ use utoipa::ToSchema;
 use crate::{
     AppState,
     error::{ApiError, ErrorBody},
-    openapi::{Internal, Unauthorized, Unavailable},
+    responses::{Internal, Unauthorized, Unavailable},
 };
 
 /// What a configuration file is: `engine` (key `engines/<name>.toml`), `profile`

@@ -15,13 +15,13 @@ use axum::{
 use futures::{Stream, StreamExt};
 use serde::Serialize;
 use tokio::sync::broadcast::error::RecvError;
-use utoipa::ToSchema;
+use utoipa::{OpenApi, ToSchema};
 
 use crate::{
     AppState,
     error::{ApiError, ErrorBody},
     index::Change,
-    openapi::{Unauthorized, Unavailable},
+    responses::{Unauthorized, Unavailable},
 };
 
 /// The data of a `removed` event.
@@ -35,6 +35,11 @@ pub struct RemovedEvent {
 pub struct LaggedEvent {
     missed: u64,
 }
+
+/// The event data schemas, which the operation names only in its description.
+#[derive(OpenApi)]
+#[openapi(components(schemas(RemovedEvent, LaggedEvent)))]
+pub struct EventSchemas;
 
 /// `GET /jobs/events`
 #[utoipa::path(

@@ -11,7 +11,8 @@ use axum::{
 };
 use chrono::{DateTime, Utc};
 use flotilla_catalog::Origin;
-use flotilla_proto::{JobRecord, JobRequest, JobStatus, SubmitRequest, ids, names};
+use flotilla_nats::{Applied, ApplyError, SubmitError, Submitted};
+use flotilla_proto::{JobRecord, JobRequest, JobStatus, SubmitRequest, Transition, ids, names};
 use futures::future::join_all;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
@@ -22,7 +23,7 @@ use crate::{
     AppState,
     error::{ApiError, ErrorBody},
     index::Filter,
-    openapi::{Internal, NotFoundJob, Unauthorized, Unavailable},
+    responses::{Internal, NotFoundJob, Unauthorized, Unavailable},
 };
 
 const IDEMPOTENCY_HEADER: &str = "idempotency-key";
@@ -137,23 +138,27 @@ fn accepted(job_id: &str, status: JobStatus) -> Response {
 }
 
 async fn submit(state: &AppState, request: &JobRequest) -> Result<(), ApiError> {
-    let record = JobRecord::pending(request);
-    let revision = state.topology.jobs.create(&record).await?;
     // The job message carries this request's trace context to the node that runs it.
     let trace = flotilla_telemetry::propagation::nats_headers(&tracing::Span::current());
-    if let Err(e) = flotilla_nats::enqueue(&state.topology.js, request, trace).await {
-        // Not queued: take the record back so nothing is half-accepted.
-        let _ = state.topology.jobs.remove(&request.job_id).await;
-        state.index.forget(&request.job_id);
-        let mut error = ApiError::unavailable(e);
-        error.message = "the job queue is full or unavailable; retry later".to_owned();
-        error.code = "queue_unavailable";
-        return Err(error);
+    match flotilla_nats::submit(&state.topology, request, trace).await {
+        Ok(Submitted::Queued(versioned)) => {
+            state.index.upsert(&versioned);
+            Ok(())
+        }
+        // Server-assigned ids are fresh: another job holding one is a bug.
+        Ok(Submitted::Taken) => Err(ApiError::internal(format!(
+            "fresh job id {} already taken",
+            request.job_id
+        ))),
+        Err(SubmitError::Store(e)) => Err(e.into()),
+        Err(SubmitError::Queue(e)) => {
+            state.index.forget(&request.job_id);
+            let mut error = ApiError::unavailable(e);
+            error.message = "the job queue is full or unavailable; retry later".to_owned();
+            error.code = "queue_unavailable";
+            Err(error)
+        }
     }
-    state
-        .index
-        .upsert(&flotilla_nats::Versioned { record, revision });
-    Ok(())
 }
 
 pub(crate) async fn read_body(body: Body, limit: usize) -> Result<Bytes, ApiError> {
@@ -404,27 +409,22 @@ pub async fn cancel(
     if !ids::is_valid_job_id(&job_id) {
         return Err(ApiError::not_found("job"));
     }
-    let changed = state
+    match state
         .topology
         .jobs
-        .modify(&job_id, |record| {
-            if record.status.is_terminal() {
-                return Err(record.status);
-            }
-            record.status = JobStatus::Cancelled;
-            record.error = Some("cancelled by request".to_owned());
-            record.finished_at = Some(Utc::now());
-            Ok(true)
-        })
-        .await?;
-    match changed {
-        None => Err(ApiError::not_found("job")),
-        Some(Err(status)) => Err(ApiError::new(
+        .apply(&job_id, &Transition::Cancel)
+        .await
+    {
+        Err(ApplyError::NotFound(_)) => Err(ApiError::not_found("job")),
+        Err(ApplyError::Refused(refusal)) => Err(ApiError::new(
             StatusCode::CONFLICT,
             "conflict",
-            format!("job already {status}"),
+            refusal.to_string(),
         )),
-        Some(Ok(versioned)) => {
+        Err(ApplyError::Store(e)) => Err(e.into()),
+        Ok(Applied {
+            after: versioned, ..
+        }) => {
             state.index.upsert(&versioned);
             // Best effort: a node that misses this notices the cancelled record itself.
             let mut headers = async_nats::HeaderMap::new();

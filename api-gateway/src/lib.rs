@@ -12,20 +12,21 @@ mod metrics;
 mod middleware;
 mod openapi;
 mod ops;
+mod responses;
 mod schedules;
 mod ui;
 
 use std::sync::Arc;
 
-use axum::{
-    Router,
-    extract::DefaultBodyLimit,
-    routing::{get, post},
-};
+use axum::{Extension, Router, extract::DefaultBodyLimit};
 use flotilla_config::LiveCatalog;
 use flotilla_nats::Topology;
+use flotilla_service::{NatsConfig, Service};
 use sha2::{Digest, Sha256};
+use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
+use utoipa::OpenApi as _;
+use utoipa_axum::{router::OpenApiRouter, routes};
 
 pub use config::{Config, ConfigError};
 pub use error::ApiError;
@@ -43,24 +44,15 @@ pub struct AppState {
 
 #[derive(Debug, thiserror::Error)]
 pub enum GatewayError {
-    #[error("cannot load engines/profiles: {0}")]
-    Config(#[from] flotilla_config::ConfigError),
     #[error(transparent)]
-    Connect(#[from] flotilla_nats::ConnectError),
-    #[error(transparent)]
-    Topology(#[from] flotilla_nats::TopologyError),
-    #[error("cannot listen on {addr}: {source}")]
-    Listen {
-        addr: std::net::SocketAddr,
-        source: std::io::Error,
-    },
+    Start(#[from] flotilla_service::StartError),
     #[error("http server failed: {0}")]
     Serve(std::io::Error),
 }
 
 /// Every `(method, path)` that [`router`] serves. Keep the two in step: a test checks that the
-/// OpenAPI document (`openapi::ApiDoc`) has exactly these operations, and an end-to-end test
-/// that the gateway routes every operation of the document.
+/// OpenAPI document (built by [`api_routes`]) has exactly these operations, and an end-to-end
+/// test that the gateway routes every operation of the document.
 #[cfg(test)]
 pub(crate) const ROUTES: &[(&str, &str)] = &[
     ("GET", "/"),
@@ -96,41 +88,51 @@ pub(crate) const ROUTES: &[(&str, &str)] = &[
     ("GET", "/ui/app.css"),
 ];
 
+/// Every route with its OpenAPI operation: `routes!` registers a handler's route and its
+/// `#[utoipa::path]` documentation together, so neither exists without the other. Handlers of
+/// one path share a `routes!`. The document's frame (info, tags, shared components) is
+/// `openapi::ApiDoc`; the SSE event schemas come from the modules that send them.
+pub(crate) fn api_routes() -> OpenApiRouter<Arc<AppState>> {
+    let mut frame = openapi::ApiDoc::openapi();
+    frame.merge(logs::EventSchemas::openapi());
+    frame.merge(events::EventSchemas::openapi());
+    OpenApiRouter::with_openapi(frame)
+        .routes(routes!(ops::root))
+        .routes(routes!(ops::health))
+        .routes(routes!(metrics::render))
+        .routes(routes!(ops::engines))
+        .routes(routes!(ops::profiles))
+        .routes(routes!(ops::nodes))
+        .routes(routes!(configs::list))
+        .routes(routes!(configs::get, configs::put, configs::delete))
+        .routes(routes!(jobs::create, jobs::list))
+        .routes(routes!(events::stream))
+        .routes(routes!(jobs::get, jobs::cancel))
+        .routes(routes!(jobs::wait))
+        .routes(routes!(logs::stream))
+        .routes(routes!(schedules::create, schedules::list))
+        .routes(routes!(
+            schedules::get,
+            schedules::update,
+            schedules::delete
+        ))
+        .routes(routes!(openapi::spec))
+        .routes(routes!(openapi::docs_page))
+        .routes(routes!(openapi::docs_page_dir))
+        .routes(routes!(openapi::docs_script))
+        .routes(routes!(openapi::docs_style))
+        .routes(routes!(ui::index))
+        .routes(routes!(ui::index_dir))
+        .routes(routes!(ui::script))
+        .routes(routes!(ui::style))
+}
+
 pub fn router(state: Arc<AppState>) -> Router {
-    Router::new()
-        .route("/", get(ops::root))
-        .route("/health", get(ops::health))
-        .route("/metrics", get(metrics::render))
-        .route("/engines", get(ops::engines))
-        .route("/profiles", get(ops::profiles))
-        .route("/nodes", get(ops::nodes))
-        .route("/configs", get(configs::list))
-        .route(
-            "/configs/{type}/{name}",
-            get(configs::get).put(configs::put).delete(configs::delete),
-        )
-        .route("/jobs", post(jobs::create).get(jobs::list))
-        .route("/jobs/events", get(events::stream))
-        .route("/jobs/{job_id}", get(jobs::get).delete(jobs::cancel))
-        .route("/jobs/{job_id}/wait", get(jobs::wait))
-        .route("/jobs/{job_id}/logs", get(logs::stream))
-        .route("/schedules", post(schedules::create).get(schedules::list))
-        .route(
-            "/schedules/{schedule_id}",
-            get(schedules::get)
-                .patch(schedules::update)
-                .delete(schedules::delete),
-        )
-        .route("/openapi.json", get(openapi::spec))
-        .route("/docs", get(openapi::docs_page))
-        .route("/docs/", get(openapi::docs_page_dir))
-        .route("/docs/docs.js", get(openapi::docs_script))
-        .route("/docs/docs.css", get(openapi::docs_style))
-        .route("/ui", get(ui::index))
-        .route("/ui/", get(ui::index_dir))
-        .route("/ui/app.js", get(ui::script))
-        .route("/ui/app.css", get(ui::style))
+    let (routes, api) = api_routes().split_for_parts();
+    routes
         .fallback(ops::not_found)
+        // `GET /openapi.json` answers the document built from the routes above.
+        .layer(Extension(openapi::Document::new(&api)))
         // The body cap is enforced by the handler, which answers 413 in the error envelope.
         .layer(DefaultBodyLimit::disable())
         .layer(axum::middleware::from_fn_with_state(
@@ -146,29 +148,31 @@ pub fn router(state: Arc<AppState>) -> Router {
         .with_state(state)
 }
 
-/// Serves the API until `shutdown`, then finishes in-flight requests and returns.
-pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), GatewayError> {
-    let client = tokio::select! {
-        client = flotilla_nats::connect(&config.nats_url, "api-gateway", &config.nats) => client?,
-        // NATS may never come up: a stop request must still stop us.
-        () = shutdown.cancelled() => return Ok(()),
+/// Serves the API on `listener` until `shutdown`, then finishes in-flight requests and
+/// returns.
+pub async fn run(
+    config: Config,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+) -> Result<(), GatewayError> {
+    let nats = NatsConfig {
+        name: "api-gateway",
+        url: &config.nats_url,
+        options: &config.nats,
+        topology: &config.topology,
     };
-    let topology = Topology::ensure(client.clone(), config.topology.clone()).await?;
+    let Some(service) = Service::start(nats, &shutdown).await? else {
+        return Ok(());
+    };
+    let catalog = service
+        .catalog(&config.engines_dir, &config.profiles_dir)
+        .await?;
     let index = Arc::new(index::JobIndex::default());
-    let background = CancellationToken::new();
-    let catalog = LiveCatalog::start(
-        &topology.js,
-        &config.engines_dir,
-        &config.profiles_dir,
-        background.clone(),
-    )
-    .await?;
     tokio::spawn(index::follow(
         index.clone(),
-        topology.jobs.clone(),
-        background.clone(),
+        service.topology.jobs.clone(),
+        service.background.clone(),
     ));
-
     match &config.api_key {
         Some(_) => tracing::info!("API key required on every non-public path"),
         None => tracing::warn!(
@@ -180,33 +184,22 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Gate
         .api_key
         .as_ref()
         .map(|key| Sha256::digest(key.as_bytes()).to_vec());
-    let listen = config.listen;
     let state = Arc::new(AppState {
         config,
-        client: client.clone(),
-        topology,
+        client: service.client.clone(),
+        topology: service.topology.clone(),
         catalog,
         index,
         api_key_digest,
         http_metrics: metrics::HttpMetrics::default(),
     });
-    let listener = tokio::net::TcpListener::bind(listen)
-        .await
-        .map_err(|source| GatewayError::Listen {
-            addr: listen,
-            source,
-        })?;
-    tracing::info!(url = %format!("http://{listen}"), "api-gateway listening");
-    // No Nagle: live log events are small writes that must not wait for a delayed ACK.
-    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
-        let _ = tcp.set_nodelay(true);
-    });
-    axum::serve(listener, router(state))
-        .with_graceful_shutdown(shutdown.cancelled_owned())
+    if let Ok(addr) = listener.local_addr() {
+        tracing::info!(url = %format!("http://{addr}"), "api-gateway listening");
+    }
+    flotilla_service::serve(listener, router(state), shutdown)
         .await
         .map_err(GatewayError::Serve)?;
-    background.cancel();
-    let _ = client.flush().await;
+    service.stop().await;
     tracing::info!("api-gateway stopped");
     Ok(())
 }

@@ -17,12 +17,12 @@ use flotilla_proto::{Encoding, JobRecord, JobStatus, LogChunk, LogEnd, LogStream
 use futures::{Stream, StreamExt};
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
-use utoipa::ToSchema;
+use utoipa::{OpenApi, ToSchema};
 
 use crate::{
     AppState,
     error::{ApiError, ErrorBody},
-    openapi::{Internal, NotFoundJob, Unauthorized, Unavailable},
+    responses::{Internal, NotFoundJob, Unauthorized, Unavailable},
 };
 
 /// After the job is terminal, how long to wait for the node's end marker before ending the
@@ -62,6 +62,11 @@ pub struct EndEvent<'a> {
     exit_code: Option<i64>,
     status: JobStatus,
 }
+
+/// The event data schemas, which the operation names only in its description.
+#[derive(OpenApi)]
+#[openapi(components(schemas(LogEvent<'_>, EndEvent<'_>)))]
+pub struct EventSchemas;
 
 #[utoipa::path(
     get,
@@ -212,7 +217,7 @@ async fn pump(
                 }
                 backlog = backlog.saturating_sub(1).min(pending);
                 if !follow && backlog == 0 {
-                    let current = crate::jobs::load(&state, &job_id).await.unwrap_or(record);
+                    let current = current_or(&state, record).await;
                     let _ = events.send(end_event(&end_from_record(&current))).await;
                     return;
                 }
@@ -222,10 +227,21 @@ async fn pump(
             }
             () = sleep_until(deadline) => {
                 // Terminal in KV and no end marker came: end from the record.
-                let current = crate::jobs::load(&state, &job_id).await.unwrap_or_else(|_| record.clone());
+                let current = current_or(&state, record).await;
                 let _ = events.send(end_event(&end_from_record(&current))).await;
                 return;
             }
+        }
+    }
+}
+
+/// The job's record as it is now, or `fallback` when it cannot be read (the cause is logged).
+async fn current_or(state: &AppState, fallback: JobRecord) -> JobRecord {
+    match crate::jobs::load(state, &fallback.job_id).await {
+        Ok(current) => current,
+        Err(e) => {
+            e.log_dropped();
+            fallback
         }
     }
 }

@@ -1,6 +1,7 @@
 use std::{net::SocketAddr, path::PathBuf, process::ExitCode};
 
 use clap::Parser;
+use tokio_util::sync::CancellationToken;
 
 /// Flotilla api-gateway: the HTTP API for submitting and following jobs.
 #[derive(Debug, Parser)]
@@ -37,37 +38,29 @@ struct Args {
 #[tokio::main]
 async fn main() -> ExitCode {
     let args = Args::parse();
-    let telemetry = match flotilla_telemetry::init(args.telemetry.into_config("api-gateway")) {
-        Ok(telemetry) => telemetry,
-        Err(e) => return flotilla_telemetry::config_error(e),
-    };
-    let nats = match args.nats.into_options() {
-        Ok(nats) => nats,
-        Err(e) => return flotilla_telemetry::config_error(e),
-    };
-    let limits = match args.limits.into_limits() {
-        Ok(limits) => limits,
-        Err(e) => return flotilla_telemetry::config_error(e),
-    };
+    let telemetry = args.telemetry.clone();
+    flotilla_service::main("api-gateway", telemetry, || config(args), run).await
+}
+
+async fn run(config: api_gateway::Config, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let listener = flotilla_service::bind(config.listen).await?;
+    api_gateway::run(config, listener, shutdown).await?;
+    Ok(())
+}
+
+fn config(args: Args) -> anyhow::Result<api_gateway::Config> {
     let config = api_gateway::Config {
         listen: args.listen,
         nats_url: args.nats_url,
-        nats,
+        nats: args.nats.into_options()?,
         // Only from the environment: a key on the command line would show in `ps`.
         api_key: std::env::var("FLOTILLA_API_KEY").ok(),
         allow_unauthenticated_public: args.allow_unauthenticated_public,
         max_body_bytes: args.max_body_bytes,
         engines_dir: args.engines_dir,
         profiles_dir: args.profiles_dir,
-        limits,
+        limits: args.limits.into_limits().map_err(anyhow::Error::msg)?,
         topology: args.topology.into_config(),
     };
-    let config = match config.validate() {
-        Ok(config) => config,
-        Err(e) => return flotilla_telemetry::config_error(e),
-    };
-    let shutdown = flotilla_telemetry::shutdown_on_signals();
-    let result = api_gateway::run(config, shutdown).await;
-    telemetry.shutdown().await;
-    flotilla_telemetry::exit_code(result)
+    Ok(config.validate()?)
 }

@@ -156,8 +156,26 @@ pub async fn observe(State(state): State<Arc<AppState>>, request: Request, next:
     ),
 )]
 pub async fn render(State(state): State<Arc<AppState>>) -> Response {
+    // Registration order is the order of the text: jobs, queue, nodes, then the gateway's own.
     let mut registry = Registry::default();
+    register_jobs(&mut registry, &state);
+    register_queue(&mut registry, &state).await;
+    register_nodes(&mut registry, &state).await;
+    register_gateway(&mut registry, &state);
 
+    let mut out = String::new();
+    // Writing to a String cannot fail.
+    let _ = prometheus_client::encoding::prometheus_text::encode(&mut out, &registry);
+    let mut response = out.into_response();
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static(prometheus_client::encoding::prometheus_text::CONTENT_TYPE),
+    );
+    response
+}
+
+/// `flotilla_jobs{status}`, from the index.
+fn register_jobs(registry: &mut Registry, state: &AppState) {
     let jobs = Family::<StatusLabel, Gauge>::default();
     for (status, count) in state.index.counts() {
         jobs.get_or_create(&StatusLabel {
@@ -170,7 +188,10 @@ pub async fn render(State(state): State<Arc<AppState>>) -> Response {
         "Jobs known to the gateway, by status",
         jobs,
     );
+}
 
+/// The run queue's stream and the nodes' consumer; each part is left out when unreadable.
+async fn register_queue(registry: &mut Registry, state: &AppState) {
     if let Ok(mut stream) = state.topology.js.get_stream(names::STREAM_JOBS).await
         && let Ok(info) = stream.info().await
     {
@@ -212,40 +233,52 @@ pub async fn render(State(state): State<Arc<AppState>>) -> Response {
             gauge(info.num_pending),
         );
     }
+}
 
-    if let Ok(nodes) = live_nodes(&state).await {
-        let sum = |f: fn(&flotilla_proto::NodeInfo) -> u64| nodes.iter().map(f).sum::<u64>();
-        registry.register(
-            "flotilla_nodes_live",
-            "Agent-nodes with a fresh heartbeat",
-            gauge(nodes.len() as u64),
-        );
-        registry.register(
-            "flotilla_slots_total",
-            "Job slots across live nodes",
-            gauge(sum(|n| u64::from(n.slots_total))),
-        );
-        registry.register(
-            "flotilla_slots_busy",
-            "Busy job slots across live nodes",
-            gauge(sum(|n| u64::from(n.slots_busy))),
-        );
-        registry.register(
-            "flotilla_pool_warm",
-            "Warm containers ready across live nodes",
-            gauge(sum(|n| n.warm.values().map(|v| u64::from(*v)).sum())),
-        );
-        registry.register(
-            "flotilla_pool_hits",
-            "Jobs that found a warm container (live nodes, since they started)",
-            counter(sum(|n| n.pool_hits)),
-        );
-        registry.register(
-            "flotilla_pool_misses",
-            "Jobs that needed a cold start (live nodes, since they started)",
-            counter(sum(|n| n.pool_misses)),
-        );
-    }
+/// Sums over the live nodes' heartbeats; left out when they cannot be read.
+async fn register_nodes(registry: &mut Registry, state: &AppState) {
+    let nodes = match live_nodes(state).await {
+        Ok(nodes) => nodes,
+        Err(e) => {
+            e.log_dropped();
+            return;
+        }
+    };
+    let sum = |f: fn(&flotilla_proto::NodeInfo) -> u64| nodes.iter().map(f).sum::<u64>();
+    registry.register(
+        "flotilla_nodes_live",
+        "Agent-nodes with a fresh heartbeat",
+        gauge(nodes.len() as u64),
+    );
+    registry.register(
+        "flotilla_slots_total",
+        "Job slots across live nodes",
+        gauge(sum(|n| u64::from(n.slots_total))),
+    );
+    registry.register(
+        "flotilla_slots_busy",
+        "Busy job slots across live nodes",
+        gauge(sum(|n| u64::from(n.slots_busy))),
+    );
+    registry.register(
+        "flotilla_pool_warm",
+        "Warm containers ready across live nodes",
+        gauge(sum(|n| n.warm.values().map(|v| u64::from(*v)).sum())),
+    );
+    registry.register(
+        "flotilla_pool_hits",
+        "Jobs that found a warm container (live nodes, since they started)",
+        counter(sum(|n| n.pool_hits)),
+    );
+    registry.register(
+        "flotilla_pool_misses",
+        "Jobs that needed a cold start (live nodes, since they started)",
+        counter(sum(|n| n.pool_misses)),
+    );
+}
+
+/// The configuration version this gateway runs, and its HTTP request figures.
+fn register_gateway(registry: &mut Registry, state: &AppState) {
     registry.register(
         "flotilla_config_version",
         "Revision of the shared configuration this gateway runs",
@@ -261,16 +294,6 @@ pub async fn render(State(state): State<Arc<AppState>>) -> Response {
         "Time to answer an HTTP request (to the response head), by method and route template",
         state.http_metrics.durations.clone(),
     );
-
-    let mut out = String::new();
-    // Writing to a String cannot fail.
-    let _ = prometheus_client::encoding::prometheus_text::encode(&mut out, &registry);
-    let mut response = out.into_response();
-    response.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static(prometheus_client::encoding::prometheus_text::CONTENT_TYPE),
-    );
-    response
 }
 
 fn gauge(value: u64) -> Gauge {

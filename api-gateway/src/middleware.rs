@@ -11,7 +11,10 @@ use axum::{
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
-use crate::{AppState, error::ApiError};
+use crate::{
+    AppState,
+    error::{ApiError, ErrorReport},
+};
 
 pub const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
@@ -26,7 +29,8 @@ pub(crate) fn is_public(path: &str) -> bool {
 }
 
 /// Echoes (or assigns) `X-Request-Id`, and sets the security headers on every response,
-/// errors included.
+/// errors included. An error answer's internal cause (see `error::ErrorReport`) is logged here,
+/// once, with the request id.
 pub async fn headers(request: Request, next: Next) -> Response {
     let request_id = request
         .headers()
@@ -44,6 +48,9 @@ pub async fn headers(request: Request, next: Next) -> Response {
         tracing::Span::current().record("request_id", id);
     }
     let mut response = next.run(request).await;
+    if let Some(report) = response.extensions_mut().remove::<ErrorReport>() {
+        report.log(request_id.to_str().ok());
+    }
     let headers = response.headers_mut();
     headers.insert(
         header::X_CONTENT_TYPE_OPTIONS,
@@ -85,6 +92,133 @@ pub async fn auth(State(state): State<Arc<AppState>>, request: Request, next: Ne
                 .headers_mut()
                 .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
             response
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{
+        io,
+        sync::{Arc, Mutex},
+    };
+
+    use axum::{Router, routing::get};
+    use tracing_subscriber::fmt::MakeWriter;
+
+    use super::*;
+
+    /// Log output, captured.
+    #[derive(Clone, Default)]
+    struct Captured(Arc<Mutex<Vec<u8>>>);
+
+    impl io::Write for Captured {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    impl<'a> MakeWriter<'a> for Captured {
+        type Writer = Self;
+
+        fn make_writer(&'a self) -> Self {
+            self.clone()
+        }
+    }
+
+    impl Captured {
+        fn lines(&self) -> Vec<String> {
+            let bytes = self.0.lock().unwrap();
+            String::from_utf8_lossy(&bytes)
+                .lines()
+                .map(str::to_owned)
+                .collect()
+        }
+    }
+
+    const DECODE_CAUSE: &str = "record job.a-1 does not decode: missing field `status`";
+    const NATS_CAUSE: &str = "nats 10.0.0.7:4222: connection refused";
+
+    async fn broken() -> Result<(), ApiError> {
+        Err(ApiError::internal(io::Error::other(DECODE_CAUSE)))
+    }
+
+    async fn down() -> Result<(), ApiError> {
+        let cause = io::Error::new(io::ErrorKind::ConnectionRefused, NATS_CAUSE);
+        Err(ApiError::unavailable(cause))
+    }
+
+    #[tokio::test]
+    async fn error_answers_carry_the_request_id_and_log_the_cause_once() {
+        let logs = Captured::default();
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer(logs.clone())
+            .with_ansi(false)
+            .with_max_level(tracing::Level::DEBUG)
+            .finish();
+        let _guard = tracing::subscriber::set_default(subscriber);
+        let app = Router::new()
+            .route("/broken", get(broken))
+            .route("/down", get(down))
+            .layer(axum::middleware::from_fn(headers));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        let client = reqwest::Client::new();
+
+        // 500, with the client's own request id.
+        let response = client
+            .get(format!("http://{addr}/broken"))
+            .header("x-request-id", "req-7f3a")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 500);
+        assert_eq!(response.headers()["x-request-id"], "req-7f3a");
+        let body = response.text().await.unwrap();
+        assert_eq!(
+            body,
+            r#"{"error":{"code":"internal","message":"internal error"}}"#
+        );
+
+        // 503, with an id the gateway assigns.
+        let response = client
+            .get(format!("http://{addr}/down"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 503);
+        assert_eq!(response.headers()["retry-after"], "1");
+        let assigned = response.headers()["x-request-id"]
+            .to_str()
+            .unwrap()
+            .to_owned();
+        assert!(uuid::Uuid::parse_str(&assigned).is_ok(), "{assigned}");
+        let body = response.text().await.unwrap();
+        assert_eq!(
+            body,
+            r#"{"error":{"code":"unavailable","message":"the job system is temporarily unavailable; retry later"}}"#
+        );
+
+        let lines = logs.lines();
+        for (request_id, cause, level, code) in [
+            ("req-7f3a", DECODE_CAUSE, "ERROR", "internal"),
+            (assigned.as_str(), NATS_CAUSE, "WARN", "unavailable"),
+        ] {
+            let logged: Vec<&String> = lines.iter().filter(|l| l.contains(cause)).collect();
+            assert_eq!(logged.len(), 1, "cause logged once: {lines:#?}");
+            let line = logged[0];
+            assert!(line.contains(level), "{line}");
+            assert!(
+                line.contains(&format!("request_id=\"{request_id}\"")),
+                "{line}"
+            );
+            assert!(line.contains(&format!("code=\"{code}\"")), "{line}");
         }
     }
 }

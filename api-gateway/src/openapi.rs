@@ -1,24 +1,29 @@
-//! The OpenAPI document, generated from the code: the handlers' `#[utoipa::path]` attributes
-//! and the types they answer with. Served at `GET /openapi.json`, rendered by the reference page
+//! The OpenAPI document's frame: its info, tags, security scheme and the components no
+//! operation reaches on its own. The operations come with the routes: `crate::api_routes`
+//! registers each handler with its `#[utoipa::path]` documentation (utoipa-axum's `routes!`), so
+//! this module imports no handler. Served at `GET /openapi.json`, rendered by the reference page
 //! at `GET /docs` (three files in `api-gateway/ui/`, embedded like the dashboard's), and
 //! committed as `docs/openapi.json`, which a test keeps in step with the code.
 
-use std::sync::LazyLock;
-
 use axum::{
+    Extension,
+    body::Bytes,
     http::{HeaderValue, header},
     response::{IntoResponse, Response},
 };
 use utoipa::{
-    Modify, OpenApi, ToResponse,
+    Modify, OpenApi,
     openapi::{
-        self, Content, HeaderBuilder, Ref, RefOr, ResponseBuilder,
-        schema::{ObjectBuilder, Type},
+        self,
         security::{HttpAuthScheme, HttpBuilder, SecurityScheme},
     },
 };
 
-use crate::{configs, error::ErrorBody, events, jobs, logs, metrics, ops, schedules, ui};
+use crate::{
+    error::ErrorBody,
+    responses::{Internal, NotFoundJob, NotFoundSchedule, Unauthorized, Unavailable},
+    ui,
+};
 
 const DOCS_PAGE: &str = include_str!("../ui/docs.html");
 const DOCS_SCRIPT: &str = include_str!("../ui/docs.js");
@@ -51,49 +56,11 @@ The behaviour in full, and where it differs from Parpaing's API: `docs/api.md`."
         description = DESCRIPTION,
         license(name = "Apache-2.0", identifier = "Apache-2.0"),
     ),
-    paths(
-        jobs::create,
-        jobs::list,
-        jobs::get,
-        jobs::wait,
-        jobs::cancel,
-        logs::stream,
-        events::stream,
-        schedules::create,
-        schedules::list,
-        schedules::get,
-        schedules::update,
-        schedules::delete,
-        ops::engines,
-        ops::profiles,
-        configs::list,
-        configs::get,
-        configs::put,
-        configs::delete,
-        ops::health,
-        ops::nodes,
-        metrics::render,
-        spec,
-        docs_page,
-        docs_page_dir,
-        docs_script,
-        docs_style,
-        ops::root,
-        ui::index,
-        ui::index_dir,
-        ui::script,
-        ui::style,
-    ),
-    // Schemas reached from the operations are collected on their own; these are only named in
-    // descriptions (the error body behind the shared responses, the log stream's event data).
+    // Operations are added by `crate::api_routes`, each with its route. Schemas reached from
+    // them are collected on their own; the error body behind the shared responses is only
+    // named in descriptions, and the SSE event data schemas come from `logs` and `events`.
     components(
-        schemas(
-            ErrorBody,
-            logs::LogEvent<'_>,
-            logs::EndEvent<'_>,
-            events::RemovedEvent,
-            events::LaggedEvent
-        ),
+        schemas(ErrorBody),
         responses(Unauthorized, NotFoundJob, NotFoundSchedule, Internal, Unavailable),
     ),
     modifiers(&BearerKey),
@@ -130,107 +97,26 @@ impl Modify for BearerKey {
     }
 }
 
-fn error_response(description: &str) -> ResponseBuilder {
-    ResponseBuilder::new().description(description).content(
-        "application/json",
-        Content::new(Some(Ref::from_schema_name("ErrorBody"))),
-    )
-}
-
-fn integer_header(description: &str) -> openapi::Header {
-    HeaderBuilder::new()
-        .schema(ObjectBuilder::new().schema_type(Type::Integer))
-        .description(Some(description))
-        .build()
-}
-
-fn string_header(description: &str) -> openapi::Header {
-    HeaderBuilder::new()
-        .schema(ObjectBuilder::new().schema_type(Type::String))
-        .description(Some(description))
-        .build()
-}
-
-// Answers shared by many operations, referenced from them by name.
-
-/// 401 `unauthorized`.
-pub struct Unauthorized;
-
-impl<'r> ToResponse<'r> for Unauthorized {
-    fn response() -> (&'r str, RefOr<openapi::Response>) {
-        let response = error_response(
-            "`unauthorized`: the gateway has an API key, and the request did not send it as \
-             `Authorization: Bearer <key>`.",
-        )
-        .header("WWW-Authenticate", string_header("`Bearer`"))
-        .build();
-        ("Unauthorized", response.into())
-    }
-}
-
-/// 404 for an unknown job id.
-pub struct NotFoundJob;
-
-impl<'r> ToResponse<'r> for NotFoundJob {
-    fn response() -> (&'r str, RefOr<openapi::Response>) {
-        let response = error_response(
-            "`not_found`: no such job, including ids that do not match `^[A-Za-z0-9_-]{1,128}$` \
-             and jobs deleted by retention.",
-        )
-        .build();
-        ("NotFoundJob", response.into())
-    }
-}
-
-/// 404 for an unknown schedule id.
-pub struct NotFoundSchedule;
-
-impl<'r> ToResponse<'r> for NotFoundSchedule {
-    fn response() -> (&'r str, RefOr<openapi::Response>) {
-        let response = error_response(
-            "`not_found`: no such schedule, including ids that do not match \
-             `^[A-Za-z0-9_-]{1,64}$`.",
-        )
-        .build();
-        ("NotFoundSchedule", response.into())
-    }
-}
-
-/// 500 `internal`.
-pub struct Internal;
-
-impl<'r> ToResponse<'r> for Internal {
-    fn response() -> (&'r str, RefOr<openapi::Response>) {
-        let response =
-            error_response("`internal`: an unexpected error; the cause is logged, not returned.")
-                .build();
-        ("Internal", response.into())
-    }
-}
-
-/// 503 `unavailable`.
-pub struct Unavailable;
-
-impl<'r> ToResponse<'r> for Unavailable {
-    fn response() -> (&'r str, RefOr<openapi::Response>) {
-        let response = error_response("`unavailable`: NATS or its KV store cannot be reached.")
-            .header("Retry-After", integer_header("Seconds to wait: 1."))
-            .build();
-        ("Unavailable", response.into())
-    }
-}
-
 /// The document as served and committed: pretty-printed with a trailing newline, keys in a
 /// stable order (maps sorted, an object's properties in declaration order).
-pub fn document() -> String {
-    let mut json = ApiDoc::openapi()
+pub fn render(api: &openapi::OpenApi) -> String {
+    let mut json = api
         .to_pretty_json()
         .expect("an OpenAPI document serializes");
     json.push('\n');
     json
 }
 
-static DOCUMENT: LazyLock<String> = LazyLock::new(document);
+/// The rendered document, handed to [`spec`] as a request extension by `crate::router`, which
+/// builds it from the routes once.
+#[derive(Clone)]
+pub struct Document(Bytes);
+
+impl Document {
+    pub fn new(api: &openapi::OpenApi) -> Self {
+        Self(Bytes::from(render(api)))
+    }
+}
 
 #[utoipa::path(
     get,
@@ -241,13 +127,13 @@ static DOCUMENT: LazyLock<String> = LazyLock::new(document);
     responses((status = 200, description = "The OpenAPI 3.1 document of this API.",
         content_type = "application/json", body = serde_json::Value)),
 )]
-pub async fn spec() -> Response {
+pub async fn spec(Extension(Document(document)): Extension<Document>) -> Response {
     (
         [(
             header::CONTENT_TYPE,
             HeaderValue::from_static("application/json"),
         )],
-        DOCUMENT.as_str(),
+        document,
     )
         .into_response()
 }
@@ -317,6 +203,11 @@ pub(crate) mod tests {
 
     const UPDATE_ENV: &str = "FLOTILLA_UPDATE_OPENAPI";
 
+    /// The document the gateway serves: this frame with every route's operation.
+    pub(crate) fn document() -> String {
+        render(&crate::api_routes().into_openapi())
+    }
+
     fn committed_path() -> PathBuf {
         PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../docs/openapi.json")
     }
@@ -361,7 +252,8 @@ pub(crate) mod tests {
         let unrouted: Vec<_> = documented.difference(&routed).collect();
         assert!(
             undocumented.is_empty() && unrouted.is_empty(),
-            "routes without an OpenAPI operation (add #[utoipa::path] and list it in ApiDoc): \
+            "routes without an OpenAPI operation (add #[utoipa::path] and register the handler \
+             with routes! in api_routes): \
              {undocumented:?}; operations that are not in ROUTES: {unrouted:?}"
         );
     }

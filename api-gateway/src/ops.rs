@@ -13,7 +13,7 @@ use utoipa::ToSchema;
 use crate::{
     AppState,
     error::ApiError,
-    openapi::{Internal, Unauthorized, Unavailable},
+    responses::{Internal, Unauthorized, Unavailable},
 };
 
 // Response bodies. Fields are in alphabetical order so that the JSON keys come out in the
@@ -176,7 +176,7 @@ pub async fn health(State(state): State<Arc<AppState>>) -> (StatusCode, Json<Hea
     let nats_ok = state.client.connection_state() == async_nats::connection::State::Connected;
     let jetstream_ok = nats_ok && state.topology.js.query_account().await.is_ok();
     let nodes = if jetstream_ok {
-        live_nodes(&state).await.ok()
+        live_nodes(&state).await.map_err(ApiError::log_dropped).ok()
     } else {
         None
     };

@@ -21,7 +21,7 @@ use crate::{
     AppState,
     error::{ApiError, ErrorBody},
     jobs::{parse_json, read_body},
-    openapi::{Internal, NotFoundSchedule, Unauthorized, Unavailable},
+    responses::{Internal, NotFoundSchedule, Unauthorized, Unavailable},
 };
 
 /// `GET /schedules`'s body.

@@ -9,8 +9,8 @@ use async_nats::jetstream::{self, AckKind};
 use chrono::Utc;
 use flotilla_catalog::{Limits, Origin};
 use flotilla_config::LiveCatalog;
-use flotilla_nats::{StoreError, Topology};
-use flotilla_proto::{Encoding, JobRecord, JobRequest, JobStatus, SubmitRequest, ids, names};
+use flotilla_nats::{StoreError, SubmitError, Submitted, Topology};
+use flotilla_proto::{Encoding, JobRecord, SubmitRequest, ids, names};
 use futures::StreamExt;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument as _;
@@ -22,15 +22,6 @@ pub(crate) struct Intake {
     pub(crate) catalog: Arc<LiveCatalog>,
     pub(crate) limits: Limits,
     pub(crate) metrics: Arc<DispatcherMetrics>,
-}
-
-/// What [`Intake::queue`] did.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Queued {
-    /// On the run queue (possibly again: the queue drops the repeat).
-    Queued,
-    /// The id belongs to a job that is no longer pending; nothing was queued.
-    Taken,
 }
 
 pub(crate) async fn run(intake: Arc<Intake>, stop: CancellationToken) {
@@ -93,7 +84,7 @@ impl Intake {
         }
     }
 
-    async fn admit(&self, message: &jetstream::Message) -> Result<Admission, StoreError> {
+    async fn admit(&self, message: &jetstream::Message) -> Result<Admission, SubmitError> {
         let encoding = Encoding::from_content_type(
             message
                 .headers
@@ -142,47 +133,17 @@ impl Intake {
             &span,
             message.headers.as_ref(),
         );
-        match self.queue(&request, trace).await? {
-            Queued::Queued => {
+        match flotilla_nats::submit(&self.topology, &request, trace).await? {
+            Submitted::Queued(_) => {
                 tracing::info!(job_id = %request.job_id, "direct submission queued");
                 Ok(Admission::Accepted)
             }
-            Queued::Taken => {
+            Submitted::Taken => {
                 let reason = format!("job id {} is already taken", request.job_id);
                 self.reject(message, Some(&request.job_id), &reason).await;
                 Ok(Admission::Rejected)
             }
         }
-    }
-
-    /// Records a validated job as `pending` and queues it. Idempotent: when the record exists
-    /// and is still pending (a redelivery, or a retry after a crash), the job is queued again
-    /// and the run queue's `Nats-Msg-Id` dedupe absorbs the repeat; when it has moved on, the
-    /// id is [`Queued::Taken`] and nothing is queued. Shared by intake and schedules.
-    pub(crate) async fn queue(
-        &self,
-        request: &JobRequest,
-        trace: async_nats::HeaderMap,
-    ) -> Result<Queued, StoreError> {
-        match self
-            .topology
-            .jobs
-            .create(&JobRecord::pending(request))
-            .await
-        {
-            Ok(_) => {}
-            Err(StoreError::AlreadyExists(_)) => {
-                let existing = self.topology.jobs.get(&request.job_id).await?;
-                if existing.is_none_or(|current| current.record.status != JobStatus::Pending) {
-                    return Ok(Queued::Taken);
-                }
-            }
-            Err(e) => return Err(e),
-        }
-        flotilla_nats::enqueue(&self.topology.js, request, trace)
-            .await
-            .map_err(|e| StoreError::Nats(e.to_string()))?;
-        Ok(Queued::Queued)
     }
 
     /// Records a failed job explaining the rejection, unless the id is already in use.
@@ -192,31 +153,7 @@ impl Intake {
         submission: &SubmitRequest,
         reason: &str,
     ) -> Result<(), StoreError> {
-        let now = Utc::now();
-        let record = JobRecord {
-            job_id: job_id.to_owned(),
-            status: JobStatus::Failed,
-            agent_id: submission.agent_id.clone().unwrap_or_default(),
-            engine: submission.engine.clone().unwrap_or_default(),
-            profile: submission.profile.clone().unwrap_or_default(),
-            created_at: now,
-            started_at: None,
-            finished_at: Some(now),
-            exit_code: None,
-            error: Some(format!("rejected: {reason}")),
-            result: None,
-            attempt: 0,
-            node_id: None,
-            usage: None,
-            metadata: submission.metadata.clone().unwrap_or_default(),
-            dry_run: submission.dry_run.unwrap_or(false),
-            timeout_seconds: 0,
-            attempts: Vec::new(),
-            ack_subject: None,
-            // Never called: the URL of a refused submission was not validated.
-            webhook_url: None,
-            webhook: None,
-        };
+        let record = JobRecord::rejected(job_id, submission, reason, Utc::now());
         match self.topology.jobs.create(&record).await {
             Ok(_) | Err(StoreError::AlreadyExists(_)) => Ok(()),
             Err(e) => Err(e),

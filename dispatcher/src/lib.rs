@@ -19,8 +19,10 @@ use axum::{
 };
 use flotilla_catalog::Limits;
 use flotilla_config::LiveCatalog;
-use flotilla_nats::{Topology, TopologyConfig};
+use flotilla_nats::TopologyConfig;
+use flotilla_service::{NatsConfig, Service};
 use serde_json::json;
+use tokio::{net::TcpListener, task::JoinHandle};
 use tokio_util::sync::CancellationToken;
 
 pub use lifecycle::LifecycleConfig;
@@ -42,21 +44,23 @@ pub struct Config {
 
 #[derive(Debug, thiserror::Error)]
 pub enum DispatcherError {
-    #[error("cannot load engines/profiles: {0}")]
-    Config(#[from] flotilla_config::ConfigError),
     #[error(transparent)]
-    Connect(#[from] flotilla_nats::ConnectError),
-    #[error(transparent)]
-    Topology(#[from] flotilla_nats::TopologyError),
-    #[error("cannot listen on {addr}: {source}")]
-    Listen {
-        addr: SocketAddr,
-        source: std::io::Error,
-    },
+    Start(#[from] flotilla_service::StartError),
     #[error("health server failed: {0}")]
     Serve(std::io::Error),
     #[error("cannot set up the webhook HTTP client (TLS): {0}")]
     Http(std::io::Error),
+}
+
+impl Config {
+    fn nats(&self) -> NatsConfig<'_> {
+        NatsConfig {
+            name: "dispatcher",
+            url: &self.nats_url,
+            options: &self.nats,
+            topology: &self.topology,
+        }
+    }
 }
 
 /// What the HTTP endpoints read.
@@ -67,84 +71,96 @@ struct HttpState {
     leading: tokio::sync::watch::Receiver<bool>,
 }
 
-pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), DispatcherError> {
-    let client = tokio::select! {
-        client = flotilla_nats::connect(&config.nats_url, "dispatcher", &config.nats) => client?,
-        // NATS may never come up: a stop request must still stop us.
-        () = shutdown.cancelled() => return Ok(()),
+/// Runs the dispatcher until `shutdown`, serving health and metrics on `listener`.
+pub async fn run(
+    config: Config,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+) -> Result<(), DispatcherError> {
+    let Some(service) = Service::start(config.nats(), &shutdown).await? else {
+        return Ok(());
     };
-    let topology = Topology::ensure(client.clone(), config.topology.clone()).await?;
-
-    let workers = CancellationToken::new();
-    let catalog = LiveCatalog::start(
-        &topology.js,
-        &config.engines_dir,
-        &config.profiles_dir,
-        workers.clone(),
-    )
-    .await?;
+    let catalog = service
+        .catalog(&config.engines_dir, &config.profiles_dir)
+        .await?;
     let metrics = Arc::new(metrics::DispatcherMetrics::default());
     let (leading_tx, leading) = tokio::sync::watch::channel(false);
+    let workers = Workers::start(&service, &config, catalog, metrics.clone(), leading_tx)?;
     let http_state = HttpState {
-        client: client.clone(),
-        metrics: metrics.clone(),
-        leading: leading.clone(),
-    };
-    let election = tokio::spawn(lifecycle::elect(
-        topology.clone(),
-        workers.clone(),
-        leading_tx,
-    ));
-    let lifecycle = Arc::new(lifecycle::Lifecycle {
-        client: client.clone(),
-        topology: topology.clone(),
-        config: config.lifecycle.clone(),
-        jobs: Default::default(),
-        metrics: metrics.clone(),
-        webhooks: webhooks::Webhooks::new(topology.clone(), config.webhooks.clone())
-            .map_err(DispatcherError::Http)?,
-    });
-    tokio::spawn(lifecycle.run(leading.clone(), workers.clone()));
-    let dead_letters = tokio::spawn(lifecycle::dead_letters(
-        client.clone(),
-        topology.clone(),
-        metrics.clone(),
-        workers.clone(),
-    ));
-    let intake = Arc::new(intake::Intake {
-        topology,
-        catalog,
-        limits: config.limits.clone(),
+        client: service.client.clone(),
         metrics,
-    });
-    tokio::spawn(schedules::Scheduler::new(intake.clone()).run(leading.clone(), workers.clone()));
-    let intake_task = tokio::spawn(intake::run(intake, workers.clone()));
-
-    let listener = tokio::net::TcpListener::bind(config.listen)
-        .await
-        .map_err(|source| DispatcherError::Listen {
-            addr: config.listen,
-            source,
-        })?;
-    tracing::info!(listen = %config.listen, "dispatcher ready");
+        leading,
+    };
+    tracing::info!(listen = ?listener.local_addr().ok(), "dispatcher ready");
     let app = Router::new()
         .route("/health", get(health))
         .route("/metrics", get(render_metrics))
         .with_state(http_state);
-    axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown.cancelled_owned())
+    flotilla_service::serve(listener, app, shutdown)
         .await
         .map_err(DispatcherError::Serve)?;
-
-    workers.cancel();
-    let _ = intake_task.await;
-    let _ = election.await;
-    if let Ok(Err(e)) = dead_letters.await {
-        tracing::warn!(error = %e, "dead-letter handler had failed");
-    }
-    let _ = client.flush().await;
+    service.background.cancel();
+    workers.join().await;
+    service.stop().await;
     tracing::info!("dispatcher stopped");
     Ok(())
+}
+
+/// The dispatcher's tasks, which stop when the service's background token is cancelled.
+struct Workers {
+    intake: JoinHandle<()>,
+    election: JoinHandle<()>,
+    dead_letters: JoinHandle<Result<(), async_nats::SubscribeError>>,
+}
+
+impl Workers {
+    fn start(
+        service: &Service,
+        config: &Config,
+        catalog: Arc<LiveCatalog>,
+        metrics: Arc<metrics::DispatcherMetrics>,
+        leading_tx: tokio::sync::watch::Sender<bool>,
+    ) -> Result<Self, DispatcherError> {
+        let (client, topology, stop) = (&service.client, &service.topology, &service.background);
+        let leading = leading_tx.subscribe();
+        let election = tokio::spawn(lifecycle::elect(topology.clone(), stop.clone(), leading_tx));
+        let lifecycle = Arc::new(lifecycle::Lifecycle {
+            client: client.clone(),
+            topology: topology.clone(),
+            config: config.lifecycle.clone(),
+            jobs: Default::default(),
+            metrics: metrics.clone(),
+            webhooks: webhooks::Webhooks::new(topology.clone(), config.webhooks.clone())
+                .map_err(DispatcherError::Http)?,
+        });
+        tokio::spawn(lifecycle.run(leading.clone(), stop.clone()));
+        let dead_letters = tokio::spawn(lifecycle::dead_letters(
+            client.clone(),
+            topology.clone(),
+            metrics.clone(),
+            stop.clone(),
+        ));
+        let intake = Arc::new(intake::Intake {
+            topology: topology.clone(),
+            catalog,
+            limits: config.limits.clone(),
+            metrics,
+        });
+        tokio::spawn(schedules::Scheduler::new(intake.clone()).run(leading, stop.clone()));
+        Ok(Self {
+            intake: tokio::spawn(intake::run(intake, stop.clone())),
+            election,
+            dead_letters,
+        })
+    }
+
+    async fn join(self) {
+        let _ = self.intake.await;
+        let _ = self.election.await;
+        if let Ok(Err(e)) = self.dead_letters.await {
+            tracing::warn!(error = %e, "dead-letter handler had failed");
+        }
+    }
 }
 
 async fn render_metrics(State(state): State<HttpState>) -> Response {

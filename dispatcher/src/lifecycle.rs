@@ -11,8 +11,8 @@ use std::{
 use async_nats::jetstream::kv;
 use bytes::Bytes;
 use chrono::{DateTime, Utc};
-use flotilla_nats::{Topology, WatchEvent};
-use flotilla_proto::{Encoding, JobRecord, JobStatus, NodeInfo, names};
+use flotilla_nats::{ApplyError, Topology, WatchEvent};
+use flotilla_proto::{Encoding, JobStatus, NodeInfo, Transition, names};
 use futures::{StreamExt, TryStreamExt};
 use serde::Deserialize;
 use tokio::{sync::watch, time::Instant};
@@ -180,35 +180,18 @@ impl Lifecycle {
     /// Marks the lost node's attempt ended and hands the job's message back to the queue at
     /// once (instead of after its ack wait), so another node picks it up.
     async fn requeue_lost(&self, node_id: &str, job_id: &str) {
-        let mut ack_subject = None;
-        let changed = self
-            .topology
-            .jobs
-            .modify(job_id, |record| {
-                let held = record.status == JobStatus::Running
-                    && record.node_id.as_deref() == Some(node_id);
-                if !held {
-                    return Ok::<bool, ()>(false);
-                }
-                ack_subject = record.ack_subject.take();
-                record.end_attempt("node lost", Utc::now());
-                record.status = JobStatus::Pending;
-                record.node_id = None;
-                record.error = Some(format!(
-                    "node {node_id} lost during attempt {}; requeued",
-                    record.attempt
-                ));
-                Ok(true)
-            })
-            .await;
-        match changed {
-            Ok(Some(Ok(versioned))) if versioned.record.status == JobStatus::Pending => {}
-            Ok(_) => return,
-            Err(e) => {
+        let requeue = Transition::Requeue {
+            node_id: node_id.to_owned(),
+        };
+        let ack_subject = match self.topology.jobs.apply(job_id, &requeue).await {
+            Ok(applied) => applied.before.ack_subject,
+            // Finished, or taken by another node meanwhile: nothing to hand back.
+            Err(ApplyError::Refused(_) | ApplyError::NotFound(_)) => return,
+            Err(ApplyError::Store(e)) => {
                 tracing::warn!(job_id, error = %e, "cannot record lost attempt");
                 return;
             }
-        }
+        };
         if let Some(subject) = ack_subject
             && let Err(e) = self
                 .client
@@ -257,28 +240,20 @@ impl Lifecycle {
             let jobs = self.jobs.lock().expect("jobs lock");
             plan_sweep(&jobs, now, &self.config)
         };
+        let time_out = Transition::TimeOut {
+            queued_limit_secs: self.config.max_queued.as_secs(),
+        };
         for job_id in overdue {
-            let limit = self.config.max_queued.as_secs();
-            let changed = self
-                .topology
-                .jobs
-                .modify(&job_id, |record| {
-                    if record.status != JobStatus::Pending {
-                        return Ok::<bool, ()>(false);
-                    }
-                    record.status = JobStatus::Failed;
-                    record.error = Some(format!("queued for more than {limit}s without starting"));
-                    record.finished_at = Some(Utc::now());
-                    Ok(true)
-                })
-                .await;
-            match changed {
-                Ok(Some(Ok(versioned))) if versioned.record.status == JobStatus::Failed => {
+            match self.topology.jobs.apply(&job_id, &time_out).await {
+                Ok(_) => {
                     self.metrics.queue_timeouts.inc();
                     tracing::info!(job_id, "job failed: queued too long");
                 }
-                Err(e) => tracing::warn!(job_id, error = %e, "cannot time out queued job"),
-                _ => {}
+                Err(ApplyError::Store(e)) => {
+                    tracing::warn!(job_id, error = %e, "cannot time out queued job");
+                }
+                // Started (or gone) since the sweep looked.
+                Err(ApplyError::Refused(_) | ApplyError::NotFound(_)) => {}
             }
         }
         if expired.is_empty() {
@@ -434,28 +409,20 @@ async fn dead_letter_one(topology: &Topology, advisory: &MaxDeliveries) -> Resul
         flotilla_proto::decode::<flotilla_proto::JobRequest>(&payload, Encoding::MessagePack)
             .map(|request| request.job_id)
             .map_err(|e| e.to_string())?;
-    let deliveries = advisory.deliveries;
-    let mut reason = format!("gave up after {deliveries} deliveries");
-    let changed = topology
-        .jobs
-        .modify(&job_id, |record: &mut JobRecord| {
-            if record.status.is_terminal() {
-                return Ok::<bool, ()>(false);
-            }
-            if let Some(last) = &record.error {
-                reason = format!("{reason}; last error: {last}");
-            }
-            record.end_attempt("lease expired", Utc::now());
-            record.status = JobStatus::Failed;
-            record.error = Some(reason.clone());
-            record.finished_at = Some(Utc::now());
-            Ok(true)
-        })
-        .await
-        .map_err(|e| e.to_string())?;
-    if changed.is_some() {
-        tracing::warn!(job_id, %reason, "job dead-lettered");
-    }
+    let dead = Transition::DeadLetter {
+        deliveries: advisory.deliveries,
+    };
+    let reason = match topology.jobs.apply(&job_id, &dead).await {
+        Ok(applied) => {
+            let reason = applied.after.record.error.unwrap_or_default();
+            tracing::warn!(job_id, %reason, "job dead-lettered");
+            reason
+        }
+        Err(ApplyError::Refused(_) | ApplyError::NotFound(_)) => {
+            format!("gave up after {} deliveries", advisory.deliveries)
+        }
+        Err(ApplyError::Store(e)) => return Err(e.to_string()),
+    };
     flotilla_nats::dead_letter(&topology.js, &job_id, payload, &reason)
         .await
         .map_err(|e| e.to_string())?;

@@ -1,6 +1,7 @@
 use std::{net::SocketAddr, path::PathBuf, process::ExitCode, time::Duration};
 
 use clap::Parser;
+use tokio_util::sync::CancellationToken;
 
 /// Flotilla dispatcher: admits jobs published straight to NATS and runs the fleet-wide lifecycle.
 #[derive(Debug, Parser)]
@@ -54,18 +55,18 @@ struct Args {
 #[tokio::main]
 async fn main() -> ExitCode {
     let args = Args::parse();
-    let telemetry = match flotilla_telemetry::init(args.telemetry.into_config("dispatcher")) {
-        Ok(telemetry) => telemetry,
-        Err(e) => return flotilla_telemetry::config_error(e),
-    };
-    let nats = match args.nats.into_options() {
-        Ok(nats) => nats,
-        Err(e) => return flotilla_telemetry::config_error(e),
-    };
-    let limits = match args.limits.into_limits() {
-        Ok(limits) => limits,
-        Err(e) => return flotilla_telemetry::config_error(e),
-    };
+    let telemetry = args.telemetry.clone();
+    flotilla_service::main("dispatcher", telemetry, || config(args), run).await
+}
+
+async fn run(config: dispatcher::Config, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let listener = flotilla_service::bind(config.listen).await?;
+    dispatcher::run(config, listener, shutdown).await?;
+    Ok(())
+}
+
+fn config(args: Args) -> anyhow::Result<dispatcher::Config> {
+    let limits = args.limits.into_limits().map_err(anyhow::Error::msg)?;
     let lifecycle = dispatcher::LifecycleConfig {
         node_check_interval: Duration::from_millis(args.node_check_ms.max(50)),
         sweep_interval: Duration::from_secs(args.sweep_secs.max(1)),
@@ -81,19 +82,15 @@ async fn main() -> ExitCode {
         allow_private: limits.allow_private_webhooks,
         timeout: Duration::from_secs(args.webhook_timeout_secs.clamp(1, 60)),
     };
-    let config = dispatcher::Config {
+    Ok(dispatcher::Config {
         listen: args.listen,
         lifecycle,
         nats_url: args.nats_url,
-        nats,
+        nats: args.nats.into_options()?,
         engines_dir: args.engines_dir,
         profiles_dir: args.profiles_dir,
         limits,
         topology: args.topology.into_config(),
         webhooks,
-    };
-    let shutdown = flotilla_telemetry::shutdown_on_signals();
-    let result = dispatcher::run(config, shutdown).await;
-    telemetry.shutdown().await;
-    flotilla_telemetry::exit_code(result)
+    })
 }

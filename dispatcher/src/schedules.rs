@@ -15,7 +15,7 @@ use std::{
 
 use chrono::{DateTime, Utc};
 use flotilla_catalog::schedule::{self, Timing};
-use flotilla_nats::{ScheduleEvent, StoreError};
+use flotilla_nats::{ScheduleEvent, StoreError, SubmitError};
 use flotilla_proto::Schedule;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -207,7 +207,12 @@ impl Scheduler {
         span.record("job_id", request.job_id.as_str());
         let trace = flotilla_telemetry::propagation::nats_headers(&span);
         // `Taken`: an earlier leader created this slot's job and stopped before recording it.
-        self.intake.queue(&request, trace).await?;
+        flotilla_nats::submit(&self.intake.topology, &request, trace)
+            .await
+            .map_err(|e| match e {
+                SubmitError::Store(e) => e,
+                SubmitError::Queue(e) => StoreError::nats(e),
+            })?;
         tracing::info!(job_id = %request.job_id, %due, "scheduled job queued");
         Ok(Run::Created(request.job_id))
     }

@@ -9,7 +9,7 @@ mod meter;
 mod metrics;
 mod proxy;
 
-use std::{net::SocketAddr, sync::Arc};
+use std::sync::Arc;
 
 use axum::{
     Json, Router,
@@ -19,7 +19,9 @@ use axum::{
     routing::{any, get},
 };
 use flotilla_nats::Topology;
+use flotilla_service::{NatsConfig, Service};
 use serde_json::json;
+use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 pub use config::{
@@ -39,16 +41,9 @@ struct AppState {
 #[derive(Debug, thiserror::Error)]
 pub enum LlmGatewayError {
     #[error(transparent)]
-    Connect(#[from] flotilla_nats::ConnectError),
-    #[error(transparent)]
-    Topology(#[from] flotilla_nats::TopologyError),
+    Start(#[from] flotilla_service::StartError),
     #[error("cannot set up the upstream HTTP client (TLS): {0}")]
     Http(std::io::Error),
-    #[error("cannot listen on {addr}: {source}")]
-    Listen {
-        addr: SocketAddr,
-        source: std::io::Error,
-    },
     #[error("http server failed: {0}")]
     Serve(std::io::Error),
 }
@@ -81,13 +76,21 @@ async fn render_metrics(State(state): State<Arc<AppState>>) -> impl IntoResponse
     )
 }
 
-pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), LlmGatewayError> {
-    let client = tokio::select! {
-        client = flotilla_nats::connect(&config.nats_url, "llm-gateway", &config.nats) => client?,
-        // NATS may never come up: a stop request must still stop us.
-        () = shutdown.cancelled() => return Ok(()),
+/// Runs the gateway on `listener` until `shutdown`.
+pub async fn run(
+    config: Config,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+) -> Result<(), LlmGatewayError> {
+    let nats = NatsConfig {
+        name: "llm-gateway",
+        url: &config.nats_url,
+        options: &config.nats,
+        topology: &config.topology,
     };
-    let topology = Topology::ensure(client.clone(), config.topology.clone()).await?;
+    let Some(service) = Service::start(nats, &shutdown).await? else {
+        return Ok(());
+    };
     let http =
         flotilla_http::client(std::time::Duration::from_secs(10)).map_err(LlmGatewayError::Http)?;
     for (name, provider) in &config.providers {
@@ -99,31 +102,18 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), LlmG
             "provider configured"
         );
     }
-    let listen = config.listen;
     let state = Arc::new(AppState {
         config,
-        topology,
+        topology: service.topology.clone(),
         http,
         metrics: metrics::Metrics::default(),
         in_flight: Arc::default(),
     });
-    let listener = tokio::net::TcpListener::bind(listen)
-        .await
-        .map_err(|source| LlmGatewayError::Listen {
-            addr: listen,
-            source,
-        })?;
-    tracing::info!(listen = %listen, "llm-gateway ready");
-    // No Nagle: a streamed answer's small chunks (and its final one) must not wait for the
-    // client's delayed ACK (measured: +40 ms per request without this).
-    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
-        let _ = tcp.set_nodelay(true);
-    });
-    axum::serve(listener, router(state))
-        .with_graceful_shutdown(shutdown.cancelled_owned())
+    tracing::info!(listen = ?listener.local_addr().ok(), "llm-gateway ready");
+    flotilla_service::serve(listener, router(state), shutdown)
         .await
         .map_err(LlmGatewayError::Serve)?;
-    let _ = client.flush().await;
+    service.stop().await;
     tracing::info!("llm-gateway stopped");
     Ok(())
 }

@@ -1,6 +1,7 @@
 use std::{net::SocketAddr, path::PathBuf, process::ExitCode, time::Duration};
 
 use clap::Parser;
+use tokio_util::sync::CancellationToken;
 
 /// Flotilla llm-gateway: keeps LLM API keys out of job containers, meters and budgets jobs.
 #[derive(Debug, Parser)]
@@ -44,40 +45,32 @@ struct Args {
 #[tokio::main]
 async fn main() -> ExitCode {
     let args = Args::parse();
-    let telemetry = match flotilla_telemetry::init(args.telemetry.into_config("llm-gateway")) {
-        Ok(telemetry) => telemetry,
-        Err(e) => return flotilla_telemetry::config_error(e),
-    };
-    let nats = match args.nats.into_options() {
-        Ok(nats) => nats,
-        Err(e) => return flotilla_telemetry::config_error(e),
-    };
+    let telemetry = args.telemetry.clone();
+    flotilla_service::main("llm-gateway", telemetry, || config(args), run).await
+}
+
+async fn run(config: llm_gateway::Config, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let listener = flotilla_service::bind(config.listen).await?;
+    llm_gateway::run(config, listener, shutdown).await?;
+    Ok(())
+}
+
+fn config(args: Args) -> anyhow::Result<llm_gateway::Config> {
     let text = match &args.config {
-        Some(path) => match std::fs::read_to_string(path) {
-            Ok(text) => text,
-            Err(e) => {
-                return flotilla_telemetry::config_error(format!("{}: {e}", path.display()));
-            }
-        },
+        Some(path) => std::fs::read_to_string(path)
+            .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?,
         None => llm_gateway::DEFAULT_CONFIG.to_owned(),
     };
     // Credentials come from the variables and files the config names, read here only.
-    let upstreams = match llm_gateway::Upstreams::parse(&text, &llm_gateway::ProcessSecrets) {
-        Ok(upstreams) => upstreams,
-        Err(e) => return flotilla_telemetry::config_error(e),
-    };
-    let config = llm_gateway::Config {
+    let upstreams = llm_gateway::Upstreams::parse(&text, &llm_gateway::ProcessSecrets)?;
+    Ok(llm_gateway::Config {
         listen: args.listen,
         nats_url: args.nats_url,
-        nats,
+        nats: args.nats.into_options()?,
         topology: args.topology.into_config(),
         providers: upstreams.providers,
         prices: upstreams.prices,
         max_request_bytes: args.max_request_bytes,
         upstream_timeout: Duration::from_secs(args.upstream_timeout_secs.max(1)),
-    };
-    let shutdown = flotilla_telemetry::shutdown_on_signals();
-    let result = llm_gateway::run(config, shutdown).await;
-    telemetry.shutdown().await;
-    flotilla_telemetry::exit_code(result)
+    })
 }

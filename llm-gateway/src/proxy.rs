@@ -22,7 +22,7 @@ use crate::{
     AppState,
     config::{Provider, ProviderKind},
     inflight::{self, Reservation},
-    meter::{Meter, Tokens},
+    meter::{Meter, Price, Tokens},
     metrics::Spender,
 };
 
@@ -53,13 +53,16 @@ const FORWARDED_RESPONSE_HEADERS: &[&str] = &[
 /// Anthropic requires this beta flag on requests authenticated with a subscription's OAuth token.
 const OAUTH_BETA: &str = "oauth-2025-04-20";
 
-/// Why a request was not forwarded, said the way the provider would say it.
+/// Why a request was not forwarded, said the way the provider would say it. The job reads
+/// `message`; `source`, the internal cause (a NATS or connection error), is only logged, once,
+/// by [`forward`].
 #[derive(Debug)]
 pub(crate) struct Refusal {
     status: StatusCode,
     /// Metrics outcome label.
     outcome: &'static str,
     message: String,
+    source: Option<Box<dyn std::error::Error + Send + Sync>>,
 }
 
 impl Refusal {
@@ -68,7 +71,13 @@ impl Refusal {
             status,
             outcome,
             message: message.into(),
+            source: None,
         }
+    }
+
+    fn with_source(mut self, cause: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> Self {
+        self.source = Some(cause.into());
+        self
     }
 
     fn unauthorized(message: impl Into<String>) -> Self {
@@ -79,13 +88,25 @@ impl Refusal {
         Self::new(StatusCode::FORBIDDEN, "forbidden", message)
     }
 
-    fn unavailable(error: impl std::fmt::Display) -> Self {
-        tracing::warn!(%error, "job store unavailable");
+    /// The job store cannot be read: `error` is logged, not returned.
+    fn unavailable(error: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> Self {
         Self::new(
             StatusCode::SERVICE_UNAVAILABLE,
             "unavailable",
             "the llm-gateway cannot check job tokens right now; retry shortly",
         )
+        .with_source(error)
+    }
+
+    /// The one place a refusal is logged: with its cause, when it has one.
+    fn log(&self, provider: &str) {
+        let (status, outcome, reason) = (self.status.as_u16(), self.outcome, &self.message);
+        match &self.source {
+            Some(error) => {
+                tracing::warn!(provider, status, outcome, %reason, %error, "request refused");
+            }
+            None => tracing::info!(provider, status, outcome, %reason, "request refused"),
+        }
     }
 
     fn into_response(self, kind: ProviderKind) -> Response {
@@ -153,13 +174,16 @@ pub(crate) async fn forward(
             response
         }
         Err(refusal) => {
-            tracing::info!(provider = %name, status = %refusal.status, reason = %refusal.message, "request refused");
+            refusal.log(&name);
             state.metrics.request(&name, refusal.outcome);
             refusal.into_response(provider.kind)
         }
     }
 }
 
+/// One admitted request, checked, forwarded and streamed back metered. Refusals come in this
+/// order: the job's token, the provider's credential, the body's size, the model (allowed,
+/// and priced when the job has a budget), the budget, then the upstream call.
 async fn relay(
     state: &Arc<AppState>,
     name: &str,
@@ -175,7 +199,38 @@ async fn relay(
         _ => (parts.uri.query().map(str::to_owned), None),
     };
     let (grant, spent) = admit(state, name, &parts.headers, query_token.as_deref()).await?;
-    // One span per admitted call, in the job's trace; it lasts until the call is charged.
+    let span = call_span(name, &grant);
+    check_credential(name, provider)?;
+    let body = read_body(state, body).await?;
+    let url = upstream_url(provider, path, query.as_deref());
+    let mut json: Option<Value> = serde_json::from_slice(&body).ok().filter(Value::is_object);
+    let model = requested_model(provider.kind, &url, json.as_ref())?;
+    let price = check_model(state, &grant, model.as_deref())?;
+    check_budget(state, &grant, spent.as_ref()).await?;
+    let reservation = match (grant.max_budget_usd, price) {
+        (Some(budget), Some(price)) => {
+            let usd = inflight::worst_case(price, body.len(), json.as_ref());
+            Some(reserve(state, &grant, budget, usd, spent).await?)
+        }
+        _ => None,
+    };
+    let body = ask_for_usage(provider.kind, path, json.as_mut(), body);
+    let upstream = upstream_request(&parts, path, &url, provider, body)?;
+    let response = send(state, name, upstream).await?;
+    span.record("status", response.status().as_u16());
+    let charge = Charge {
+        state: state.clone(),
+        grant,
+        provider: name.to_owned(),
+        request_model: model,
+        span,
+        _reservation: reservation,
+    };
+    Ok(metered_answer(provider.kind, response, charge))
+}
+
+/// One span per admitted call, in the job's trace; it lasts until the call is charged.
+fn call_span(name: &str, grant: &LlmGrant) -> tracing::Span {
     let span = tracing::info_span!(
         "llm request",
         provider = %name,
@@ -190,19 +245,25 @@ async fn relay(
     if let Some(traceparent) = &grant.traceparent {
         flotilla_telemetry::propagation::set_parent_from_traceparent(&span, traceparent);
     }
-    if let Some(source) = &provider.credential_source
-        && !provider.has_credential()
-    {
-        return Err(Refusal::new(
+    span
+}
+
+/// Refuses when the provider's credential is configured but was not found at startup.
+fn check_credential(name: &str, provider: &Provider) -> Result<(), Refusal> {
+    match &provider.credential_source {
+        Some(source) if !provider.has_credential() => Err(Refusal::new(
             StatusCode::SERVICE_UNAVAILABLE,
             "no_credential",
             format!(
                 "the llm-gateway holds no credential for provider {name}: set {source} where it runs"
             ),
-        ));
+        )),
+        _ => Ok(()),
     }
+}
 
-    let body = axum::body::to_bytes(body, state.config.max_request_bytes)
+async fn read_body(state: &AppState, body: Body) -> Result<Bytes, Refusal> {
+    axum::body::to_bytes(body, state.config.max_request_bytes)
         .await
         .map_err(|_| {
             Refusal::new(
@@ -210,28 +271,46 @@ async fn relay(
                 "too_large",
                 format!("request body over {} bytes", state.config.max_request_bytes),
             )
-        })?;
+        })
+}
+
+/// The provider's base URL with the request's path and query appended.
+fn upstream_url(provider: &Provider, path: &str, query: Option<&str>) -> url::Url {
     let mut url = provider.base_url.clone();
     let base_path = url.path().trim_end_matches('/').to_owned();
     url.set_path(&format!("{base_path}/{path}"));
-    url.set_query(query.as_deref());
+    url.set_query(query);
+    url
+}
 
-    let mut json: Option<Value> = serde_json::from_slice(&body).ok().filter(Value::is_object);
-    let body_model = json
-        .as_ref()
-        .and_then(|v| v["model"].as_str())
-        .map(str::to_owned);
-    let model = match provider.kind {
+/// The model the request asks for: the body's `model`, or for Gemini the one its path names.
+fn requested_model(
+    kind: ProviderKind,
+    url: &url::Url,
+    json: Option<&Value>,
+) -> Result<Option<String>, Refusal> {
+    let body_model = json.and_then(|v| v["model"].as_str()).map(str::to_owned);
+    Ok(match kind {
         // Gemini names the model in the path; a body `model` (cachedContents, batches) is
         // `models/<name>`.
-        ProviderKind::Google => google_model(&url)?.or_else(|| {
+        ProviderKind::Google => google_model(url)?.or_else(|| {
             body_model.map(|m| m.strip_prefix("models/").map(str::to_owned).unwrap_or(m))
         }),
         _ => body_model,
+    })
+}
+
+/// Refuses a model the job's profile does not allow, or one without a price when the job has
+/// a budget; answers the model's price.
+fn check_model<'a>(
+    state: &'a AppState,
+    grant: &LlmGrant,
+    model: Option<&str>,
+) -> Result<Option<&'a Price>, Refusal> {
+    let Some(model) = model else {
+        return Ok(None);
     };
-    if let Some(model) = &model
-        && !grant.allows_model(model)
-    {
+    if !grant.allows_model(model) {
         return Err(Refusal::forbidden(format!(
             "model {model:?} is not allowed for profile {}; allowed: {}",
             grant.profile,
@@ -239,8 +318,8 @@ async fn relay(
         )));
     }
     // A model without a price costs 0 here, so a budget could not stop it.
-    let price = model.as_deref().and_then(|m| state.config.prices.get(m));
-    if let (Some(model), Some(budget), None) = (&model, grant.max_budget_usd, price) {
+    let price = state.config.prices.get(model);
+    if let (Some(budget), None) = (grant.max_budget_usd, price) {
         return Err(Refusal::forbidden(format!(
             "model {model:?} has no price in this llm-gateway's [prices], so job {}'s \
              ${budget} max_budget_usd could not be enforced: add a price for it (or a \"*\" \
@@ -248,26 +327,31 @@ async fn relay(
             grant.job_id
         )));
     }
-    check_budget(state, &grant, spent.as_ref()).await?;
-    let reservation = match (grant.max_budget_usd, price) {
-        (Some(budget), Some(price)) => {
-            let usd = inflight::worst_case(price, body.len(), json.as_ref());
-            Some(reserve(state, &grant, budget, usd, spent).await?)
-        }
-        _ => None,
-    };
+    Ok(price)
+}
 
-    // OpenAI streams report usage only when asked to: ask, so streamed answers are metered.
-    let mut body = body;
-    if provider.kind == ProviderKind::Openai
+/// OpenAI streams report usage only when asked to: ask, so streamed answers are metered.
+fn ask_for_usage(kind: ProviderKind, path: &str, json: Option<&mut Value>, body: Bytes) -> Bytes {
+    if kind == ProviderKind::Openai
         && path.ends_with("chat/completions")
-        && let Some(v) = json.as_mut()
+        && let Some(v) = json
         && v["stream"] == Value::Bool(true)
     {
         v["stream_options"]["include_usage"] = Value::Bool(true);
-        body = Bytes::from(serde_json::to_vec(v).unwrap_or_else(|_| body.to_vec()));
+        return Bytes::from(serde_json::to_vec(v).unwrap_or_else(|_| body.to_vec()));
     }
+    body
+}
 
+/// The request as it goes upstream: the job's method, the allowed headers, the real
+/// credential.
+fn upstream_request(
+    parts: &axum::http::request::Parts,
+    path: &str,
+    url: &url::Url,
+    provider: &Provider,
+    body: Bytes,
+) -> Result<axum::http::Request<http_body_util::Full<Bytes>>, Refusal> {
     let mut upstream = axum::http::Request::new(http_body_util::Full::new(body));
     *upstream.method_mut() = parts.method.clone();
     *upstream.uri_mut() = url.as_str().parse().map_err(|_| {
@@ -280,6 +364,15 @@ async fn relay(
     let mut headers = forwarded_request_headers(&parts.headers, provider);
     authorize(&mut headers, provider);
     *upstream.headers_mut() = headers;
+    Ok(upstream)
+}
+
+/// Sends the request within the upstream timeout; the answer's head, its body still to come.
+async fn send(
+    state: &AppState,
+    name: &str,
+    upstream: axum::http::Request<http_body_util::Full<Bytes>>,
+) -> Result<axum::http::Response<Body>, Refusal> {
     let response =
         tokio::time::timeout(state.config.upstream_timeout, state.http.request(upstream))
             .await
@@ -292,18 +385,43 @@ async fn relay(
             })?
             .map_err(|e| {
                 // Client errors describe the connection, never the headers: no credential here.
-                tracing::warn!(provider = %name, error = %e, "upstream request failed");
                 Refusal::new(
                     StatusCode::BAD_GATEWAY,
                     "upstream_error",
                     format!("provider {name} is unreachable"),
                 )
+                .with_source(e)
             })?;
+    Ok(response.map(Body::new))
+}
 
+/// The upstream's answer as the job gets it: its status, the headers it may see, and the body
+/// passed on chunk by chunk through the meter, then charged.
+fn metered_answer(
+    kind: ProviderKind,
+    response: axum::http::Response<Body>,
+    charge: Charge,
+) -> Response {
     let (upstream_parts, upstream_body) = response.into_parts();
-    let status = upstream_parts.status;
+    let (headers, sse) = forwarded_response_headers(&upstream_parts.headers);
+    let body = MeteredBody {
+        inner: http_body_util::BodyDataStream::new(upstream_body)
+            .map(|chunk| chunk.map_err(std::io::Error::other))
+            .boxed(),
+        meter: Some(Meter::new(kind, sse)),
+        charge: Some(charge),
+        settling: None,
+    };
+    let mut out = Response::new(Body::from_stream(body));
+    *out.status_mut() = upstream_parts.status;
+    *out.headers_mut() = headers;
+    out
+}
+
+/// The upstream headers passed back, and whether the answer is an event stream.
+fn forwarded_response_headers(upstream: &HeaderMap) -> (HeaderMap, bool) {
     let mut headers = HeaderMap::new();
-    for (key, value) in &upstream_parts.headers {
+    for (key, value) in upstream {
         let key_name = key.as_str();
         if FORWARDED_RESPONSE_HEADERS.contains(&key_name)
             || key_name.starts_with("anthropic-ratelimit-")
@@ -321,27 +439,7 @@ async fn relay(
         headers.insert("x-accel-buffering", HeaderValue::from_static("no"));
         headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
     }
-    span.record("status", status.as_u16());
-    let charge = Charge {
-        state: state.clone(),
-        grant,
-        provider: name.to_owned(),
-        request_model: model,
-        span,
-        _reservation: reservation,
-    };
-    let body = MeteredBody {
-        inner: http_body_util::BodyDataStream::new(upstream_body)
-            .map(|chunk| chunk.map_err(std::io::Error::other))
-            .boxed(),
-        meter: Some(Meter::new(provider.kind, sse)),
-        charge: Some(charge),
-        settling: None,
-    };
-    let mut out = Response::new(Body::from_stream(body));
-    *out.status_mut() = status;
-    *out.headers_mut() = headers;
-    Ok(out)
+    (headers, sse)
 }
 
 /// The grant behind the request's token, if the token is good for this provider right now,
@@ -751,6 +849,23 @@ impl Drop for MeteredBody {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn a_refusal_keeps_its_cause_out_of_the_answer() {
+        let cause = std::io::Error::other("nats 10.0.0.7:4222: connection refused");
+        let refusal = Refusal::unavailable(cause);
+        assert!(refusal.source.is_some());
+        let response = refusal.into_response(ProviderKind::Anthropic);
+        assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+        let body = axum::body::to_bytes(response.into_body(), usize::MAX)
+            .await
+            .unwrap();
+        assert_eq!(
+            serde_json::from_slice::<Value>(&body).unwrap(),
+            json!({"type": "error", "error": {"type": "overloaded_error",
+                "message": "the llm-gateway cannot check job tokens right now; retry shortly"}})
+        );
+    }
 
     #[test]
     fn the_key_parameter_is_taken_out_of_the_query() {

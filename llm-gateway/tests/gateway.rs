@@ -7,7 +7,7 @@ use chrono::Utc;
 use flotilla_nats::{Topology, TopologyConfig};
 use flotilla_proto::{JobRecord, JobStatus, LlmGrant};
 use flotilla_testkit::{
-    MockLlm, NatsServer, TEST_ANTHROPIC_KEY, TEST_GOOGLE_KEY, TEST_OPENAI_KEY, free_port, mock_llm,
+    MockLlm, NatsServer, TEST_ANTHROPIC_KEY, TEST_GOOGLE_KEY, TEST_OPENAI_KEY, mock_llm,
     wait_until,
 };
 use llm_gateway::{Config, SecretSource, Upstreams};
@@ -70,7 +70,8 @@ async fn harness_with(keys: &dyn SecretSource) -> Harness {
     let mock = MockLlm::start().await.unwrap();
     let text = mock_llm::gateway_config(&mock.url());
     let upstreams = Upstreams::parse(&text, keys).unwrap();
-    let port = free_port();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
     let config = Config {
         listen: ([127, 0, 0, 1], port).into(),
         nats_url: nats.url(),
@@ -82,7 +83,7 @@ async fn harness_with(keys: &dyn SecretSource) -> Harness {
         upstream_timeout: Duration::from_secs(30),
     };
     let shutdown = CancellationToken::new();
-    tokio::spawn(llm_gateway::run(config, shutdown.clone()));
+    tokio::spawn(llm_gateway::run(config, listener, shutdown.clone()));
     let client = flotilla_nats::connect(&nats.url(), "test", &Default::default())
         .await
         .unwrap();
@@ -119,14 +120,14 @@ impl Harness {
         self.topology.jobs.create(&record).await.unwrap();
     }
 
+    /// Forces a state no transition leads to in one step: a raw write, for the test only.
     async fn set_job(&self, job_id: &str, status: JobStatus, attempt: u32) {
+        let mut current = self.topology.jobs.get(job_id).await.unwrap().unwrap();
+        current.record.status = status;
+        current.record.attempt = attempt;
         self.topology
             .jobs
-            .modify(job_id, |r| {
-                r.status = status;
-                r.attempt = attempt;
-                Ok::<bool, ()>(true)
-            })
+            .update(&current.record, current.revision)
             .await
             .unwrap();
     }

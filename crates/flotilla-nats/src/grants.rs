@@ -24,7 +24,7 @@ impl GrantStore {
         self.kv
             .put(llm::grant_key(&token), value)
             .await
-            .map_err(|e| StoreError::Nats(e.to_string()))?;
+            .map_err(StoreError::nats)?;
         Ok(token)
     }
 
@@ -33,7 +33,7 @@ impl GrantStore {
             .kv
             .entry(llm::grant_key(token))
             .await
-            .map_err(|e| StoreError::Nats(e.to_string()))?;
+            .map_err(StoreError::nats)?;
         match entry {
             Some(entry) if entry.operation == Operation::Put => Ok(Some(flotilla_proto::decode(
                 &entry.value,
@@ -54,7 +54,7 @@ impl GrantStore {
             self.kv
                 .put(llm::grant_key(token), value)
                 .await
-                .map_err(|e| StoreError::Nats(e.to_string()))?;
+                .map_err(StoreError::nats)?;
         }
         Ok(())
     }

@@ -7,6 +7,7 @@ mod grants;
 mod options;
 mod schedules;
 mod store;
+mod submit;
 mod topology;
 
 use std::time::Duration;
@@ -18,7 +19,8 @@ pub use options::{
     NatsAuth, NatsOptions, NatsOptionsError, NatsTls, Secret,
 };
 pub use schedules::{ScheduleEvent, ScheduleStore, VersionedSchedule};
-pub use store::{JobStore, StoreError, Versioned, WatchEvent};
+pub use store::{Applied, ApplyError, BoxError, JobStore, StoreError, Versioned, WatchEvent};
+pub use submit::{SubmitError, Submitted, submit};
 pub use topology::{LEADER_LEASE, Topology, TopologyArgs, TopologyConfig, TopologyError};
 
 use async_nats::{ConnectErrorKind, jetstream};
@@ -64,7 +66,8 @@ pub enum ConnectError {
 /// when it refuses the credentials or the TLS handshake fails: retrying would never help, and
 /// a service that kept trying would look alive while doing nothing. Once connected, the client
 /// reconnects forever; a refusal then (credentials revoked, say) is logged at error level on
-/// every attempt.
+/// every attempt. Replies come to the service's own inbox prefix
+/// (`flotilla_proto::names::inbox_prefix` of the name's first word).
 pub async fn connect(
     url: &str,
     name: &str,
@@ -106,8 +109,11 @@ fn connect_options(
     options: &NatsOptions,
 ) -> Result<async_nats::ConnectOptions, ConnectError> {
     let name_for_events = name.to_owned();
+    // The service is the client name's first word ("agent-node <node id>").
+    let service = name.split(' ').next().unwrap_or(name);
     let mut connect = async_nats::ConnectOptions::new()
         .name(name)
+        .custom_inbox_prefix(names::inbox_prefix(service))
         .max_reconnects(None)
         .connection_timeout(Duration::from_secs(5))
         .event_callback(move |event| {

@@ -44,7 +44,7 @@ impl ScheduleStore {
                 CreateErrorKind::AlreadyExists => {
                     StoreError::AlreadyExists(format!("schedule {}", schedule.schedule_id))
                 }
-                _ => StoreError::Nats(e.to_string()),
+                _ => StoreError::nats(e),
             })
     }
 
@@ -53,7 +53,7 @@ impl ScheduleStore {
             .kv
             .entry(names::schedule_key(schedule_id))
             .await
-            .map_err(|e| StoreError::Nats(e.to_string()))?;
+            .map_err(StoreError::nats)?;
         match entry {
             Some(entry) if entry.operation == Operation::Put => Ok(Some(VersionedSchedule {
                 schedule: flotilla_proto::decode(&entry.value, Encoding::MessagePack)?,
@@ -73,7 +73,7 @@ impl ScheduleStore {
                 UpdateErrorKind::WrongLastRevision => {
                     StoreError::Conflict(format!("schedule {}", schedule.schedule_id))
                 }
-                _ => StoreError::Nats(e.to_string()),
+                _ => StoreError::nats(e),
             })
     }
 
@@ -85,7 +85,7 @@ impl ScheduleStore {
         self.kv
             .purge(names::schedule_key(schedule_id))
             .await
-            .map_err(|e| StoreError::Nats(e.to_string()))?;
+            .map_err(StoreError::nats)?;
         Ok(true)
     }
 
@@ -96,8 +96,8 @@ impl ScheduleStore {
             Ok(keys) => keys
                 .try_collect()
                 .await
-                .map_err(|e| StoreError::Nats(e.to_string()))?,
-            Err(e) => return Err(StoreError::Nats(e.to_string())),
+                .map_err(StoreError::nats)?,
+            Err(e) => return Err(StoreError::nats(e)),
         };
         let mut ids: Vec<&str> = keys
             .iter()

@@ -2,7 +2,8 @@
 //! entry's revision, so two writers can never both win.
 
 use async_nats::jetstream::kv::{self, CreateErrorKind, Operation, Store, UpdateErrorKind};
-use flotilla_proto::{Encoding, JobRecord, names};
+use chrono::Utc;
+use flotilla_proto::{Encoding, JobRecord, Refusal, Transition, names};
 use std::time::Duration;
 
 use futures::{Stream, StreamExt};
@@ -18,8 +19,48 @@ pub enum StoreError {
     Conflict(String),
     #[error("record is corrupt: {0}")]
     Corrupt(#[from] flotilla_proto::CodecError),
+    /// NATS did not answer, or refused: worth retrying later.
     #[error("KV store unavailable: {0}")]
-    Nats(String),
+    Nats(#[source] BoxError),
+}
+
+/// The cause behind [`StoreError::Nats`]: an async-nats error, kept whole for the log.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+impl StoreError {
+    pub fn nats(cause: impl Into<BoxError>) -> Self {
+        Self::Nats(cause.into())
+    }
+}
+
+/// What [`JobStore::apply`] did: the record it decided on, and the record as stored after
+/// the transition (the same record, at the same revision, when there was nothing to write).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Applied {
+    pub before: JobRecord,
+    pub after: Versioned,
+}
+
+impl Applied {
+    pub fn changed(&self) -> bool {
+        self.before != self.after.record
+    }
+}
+
+/// Why [`JobStore::apply`] did not apply a transition.
+#[derive(Debug, thiserror::Error)]
+pub enum ApplyError {
+    #[error("job {0} not found")]
+    NotFound(String),
+    #[error(transparent)]
+    Refused(#[from] Refusal),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+#[cfg(debug_assertions)]
+fn state_of(record: &JobRecord) -> (flotilla_proto::JobStatus, u32, Option<String>) {
+    (record.status, record.attempt, record.node_id.clone())
 }
 
 /// A record together with the KV revision it was read at.
@@ -49,7 +90,7 @@ impl JobStore {
                 CreateErrorKind::AlreadyExists => {
                     StoreError::AlreadyExists(format!("job {}", record.job_id))
                 }
-                _ => StoreError::Nats(e.to_string()),
+                _ => StoreError::nats(e),
             })
     }
 
@@ -58,7 +99,7 @@ impl JobStore {
             .kv
             .entry(names::job_key(job_id))
             .await
-            .map_err(|e| StoreError::Nats(e.to_string()))?;
+            .map_err(StoreError::nats)?;
         match entry {
             Some(entry) if entry.operation == Operation::Put => Ok(Some(Versioned {
                 record: flotilla_proto::decode(&entry.value, Encoding::MessagePack)?,
@@ -73,7 +114,7 @@ impl JobStore {
         self.kv
             .purge(names::job_key(job_id))
             .await
-            .map_err(|e| StoreError::Nats(e.to_string()))
+            .map_err(StoreError::nats)
     }
 
     /// Writes `record` only if the stored revision is still `revision`.
@@ -86,13 +127,51 @@ impl JobStore {
                 UpdateErrorKind::WrongLastRevision => {
                     StoreError::Conflict(format!("job {}", record.job_id))
                 }
-                _ => StoreError::Nats(e.to_string()),
+                _ => StoreError::nats(e),
             })
     }
 
-    /// Read-modify-write with retry on conflict. `change` sees the current record and returns
-    /// `Ok(false)` to leave it alone; its `Err` aborts. Returns the record as finally stored (or
-    /// found), or `None` if the job does not exist.
+    /// Applies `transition` by compare-and-set: reads the record, lets the transition decide,
+    /// writes the result if it differs, and on a conflict reads and decides again. The only way
+    /// a record's status, attempt or node changes.
+    pub async fn apply(
+        &self,
+        job_id: &str,
+        transition: &Transition,
+    ) -> Result<Applied, ApplyError> {
+        loop {
+            let current = self
+                .get(job_id)
+                .await?
+                .ok_or_else(|| ApplyError::NotFound(job_id.to_owned()))?;
+            let next = transition.apply(&current.record, Utc::now())?;
+            if next == current.record {
+                return Ok(Applied {
+                    before: current.record.clone(),
+                    after: current,
+                });
+            }
+            match self.update(&next, current.revision).await {
+                Ok(revision) => {
+                    return Ok(Applied {
+                        before: current.record,
+                        after: Versioned {
+                            record: next,
+                            revision,
+                        },
+                    });
+                }
+                Err(StoreError::Conflict(_)) => continue,
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+
+    /// Read-modify-write with retry on conflict, for what is not a job's state: its usage, its
+    /// webhook delivery. `change` sees the current record and returns `Ok(false)` to leave it
+    /// alone; its `Err` aborts. Returns the record as finally stored (or found), or `None` if
+    /// the job does not exist. Changing the status, attempt or node here is a bug (checked in
+    /// debug builds): that is what [`JobStore::apply`] is for.
     pub async fn modify<E>(
         &self,
         job_id: &str,
@@ -102,7 +181,16 @@ impl JobStore {
             let Some(mut current) = self.get(job_id).await? else {
                 return Ok(None);
             };
-            match change(&mut current.record) {
+            #[cfg(debug_assertions)]
+            let state = state_of(&current.record);
+            let changed = change(&mut current.record);
+            #[cfg(debug_assertions)]
+            assert_eq!(
+                state,
+                state_of(&current.record),
+                "JobStore::modify changed a job's state: use JobStore::apply"
+            );
+            match changed {
                 Err(e) => return Ok(Some(Err(e))),
                 Ok(false) => return Ok(Some(Ok(current))),
                 Ok(true) => match self.update(&current.record, current.revision).await {
@@ -133,7 +221,7 @@ impl JobStore {
                     .await
             }
         }
-        .map_err(|e| StoreError::Nats(e.to_string()))?;
+        .map_err(StoreError::nats)?;
         Ok(watch.map(|item| match item {
             Ok(entry) => decode_entry(entry),
             Err(e) => WatchEvent::Error(e.to_string()),

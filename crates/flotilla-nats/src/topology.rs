@@ -121,77 +121,14 @@ pub struct Topology {
 }
 
 impl Topology {
+    /// Creates every stream, consumer and bucket the system uses, or checks that they are
+    /// there; any number of services may do this at once.
     pub async fn ensure(
         client: async_nats::Client,
         config: TopologyConfig,
     ) -> Result<Self, TopologyError> {
         let js = jetstream::new(client);
-        let work_queue = |name: &'static str, subject: &str, max_messages: i64| stream::Config {
-            name: name.to_owned(),
-            subjects: vec![subject.to_owned()],
-            retention: RetentionPolicy::WorkQueue,
-            storage: config.storage,
-            // Refuse new work when full rather than silently dropping accepted work.
-            discard: DiscardPolicy::New,
-            max_messages,
-            duplicate_window: names::DEDUPE_WINDOW,
-            ..Default::default()
-        };
-        let submit = ensure_stream(
-            &js,
-            work_queue(names::STREAM_SUBMIT, names::SUBJECT_SUBMIT, 100_000),
-        )
-        .await?;
-        let jobs = ensure_stream(
-            &js,
-            work_queue(
-                names::STREAM_JOBS,
-                names::SUBJECT_RUN,
-                config.queue_max_messages,
-            ),
-        )
-        .await?;
-        ensure_stream(
-            &js,
-            stream::Config {
-                name: names::STREAM_LOGS.to_owned(),
-                subjects: vec![format!("{}.>", names::SUBJECT_LOGS_PREFIX)],
-                retention: RetentionPolicy::Limits,
-                storage: config.storage,
-                max_age: config.log_max_age,
-                max_bytes: config.log_max_bytes,
-                duplicate_window: names::DEDUPE_WINDOW,
-                ..Default::default()
-            },
-        )
-        .await?;
-        ensure_stream(
-            &js,
-            stream::Config {
-                name: names::STREAM_REJECTED.to_owned(),
-                subjects: vec![format!("{}.>", names::SUBJECT_REJECTED_PREFIX)],
-                retention: RetentionPolicy::Limits,
-                storage: config.storage,
-                max_age: Duration::from_secs(7 * 24 * 3600),
-                max_messages: 10_000,
-                ..Default::default()
-            },
-        )
-        .await?;
-
-        ensure_stream(
-            &js,
-            stream::Config {
-                name: names::STREAM_DEAD.to_owned(),
-                subjects: vec![format!("{}.>", names::SUBJECT_DEAD_PREFIX)],
-                retention: RetentionPolicy::Limits,
-                storage: config.storage,
-                max_age: Duration::from_secs(30 * 24 * 3600),
-                ..Default::default()
-            },
-        )
-        .await?;
-
+        let (submit, jobs) = ensure_streams(&js, &config).await?;
         let pull = |name: &str, subject: &str| consumer::pull::Config {
             durable_name: Some(name.to_owned()),
             filter_subject: subject.to_owned(),
@@ -218,83 +155,31 @@ impl Topology {
             },
         )
         .await?;
-
-        let job_bucket = ensure_bucket(
-            &js,
-            kv::Config {
-                bucket: names::BUCKET_JOBS.to_owned(),
-                history: 1,
-                storage: config.storage,
-                ..Default::default()
-            },
-        )
-        .await?;
-        let nodes = ensure_bucket(
-            &js,
-            kv::Config {
-                bucket: names::BUCKET_NODES.to_owned(),
-                history: 1,
-                // Heartbeats of nodes that stopped long ago vanish by themselves.
-                max_age: Duration::from_secs(3600),
-                storage: config.storage,
-                ..Default::default()
-            },
-        )
-        .await?;
-        let idempotency = ensure_bucket(
-            &js,
-            kv::Config {
-                bucket: names::BUCKET_IDEMPOTENCY.to_owned(),
-                history: 1,
-                max_age: config.idempotency_ttl,
-                storage: config.storage,
-                ..Default::default()
-            },
-        )
-        .await?;
-
-        let dispatch = ensure_bucket(
-            &js,
-            kv::Config {
-                bucket: names::BUCKET_DISPATCH.to_owned(),
-                history: 1,
-                // The leader refreshes its lease every second; a dead leader's lease expires.
-                max_age: LEADER_LEASE,
-                storage: config.storage,
-                ..Default::default()
-            },
-        )
-        .await?;
-
-        let grants = ensure_bucket(
-            &js,
-            kv::Config {
-                bucket: names::BUCKET_LLM_GRANTS.to_owned(),
-                history: 1,
-                // A grant lives at most as long as its job's timeout (24 h); one its node could
-                // not revoke vanishes by itself after that.
-                max_age: Duration::from_secs(48 * 3600),
-                storage: config.storage,
-                ..Default::default()
-            },
-        )
-        .await?;
-
-        let schedules = ensure_bucket(
-            &js,
-            kv::Config {
-                bucket: names::BUCKET_SCHEDULES.to_owned(),
-                // One value per schedule, changed by compare-and-set; no TTL: a schedule lives
-                // until it is deleted.
-                history: 1,
-                storage: config.storage,
-                ..Default::default()
-            },
-        )
-        .await?;
-
+        let bucket = |name: &str, max_age: Duration| {
+            ensure_bucket(
+                &js,
+                kv::Config {
+                    bucket: name.to_owned(),
+                    history: 1,
+                    max_age,
+                    storage: config.storage,
+                    ..Default::default()
+                },
+            )
+        };
+        // No TTL (zero): a job lives until retention deletes it, a schedule until it is deleted.
+        let job_bucket = bucket(names::BUCKET_JOBS, Duration::ZERO).await?;
+        // Heartbeats of nodes that stopped long ago vanish by themselves.
+        let nodes = bucket(names::BUCKET_NODES, Duration::from_secs(3600)).await?;
+        let idempotency = bucket(names::BUCKET_IDEMPOTENCY, config.idempotency_ttl).await?;
+        // The leader refreshes its lease every second; a dead leader's lease expires.
+        let dispatch = bucket(names::BUCKET_DISPATCH, LEADER_LEASE).await?;
+        // A grant lives at most as long as its job's timeout (24 h); one its node could not
+        // revoke vanishes by itself after that.
+        let grants = bucket(names::BUCKET_LLM_GRANTS, Duration::from_secs(48 * 3600)).await?;
+        let schedules = bucket(names::BUCKET_SCHEDULES, Duration::ZERO).await?;
         Ok(Self {
-            js,
+            js: js.clone(),
             jobs: JobStore::new(job_bucket),
             nodes,
             idempotency,
@@ -306,6 +191,63 @@ impl Topology {
             config,
         })
     }
+}
+
+/// The streams; returns the two work queues (direct submissions, the run queue).
+async fn ensure_streams(
+    js: &jetstream::Context,
+    config: &TopologyConfig,
+) -> Result<(stream::Stream, stream::Stream), TopologyError> {
+    let work_queue = |name: &'static str, subject: &str, max_messages: i64| stream::Config {
+        name: name.to_owned(),
+        subjects: vec![subject.to_owned()],
+        retention: RetentionPolicy::WorkQueue,
+        storage: config.storage,
+        // Refuse new work when full rather than silently dropping accepted work.
+        discard: DiscardPolicy::New,
+        max_messages,
+        duplicate_window: names::DEDUPE_WINDOW,
+        ..Default::default()
+    };
+    let kept = |name: &'static str, prefix: &str, max_age: Duration| stream::Config {
+        name: name.to_owned(),
+        subjects: vec![format!("{prefix}.>")],
+        retention: RetentionPolicy::Limits,
+        storage: config.storage,
+        max_age,
+        ..Default::default()
+    };
+    let submit = work_queue(names::STREAM_SUBMIT, names::SUBJECT_SUBMIT, 100_000);
+    let submit = ensure_stream(js, submit).await?;
+    let run = work_queue(
+        names::STREAM_JOBS,
+        names::SUBJECT_RUN,
+        config.queue_max_messages,
+    );
+    let jobs = ensure_stream(js, run).await?;
+    let logs = stream::Config {
+        max_bytes: config.log_max_bytes,
+        duplicate_window: names::DEDUPE_WINDOW,
+        ..kept(
+            names::STREAM_LOGS,
+            names::SUBJECT_LOGS_PREFIX,
+            config.log_max_age,
+        )
+    };
+    ensure_stream(js, logs).await?;
+    let week = Duration::from_secs(7 * 24 * 3600);
+    let rejected = stream::Config {
+        max_messages: 10_000,
+        ..kept(names::STREAM_REJECTED, names::SUBJECT_REJECTED_PREFIX, week)
+    };
+    ensure_stream(js, rejected).await?;
+    let month = Duration::from_secs(30 * 24 * 3600);
+    ensure_stream(
+        js,
+        kept(names::STREAM_DEAD, names::SUBJECT_DEAD_PREFIX, month),
+    )
+    .await?;
+    Ok((submit, jobs))
 }
 
 async fn ensure_stream(

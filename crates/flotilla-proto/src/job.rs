@@ -223,7 +223,7 @@ fn no_retries(n: &u32) -> bool {
     *n == 0
 }
 
-#[cfg(feature = "test-support")]
+#[cfg(any(test, feature = "test-support"))]
 impl JobRequest {
     /// A plain request for tests: agent `a`, profile `default`, 60 s, 1 GiB and one CPU,
     /// created now, nothing else set. Tests change what they need with `..`.
@@ -411,8 +411,43 @@ impl JobRecord {
         }
     }
 
-    /// Closes the current attempt (if it is still open) with `outcome`.
-    pub fn end_attempt(&mut self, outcome: &str, at: DateTime<Utc>) {
+    /// The record of a direct submission refused at intake, so that `GET /jobs/{id}` explains
+    /// the refusal. It never ran: it is born `failed`.
+    pub fn rejected(
+        job_id: &str,
+        submission: &SubmitRequest,
+        reason: &str,
+        now: DateTime<Utc>,
+    ) -> Self {
+        Self {
+            job_id: job_id.to_owned(),
+            status: JobStatus::Failed,
+            agent_id: submission.agent_id.clone().unwrap_or_default(),
+            engine: submission.engine.clone().unwrap_or_default(),
+            profile: submission.profile.clone().unwrap_or_default(),
+            created_at: now,
+            started_at: None,
+            finished_at: Some(now),
+            exit_code: None,
+            error: Some(format!("rejected: {reason}")),
+            result: None,
+            attempt: 0,
+            node_id: None,
+            usage: None,
+            metadata: submission.metadata.clone().unwrap_or_default(),
+            dry_run: submission.dry_run.unwrap_or(false),
+            timeout_seconds: 0,
+            attempts: Vec::new(),
+            ack_subject: None,
+            // Never called: the URL of a refused submission was not validated.
+            webhook_url: None,
+            webhook: None,
+        }
+    }
+
+    /// Closes the current attempt (if it is still open) with `outcome`. Only transitions call
+    /// it (`crate::transition`).
+    pub(crate) fn end_attempt(&mut self, outcome: &str, at: DateTime<Utc>) {
         let current = self.attempt;
         if let Some(attempt) = self
             .attempts

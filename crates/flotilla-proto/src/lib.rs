@@ -13,6 +13,7 @@ pub mod log;
 pub mod names;
 pub mod node;
 pub mod schedule;
+pub mod transition;
 
 pub use codec::{CodecError, Encoding, decode, encode};
 pub use job::{
@@ -23,3 +24,4 @@ pub use llm::LlmGrant;
 pub use log::{LogChunk, LogEnd, LogStream};
 pub use node::NodeInfo;
 pub use schedule::{Schedule, ScheduleRequest};
+pub use transition::{Finish, Refusal, Transition};

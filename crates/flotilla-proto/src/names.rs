@@ -71,6 +71,14 @@ pub const BUCKET_SCHEDULES: &str = "flotilla_schedules";
 
 /// Standard NATS header naming the payload encoding. `application/json` selects JSON;
 /// anything else (or no header) means MessagePack with named fields.
+/// Where a client of service `service` (`api-gateway`, `agent-node`, `submitter`, ...) gets its
+/// replies: pulled job messages, KV answers and consumer deliveries all go to inboxes under it.
+/// Each NATS user may subscribe to its own prefix only (`nats.conf`), so no user reads another
+/// one's replies, which the shared default `_INBOX.` would allow.
+pub fn inbox_prefix(service: &str) -> String {
+    format!("_INBOX_{service}")
+}
+
 pub const HEADER_CONTENT_TYPE: &str = "Content-Type";
 pub const CONTENT_TYPE_JSON: &str = "application/json";
 pub const CONTENT_TYPE_MSGPACK: &str = "application/msgpack";

@@ -246,11 +246,15 @@ async fn the_fleet_runs_with_the_per_service_users_of_nats_conf() {
         .await
         .unwrap();
 
+    // A submitter listening for everyone's replies, as the shared `_INBOX.` prefix allowed.
+    let spy = InboxSpy::connect(&fleet).await;
+
     // Over HTTP: queued by the gateway, run by the node (logs, acks, its buckets).
     let job_id = submit(&fleet, shell("echo per-service users")).await;
     let job = wait(&fleet, &job_id).await;
     assert_eq!(job["status"], "completed", "{job}\n{}", fleet.logs());
     assert_eq!(job["result"]["text"], "per-service users\n");
+    spy.assert_refused_and_heard_nothing().await;
 
     // Cancelled by the gateway, stopped by the node that hears it.
     let job_id = submit(&fleet, shell("echo started; sleep 60")).await;
@@ -278,6 +282,7 @@ async fn the_fleet_runs_with_the_per_service_users_of_nats_conf() {
         "submitter".to_owned(),
         password_of("submitter"),
     )
+    .custom_inbox_prefix(names::inbox_prefix("submitter"))
     .connect(fleet.nats.url())
     .await
     .unwrap();
@@ -340,9 +345,8 @@ async fn the_fleet_runs_with_the_per_service_users_of_nats_conf() {
         .filter(|line| line.contains("Violation"))
         .collect();
     assert!(
-        violations
-            .iter()
-            .all(|line| line.contains("submitter") && line.contains(names::SUBJECT_RUN)),
+        violations.iter().all(|line| line.contains("submitter")
+            && (line.contains(names::SUBJECT_RUN) || line.contains("_INBOX"))),
         "{violations:#?}"
     );
     assert!(
@@ -354,4 +358,78 @@ async fn the_fleet_runs_with_the_per_service_users_of_nats_conf() {
         !logs.to_lowercase().contains("permissions violation"),
         "{logs}"
     );
+}
+
+/// A `submitter` client on the default inbox prefix that tries to read every service's replies.
+struct InboxSpy {
+    errors: tokio::sync::mpsc::UnboundedReceiver<String>,
+    subscriptions: Vec<async_nats::Subscriber>,
+    _client: async_nats::Client,
+}
+
+impl InboxSpy {
+    /// The prefixes a reply may travel under: the default one, and each service's own.
+    const PREFIXES: [&'static str; 4] = [
+        "_INBOX.>",
+        "_INBOX_api-gateway.>",
+        "_INBOX_agent-node.>",
+        "_INBOX_dispatcher.>",
+    ];
+
+    async fn connect(fleet: &Fleet) -> Self {
+        let (tx, errors) = tokio::sync::mpsc::unbounded_channel();
+        let client = async_nats::ConnectOptions::with_user_and_password(
+            "submitter".to_owned(),
+            password_of("submitter"),
+        )
+        .event_callback(move |event| {
+            let tx = tx.clone();
+            async move {
+                if let async_nats::Event::ServerError(e) = event {
+                    let _ = tx.send(e.to_string());
+                }
+            }
+        })
+        .connect(fleet.nats.url())
+        .await
+        .unwrap();
+        let mut subscriptions = Vec::new();
+        for subject in Self::PREFIXES {
+            subscriptions.push(client.subscribe(subject).await.unwrap());
+        }
+        client.flush().await.unwrap();
+        Self {
+            errors,
+            subscriptions,
+            _client: client,
+        }
+    }
+
+    /// Every subscription was refused for permissions, and none received a message.
+    async fn assert_refused_and_heard_nothing(mut self) {
+        let mut refused = Vec::new();
+        while refused.len() < Self::PREFIXES.len() {
+            let error = tokio::time::timeout(Duration::from_secs(10), self.errors.recv())
+                .await
+                .expect("a permission error for each subscription")
+                .unwrap();
+            refused.push(error.to_lowercase());
+        }
+        for subject in Self::PREFIXES {
+            assert!(
+                refused
+                    .iter()
+                    .any(|e| e.contains("permissions violation")
+                        && e.contains(&subject.to_lowercase())),
+                "{subject} not refused: {refused:#?}"
+            );
+        }
+        for subscription in &mut self.subscriptions {
+            let heard = futures::FutureExt::now_or_never(futures::StreamExt::next(subscription));
+            assert!(
+                !matches!(heard, Some(Some(_))),
+                "the spy received a reply: {heard:?}"
+            );
+        }
+    }
 }

@@ -34,7 +34,7 @@ pub enum NetworkError {
 }
 
 /// The llm-gateway's base URL as job containers see it.
-pub(crate) async fn prepare(
+pub(super) async fn prepare(
     docker: &Docker,
     network: &str,
     cluster: &str,
