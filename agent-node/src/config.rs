@@ -26,6 +26,8 @@ pub struct Config {
     pub heartbeat_interval: Duration,
     /// Output kept per attempt; beyond it a truncation notice is logged and the rest dropped.
     pub max_log_bytes: u64,
+    /// Chunks kept per attempt, beside the byte cap (see `logs::LogLimits`).
+    pub max_log_chunks: u64,
     /// Cap on `result.text`.
     pub max_result_bytes: usize,
     pub topology: TopologyConfig,
@@ -48,6 +50,9 @@ pub struct Config {
     /// The default job resources (must match the gateway's), used for the pool's key.
     pub default_memory_bytes: i64,
     pub default_nano_cpus: i64,
+    /// The bounds every job is rechecked against before it runs (the queue message is not
+    /// trusted): the same operator limits as the gateway's, this node's maximums.
+    pub job_limits: flotilla_catalog::Limits,
     /// Port of the llm-gateway on this host. When set, engine jobs get a per-job token and
     /// run on `network`, an internal network fenced so that the gateway is all they reach.
     pub llm_gateway_port: Option<u16>,
@@ -90,6 +95,9 @@ impl Config {
             return Err(ConfigError(
                 "heartbeat interval must be positive".to_owned(),
             ));
+        }
+        if self.max_log_chunks == 0 {
+            return Err(ConfigError("max log chunks must be at least 1".to_owned()));
         }
         if self.pids_limit < 16 {
             return Err(ConfigError(format!(

@@ -134,7 +134,7 @@ pub(crate) fn decide(ended: Ended<'_>) -> Decision {
     }
     let start_ms = match ended.outcome {
         Outcome::Exited { start_ms, .. } => Some(*start_ms),
-        Outcome::Infrastructure(_) => None,
+        Outcome::Infrastructure(_) | Outcome::Refused(_) => None,
     };
     Decision::Record(Box::new(Record {
         end,
@@ -159,6 +159,8 @@ fn retryable(outcome: &Outcome) -> bool {
 
 fn final_of(ended: &Ended<'_>) -> Final {
     match ended.outcome {
+        // Not retried: the same message breaks the same bound on every node.
+        Outcome::Refused(error) => Final::failed(None, error.clone()),
         Outcome::Infrastructure(error) => Final {
             error: Some(format!(
                 "{error} (gave up after {} attempts)",
@@ -393,6 +395,21 @@ mod tests {
             hook.end.error.as_deref(),
             Some("pre-hook failed with exit code 7")
         );
+    }
+
+    #[test]
+    fn a_job_refused_by_the_recheck_fails_at_once() {
+        // Retries and deliveries left: a message that breaks a bound breaks it every time.
+        let refused = Outcome::Refused("timeout_seconds must be between 1 and 86400".into());
+        let record = recorded(decision(refused, 5, 1, 1));
+        assert_eq!(record.end.status, JobStatus::Failed);
+        assert_eq!(
+            record.end.error.as_deref(),
+            Some("timeout_seconds must be between 1 and 86400")
+        );
+        assert_eq!(record.end.exit_code, None);
+        assert_eq!(record.start_ms, None);
+        assert!(record.dead_letter());
     }
 
     #[test]

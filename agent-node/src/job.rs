@@ -19,7 +19,7 @@ use crate::{
     Shared,
     decide::{Decision, Ended, Parsed, Record, decide},
     lease::{Claimed, claim, end_stream, record_with_retries, release},
-    logs::{LogError, LogPublisher},
+    logs::{LogError, LogLimits, LogPublisher},
     metrics::{Finish, PoolUse},
     outbox::{Entry, PendingFinish},
     pool::Pool,
@@ -52,6 +52,8 @@ pub(crate) enum Outcome {
     },
     /// The container runtime failed us (create/start/attach/wait): the job never really ran.
     Infrastructure(String),
+    /// The job's message breaks a bound (see [`recheck`]): it never ran, and never will.
+    Refused(String),
 }
 
 impl Outcome {
@@ -59,7 +61,7 @@ impl Outcome {
     fn exit_code(&self) -> Option<i64> {
         match self {
             Self::Exited { exit_code, .. } => Some(*exit_code),
-            Self::Infrastructure(_) => None,
+            Self::Infrastructure(_) | Self::Refused(_) => None,
         }
     }
 }
@@ -115,11 +117,15 @@ async fn run(
     tracing::info!(attempt, engine = %request.engine, "job started");
 
     let message = Arc::new(message);
+    let limits = LogLimits {
+        max_bytes: shared.config.max_log_bytes,
+        max_chunks: shared.config.max_log_chunks,
+    };
     let mut logs = LogPublisher::new(
         shared.clone(),
         &request.job_id,
         attempt,
-        shared.config.max_log_bytes,
+        limits,
         shared.config.max_result_bytes,
     );
     // Looked up once: the result is parsed with the engine file the job ran with, even if the
@@ -131,7 +137,14 @@ async fn run(
         attempt,
         received,
     };
-    let outcome = run_attempt(&shared, &message, attempt_run, &guard.token, &mut logs).await;
+    let outcome = match recheck(&shared.config.job_limits, &shared.config.node_id, &request) {
+        Ok(()) => run_attempt(&shared, &message, attempt_run, &guard.token, &mut logs).await,
+        Err(refusal) => {
+            tracing::warn!(%refusal, "job message breaks a bound, failing it");
+            let _ = logs.system(&refusal).await;
+            Outcome::Refused(refusal)
+        }
+    };
     let tail = logs.tail_text();
     let decision = decide(Ended {
         outcome: &outcome,
@@ -143,6 +156,18 @@ async fn run(
         parsed: build_result(&request, engine.as_ref(), &logs, outcome.exit_code()),
     });
     carry_out(&shared, &message, &request, &claimed, &mut logs, decision).await;
+}
+
+/// Checks the job's bounds again before anything runs: the run queue takes messages from
+/// whoever may publish on it, and validation is not the only writer. Out of bounds, timeouts
+/// overflow (a panic), `NanoCpus` 0 lifts the CPU limit, a path leaves `/workspace`.
+fn recheck(
+    limits: &flotilla_catalog::Limits,
+    node_id: &str,
+    request: &JobRequest,
+) -> Result<(), String> {
+    flotilla_catalog::check_job_request(request, limits)
+        .map_err(|e| format!("node {node_id} refused the job: {e}"))
 }
 
 /// Claims the job for this node; without a claim, settles its message: acked when there is
@@ -387,6 +412,12 @@ async fn execute(
                 .await;
         }
     };
+    // No token and no job network unless the network is still fenced.
+    if let Some(fence) = &shared.fence
+        && let Err(e) = fence.ensure(shared.runtime.as_ref()).await
+    {
+        return Outcome::Infrastructure(e);
+    }
     let now = Utc::now();
     let lifetime = Duration::from_secs(request.timeout_seconds) + TOKEN_SLACK;
     let grant = LlmGrant {
@@ -399,6 +430,7 @@ async fn execute(
         providers: access.providers.clone(),
         models: request.allowed_models.clone(),
         max_budget_usd: request.max_budget_usd,
+        allowed_provider_tools: request.allowed_provider_tools.clone(),
         issued_at: now,
         expires_at: now + lifetime,
         revoked_at: None,
@@ -903,6 +935,61 @@ impl Drop for RunningGuard {
     }
 }
 
+#[cfg(test)]
+mod recheck_tests {
+    use flotilla_catalog::Limits;
+    use flotilla_proto::Resources;
+
+    use super::*;
+
+    fn example() -> JobRequest {
+        JobRequest::example("a-1", "shell", "true")
+    }
+
+    #[test]
+    fn a_job_within_its_bounds_runs() {
+        assert!(recheck(&Limits::default(), "n1", &example()).is_ok());
+    }
+
+    #[test]
+    fn a_hostile_queue_message_is_refused_naming_the_field() {
+        let limits = Limits::default();
+        // u64::MAX overflowed the token lifetime (timeout + slack) and panicked the job task.
+        let forever = JobRequest {
+            timeout_seconds: u64::MAX,
+            ..example()
+        };
+        let refusal = recheck(&limits, "n1", &forever).unwrap_err();
+        assert_eq!(
+            refusal,
+            "node n1 refused the job: timeout_seconds must be between 1 and 86400, got \
+             18446744073709551615"
+        );
+        // NanoCpus 0 is no CPU limit at all to Docker; more than the node allows, no memory.
+        for resources in [
+            Resources {
+                memory_bytes: 1 << 30,
+                nano_cpus: 0,
+            },
+            Resources {
+                memory_bytes: 1 << 30,
+                nano_cpus: 64_000_000_000,
+            },
+            Resources {
+                memory_bytes: 0,
+                nano_cpus: 1_000_000_000,
+            },
+        ] {
+            let hostile = JobRequest {
+                resources,
+                ..example()
+            };
+            let refusal = recheck(&limits, "n1", &hostile).unwrap_err();
+            assert!(refusal.contains("resources."), "{refusal}");
+        }
+    }
+}
+
 /// The container side of a job (start, supervise, clean up) on the fake runtime.
 #[cfg(test)]
 mod container_tests {
@@ -1041,6 +1128,7 @@ mod container_tests {
                 ..
             } => (*exit_code, *stop, *oom_killed),
             Outcome::Infrastructure(error) => panic!("infrastructure failure: {error}"),
+            Outcome::Refused(error) => panic!("refused: {error}"),
         }
     }
 
@@ -1048,6 +1136,7 @@ mod container_tests {
         match outcome {
             Outcome::Infrastructure(error) => error,
             Outcome::Exited { exit_code, .. } => panic!("ran and exited {exit_code}"),
+            Outcome::Refused(error) => panic!("refused: {error}"),
         }
     }
 

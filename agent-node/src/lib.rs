@@ -6,6 +6,7 @@
 mod binaries;
 mod config;
 mod decide;
+mod fence;
 mod job;
 mod lease;
 mod llm_health;
@@ -26,8 +27,9 @@ use chrono::Utc;
 use flotilla_config::LiveCatalog;
 use flotilla_nats::Topology;
 use flotilla_proto::{NodeInfo, names};
+use flotilla_service::{NatsConfig, Service};
 use futures::StreamExt;
-use tokio::{sync::Semaphore, task::JoinHandle};
+use tokio::{net::TcpListener, sync::Semaphore, task::JoinHandle};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 pub use config::{Config, ConfigError};
@@ -37,16 +39,12 @@ use runtime::{ContainerSpec, Listed, Network, Selector};
 
 #[derive(Debug, thiserror::Error)]
 pub enum NodeError {
-    #[error("cannot load engines/profiles: {0}")]
-    Config(#[from] flotilla_config::ConfigError),
+    #[error(transparent)]
+    Start(#[from] flotilla_service::StartError),
     #[error("the container runtime is not usable: {0}")]
     Runtime(#[from] RuntimeError),
     #[error("worker image {0} is missing: build it with scripts/build-image")]
     MissingImage(String),
-    #[error(transparent)]
-    Connect(#[from] flotilla_nats::ConnectError),
-    #[error(transparent)]
-    Topology(#[from] flotilla_nats::TopologyError),
     #[error("cannot open the outbox: {0}")]
     Outbox(#[from] outbox::OutboxError),
     #[error("cannot subscribe to cancels: {0}")]
@@ -54,11 +52,6 @@ pub enum NodeError {
     /// The job network cannot be set up or is unsafe.
     #[error(transparent)]
     Network(RuntimeError),
-    #[error("cannot listen for metrics on {addr}: {source}")]
-    MetricsListen {
-        addr: std::net::SocketAddr,
-        source: std::io::Error,
-    },
 }
 
 /// State shared by the pull loop and the job tasks.
@@ -80,6 +73,8 @@ pub(crate) struct Shared {
     pub(crate) removals: TaskTracker,
     /// The llm-gateway's base URL as job containers see it, when jobs may call it.
     pub(crate) llm_url: Option<String>,
+    /// With `llm_url`: checks the job network is still fenced before a job is let on it.
+    pub(crate) fence: Option<fence::FenceCheck>,
     /// Providers the llm-gateway holds a credential for (from its `/health`).
     pub(crate) llm_providers: Arc<Mutex<Vec<String>>>,
     /// Which engine binaries the worker image has.
@@ -97,9 +92,11 @@ impl Shared {
 
 /// Runs the node on Docker until `shutdown` is cancelled, then drains: stops pulling, lets
 /// running jobs finish within the drain grace period, hands back the rest, and returns.
-pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), NodeError> {
-    // Bound first, so that a taken port fails the start instead of going unnoticed.
-    let metrics_listener = bind_metrics(&config).await?;
+pub async fn run(
+    config: Config,
+    metrics_listener: Option<TcpListener>,
+    shutdown: CancellationToken,
+) -> Result<(), NodeError> {
     let runtime = Arc::new(DockerRuntime::connect().await?);
     serve(config, runtime, metrics_listener, shutdown).await
 }
@@ -108,48 +105,42 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Node
 pub async fn run_with_runtime(
     config: Config,
     runtime: Arc<dyn ContainerRuntime>,
+    metrics_listener: Option<TcpListener>,
     shutdown: CancellationToken,
 ) -> Result<(), NodeError> {
-    let metrics_listener = bind_metrics(&config).await?;
     serve(config, runtime, metrics_listener, shutdown).await
-}
-
-async fn bind_metrics(config: &Config) -> Result<Option<tokio::net::TcpListener>, NodeError> {
-    let Some(addr) = config.metrics_listen else {
-        return Ok(None);
-    };
-    let listener = tokio::net::TcpListener::bind(addr)
-        .await
-        .map_err(|source| NodeError::MetricsListen { addr, source })?;
-    Ok(Some(listener))
 }
 
 async fn serve(
     config: Config,
     runtime: Arc<dyn ContainerRuntime>,
-    metrics_listener: Option<tokio::net::TcpListener>,
+    metrics_listener: Option<TcpListener>,
     shutdown: CancellationToken,
 ) -> Result<(), NodeError> {
     let llm_url = prepare_host(runtime.as_ref(), &config).await?;
     let outbox = open_outbox(&config)?;
     let name = format!("agent-node {}", config.node_id);
-    let client = tokio::select! {
-        client = flotilla_nats::connect(&config.nats_url, &name, &config.nats) => client?,
-        // NATS may never come up: a stop request must still stop us.
-        () = shutdown.cancelled() => return Ok(()),
+    let nats = NatsConfig {
+        name: &name,
+        url: &config.nats_url,
+        options: &config.nats,
+        topology: &config.topology,
     };
-    let topology = Topology::ensure(client.clone(), config.topology.clone()).await?;
-    let background = CancellationToken::new();
-    let catalog = LiveCatalog::start(
-        &topology.js,
-        &config.engines_dir,
-        &config.profiles_dir,
-        background.clone(),
-    )
-    .await?;
+    let Some(service) = Service::start(nats, &shutdown).await? else {
+        return Ok(());
+    };
+    let catalog = service
+        .catalog(&config.engines_dir, &config.profiles_dir)
+        .await?;
+    let Service {
+        client,
+        topology,
+        background,
+    } = service;
     let cancels = client.subscribe(names::cancel_wildcard()).await?;
     let metrics = metrics::NodeMetrics::default();
     let (pool, probe_key) = build_pool(&config, runtime.clone(), llm_url.is_some(), &metrics);
+    let fence = fence_check(&config, llm_url.as_deref());
     let shared = Arc::new(Shared {
         config,
         topology,
@@ -161,6 +152,7 @@ async fn serve(
         outbox,
         pool,
         removals: TaskTracker::new(),
+        fence,
         llm_url,
         llm_providers: Arc::default(),
         binaries: binaries::Binaries::default(),
@@ -197,6 +189,12 @@ async fn prepare_host(
         .await
         .map_err(NodeError::Network)?;
     Ok(Some(url))
+}
+
+/// The check of the fence `prepare_host` set up, when jobs may call the llm-gateway.
+fn fence_check(config: &Config, llm_url: Option<&str>) -> Option<fence::FenceCheck> {
+    let (url, port) = (llm_url?, config.llm_gateway_port?);
+    Some(fence::FenceCheck::new(&config.network, port, url))
 }
 
 fn open_outbox(config: &Config) -> Result<outbox::Outbox, NodeError> {
@@ -266,7 +264,7 @@ async fn start_tasks(
     shared: &Arc<Shared>,
     cancels: async_nats::Subscriber,
     background: &CancellationToken,
-    metrics_listener: Option<tokio::net::TcpListener>,
+    metrics_listener: Option<TcpListener>,
 ) -> Tasks {
     tokio::spawn(listen_for_cancels(
         shared.clone(),

@@ -24,9 +24,7 @@ pub(crate) struct LogPublisher {
     job_id: String,
     attempt: u32,
     next_seq: u64,
-    published_bytes: u64,
-    max_log_bytes: u64,
-    truncated_logs: bool,
+    budget: Budget,
     stdout: Vec<u8>,
     max_stdout: usize,
     stdout_truncated: bool,
@@ -42,7 +40,7 @@ impl LogPublisher {
         shared: Arc<Shared>,
         job_id: &str,
         attempt: u32,
-        max_log_bytes: u64,
+        limits: LogLimits,
         max_stdout: usize,
     ) -> Self {
         Self {
@@ -51,9 +49,7 @@ impl LogPublisher {
             job_id: job_id.to_owned(),
             attempt,
             next_seq: 0,
-            published_bytes: 0,
-            max_log_bytes,
-            truncated_logs: false,
+            budget: Budget::new(limits),
             stdout: Vec::new(),
             max_stdout,
             stdout_truncated: false,
@@ -82,25 +78,15 @@ impl LogPublisher {
             }
             self.tail.push_back(*byte);
         }
-        if self.truncated_logs {
-            self.shared.metrics.log_bytes(stream, 0, data.len());
-            return Ok(());
-        }
-        let room = self.max_log_bytes.saturating_sub(self.published_bytes) as usize;
-        let kept = &data[..data.len().min(room)];
+        let (kept, notice) = self.budget.admit(data.len());
+        let kept = &data[..kept];
         self.shared
             .metrics
             .log_bytes(stream, kept.len(), data.len() - kept.len());
         for piece in kept.chunks(MAX_CHUNK_BYTES) {
             self.publish(stream, piece.to_vec(), None).await?;
         }
-        self.published_bytes += kept.len() as u64;
-        if kept.len() < data.len() {
-            self.truncated_logs = true;
-            let notice = format!(
-                "output truncated: more than {} bytes; the rest is not kept",
-                self.max_log_bytes
-            );
+        if let Some(notice) = notice {
             self.system(&notice).await?;
         }
         Ok(())
@@ -182,6 +168,67 @@ impl LogPublisher {
     }
 }
 
+/// What one attempt may publish of its output.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct LogLimits {
+    pub(crate) max_bytes: u64,
+    /// Also a cap on chunks: a process that flips between stdout and stderr a byte at a time
+    /// makes one chunk (one JetStream message, ~100 bytes of overhead) per byte.
+    pub(crate) max_chunks: u64,
+}
+
+/// The output published so far against [`LogLimits`]. Once either cap is reached, the rest of
+/// the attempt's output is dropped (still counted, and still in the result's tail).
+#[derive(Debug)]
+struct Budget {
+    limits: LogLimits,
+    bytes: u64,
+    chunks: u64,
+    exhausted: bool,
+}
+
+impl Budget {
+    fn new(limits: LogLimits) -> Self {
+        Self {
+            limits,
+            bytes: 0,
+            chunks: 0,
+            exhausted: false,
+        }
+    }
+
+    /// How many of `len` bytes may be published (as chunks of at most [`MAX_CHUNK_BYTES`]),
+    /// and the notice to publish when this write is where the output starts being dropped.
+    fn admit(&mut self, len: usize) -> (usize, Option<String>) {
+        if self.exhausted || len == 0 {
+            return (0, None);
+        }
+        let room_bytes = self.limits.max_bytes.saturating_sub(self.bytes);
+        let room_chunks = self.limits.max_chunks.saturating_sub(self.chunks);
+        let by_chunks = room_chunks.saturating_mul(MAX_CHUNK_BYTES as u64);
+        let kept = (len as u64).min(room_bytes).min(by_chunks);
+        self.bytes += kept;
+        self.chunks += kept.div_ceil(MAX_CHUNK_BYTES as u64);
+        if kept == len as u64 {
+            return (len, None);
+        }
+        self.exhausted = true;
+        let notice = if kept == room_bytes {
+            format!(
+                "output truncated: more than {} bytes; the rest is not kept",
+                self.limits.max_bytes
+            )
+        } else {
+            format!(
+                "output truncated: more than {} chunks; the rest is not kept",
+                self.limits.max_chunks
+            )
+        };
+        // `kept` is at most `len`, a usize.
+        (kept as usize, Some(notice))
+    }
+}
+
 /// Publishes one log chunk and waits until JetStream has stored it. The message id makes a
 /// replayed chunk count once.
 pub(crate) async fn publish_chunk(
@@ -224,4 +271,64 @@ pub(crate) async fn publish_end(
     let payload = flotilla_proto::encode(&chunk).map_err(|e| LogError(e.to_string()))?;
     let msg_id = names::log_msg_id(job_id, attempt, seq);
     publish_chunk(js, &names::log_subject(job_id), &msg_id, job_id, payload).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn budget(max_bytes: u64, max_chunks: u64) -> Budget {
+        Budget::new(LogLimits {
+            max_bytes,
+            max_chunks,
+        })
+    }
+
+    #[test]
+    fn many_small_writes_stop_at_the_chunk_cap() {
+        let mut budget = budget(64 << 20, 3);
+        for _ in 0..3 {
+            assert_eq!(budget.admit(1), (1, None));
+        }
+        let (kept, notice) = budget.admit(1);
+        assert_eq!(kept, 0);
+        assert_eq!(
+            notice.as_deref(),
+            Some("output truncated: more than 3 chunks; the rest is not kept")
+        );
+        // Said once; everything after is dropped.
+        assert_eq!(budget.admit(100), (0, None));
+    }
+
+    #[test]
+    fn large_writes_count_one_chunk_per_piece() {
+        let mut budget = budget(64 << 20, 3);
+        // Two pieces and a bit: three chunks, all of it kept.
+        let len = 2 * MAX_CHUNK_BYTES + 10;
+        assert_eq!(budget.admit(len), (len, None));
+        let (kept, notice) = budget.admit(MAX_CHUNK_BYTES);
+        assert_eq!(kept, 0);
+        assert!(notice.unwrap().contains("3 chunks"));
+        // A write bigger than the chunks left keeps what fits in them.
+        let mut budget = self::budget(64 << 20, 2);
+        let (kept, notice) = budget.admit(3 * MAX_CHUNK_BYTES);
+        assert_eq!(kept, 2 * MAX_CHUNK_BYTES);
+        assert!(notice.unwrap().contains("2 chunks"));
+    }
+
+    #[test]
+    fn the_byte_cap_still_applies_and_says_so() {
+        let mut budget = budget(10, 100_000);
+        assert_eq!(budget.admit(6), (6, None));
+        let (kept, notice) = budget.admit(6);
+        assert_eq!(kept, 4);
+        assert_eq!(
+            notice.as_deref(),
+            Some("output truncated: more than 10 bytes; the rest is not kept")
+        );
+        assert_eq!(budget.admit(1), (0, None));
+        // Exactly at the cap with nothing more: nothing was dropped, nothing to say.
+        let mut exact = self::budget(10, 100_000);
+        assert_eq!(exact.admit(10), (10, None));
+    }
 }

@@ -1,6 +1,7 @@
 use std::{path::PathBuf, process::ExitCode, time::Duration};
 
 use clap::Parser;
+use tokio_util::sync::CancellationToken;
 
 /// Flotilla agent-node: runs queued jobs in Docker containers on this host.
 #[derive(Debug, Parser)]
@@ -46,6 +47,9 @@ struct Args {
     /// Output kept per job attempt, in MiB.
     #[arg(long, env = "FLOTILLA_MAX_LOG_MB", default_value_t = 64)]
     max_log_mb: u64,
+    /// Output chunks kept per job attempt (each is a JetStream message), beside the MiB cap.
+    #[arg(long, env = "FLOTILLA_MAX_LOG_CHUNKS", default_value_t = 100_000)]
+    max_log_chunks: u64,
     /// Cap on the job's `result.text`, in KiB.
     #[arg(long, env = "FLOTILLA_MAX_RESULT_KB", default_value_t = 1024)]
     max_result_kb: usize,
@@ -88,22 +92,26 @@ struct Args {
 #[tokio::main]
 async fn main() -> ExitCode {
     let args = Args::parse();
-    let telemetry = match flotilla_telemetry::init(args.telemetry.into_config("agent-node")) {
-        Ok(telemetry) => telemetry,
-        Err(e) => return flotilla_telemetry::config_error(e),
+    let telemetry = args.telemetry.clone();
+    flotilla_service::main("agent-node", telemetry, || config(args), run).await
+}
+
+async fn run(config: agent_node::Config, shutdown: CancellationToken) -> anyhow::Result<()> {
+    // Bound first, so that a taken port fails the start instead of going unnoticed.
+    let metrics = match config.metrics_listen {
+        Some(addr) => Some(flotilla_service::bind(addr).await?),
+        None => None,
     };
-    let nats = match args.nats.into_options() {
-        Ok(nats) => nats,
-        Err(e) => return flotilla_telemetry::config_error(e),
-    };
+    agent_node::run(config, metrics, shutdown).await?;
+    Ok(())
+}
+
+fn config(args: Args) -> anyhow::Result<agent_node::Config> {
     let host = hostname();
-    let limits = match args.limits.clone().into_limits() {
-        Ok(limits) => limits,
-        Err(e) => return flotilla_telemetry::config_error(e),
-    };
+    let limits = args.limits.into_limits().map_err(anyhow::Error::msg)?;
     let config = agent_node::Config {
         nats_url: args.nats_url,
-        nats,
+        nats: args.nats.into_options()?,
         node_id: args.node_id.unwrap_or_else(|| host.clone()),
         host,
         slots: args.slots,
@@ -116,6 +124,7 @@ async fn main() -> ExitCode {
         drain_grace: Duration::from_secs(args.drain_grace_secs),
         heartbeat_interval: Duration::from_millis(args.heartbeat_ms),
         max_log_bytes: args.max_log_mb << 20,
+        max_log_chunks: args.max_log_chunks,
         max_result_bytes: args.max_result_kb << 10,
         topology: args.topology.into_config(),
         state_dir: args.state_dir,
@@ -127,17 +136,11 @@ async fn main() -> ExitCode {
         pool_max_idle: Duration::from_secs(args.pool_max_idle_secs),
         default_memory_bytes: limits.default_memory_bytes,
         default_nano_cpus: limits.default_nano_cpus,
+        job_limits: limits,
         llm_gateway_port: args.llm_gateway_port,
         metrics_listen: args.metrics_listen,
     };
-    let config = match config.validate() {
-        Ok(config) => config,
-        Err(e) => return flotilla_telemetry::config_error(e),
-    };
-    let shutdown = flotilla_telemetry::shutdown_on_signals();
-    let result = agent_node::run(config, shutdown).await;
-    telemetry.shutdown().await;
-    flotilla_telemetry::exit_code(result)
+    Ok(config.validate()?)
 }
 
 fn hostname() -> String {

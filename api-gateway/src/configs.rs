@@ -7,7 +7,7 @@ use std::{collections::HashMap, sync::Arc};
 use axum::{
     Json,
     body::Body,
-    extract::{Path, Query, State},
+    extract::State,
     http::StatusCode,
     response::{IntoResponse, Response},
 };
@@ -18,7 +18,8 @@ use utoipa::ToSchema;
 use crate::{
     AppState,
     error::{ApiError, ErrorBody},
-    responses::{Internal, Unauthorized, Unavailable},
+    extract::{Path, Query},
+    responses::{Internal, Keyless, NotJson, Unauthorized, Unavailable},
 };
 
 /// What a configuration file is: `engine` (key `engines/<name>.toml`), `profile`
@@ -90,11 +91,15 @@ fn path_of(kind: &str, name: &str) -> Result<(ConfigType, String), ApiError> {
         && name
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'))
-        && !name.starts_with('.');
+        // Files are stored under KV keys whose tokens the dots separate: none may be empty.
+        && !name.starts_with('.')
+        && !name.ends_with('.')
+        && !name.contains("..");
     if !safe {
         return Err(ApiError::invalid(
             "name",
-            "names are 1-128 of A-Z a-z 0-9 _ - . and do not start with a dot",
+            "names are 1-128 of A-Z a-z 0-9 _ - . and neither start nor end with a dot nor \
+             hold two in a row",
         ));
     }
     let kind = parse_type(kind)?;
@@ -158,6 +163,7 @@ fn config_error(error: ConfigError) -> ApiError {
     responses(
         (status = 200, description = "The files.", body = ConfigList<'_>),
         (status = 401, response = Unauthorized),
+        (status = 403, response = Keyless),
         (status = 422, description = "`invalid_field`: `type` is not engine, profile or \
             template.", body = ErrorBody),
         (status = 500, response = Internal),
@@ -194,6 +200,7 @@ pub async fn list(
     responses(
         (status = 200, description = "The file, read from the store now.", body = ConfigFile<'_>),
         (status = 401, response = Unauthorized),
+        (status = 403, response = Keyless),
         (status = 404, description = "`not_found`: no such file.", body = ErrorBody),
         (status = 422, description = "`invalid_field` (`name` or `type`).", body = ErrorBody),
         (status = 500, response = Internal),
@@ -260,6 +267,8 @@ struct PutBody {
     responses(
         (status = 200, description = "Written.", body = ConfigWritten<'_>),
         (status = 401, response = Unauthorized),
+        (status = 403, response = Keyless),
+        (status = 415, response = NotJson),
         (status = 413, description = "`payload_too_large`: the body is over the cap.",
             body = ErrorBody),
         (status = 422, description = "`invalid_body`, `invalid_field` (`name`, `type` or \
@@ -322,6 +331,7 @@ pub async fn put(
     responses(
         (status = 200, description = "Deleted.", body = ConfigDeleted),
         (status = 401, response = Unauthorized),
+        (status = 403, response = Keyless),
         (status = 404, description = "`not_found`: no such file.", body = ErrorBody),
         (status = 422, description = "`invalid_field` (`name` or `type`), or \
             `invalid_config`: the rest would not load without the file (a profile still names \
@@ -349,4 +359,19 @@ pub async fn delete(
         deleted: format!("{kind}/{name}"),
         version,
     }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_that_would_make_an_empty_key_token_are_refused() {
+        for name in ["bE.", "a..b", ".hidden", "", "a/b"] {
+            assert!(path_of("template", name).is_err(), "{name}");
+        }
+        for name in ["summary.j2", "coder", "a.b.c"] {
+            assert!(path_of("template", name).is_ok(), "{name}");
+        }
+    }
 }

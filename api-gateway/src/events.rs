@@ -9,7 +9,7 @@
 use std::{collections::HashMap, convert::Infallible, sync::Arc};
 
 use axum::{
-    extract::{Query, State},
+    extract::State,
     response::sse::{Event, KeepAlive, Sse},
 };
 use futures::{Stream, StreamExt};
@@ -20,8 +20,9 @@ use utoipa::{OpenApi, ToSchema};
 use crate::{
     AppState,
     error::{ApiError, ErrorBody},
+    extract::Query,
     index::Change,
-    responses::{Unauthorized, Unavailable},
+    responses::{Keyless, Unauthorized, Unavailable},
 };
 
 /// The data of a `removed` event.
@@ -64,6 +65,7 @@ pub struct EventSchemas;
         (status = 200, description = "The event stream.", content_type = "text/event-stream",
             body = String),
         (status = 401, response = Unauthorized),
+        (status = 403, response = Keyless),
         (status = 422, description = "`invalid_field`: a bad filter (named in `field`).",
             body = ErrorBody),
         (status = 503, response = Unavailable),

@@ -5,7 +5,7 @@ use std::{collections::HashMap, sync::Arc, time::Duration};
 use axum::{
     Json,
     body::{Body, Bytes},
-    extract::{Path, Query, State},
+    extract::State,
     http::{HeaderMap, StatusCode},
     response::{IntoResponse, Response},
 };
@@ -22,8 +22,9 @@ use utoipa::ToSchema;
 use crate::{
     AppState,
     error::{ApiError, ErrorBody},
+    extract::{Path, Query},
     index::Filter,
-    responses::{Internal, NotFoundJob, Unauthorized, Unavailable},
+    responses::{Internal, Keyless, NotFoundJob, NotJson, Unauthorized, Unavailable},
 };
 
 const IDEMPOTENCY_HEADER: &str = "idempotency-key";
@@ -72,6 +73,8 @@ pub struct JobList {
     responses(
         (status = 202, description = "Accepted: recorded and queued.", body = JobStatusReply),
         (status = 401, response = Unauthorized),
+        (status = 403, response = Keyless),
+        (status = 415, response = NotJson),
         (status = 409, description = "`idempotency_conflict`: the key came with another body.",
             body = ErrorBody),
         (status = 413, description = "`payload_too_large`: the body is over the cap.",
@@ -289,6 +292,7 @@ pub(crate) fn public(mut record: JobRecord) -> JobRecord {
     responses(
         (status = 200, description = "The job's record.", body = JobRecord),
         (status = 401, response = Unauthorized),
+        (status = 403, response = Keyless),
         (status = 404, response = NotFoundJob),
         (status = 500, response = Internal),
         (status = 503, response = Unavailable),
@@ -334,6 +338,7 @@ pub struct WaitQuery {
     responses(
         (status = 200, description = "The job ended: its record.", body = JobRecord),
         (status = 401, response = Unauthorized),
+        (status = 403, response = Keyless),
         (status = 404, response = NotFoundJob),
         (status = 408, description = "`wait_timeout`: the job did not end in time.",
             body = ErrorBody),
@@ -395,6 +400,7 @@ pub async fn wait(
         (status = 200, description = "Cancelled.", body = JobStatusReply,
             example = json!({"job_id": "me-0198c0de4b7a7c3e9a7d2f4e5b6c7d8e", "status": "cancelled"})),
         (status = 401, response = Unauthorized),
+        (status = 403, response = Keyless),
         (status = 404, response = NotFoundJob),
         (status = 409, description = "`conflict`: the job already ended.", body = ErrorBody),
         (status = 500, response = Internal),
@@ -473,6 +479,7 @@ pub async fn cancel(
     responses(
         (status = 200, description = "A page of jobs.", body = JobList),
         (status = 401, response = Unauthorized),
+        (status = 403, response = Keyless),
         (status = 422, description = "`invalid_field`: a bad `limit`, `offset`, `status`, \
             `created_after` or `created_before` (named in `field`).", body = ErrorBody),
         (status = 500, response = Internal),

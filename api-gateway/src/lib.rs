@@ -5,6 +5,7 @@ mod config;
 mod configs;
 mod error;
 mod events;
+mod extract;
 mod index;
 mod jobs;
 mod logs;

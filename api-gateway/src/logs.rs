@@ -9,7 +9,7 @@ use std::{convert::Infallible, sync::Arc, time::Duration};
 
 use async_nats::jetstream::consumer::{self, DeliverPolicy};
 use axum::{
-    extract::{Path, Query, State},
+    extract::State,
     http::HeaderMap,
     response::sse::{Event, KeepAlive, Sse},
 };
@@ -22,7 +22,8 @@ use utoipa::{OpenApi, ToSchema};
 use crate::{
     AppState,
     error::{ApiError, ErrorBody},
-    responses::{Internal, NotFoundJob, Unauthorized, Unavailable},
+    extract::{Path, Query},
+    responses::{Internal, Keyless, NotFoundJob, Unauthorized, Unavailable},
 };
 
 /// After the job is terminal, how long to wait for the node's end marker before ending the
@@ -93,6 +94,7 @@ pub struct EventSchemas;
             body = String,
             example = "event: log\nid: 17\ndata: {\"attempt\":1,\"data\":\"hi\\n\",\"seq\":0,\"stream\":\"stdout\"}\n\nevent: end\ndata: {\"error\":null,\"exit_code\":0,\"status\":\"completed\"}\n\n"),
         (status = 401, response = Unauthorized),
+        (status = 403, response = Keyless),
         (status = 404, response = NotFoundJob),
         (status = 422, description = "`invalid_field` (`from` or `follow`): not a \
             non-negative integer, or not exactly `true` or `false`.", body = ErrorBody),

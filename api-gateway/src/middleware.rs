@@ -4,7 +4,7 @@ use std::sync::Arc;
 
 use axum::{
     extract::{Request, State},
-    http::{HeaderName, HeaderValue, StatusCode, header},
+    http::{HeaderName, HeaderValue, Method, StatusCode, header},
     middleware::Next,
     response::{IntoResponse, Response},
 };
@@ -64,9 +64,13 @@ pub async fn headers(request: Request, next: Next) -> Response {
 
 /// Checks `Authorization: Bearer <key>` when a key is configured. Digests are compared in
 /// constant time, so neither content nor length leaks through timing.
+/// Without a key, see [`check_keyless`].
 pub async fn auth(State(state): State<Arc<AppState>>, request: Request, next: Next) -> Response {
     let Some(expected) = &state.api_key_digest else {
-        return next.run(request).await;
+        return match check_keyless(&request, state.config.allow_unauthenticated_public) {
+            Ok(()) => next.run(request).await,
+            Err(refused) => refused.into_response(),
+        };
     };
     if is_public(request.uri().path()) {
         return next.run(request).await;
@@ -94,6 +98,84 @@ pub async fn auth(State(state): State<Arc<AppState>>, request: Request, next: Ne
             response
         }
     }
+}
+
+/// Without an API key nothing says who is calling, so the gateway at least makes sure the call
+/// comes from this machine's own programs: any web page the user opens could otherwise POST a
+/// job to 127.0.0.1 (a form or `fetch` with a text body needs no CORS preflight), and a DNS
+/// name rebound to 127.0.0.1 would reach the whole API. So, unless
+/// `FLOTILLA_ALLOW_UNAUTHENTICATED_PUBLIC` opened the gateway on purpose, only loopback Host
+/// names are served; cross-site requests (by `Sec-Fetch-Site` or `Origin`) are refused; and a
+/// body must say it is JSON.
+pub(crate) fn check_keyless(request: &Request, public: bool) -> Result<(), ApiError> {
+    let headers = request.headers();
+    let host = headers
+        .get(header::HOST)
+        .and_then(|value| value.to_str().ok())
+        .or_else(|| request.uri().authority().map(|a| a.as_str()));
+    if !public && !host.is_some_and(is_loopback_host) {
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "forbidden_host",
+            "without an API key only loopback host names (localhost, 127.0.0.1, [::1]) are \
+             served; set FLOTILLA_API_KEY to serve others",
+        ));
+    }
+    if is_cross_site(headers, host) {
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "cross_site",
+            "cross-site requests are refused without an API key",
+        ));
+    }
+    let has_body = matches!(
+        *request.method(),
+        Method::POST | Method::PUT | Method::PATCH
+    );
+    if has_body && !is_json(headers.get(header::CONTENT_TYPE)) {
+        return Err(ApiError::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_media_type",
+            "the body must be sent as Content-Type: application/json",
+        ));
+    }
+    Ok(())
+}
+
+/// `localhost`, `127.x.x.x` or `[::1]`, with or without a port.
+fn is_loopback_host(host: &str) -> bool {
+    let name = match host.strip_prefix('[') {
+        Some(rest) => rest.split(']').next().unwrap_or_default(),
+        None => host.rsplit_once(':').map_or(host, |(name, _port)| name),
+    };
+    name.eq_ignore_ascii_case("localhost")
+        || name
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}
+
+/// A browser says where a request comes from: `Sec-Fetch-Site` (current browsers), else
+/// `Origin`, which must then name the host the request went to.
+fn is_cross_site(headers: &axum::http::HeaderMap, host: Option<&str>) -> bool {
+    if let Some(site) = headers.get("sec-fetch-site") {
+        return !matches!(site.as_bytes(), b"same-origin" | b"none");
+    }
+    let Some(origin) = headers.get(header::ORIGIN) else {
+        return false;
+    };
+    let origin_host = origin
+        .to_str()
+        .ok()
+        .and_then(|o| o.split_once("://"))
+        .map(|(_scheme, rest)| rest);
+    origin_host.is_none() || origin_host != host
+}
+
+fn is_json(content_type: Option<&HeaderValue>) -> bool {
+    content_type
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| value.split(';').next())
+        .is_some_and(|essence| essence.trim().eq_ignore_ascii_case("application/json"))
 }
 
 #[cfg(test)]
@@ -220,5 +302,101 @@ mod tests {
             );
             assert!(line.contains(&format!("code=\"{code}\"")), "{line}");
         }
+    }
+
+    fn request(method: Method, headers: &[(&str, &str)]) -> Request {
+        let mut builder = Request::builder().method(method).uri("/jobs");
+        for (name, value) in headers {
+            builder = builder.header(*name, *value);
+        }
+        builder.body(axum::body::Body::empty()).unwrap()
+    }
+
+    fn refusal(request: &Request, public: bool) -> Option<&'static str> {
+        check_keyless(request, public).err().map(|e| e.code)
+    }
+
+    #[test]
+    fn without_a_key_only_loopback_hosts_are_served() {
+        for host in [
+            "127.0.0.1:8420",
+            "localhost:8420",
+            "[::1]:8420",
+            "127.3.4.5",
+            "LOCALHOST",
+        ] {
+            let get = request(Method::GET, &[("host", host)]);
+            assert_eq!(refusal(&get, false), None, "{host}");
+        }
+        for host in [
+            "attacker.example:8420",
+            "10.0.0.5:8420",
+            "127.0.0.1.nip.io",
+            "[::2]:1",
+        ] {
+            let get = request(Method::GET, &[("host", host)]);
+            assert_eq!(refusal(&get, false), Some("forbidden_host"), "{host}");
+            // Served on purpose beyond loopback without a key.
+            assert_eq!(refusal(&get, true), None, "{host}");
+        }
+        assert_eq!(
+            refusal(&request(Method::GET, &[]), false),
+            Some("forbidden_host")
+        );
+    }
+
+    #[test]
+    fn without_a_key_cross_site_requests_are_refused() {
+        let host = ("host", "127.0.0.1:8420");
+        let json = ("content-type", "application/json");
+        let same = [
+            vec![host, json, ("sec-fetch-site", "same-origin")],
+            vec![host, json, ("sec-fetch-site", "none")],
+            vec![host, json, ("origin", "http://127.0.0.1:8420")],
+            vec![host, json],
+        ];
+        for headers in same {
+            assert_eq!(
+                refusal(&request(Method::POST, &headers), false),
+                None,
+                "{headers:?}"
+            );
+        }
+        let cross = [
+            vec![host, json, ("sec-fetch-site", "cross-site")],
+            vec![host, json, ("sec-fetch-site", "same-site")],
+            vec![host, json, ("origin", "https://evil.example")],
+            vec![host, json, ("origin", "http://127.0.0.1:9999")],
+            vec![host, json, ("origin", "null")],
+        ];
+        for headers in cross {
+            let post = request(Method::POST, &headers);
+            assert_eq!(refusal(&post, false), Some("cross_site"), "{headers:?}");
+            assert_eq!(refusal(&post, true), Some("cross_site"), "{headers:?}");
+        }
+    }
+
+    #[test]
+    fn without_a_key_bodies_must_say_they_are_json() {
+        let host = ("host", "localhost:8420");
+        for content_type in ["application/json", "application/json; charset=utf-8"] {
+            let post = request(Method::POST, &[host, ("content-type", content_type)]);
+            assert_eq!(refusal(&post, false), None, "{content_type}");
+        }
+        for method in [Method::POST, Method::PUT, Method::PATCH] {
+            for content_type in ["text/plain", "application/x-www-form-urlencoded", ""] {
+                let mut headers = vec![host];
+                if !content_type.is_empty() {
+                    headers.push(("content-type", content_type));
+                }
+                let with_body = request(method.clone(), &headers);
+                assert_eq!(
+                    refusal(&with_body, false),
+                    Some("unsupported_media_type"),
+                    "{method} {content_type}"
+                );
+            }
+        }
+        assert_eq!(refusal(&request(Method::DELETE, &[host]), false), None);
     }
 }

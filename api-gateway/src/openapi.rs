@@ -21,7 +21,9 @@ use utoipa::{
 
 use crate::{
     error::ErrorBody,
-    responses::{Internal, NotFoundJob, NotFoundSchedule, Unauthorized, Unavailable},
+    responses::{
+        Internal, Keyless, NotFoundJob, NotFoundSchedule, NotJson, Unauthorized, Unavailable,
+    },
     ui,
 };
 
@@ -61,7 +63,7 @@ The behaviour in full, and where it differs from Parpaing's API: `docs/api.md`."
     // named in descriptions, and the SSE event data schemas come from `logs` and `events`.
     components(
         schemas(ErrorBody),
-        responses(Unauthorized, NotFoundJob, NotFoundSchedule, Internal, Unavailable),
+        responses(Unauthorized, Keyless, NotJson, NotFoundJob, NotFoundSchedule, Internal, Unavailable),
     ),
     modifiers(&BearerKey),
     tags(

@@ -13,7 +13,7 @@ use utoipa::ToSchema;
 use crate::{
     AppState,
     error::ApiError,
-    responses::{Internal, Unauthorized, Unavailable},
+    responses::{Internal, Keyless, Unauthorized, Unavailable},
 };
 
 // Response bodies. Fields are in alphabetical order so that the JSON keys come out in the
@@ -30,6 +30,8 @@ pub struct Health {
 
 #[derive(Serialize, ToSchema)]
 pub struct HealthChecks {
+    /// The job store (KV bucket `flotilla_jobs`) answers; Parpaing's name for its database.
+    db: HealthCheck,
     /// A JetStream account query.
     jetstream: HealthCheck,
     /// The gateway's NATS connection.
@@ -42,7 +44,7 @@ pub struct HealthChecks {
     pool: String,
 }
 
-/// `degraded` when NATS or JetStream is down. No live node, or no warm container, is not.
+/// `degraded` when NATS, JetStream or the job store is down. No live node, or no warm container, is not.
 #[derive(Serialize, ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum HealthStatus {
@@ -157,7 +159,7 @@ pub async fn live_nodes(state: &AppState) -> Result<Vec<NodeInfo>, ApiError> {
     Ok(nodes)
 }
 
-/// `GET /health`: 200 when NATS and JetStream answer, 503 `degraded` otherwise.
+/// `GET /health`: 200 when NATS, JetStream and the job store answer, 503 `degraded` otherwise.
 #[utoipa::path(
     get,
     path = "/health",
@@ -166,15 +168,16 @@ pub async fn live_nodes(state: &AppState) -> Result<Vec<NodeInfo>, ApiError> {
     summary = "Health of the gateway and its dependencies",
     responses(
         (status = 200, description = "NATS and JetStream answer.", body = Health,
-            example = json!({"checks": {"jetstream": "ok", "nats": "ok", "nodes": "2 live", "pool": "8 warm"}, "status": "ok"})),
-        (status = 503, description = "`degraded`: NATS or JetStream is down; the failed \
-            check says `unavailable`.", body = Health,
-            example = json!({"checks": {"jetstream": "unavailable", "nats": "ok", "nodes": "unknown", "pool": "unknown"}, "status": "degraded"})),
+            example = json!({"checks": {"db": "ok", "jetstream": "ok", "nats": "ok", "nodes": "2 live", "pool": "8 warm"}, "status": "ok"})),
+        (status = 503, description = "`degraded`: NATS, JetStream or the job store is down; \
+            the failed check says `unavailable`.", body = Health,
+            example = json!({"checks": {"db": "unavailable", "jetstream": "unavailable", "nats": "ok", "nodes": "unknown", "pool": "unknown"}, "status": "degraded"})),
     ),
 )]
 pub async fn health(State(state): State<Arc<AppState>>) -> (StatusCode, Json<Health>) {
     let nats_ok = state.client.connection_state() == async_nats::connection::State::Connected;
     let jetstream_ok = nats_ok && state.topology.js.query_account().await.is_ok();
+    let db_ok = jetstream_ok && state.topology.jobs.ping().await.is_ok();
     let nodes = if jetstream_ok {
         live_nodes(&state).await.map_err(ApiError::log_dropped).ok()
     } else {
@@ -187,7 +190,7 @@ pub async fn health(State(state): State<Arc<AppState>>) -> (StatusCode, Json<Hea
         }
         None => ("unknown".to_owned(), "unknown".to_owned()),
     };
-    let ok = nats_ok && jetstream_ok;
+    let ok = nats_ok && jetstream_ok && db_ok;
     let check = |ok: bool| {
         if ok {
             HealthCheck::Ok
@@ -197,6 +200,7 @@ pub async fn health(State(state): State<Arc<AppState>>) -> (StatusCode, Json<Hea
     };
     let body = Health {
         checks: HealthChecks {
+            db: check(db_ok),
             jetstream: check(jetstream_ok),
             nats: check(nats_ok),
             nodes: nodes_check,
@@ -229,6 +233,7 @@ pub async fn health(State(state): State<Arc<AppState>>) -> (StatusCode, Json<Hea
     responses(
         (status = 200, description = "Engines, sorted by id.", body = EngineList),
         (status = 401, response = Unauthorized),
+        (status = 403, response = Keyless),
         (status = 500, response = Internal),
         (status = 503, response = Unavailable),
     ),
@@ -272,6 +277,7 @@ fn can_run(node: &NodeInfo, engine: &flotilla_catalog::Engine) -> bool {
     responses(
         (status = 200, description = "Profiles, sorted by name.", body = ProfileList),
         (status = 401, response = Unauthorized),
+        (status = 403, response = Keyless),
     ),
     security(("api_key" = [])),
 )]
@@ -297,6 +303,7 @@ pub async fn profiles(State(state): State<Arc<AppState>>) -> Json<serde_json::Va
     responses(
         (status = 200, description = "Live nodes, sorted by id.", body = NodeList),
         (status = 401, response = Unauthorized),
+        (status = 403, response = Keyless),
         (status = 500, response = Internal),
         (status = 503, response = Unavailable),
     ),

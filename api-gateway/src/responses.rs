@@ -46,6 +46,36 @@ impl<'r> ToResponse<'r> for Unauthorized {
     }
 }
 
+/// 403 `forbidden_host` or `cross_site`: only when the gateway has no API key.
+pub struct Keyless;
+
+impl<'r> ToResponse<'r> for Keyless {
+    fn response() -> (&'r str, RefOr<openapi::Response>) {
+        let response = error_response(
+            "Only when the gateway has no API key: `forbidden_host` (the `Host` is not \
+             `localhost`, `127.x.x.x` or `[::1]`, and `FLOTILLA_ALLOW_UNAUTHENTICATED_PUBLIC` is \
+             not set) or `cross_site` (`Sec-Fetch-Site` is `cross-site` or `same-site`, or \
+             `Origin` names another host).",
+        )
+        .build();
+        ("Keyless", response.into())
+    }
+}
+
+/// 415 `unsupported_media_type`: only when the gateway has no API key.
+pub struct NotJson;
+
+impl<'r> ToResponse<'r> for NotJson {
+    fn response() -> (&'r str, RefOr<openapi::Response>) {
+        let response = error_response(
+            "`unsupported_media_type`: only when the gateway has no API key, a body must be \
+             sent with `Content-Type: application/json`.",
+        )
+        .build();
+        ("NotJson", response.into())
+    }
+}
+
 /// 404 for an unknown job id.
 pub struct NotFoundJob;
 

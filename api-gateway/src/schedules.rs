@@ -6,7 +6,7 @@ use std::sync::Arc;
 use axum::{
     Json,
     body::Body,
-    extract::{Path, State},
+    extract::State,
     http::StatusCode,
     response::{IntoResponse, Response},
 };
@@ -20,8 +20,9 @@ use utoipa::ToSchema;
 use crate::{
     AppState,
     error::{ApiError, ErrorBody},
+    extract::Path,
     jobs::{parse_json, read_body},
-    responses::{Internal, NotFoundSchedule, Unauthorized, Unavailable},
+    responses::{Internal, Keyless, NotFoundSchedule, NotJson, Unauthorized, Unavailable},
 };
 
 /// `GET /schedules`'s body.
@@ -73,6 +74,8 @@ fn check_id(schedule_id: &str) -> Result<(), ApiError> {
     responses(
         (status = 201, description = "Created.", body = Schedule),
         (status = 401, response = Unauthorized),
+        (status = 403, response = Keyless),
+        (status = 415, response = NotJson),
         (status = 409, description = "`conflict`: a schedule with this `schedule_id` exists.",
             body = ErrorBody),
         (status = 413, description = "`payload_too_large`: the body is over the cap.",
@@ -118,6 +121,7 @@ pub async fn create(State(state): State<Arc<AppState>>, body: Body) -> Result<Re
     responses(
         (status = 200, description = "Every schedule, by id.", body = ScheduleList),
         (status = 401, response = Unauthorized),
+        (status = 403, response = Keyless),
         (status = 500, response = Internal),
         (status = 503, response = Unavailable),
     ),
@@ -140,6 +144,7 @@ pub async fn list(State(state): State<Arc<AppState>>) -> Result<Json<ScheduleLis
         (status = 200, description = "The schedule, with its runs so far and the next.",
             body = Schedule),
         (status = 401, response = Unauthorized),
+        (status = 403, response = Keyless),
         (status = 404, response = NotFoundSchedule),
         (status = 500, response = Internal),
         (status = 503, response = Unavailable),
@@ -172,6 +177,8 @@ pub async fn get(
     responses(
         (status = 200, description = "The schedule as changed.", body = Schedule),
         (status = 401, response = Unauthorized),
+        (status = 403, response = Keyless),
+        (status = 415, response = NotJson),
         (status = 404, response = NotFoundSchedule),
         (status = 413, description = "`payload_too_large`: the body is over the cap.",
             body = ErrorBody),
@@ -237,6 +244,7 @@ pub async fn update(
     responses(
         (status = 200, description = "Deleted.", body = ScheduleDeleted),
         (status = 401, response = Unauthorized),
+        (status = 403, response = Keyless),
         (status = 404, response = NotFoundSchedule),
         (status = 500, response = Internal),
         (status = 503, response = Unavailable),

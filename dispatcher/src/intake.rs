@@ -153,7 +153,8 @@ impl Intake {
         submission: &SubmitRequest,
         reason: &str,
     ) -> Result<(), StoreError> {
-        let record = JobRecord::rejected(job_id, submission, reason, Utc::now());
+        let reason: String = reason.chars().take(MAX_REASON_CHARS).collect();
+        let record = JobRecord::rejected(job_id, &clipped(submission), &reason, Utc::now());
         match self.topology.jobs.create(&record).await {
             Ok(_) | Err(StoreError::AlreadyExists(_)) => Ok(()),
             Err(e) => Err(e),
@@ -195,5 +196,63 @@ impl Intake {
             }
             Err(e) => tracing::warn!(error = %e, "cannot store rejected submission"),
         }
+    }
+}
+
+/// The longest rejection reason a record keeps.
+const MAX_REASON_CHARS: usize = 1024;
+
+/// What the record of a rejected submission keeps: only the fields that pass their own rules,
+/// so that a flood of large invalid submissions fills neither the job store nor the gateways'
+/// indexes.
+fn clipped(submission: &SubmitRequest) -> SubmitRequest {
+    let id = |value: &Option<String>| value.clone().filter(|v| ids::is_safe_id(v, 64));
+    SubmitRequest {
+        agent_id: id(&submission.agent_id),
+        engine: id(&submission.engine),
+        profile: id(&submission.profile),
+        metadata: submission
+            .metadata
+            .clone()
+            .filter(flotilla_catalog::metadata_is_valid),
+        dry_run: submission.dry_run,
+        ..SubmitRequest::default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use super::*;
+
+    #[test]
+    fn a_rejected_record_keeps_only_valid_clipped_fields() {
+        let huge = "x".repeat(1 << 20);
+        let submission = SubmitRequest {
+            agent_id: Some(huge.clone()),
+            engine: Some("shell".to_owned()),
+            profile: Some("bad profile!".to_owned()),
+            prompt: Some(huge.clone()),
+            metadata: Some(BTreeMap::from([("k".to_owned(), huge.clone())])),
+            dry_run: Some(true),
+            ..SubmitRequest::default()
+        };
+        let kept = clipped(&submission);
+        assert_eq!(kept.agent_id, None);
+        assert_eq!(kept.engine.as_deref(), Some("shell"));
+        assert_eq!(kept.profile, None);
+        assert_eq!(kept.prompt, None);
+        assert_eq!(kept.metadata, None);
+        assert_eq!(kept.dry_run, Some(true));
+        let record = JobRecord::rejected("a-1", &kept, "r", Utc::now());
+        let size = flotilla_proto::encode(&record).unwrap().len();
+        assert!(size < 1024, "{size} bytes");
+        let valid = BTreeMap::from([("team".to_owned(), "blue".to_owned())]);
+        let kept = clipped(&SubmitRequest {
+            metadata: Some(valid.clone()),
+            ..SubmitRequest::default()
+        });
+        assert_eq!(kept.metadata, Some(valid));
     }
 }

@@ -1,6 +1,8 @@
 //! Webhooks: once a job with a `webhook_url` ends, the leader POSTs its record there. The URL
 //! is checked again just before each attempt (a name may have been re-pointed at a private
-//! address since submission). Delivery is at least once: each attempt is claimed in the job
+//! address since submission), and the attempt connects to the addresses that check resolved,
+//! never to a second DNS answer (a name with TTL 0 may answer public, then private: DNS
+//! rebinding). The URL still names the receiver (Host header, TLS SNI). Delivery is at least once: each attempt is claimed in the job
 //! record first (`webhook.next_at` doubles as a lease), then its result is recorded; failures
 //! are retried with a growing delay up to `WebhookDelivery::MAX_ATTEMPTS`.
 
@@ -55,8 +57,7 @@ enum Outcome {
 
 pub(crate) struct Webhooks {
     topology: Topology,
-    http: flotilla_http::Client,
-    config: WebhookConfig,
+    sender: Sender,
     /// Jobs whose webhook is pending, with when it is due; kept from the job watch, so the
     /// leader's tick looks at these only, not at every job.
     pending: Mutex<HashMap<String, DateTime<Utc>>>,
@@ -70,8 +71,7 @@ impl Webhooks {
     ) -> Result<Arc<Self>, std::io::Error> {
         Ok(Arc::new(Self {
             topology,
-            http: flotilla_http::client(Duration::from_secs(10))?,
-            config,
+            sender: Sender::new(config, Arc::new(flotilla_catalog::SystemResolver))?,
             pending: Mutex::new(HashMap::new()),
             in_flight: Mutex::new(HashSet::new()),
         }))
@@ -140,7 +140,7 @@ impl Webhooks {
             }
         };
         let attempt = record.webhook.as_ref().map_or(1, |w| w.attempts);
-        let outcome = self.post(&record, attempt).await;
+        let outcome = self.sender.post(&record, attempt).await;
         let result = self
             .topology
             .jobs
@@ -183,14 +183,64 @@ impl Webhooks {
             }
         }
     }
+}
+
+/// Sends webhooks: checks each URL, then connects only where the check said.
+struct Sender {
+    http: flotilla_http::PinnedClients,
+    /// How a URL's host is resolved, once per attempt.
+    resolver: Arc<dyn flotilla_catalog::Resolve>,
+    config: WebhookConfig,
+}
+
+impl Sender {
+    fn new(
+        config: WebhookConfig,
+        resolver: Arc<dyn flotilla_catalog::Resolve>,
+    ) -> Result<Self, std::io::Error> {
+        Ok(Self {
+            http: flotilla_http::PinnedClients::new(Duration::from_secs(10))?,
+            resolver,
+            config,
+        })
+    }
 
     async fn post(&self, record: &JobRecord, attempt: u32) -> Outcome {
         let Some(url) = record.webhook_url.as_deref() else {
             return Outcome::Refused("no webhook_url".to_owned());
         };
-        if let Err(e) = flotilla_catalog::check_webhook_url(url, self.config.allow_private).await {
-            return Outcome::Refused(format!("webhook_url refused before sending: {e}"));
+        let target = flotilla_catalog::resolve_webhook_url(
+            url,
+            self.config.allow_private,
+            self.resolver.as_ref(),
+        )
+        .await;
+        let target = match target {
+            Ok(target) => target,
+            Err(e) => return Outcome::Refused(format!("webhook_url refused before sending: {e}")),
+        };
+        let request = match self.request(url, record, attempt) {
+            Ok(request) => request,
+            Err(e) => return Outcome::Refused(format!("webhook_url is not usable: {e}")),
+        };
+        let client = self.http.to(&target.addrs);
+        match tokio::time::timeout(self.config.timeout, client.request(request)).await {
+            Ok(Ok(response)) => Outcome::Answered(response.status().as_u16()),
+            Ok(Err(e)) => Outcome::Failed(format!("cannot reach the receiver: {e}")),
+            Err(_) => Outcome::Failed(format!(
+                "the receiver did not answer within {}s",
+                self.config.timeout.as_secs()
+            )),
         }
+    }
+
+    /// The POST of `record` to `url`, signed when a secret is set.
+    fn request(
+        &self,
+        url: &str,
+        record: &JobRecord,
+        attempt: u32,
+    ) -> Result<Request<flotilla_http::Full<Bytes>>, axum::http::Error> {
         // The body is the job as `GET /jobs/{id}` shows it, plus Parpaing's `logs` (the output's
         // last 2000 characters), which its webhook receivers read.
         let mut body = serde_json::to_value(record).unwrap_or_default();
@@ -224,18 +274,7 @@ impl Webhooks {
         if let Some(secret) = &self.config.secret {
             request = request.header(names::HEADER_WEBHOOK_SIGNATURE, sign(secret, &body));
         }
-        let request = match request.body(flotilla_http::Full::new(body)) {
-            Ok(request) => request,
-            Err(e) => return Outcome::Refused(format!("webhook_url is not usable: {e}")),
-        };
-        match tokio::time::timeout(self.config.timeout, self.http.request(request)).await {
-            Ok(Ok(response)) => Outcome::Answered(response.status().as_u16()),
-            Ok(Err(e)) => Outcome::Failed(format!("cannot reach the receiver: {e}")),
-            Err(_) => Outcome::Failed(format!(
-                "the receiver did not answer within {}s",
-                self.config.timeout.as_secs()
-            )),
-        }
+        request.body(flotilla_http::Full::new(body))
     }
 }
 
@@ -251,7 +290,125 @@ fn sign(secret: &str, body: &[u8]) -> String {
 
 #[cfg(test)]
 mod tests {
+    use std::{collections::VecDeque, net::IpAddr};
+
+    use futures::FutureExt as _;
+    use tokio::{
+        io::{AsyncReadExt as _, AsyncWriteExt as _},
+        net::TcpListener,
+    };
+
     use super::*;
+
+    /// A name with TTL 0: each lookup gets the next answer.
+    struct Rebinding {
+        answers: Mutex<VecDeque<IpAddr>>,
+        lookups: Mutex<u32>,
+    }
+
+    impl flotilla_catalog::Resolve for Rebinding {
+        fn lookup<'a>(&'a self, _host: &'a str) -> flotilla_catalog::Lookup<'a> {
+            *self.lookups.lock().unwrap() += 1;
+            let answer = self.answers.lock().unwrap().pop_front();
+            Box::pin(async move { Ok(answer.into_iter().collect()) })
+        }
+    }
+
+    /// Answers one request with 200; returns what it read.
+    async fn receive(listener: &TcpListener) -> String {
+        let (mut socket, _) = listener.accept().await.unwrap();
+        let mut seen = Vec::new();
+        let mut buf = [0u8; 4096];
+        while !seen.windows(4).any(|w| w == b"\r\n\r\n") {
+            let n = socket.read(&mut buf).await.unwrap();
+            assert!(n > 0, "closed mid-request");
+            seen.extend_from_slice(&buf[..n]);
+        }
+        socket
+            .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n")
+            .await
+            .unwrap();
+        String::from_utf8_lossy(&seen).into_owned()
+    }
+
+    fn finished_job(url: &str) -> JobRecord {
+        let request: flotilla_proto::JobRequest = serde_json::from_value(serde_json::json!({
+            "job_id": "hook-1", "agent_id": "a", "engine": "shell", "profile": "default",
+            "prompt": "true", "timeout_seconds": 60, "created_at": Utc::now(),
+            "resources": {"memory_bytes": 1 << 30, "nano_cpus": 1_000_000_000},
+            "webhook_url": url,
+        }))
+        .unwrap();
+        JobRecord::pending(&request)
+    }
+
+    #[tokio::test]
+    async fn a_rebinding_name_cannot_move_the_webhook_to_another_address() {
+        // The checked answer is 127.0.0.1; the name then rebinds to 127.0.0.2, where another
+        // listener waits on the same port. (Loopback both, so nothing leaves this machine:
+        // allow_private skips the address classes, which `flotilla_catalog` tests, not the pin.)
+        let checked = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = checked.local_addr().unwrap().port();
+        let Ok(rebound) = TcpListener::bind(("127.0.0.2", port)).await else {
+            panic!("127.0.0.2:{port} is taken; run the test again");
+        };
+        let resolver = Arc::new(Rebinding {
+            answers: Mutex::new(VecDeque::from([
+                "127.0.0.1".parse().unwrap(),
+                "127.0.0.2".parse().unwrap(),
+            ])),
+            lookups: Mutex::new(0),
+        });
+        let config = WebhookConfig {
+            secret: None,
+            allow_private: true,
+            timeout: Duration::from_secs(10),
+        };
+        let sender = Sender::new(config, resolver.clone()).unwrap();
+        let url = format!("http://rebind.invalid:{port}/hook");
+        let record = finished_job(&url);
+        // Whichever listener the request reaches answers it.
+        let answered = tokio::spawn(async move {
+            tokio::select! {
+                seen = receive(&checked) => ("the checked address", seen),
+                seen = receive(&rebound) => ("the rebound address", seen),
+            }
+        });
+        let outcome = sender.post(&record, 1).await;
+        let (reached, seen) = answered.await.unwrap();
+        assert_eq!(reached, "the checked address", "{seen}");
+        assert!(matches!(outcome, Outcome::Answered(200)), "{seen}");
+        // The name is the receiver's: it is the Host header (and would be the TLS name).
+        let host = format!("host: rebind.invalid:{port}\r\n");
+        assert!(seen.to_ascii_lowercase().contains(&host), "{seen}");
+        assert_eq!(
+            *resolver.lookups.lock().unwrap(),
+            1,
+            "resolved once, at the check"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_name_that_resolves_private_is_refused_without_connecting() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let resolver = Arc::new(Rebinding {
+            answers: Mutex::new(VecDeque::from(["127.0.0.1".parse().unwrap()])),
+            lookups: Mutex::new(0),
+        });
+        let config = WebhookConfig {
+            secret: None,
+            allow_private: false,
+            timeout: Duration::from_secs(10),
+        };
+        let sender = Sender::new(config, resolver).unwrap();
+        let record = finished_job(&format!("http://rebind.invalid:{port}/hook"));
+        match sender.post(&record, 1).await {
+            Outcome::Refused(e) => assert!(e.contains("loopback"), "{e}"),
+            _ => panic!("a loopback answer must be refused"),
+        }
+        assert!(listener.accept().now_or_never().is_none());
+    }
 
     #[test]
     fn retries_back_off() {

@@ -24,8 +24,20 @@ pub struct Config {
     pub prices: Prices,
     /// Cap on a request body from a job (prompts with images can be large).
     pub max_request_bytes: usize,
-    /// How long an upstream may take to start answering.
+    /// How long an upstream may take to start answering (and, for an answer the job left
+    /// half-read, to send each further chunk).
     pub upstream_timeout: Duration,
+    /// Requests of one job in the gateway at once, from reading the body to the answer's
+    /// end: beyond it, 429.
+    pub max_concurrent_per_job: usize,
+    /// Requests in the gateway at once, all jobs together: beyond it, 503.
+    pub max_concurrent: usize,
+    /// Where `/metrics` is served instead of `listen`, which jobs reach; `None` keeps it on
+    /// `listen`. Bound by the caller, as `listen` is (see [`crate::Listeners`]).
+    pub metrics_listen: Option<SocketAddr>,
+    /// Beta flags (`anthropic-beta`, `openai-beta` values) every job may send, beside the
+    /// built-in harmless ones.
+    pub allowed_betas: Vec<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -84,6 +96,8 @@ impl SecretSource for ProcessSecrets {
 #[serde(deny_unknown_fields)]
 struct ConfigFile {
     #[serde(default)]
+    allowed_betas: Vec<String>,
+    #[serde(default)]
     providers: BTreeMap<String, ProviderSection>,
     #[serde(default)]
     prices: BTreeMap<String, PriceSection>,
@@ -113,6 +127,8 @@ struct PriceSection {
 pub struct Upstreams {
     pub providers: BTreeMap<String, Provider>,
     pub prices: Prices,
+    /// Beta flags every job may send beside the built-in ones (top-level `allowed_betas`).
+    pub allowed_betas: Vec<String>,
 }
 
 impl Upstreams {
@@ -155,6 +171,7 @@ impl Upstreams {
         Ok(Self {
             providers,
             prices: Prices::new(prices),
+            allowed_betas: file.allowed_betas,
         })
     }
 }
@@ -266,6 +283,20 @@ mod tests {
         let flash = upstreams.prices.get("gemini-2.5-flash").unwrap().input;
         let lite = upstreams.prices.get("gemini-2.5-flash-lite").unwrap().input;
         assert!(lite < flash, "{lite} {flash}");
+    }
+
+    #[test]
+    fn beta_flags_for_every_job_come_from_the_top_of_the_file() {
+        let none = Fake(BTreeMap::new());
+        assert!(
+            Upstreams::parse(DEFAULT_CONFIG, &none)
+                .unwrap()
+                .allowed_betas
+                .is_empty()
+        );
+        let text = "allowed_betas = [\"context-1m-2025-08-07\"]\n[providers.x]\nkind = \"openai\"\nbase_url = \"http://a\"\n";
+        let upstreams = Upstreams::parse(text, &none).unwrap();
+        assert_eq!(upstreams.allowed_betas, ["context-1m-2025-08-07"]);
     }
 
     #[test]

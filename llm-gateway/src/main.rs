@@ -36,6 +36,16 @@ struct Args {
         default_value_t = 600
     )]
     upstream_timeout_secs: u64,
+    /// Requests of one job at once (beyond: 429 with Retry-After).
+    #[arg(long, env = "FLOTILLA_LLM_MAX_CONCURRENT_PER_JOB", default_value_t = 8)]
+    max_concurrent_per_job: usize,
+    /// Requests of all jobs at once (beyond: 503 with Retry-After). Each may hold a body of
+    /// up to FLOTILLA_LLM_MAX_REQUEST_BYTES.
+    #[arg(long, env = "FLOTILLA_LLM_MAX_CONCURRENT", default_value_t = 256)]
+    max_concurrent: usize,
+    /// Serve /metrics here, and not on the address jobs reach.
+    #[arg(long, env = "FLOTILLA_LLM_METRICS_LISTEN")]
+    metrics_listen: Option<SocketAddr>,
     #[command(flatten)]
     topology: flotilla_nats::TopologyArgs,
     #[command(flatten)]
@@ -50,15 +60,21 @@ async fn main() -> ExitCode {
 }
 
 async fn run(config: llm_gateway::Config, shutdown: CancellationToken) -> anyhow::Result<()> {
-    let listener = flotilla_service::bind(config.listen).await?;
-    llm_gateway::run(config, listener, shutdown).await?;
+    let jobs = flotilla_service::bind(config.listen).await?;
+    let metrics = match config.metrics_listen {
+        Some(addr) => Some(flotilla_service::bind(addr).await?),
+        None => None,
+    };
+    let listeners = llm_gateway::Listeners { jobs, metrics };
+    llm_gateway::run(config, listeners, shutdown).await?;
     Ok(())
 }
 
 fn config(args: Args) -> anyhow::Result<llm_gateway::Config> {
     let text = match &args.config {
-        Some(path) => std::fs::read_to_string(path)
-            .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?,
+        Some(path) => {
+            std::fs::read_to_string(path).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?
+        }
         None => llm_gateway::DEFAULT_CONFIG.to_owned(),
     };
     // Credentials come from the variables and files the config names, read here only.
@@ -72,5 +88,9 @@ fn config(args: Args) -> anyhow::Result<llm_gateway::Config> {
         prices: upstreams.prices,
         max_request_bytes: args.max_request_bytes,
         upstream_timeout: Duration::from_secs(args.upstream_timeout_secs.max(1)),
+        max_concurrent_per_job: args.max_concurrent_per_job.max(1),
+        max_concurrent: args.max_concurrent.max(1),
+        metrics_listen: args.metrics_listen,
+        allowed_betas: upstreams.allowed_betas,
     })
 }

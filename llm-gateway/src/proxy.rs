@@ -1,5 +1,6 @@
-//! `/<provider>/<path>`: check the job token, swap in the real credential, forward, stream the
-//! answer back unbuffered while metering it, and charge the job.
+//! `/<provider>/<path>`: check the job token and what it asks for, swap in the real
+//! credential, forward, stream the answer back unbuffered while metering it, and charge the
+//! job.
 
 use std::{
     pin::Pin,
@@ -22,8 +23,10 @@ use crate::{
     AppState,
     config::{Provider, ProviderKind},
     inflight::{self, Reservation},
+    limits::{Busy, Permit},
     meter::{Meter, Price, Tokens},
     metrics::Spender,
+    policy::{self, Endpoint, PolicyError},
 };
 
 /// Request headers a job may send upstream; everything else (its token above all) stays here.
@@ -63,6 +66,8 @@ pub(crate) struct Refusal {
     outcome: &'static str,
     message: String,
     source: Option<Box<dyn std::error::Error + Send + Sync>>,
+    /// Seconds to send as `Retry-After`, for a refusal that is only for now.
+    retry_after: Option<u32>,
 }
 
 impl Refusal {
@@ -72,6 +77,7 @@ impl Refusal {
             outcome,
             message: message.into(),
             source: None,
+            retry_after: None,
         }
     }
 
@@ -114,11 +120,13 @@ impl Refusal {
         let body = match kind {
             ProviderKind::Anthropic => {
                 let error_type = match status {
+                    StatusCode::BAD_REQUEST => "invalid_request_error",
                     StatusCode::UNAUTHORIZED => "authentication_error",
                     StatusCode::FORBIDDEN => "permission_error",
                     StatusCode::NOT_FOUND => "not_found_error",
                     StatusCode::PAYLOAD_TOO_LARGE => "request_too_large",
                     StatusCode::PAYMENT_REQUIRED => "billing_error",
+                    StatusCode::TOO_MANY_REQUESTS => "rate_limit_error",
                     StatusCode::SERVICE_UNAVAILABLE => "overloaded_error",
                     _ => "api_error",
                 };
@@ -126,11 +134,13 @@ impl Refusal {
             }
             ProviderKind::Openai => {
                 let code = match status {
+                    StatusCode::BAD_REQUEST => "invalid_request",
                     StatusCode::UNAUTHORIZED => "invalid_api_key",
                     StatusCode::FORBIDDEN => "permission_denied",
                     StatusCode::NOT_FOUND => "not_found",
                     StatusCode::PAYLOAD_TOO_LARGE => "request_too_large",
                     StatusCode::PAYMENT_REQUIRED => "budget_exceeded",
+                    StatusCode::TOO_MANY_REQUESTS => "rate_limit_exceeded",
                     _ => "upstream_error",
                 };
                 json!({"error": {"message": self.message, "type": "invalid_request_error", "code": code}})
@@ -142,7 +152,9 @@ impl Refusal {
                     StatusCode::UNAUTHORIZED => "UNAUTHENTICATED",
                     StatusCode::FORBIDDEN => "PERMISSION_DENIED",
                     StatusCode::NOT_FOUND => "NOT_FOUND",
-                    StatusCode::PAYMENT_REQUIRED => "RESOURCE_EXHAUSTED",
+                    StatusCode::PAYMENT_REQUIRED | StatusCode::TOO_MANY_REQUESTS => {
+                        "RESOURCE_EXHAUSTED"
+                    }
                     StatusCode::SERVICE_UNAVAILABLE | StatusCode::BAD_GATEWAY => "UNAVAILABLE",
                     StatusCode::GATEWAY_TIMEOUT => "DEADLINE_EXCEEDED",
                     _ => "INTERNAL",
@@ -150,7 +162,37 @@ impl Refusal {
                 json!({"error": {"code": status.as_u16(), "message": self.message, "status": rpc_status}})
             }
         };
-        (status, axum::Json(body)).into_response()
+        let mut response = (status, axum::Json(body)).into_response();
+        if let Some(secs) = self.retry_after {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(secs));
+        }
+        response
+    }
+}
+
+/// What the job may not ask for is 403; a request the gateway cannot check is 400.
+impl From<PolicyError> for Refusal {
+    fn from(error: PolicyError) -> Self {
+        match error.forbidden() {
+            true => Self::forbidden(error.to_string()),
+            false => Self::new(StatusCode::BAD_REQUEST, "bad_request", error.to_string()),
+        }
+    }
+}
+
+/// Over the job's cap is 429, over the gateway's 503; either is worth a retry in a second.
+impl From<Busy> for Refusal {
+    fn from(busy: Busy) -> Self {
+        let (status, outcome) = match busy {
+            Busy::Job { .. } => (StatusCode::TOO_MANY_REQUESTS, "rate_limited"),
+            Busy::Gateway { .. } => (StatusCode::SERVICE_UNAVAILABLE, "overloaded"),
+        };
+        Self {
+            retry_after: Some(1),
+            ..Self::new(status, outcome, busy.to_string())
+        }
     }
 }
 
@@ -182,8 +224,10 @@ pub(crate) async fn forward(
 }
 
 /// One admitted request, checked, forwarded and streamed back metered. Refusals come in this
-/// order: the job's token, the provider's credential, the body's size, the model (allowed,
-/// and priced when the job has a budget), the budget, then the upstream call.
+/// order: the job's token, the provider's credential, the API (method and path), the beta
+/// flags, the caps on requests at once, the body (its size, then that it parses and names a
+/// model), provider-side tools, the model (allowed, and priced when the job has a budget),
+/// the budget, then the upstream call.
 async fn relay(
     state: &Arc<AppState>,
     name: &str,
@@ -201,10 +245,14 @@ async fn relay(
     let (grant, spent) = admit(state, name, &parts.headers, query_token.as_deref()).await?;
     let span = call_span(name, &grant);
     check_credential(name, provider)?;
-    let body = read_body(state, body).await?;
     let url = upstream_url(provider, path, query.as_deref());
-    let mut json: Option<Value> = serde_json::from_slice(&body).ok().filter(Value::is_object);
-    let model = requested_model(provider.kind, &url, json.as_ref())?;
+    let endpoint = policy::endpoint(provider, &parts.method, path, &url)?;
+    policy::check_betas(&parts.headers, &state.config.allowed_betas, &grant)?;
+    let permit = state.limits.try_acquire(&grant.job_id)?;
+    let body = read_body(state, body).await?;
+    let mut json = policy::parse_body(&endpoint, &body)?;
+    let model = policy::requested_model(&endpoint, json.as_ref())?;
+    policy::check_tools(&endpoint, json.as_ref(), &grant)?;
     let price = check_model(state, &grant, model.as_deref())?;
     check_budget(state, &grant, spent.as_ref()).await?;
     let reservation = match (grant.max_budget_usd, price) {
@@ -214,7 +262,10 @@ async fn relay(
         }
         _ => None,
     };
-    let body = ask_for_usage(provider.kind, path, json.as_mut(), body);
+    let body = ask_for_usage(&endpoint, json.as_mut(), body);
+    // The parsed body can be several times the size of its bytes: not kept for the upstream's
+    // answer, which may take minutes.
+    drop(json);
     let upstream = upstream_request(&parts, path, &url, provider, body)?;
     let response = send(state, name, upstream).await?;
     span.record("status", response.status().as_u16());
@@ -225,6 +276,7 @@ async fn relay(
         request_model: model,
         span,
         _reservation: reservation,
+        _permit: permit,
     };
     Ok(metered_answer(provider.kind, response, charge))
 }
@@ -283,23 +335,6 @@ fn upstream_url(provider: &Provider, path: &str, query: Option<&str>) -> url::Ur
     url
 }
 
-/// The model the request asks for: the body's `model`, or for Gemini the one its path names.
-fn requested_model(
-    kind: ProviderKind,
-    url: &url::Url,
-    json: Option<&Value>,
-) -> Result<Option<String>, Refusal> {
-    let body_model = json.and_then(|v| v["model"].as_str()).map(str::to_owned);
-    Ok(match kind {
-        // Gemini names the model in the path; a body `model` (cachedContents, batches) is
-        // `models/<name>`.
-        ProviderKind::Google => google_model(url)?.or_else(|| {
-            body_model.map(|m| m.strip_prefix("models/").map(str::to_owned).unwrap_or(m))
-        }),
-        _ => body_model,
-    })
-}
-
 /// Refuses a model the job's profile does not allow, or one without a price when the job has
 /// a budget; answers the model's price.
 fn check_model<'a>(
@@ -331,9 +366,8 @@ fn check_model<'a>(
 }
 
 /// OpenAI streams report usage only when asked to: ask, so streamed answers are metered.
-fn ask_for_usage(kind: ProviderKind, path: &str, json: Option<&mut Value>, body: Bytes) -> Bytes {
-    if kind == ProviderKind::Openai
-        && path.ends_with("chat/completions")
+fn ask_for_usage(endpoint: &Endpoint, json: Option<&mut Value>, body: Bytes) -> Bytes {
+    if *endpoint == Endpoint::ChatCompletions
         && let Some(v) = json
         && v["stream"] == Value::Bool(true)
     {
@@ -408,6 +442,7 @@ fn metered_answer(
         inner: http_body_util::BodyDataStream::new(upstream_body)
             .map(|chunk| chunk.map_err(std::io::Error::other))
             .boxed(),
+        done: false,
         meter: Some(Meter::new(kind, sse)),
         charge: Some(charge),
         settling: None,
@@ -620,44 +655,6 @@ fn without_key_param(query: Option<&str>) -> (Option<String>, Option<String>) {
     (kept, key)
 }
 
-/// The model a Gemini API path names: `…/models/<model>[:method]` (or `tunedModels/<name>`,
-/// which no allow-list of base models matches). Read from the URL that goes upstream, where
-/// dot-segments are already resolved, so `flash/../pro` cannot pass for `flash`; a name outside
-/// `[A-Za-z0-9._-]` (a `%` escape the upstream would decode, say) is refused rather than guessed.
-fn google_model(url: &url::Url) -> Result<Option<String>, Refusal> {
-    let segments: Vec<&str> = url
-        .path_segments()
-        .map(Iterator::collect)
-        .unwrap_or_default();
-    let Some(at) = segments
-        .iter()
-        .position(|s| *s == "models" || *s == "tunedModels")
-    else {
-        return Ok(None);
-    };
-    let Some(segment) = segments.get(at + 1).filter(|s| !s.is_empty()) else {
-        // A listing (`GET /v1beta/models`) names no model.
-        return Ok(None);
-    };
-    let name = segment.split(':').next().unwrap_or_default();
-    let valid = !name.is_empty()
-        && name
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
-    if !valid {
-        return Err(Refusal::new(
-            StatusCode::BAD_REQUEST,
-            "bad_request",
-            format!("{name:?} is not a model name"),
-        ));
-    }
-    Ok(Some(if segments[at] == "tunedModels" {
-        format!("tunedModels/{name}")
-    } else {
-        name.to_owned()
-    }))
-}
-
 fn forwarded_request_headers(headers: &HeaderMap, provider: &Provider) -> HeaderMap {
     let mut out = HeaderMap::new();
     for name in FORWARDED_REQUEST_HEADERS {
@@ -736,6 +733,9 @@ struct Charge {
     span: tracing::Span,
     /// Held until the charge is settled (or dropped with the answer).
     _reservation: Option<Reservation>,
+    /// The request's place under the caps on requests at once, held as long as the
+    /// reservation.
+    _permit: Permit,
 }
 
 impl Charge {
@@ -793,11 +793,15 @@ impl Charge {
     }
 }
 
+type Chunks = BoxStream<'static, Result<Bytes, std::io::Error>>;
+
 /// The upstream's answer on its way to the job: passed on chunk by chunk as it arrives, seen
 /// by the meter, and charged to the job before the answer ends (so the job's next request
 /// sees its spend).
 struct MeteredBody {
-    inner: BoxStream<'static, Result<Bytes, std::io::Error>>,
+    inner: Chunks,
+    /// The upstream's answer has ended (or failed): nothing more to read from `inner`.
+    done: bool,
     meter: Option<Meter>,
     charge: Option<Charge>,
     settling: Option<BoxFuture<'static, ()>>,
@@ -821,7 +825,10 @@ impl Stream for MeteredBody {
                     }
                     return Poll::Ready(Some(Ok(bytes)));
                 }
-                Some(Err(e)) => return Poll::Ready(Some(Err(e))),
+                Some(Err(e)) => {
+                    this.done = true;
+                    return Poll::Ready(Some(Err(e)));
+                }
                 None => match (this.meter.take(), this.charge.take()) {
                     (Some(meter), Some(charge)) => {
                         let (tokens, model) = meter.finish();
@@ -835,15 +842,32 @@ impl Stream for MeteredBody {
 }
 
 impl Drop for MeteredBody {
-    /// The job went away mid-answer (or the upstream failed): still charge what was seen.
+    /// The job went away mid-answer (or the upstream failed). The provider bills the whole
+    /// answer, whose usage often comes last: read the rest of it to charge it all.
     fn drop(&mut self) {
         if let Some(settling) = self.settling.take() {
             tokio::spawn(settling);
         } else if let (Some(meter), Some(charge)) = (self.meter.take(), self.charge.take()) {
-            let (tokens, model) = meter.finish();
-            tokio::spawn(charge.settle(tokens, model));
+            let rest = (!self.done)
+                .then(|| std::mem::replace(&mut self.inner, futures::stream::empty().boxed()));
+            tokio::spawn(read_to_end_and_settle(rest, meter, charge));
         }
     }
+}
+
+/// Reads what is left of an answer its job no longer reads, through the meter, then charges
+/// the job. A stalled upstream is given up on after the upstream timeout without a chunk
+/// (then what was seen is charged). The charge holds the request's permit meanwhile, so the
+/// caps on requests at once bound these reads too.
+async fn read_to_end_and_settle(rest: Option<Chunks>, mut meter: Meter, charge: Charge) {
+    if let Some(mut rest) = rest {
+        let idle = charge.state.config.upstream_timeout;
+        while let Ok(Some(Ok(bytes))) = tokio::time::timeout(idle, rest.next()).await {
+            meter.feed(&bytes);
+        }
+    }
+    let (tokens, model) = meter.finish();
+    charge.settle(tokens, model).await;
 }
 
 #[cfg(test)]
@@ -918,45 +942,5 @@ mod tests {
         for (map, query, expected) in cases {
             assert_eq!(job_token(&map, query), expected, "{map:?} {query:?}");
         }
-    }
-
-    #[test]
-    fn gemini_models_are_read_from_the_upstream_path() {
-        let model = |path: &str| {
-            let mut url = url::Url::parse("https://generativelanguage.googleapis.com").unwrap();
-            url.set_path(path);
-            google_model(&url).map_err(|r| r.status)
-        };
-        let ok = |m: &str| Ok(Some(m.to_owned()));
-        assert_eq!(
-            model("/v1beta/models/gemini-2.5-pro:generateContent"),
-            ok("gemini-2.5-pro")
-        );
-        assert_eq!(
-            model("/v1beta/models/gemini-2.5-flash:streamGenerateContent"),
-            ok("gemini-2.5-flash")
-        );
-        assert_eq!(model("/v1beta/models/gemini-2.5-pro"), ok("gemini-2.5-pro"));
-        assert_eq!(model("/v1beta/models"), Ok(None));
-        assert_eq!(model("/v1beta/models/"), Ok(None));
-        assert_eq!(model("/v1beta/cachedContents"), Ok(None));
-        assert_eq!(
-            model("/v1beta/tunedModels/mine:generateContent"),
-            ok("tunedModels/mine")
-        );
-        // Dot-segments are resolved before the model is read: this calls pro, not flash.
-        assert_eq!(
-            model("/v1beta/models/gemini-2.5-flash/../gemini-2.5-pro:generateContent"),
-            ok("gemini-2.5-pro")
-        );
-        // An escape the upstream would decode is not guessed at.
-        assert_eq!(
-            model("/v1beta/models/gemini-2.5-flash%2Fx:generateContent"),
-            Err(StatusCode::BAD_REQUEST)
-        );
-        assert_eq!(
-            model("/v1beta/models/:generateContent"),
-            Err(StatusCode::BAD_REQUEST)
-        );
     }
 }

@@ -7,8 +7,7 @@ use chrono::Utc;
 use flotilla_nats::{Topology, TopologyConfig};
 use flotilla_proto::{JobRecord, JobStatus, LlmGrant};
 use flotilla_testkit::{
-    MockLlm, NatsServer, TEST_ANTHROPIC_KEY, TEST_GOOGLE_KEY, TEST_OPENAI_KEY, mock_llm,
-    wait_until,
+    MockLlm, NatsServer, TEST_ANTHROPIC_KEY, TEST_GOOGLE_KEY, TEST_OPENAI_KEY, mock_llm, wait_until,
 };
 use llm_gateway::{Config, SecretSource, Upstreams};
 use serde_json::{Value, json};
@@ -34,6 +33,8 @@ struct Harness {
     _nats: NatsServer,
     mock: MockLlm,
     url: String,
+    /// `/metrics` when it has a listener of its own.
+    metrics_url: Option<String>,
     topology: Topology,
     http: reqwest::Client,
     shutdown: CancellationToken,
@@ -66,13 +67,19 @@ impl SecretSource for AnthropicOnly {
 }
 
 async fn harness_with(keys: &dyn SecretSource) -> Harness {
+    harness_custom(keys, |_| {}).await
+}
+
+/// A gateway whose config `change` bends (with `/metrics` on a listener of its own when the
+/// config names one: then on a free port, which `metrics_url` gives).
+async fn harness_custom(keys: &dyn SecretSource, change: impl FnOnce(&mut Config)) -> Harness {
     let nats = NatsServer::start().await.unwrap();
     let mock = MockLlm::start().await.unwrap();
     let text = mock_llm::gateway_config(&mock.url());
     let upstreams = Upstreams::parse(&text, keys).unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = listener.local_addr().unwrap().port();
-    let config = Config {
+    let mut config = Config {
         listen: ([127, 0, 0, 1], port).into(),
         nats_url: nats.url(),
         nats: flotilla_nats::NatsOptions::default(),
@@ -81,9 +88,25 @@ async fn harness_with(keys: &dyn SecretSource) -> Harness {
         prices: upstreams.prices,
         max_request_bytes: 1 << 20,
         upstream_timeout: Duration::from_secs(30),
+        max_concurrent_per_job: 8,
+        max_concurrent: 256,
+        metrics_listen: None,
+        allowed_betas: upstreams.allowed_betas,
+    };
+    change(&mut config);
+    let metrics = match config.metrics_listen {
+        Some(_) => Some(tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap()),
+        None => None,
+    };
+    let metrics_url = metrics
+        .as_ref()
+        .map(|l| format!("http://{}/metrics", l.local_addr().unwrap()));
+    let listeners = llm_gateway::Listeners {
+        jobs: listener,
+        metrics,
     };
     let shutdown = CancellationToken::new();
-    tokio::spawn(llm_gateway::run(config, listener, shutdown.clone()));
+    tokio::spawn(llm_gateway::run(config, listeners, shutdown.clone()));
     let client = flotilla_nats::connect(&nats.url(), "test", &Default::default())
         .await
         .unwrap();
@@ -102,6 +125,7 @@ async fn harness_with(keys: &dyn SecretSource) -> Harness {
         _nats: nats,
         mock,
         url,
+        metrics_url,
         topology,
         http,
         shutdown,
@@ -954,4 +978,473 @@ async fn gemini_streams_pass_through_are_metered_exactly_and_the_budget_cuts_off
         metrics.contains(&format!("flotilla_llm_tokens_total{{provider=\"google\",engine=\"gemini\",profile=\"default\",agent_id=\"agent-7\",kind=\"output\"}} {}", 2 * one.1)),
         "{metrics}"
     );
+}
+
+/// A job allowed all three providers, sonnet and gpt-5 models, and `tools` by name.
+async fn any_provider_job(h: &Harness, job_id: &str, tools: &[&str]) -> String {
+    h.running_job(job_id).await;
+    let mut g = grant(job_id);
+    g.providers = ["anthropic", "openai", "google"]
+        .map(str::to_owned)
+        .to_vec();
+    g.models = ["claude-sonnet-4-5*", "gpt-5*", "gemini-2.5-pro"]
+        .map(str::to_owned)
+        .to_vec();
+    g.allowed_provider_tools = tools.iter().map(|t| (*t).to_owned()).collect();
+    h.topology.grants.issue(&g).await.unwrap()
+}
+
+impl Harness {
+    /// `method` `/<path>` with the job's token where each provider looks for it, `body` as
+    /// JSON (or as raw bytes when it is a string), and extra `headers`.
+    async fn call(
+        &self,
+        token: &str,
+        method: &str,
+        path: &str,
+        body: Option<Value>,
+        headers: &[(&str, &str)],
+    ) -> (u16, String) {
+        let method = reqwest::Method::from_bytes(method.as_bytes()).unwrap();
+        let mut request = self
+            .http
+            .request(method, format!("{}/{path}", self.url))
+            .header("x-api-key", token)
+            .header("x-goog-api-key", token)
+            .bearer_auth(token);
+        for (name, value) in headers {
+            request = request.header(*name, *value);
+        }
+        request = match body {
+            Some(Value::String(raw)) => request.body(raw),
+            Some(json) => request.json(&json),
+            None => request,
+        };
+        let response = request.send().await.unwrap();
+        let status = response.status().as_u16();
+        (status, response.text().await.unwrap())
+    }
+}
+
+/// Batches, files, fine-tuning and every other API of the provider's account are refused
+/// before they reach it, in the provider's own error shape.
+#[tokio::test]
+async fn apis_outside_the_allow_list_are_refused_before_the_provider() {
+    let h = harness().await;
+    let token = any_provider_job(&h, "job-paths", &[]).await;
+    let claude = message("claude-sonnet-4-5", false);
+    let refused = [
+        ("POST", "anthropic/v1/messages/batches"),
+        ("GET", "anthropic/v1/messages/batches"),
+        ("GET", "anthropic/v1/messages/batches/msgbatch_1/results"),
+        ("POST", "anthropic/v1/files"),
+        ("GET", "anthropic/v1/files"),
+        ("DELETE", "anthropic/v1/files/file_1"),
+        ("GET", "anthropic/v1/messages"),
+        ("POST", "anthropic/v1/complete"),
+        ("POST", "anthropic/v1/skills"),
+        ("POST", "openai/v1/files"),
+        ("GET", "openai/v1/files"),
+        ("POST", "openai/v1/batches"),
+        ("POST", "openai/v1/fine_tuning/jobs"),
+        ("GET", "openai/v1/fine_tuning/jobs"),
+        ("POST", "openai/v1/vector_stores"),
+        ("POST", "openai/v1/assistants"),
+        ("GET", "openai/v1/responses/resp_1"),
+        ("DELETE", "openai/v1/responses/resp_1"),
+        ("POST", "openai/v1/chat/completions/extra"),
+        ("GET", "openai/v1/chat/completions"),
+        ("POST", "google/v1beta/files"),
+        ("POST", "google/v1beta/cachedContents"),
+        ("GET", "google/v1beta/cachedContents"),
+        ("POST", "google/v1beta/batches"),
+        ("POST", "google/v1beta/tunedModels"),
+        ("POST", "google/v1beta/tunedModels/mine:generateContent"),
+        (
+            "POST",
+            "google/v1beta/models/gemini-2.5-pro:batchGenerateContent",
+        ),
+        ("GET", "google/v1beta/models/gemini-2.5-pro:generateContent"),
+    ];
+    for (method, path) in refused {
+        let before = h.mock.requests().len();
+        let (status, text) = h
+            .call(&token, method, path, Some(claude.clone()), &[])
+            .await;
+        assert_eq!(status, 403, "{method} {path}: {text}");
+        let relative = path.split_once('/').unwrap().1;
+        assert!(
+            text.contains(&format!("{method} {relative} is not")),
+            "{method} {path}: {text}"
+        );
+        assert_eq!(
+            h.mock.requests().len(),
+            before,
+            "{method} {path} was forwarded"
+        );
+    }
+    // In the provider's own error shape.
+    let (_, text) = h
+        .call(&token, "POST", "anthropic/v1/files", None, &[])
+        .await;
+    let error: Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(error["error"]["type"], "permission_error", "{error}");
+}
+
+/// What jobs need still passes: model calls, token counts and model listings.
+#[tokio::test]
+async fn the_apis_jobs_need_pass() {
+    let h = harness().await;
+    let token = any_provider_job(&h, "job-apis", &[]).await;
+    let claude = message("claude-sonnet-4-5", false);
+    let allowed = [
+        (
+            "POST",
+            "anthropic/v1/messages?beta=true",
+            Some(claude.clone()),
+        ),
+        (
+            "POST",
+            "anthropic/v1/messages/count_tokens",
+            Some(claude.clone()),
+        ),
+        ("GET", "anthropic/v1/models", None),
+        ("GET", "openai/v1/models", None),
+        (
+            "POST",
+            "openai/v1/responses",
+            Some(json!({"model": "gpt-5", "input": "hi"})),
+        ),
+        ("GET", "google/v1beta/models", None),
+        (
+            "POST",
+            "google/v1beta/models/gemini-2.5-pro:countTokens",
+            Some(gemini_request()),
+        ),
+    ];
+    for (method, path, body) in allowed {
+        let (status, text) = h.call(&token, method, path, body, &[]).await;
+        assert_eq!(status, 200, "{method} {path}: {text}");
+    }
+    assert_eq!(h.mock.requests().len(), 7);
+}
+
+/// A body the gateway cannot read is not forwarded: not JSON, not an object, or nested beyond
+/// the parser's limit (which used to skip the model check: opus is not allowed here); nor is
+/// a model call that names no model.
+#[tokio::test]
+async fn a_body_the_gateway_cannot_check_is_refused() {
+    let h = harness().await;
+    let token = any_provider_job(&h, "job-bodies", &[]).await;
+    let deep = format!(
+        r#"{{"model":"claude-opus-4-1","max_tokens":1,"messages":[{}1{}]}}"#,
+        "[".repeat(200),
+        "]".repeat(200)
+    );
+    let unreadable = [
+        ("anthropic/v1/messages", deep),
+        ("anthropic/v1/messages", "not json".to_owned()),
+        ("anthropic/v1/messages", "[1, 2]".to_owned()),
+        ("openai/v1/chat/completions", String::new()),
+    ];
+    for (path, body) in unreadable {
+        let before = h.mock.requests().len();
+        let (status, text) = h
+            .call(&token, "POST", path, Some(Value::String(body)), &[])
+            .await;
+        assert_eq!(status, 400, "{path}: {text}");
+        assert!(text.contains("not a JSON object"), "{path}: {text}");
+        assert_eq!(h.mock.requests().len(), before, "{path}: {text}");
+    }
+    let nameless = [
+        (
+            "anthropic/v1/messages",
+            json!({"max_tokens": 1, "messages": []}),
+        ),
+        (
+            "anthropic/v1/messages/count_tokens",
+            json!({"messages": []}),
+        ),
+        ("anthropic/v1/messages", json!({"model": 5, "messages": []})),
+        ("openai/v1/chat/completions", json!({"messages": []})),
+        ("openai/v1/responses", json!({"input": "hi"})),
+    ];
+    for (path, body) in nameless {
+        let before = h.mock.requests().len();
+        let (status, text) = h.call(&token, "POST", path, Some(body), &[]).await;
+        assert_eq!(status, 400, "{path}: {text}");
+        assert!(text.contains("names no model"), "{path}: {text}");
+        assert_eq!(h.mock.requests().len(), before, "{path}: {text}");
+    }
+}
+
+/// A job that hangs up mid-answer still pays for all of it: the gateway reads the upstream
+/// to its end, as the provider bills it.
+#[tokio::test]
+async fn a_job_that_drops_a_streamed_answer_is_charged_for_all_of_it() {
+    let h = harness().await;
+    let token = any_provider_job(&h, "job-dropped", &[]).await;
+    h.mock.hold();
+    let calls = [
+        ("anthropic/v1/messages", message("claude-sonnet-4-5", true)),
+        (
+            "openai/v1/chat/completions",
+            json!({"model": "gpt-5", "stream": true,
+                   "messages": [{"role": "user", "content": "hi"}]}),
+        ),
+    ];
+    for (path, body) in calls {
+        let mut response = h
+            .http
+            .post(format!("{}/{path}", h.url))
+            .header("x-api-key", &token)
+            .bearer_auth(&token)
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200, "{path}");
+        response.chunk().await.unwrap().expect("the first event");
+        drop(response);
+    }
+    // Let the gateway see both jobs' connections close while the upstream still holds the
+    // answers' usage.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    h.mock.release();
+    let charged = wait_until(Duration::from_secs(10), "both answers charged", || async {
+        let usage = h.record("job-dropped").await.usage?;
+        let full = (usage.cost_usd - (ANTHROPIC_COST + OPENAI_COST)).abs() < 1e-12;
+        (usage.requests == 2 && full).then_some(usage)
+    })
+    .await;
+    let usage = h.record("job-dropped").await.usage;
+    assert!(charged.is_ok(), "{usage:?}");
+}
+
+/// (path, body, `anthropic-beta`, status without any allowance, status for a job whose
+/// profile allows `web_search` and `mcp`)
+type ToolCase = (&'static str, Value, Option<&'static str>, u16, u16);
+
+/// Runs `cases` for a job allowed no provider-side tool and one allowed `web_search` and
+/// `mcp`; a refusal says how a profile allows the tool, and is not forwarded.
+async fn check_tool_cases(h: &Harness, cases: Vec<ToolCase>) {
+    let plain = any_provider_job(h, "job-tools-none", &[]).await;
+    let allowed = any_provider_job(h, "job-tools-some", &["web_search", "mcp"]).await;
+    for (path, body, beta, without, with) in cases {
+        for (token, expected) in [(&plain, without), (&allowed, with)] {
+            let before = h.mock.requests().len();
+            let headers: Vec<(&str, &str)> =
+                beta.map(|b| ("anthropic-beta", b)).into_iter().collect();
+            let (status, text) = h
+                .call(token, "POST", path, Some(body.clone()), &headers)
+                .await;
+            assert_eq!(status, expected, "{path} {body} {beta:?}: {text}");
+            let forwarded = h.mock.requests().len() - before;
+            assert_eq!(forwarded, usize::from(expected == 200), "{path} {body}");
+            if expected == 403 {
+                assert!(text.contains("allowed_provider_tools"), "{text}");
+            }
+        }
+    }
+}
+
+/// Anthropic's server tools that reach the internet (web search and fetch, the MCP
+/// connector) and beta flags pass only when the job's profile names them; the client's own
+/// tools, and harmless or gateway-wide betas, always pass.
+#[tokio::test]
+async fn anthropic_server_tools_and_betas_pass_only_when_the_profile_names_them() {
+    let h = harness().await;
+    let claude = |extra: Value| {
+        let mut body = message("claude-sonnet-4-5", false);
+        for (k, v) in extra.as_object().unwrap() {
+            body[k] = v.clone();
+        }
+        body
+    };
+    let search = claude(json!({"tools": [{"type": "web_search_20250305", "name": "web_search"}]}));
+    let fetch = claude(json!({"tools": [{"type": "web_fetch_20250910", "name": "web_fetch"}]}));
+    let mcp = claude(
+        json!({"mcp_servers": [{"type": "url", "url": "https://mcp.example.com/sse", "name": "x"}]}),
+    );
+    let client_side = claude(json!({"tools": [
+        {"name": "Read", "description": "read a file", "input_schema": {"type": "object"}},
+        {"type": "custom", "name": "f", "input_schema": {"type": "object"}},
+        {"type": "bash_20250124", "name": "bash"},
+        {"type": "text_editor_20250728", "name": "str_replace_based_edit_tool"}
+    ]}));
+    let plain = || claude(json!({}));
+    let (messages, count) = (
+        "anthropic/v1/messages",
+        "anthropic/v1/messages/count_tokens",
+    );
+    check_tool_cases(
+        &h,
+        vec![
+            (messages, plain(), None, 200, 200),
+            (messages, client_side, None, 200, 200),
+            (messages, search.clone(), None, 403, 200),
+            (count, search, None, 403, 200),
+            (messages, fetch, Some("web-fetch-2025-09-10"), 403, 403),
+            (messages, mcp, Some("mcp-client-2025-04-04"), 403, 200),
+            (messages, plain(), Some("files-api-2025-04-14"), 403, 403),
+            // Built-in flags, the gateway config's own, several in one header.
+            (
+                messages,
+                plain(),
+                Some("claude-code-20250219, interleaved-thinking-2025-05-14,fake-beta-2025"),
+                200,
+                200,
+            ),
+            // A flag is allowed through the tool it turns on.
+            (
+                messages,
+                plain(),
+                Some("claude-code-20250219,mcp-client-2025-04-04"),
+                403,
+                200,
+            ),
+        ],
+    )
+    .await;
+}
+
+/// OpenAI's hosted tools (web search, MCP, file search) and Chat Completions' web search, and
+/// Gemini's Google Search and URL context, pass only when the job's profile names them.
+#[tokio::test]
+async fn openai_and_gemini_hosted_tools_pass_only_when_the_profile_names_them() {
+    let h = harness().await;
+    let responses = |tools: Value| json!({"model": "gpt-5", "input": "hi", "tools": tools});
+    let gemini = |tools: Value| json!({"contents": [], "tools": tools});
+    let mcp =
+        json!([{"type": "mcp", "server_label": "x", "server_url": "https://mcp.example.com"}]);
+    let files = json!([{"type": "file_search", "vector_store_ids": ["vs_1"]}]);
+    let function = json!([{"type": "function", "name": "f", "parameters": {}}]);
+    let chat_search = json!({"model": "gpt-5", "messages": [], "web_search_options": {}});
+    let (resp, chat) = ("openai/v1/responses", "openai/v1/chat/completions");
+    let generate = "google/v1beta/models/gemini-2.5-pro:generateContent";
+    check_tool_cases(
+        &h,
+        vec![
+            (resp, responses(function), None, 200, 200),
+            (
+                resp,
+                responses(json!([{"type": "web_search_preview"}])),
+                None,
+                403,
+                200,
+            ),
+            (
+                resp,
+                responses(json!([{"type": "web_search"}])),
+                None,
+                403,
+                200,
+            ),
+            (resp, responses(mcp), None, 403, 200),
+            (resp, responses(files), None, 403, 403),
+            (chat, chat_search, None, 403, 200),
+            (
+                generate,
+                gemini(json!([{"functionDeclarations": [{"name": "f"}]}])),
+                None,
+                200,
+                200,
+            ),
+            (
+                generate,
+                gemini(json!([{"googleSearch": {}}])),
+                None,
+                403,
+                403,
+            ),
+            (
+                generate,
+                gemini(json!([{"url_context": {}}])),
+                None,
+                403,
+                403,
+            ),
+        ],
+    )
+    .await;
+}
+
+/// Requests at once are capped per job (429) and for the whole gateway (503), both with
+/// Retry-After, so no job can fill the gateway's memory with buffered bodies.
+#[tokio::test]
+async fn requests_at_once_are_capped_per_job_and_in_total() {
+    let h = harness_custom(&Keys, |config| {
+        config.max_concurrent_per_job = 2;
+        config.max_concurrent = 3;
+    })
+    .await;
+    let a = any_provider_job(&h, "job-busy-a", &[]).await;
+    let b = any_provider_job(&h, "job-busy-b", &[]).await;
+    h.mock.hold();
+    let open = |token: &str| {
+        h.http
+            .post(format!("{}/anthropic/v1/messages", h.url))
+            .header("x-api-key", token)
+            .json(&message("claude-sonnet-4-5", true))
+            .send()
+    };
+    let mut held = Vec::new();
+    for token in [&a, &a, &b] {
+        let mut response = open(token).await.unwrap();
+        assert_eq!(response.status(), 200);
+        response.chunk().await.unwrap().expect("the first event");
+        held.push(response);
+    }
+    // Job a has its two; job b its one, which fills the gateway.
+    let over_job = open(&a).await.unwrap();
+    assert_eq!(over_job.status(), 429);
+    assert_eq!(over_job.headers()["retry-after"], "1");
+    let text = over_job.text().await.unwrap();
+    assert!(
+        text.contains("rate_limit_error") && text.contains("2 requests"),
+        "{text}"
+    );
+    let over_all = open(&b).await.unwrap();
+    assert_eq!(over_all.status(), 503);
+    assert!(over_all.headers().contains_key("retry-after"));
+    let text = over_all.text().await.unwrap();
+    assert!(text.contains("overloaded_error"), "{text}");
+    assert_eq!(
+        h.mock.requests().len(),
+        3,
+        "refused requests are not forwarded"
+    );
+
+    // Once the answers end, both may call again.
+    h.mock.release();
+    for mut response in held {
+        while response.chunk().await.unwrap().is_some() {}
+    }
+    for token in [&a, &b] {
+        let (status, text) = h.messages(token, message("claude-sonnet-4-5", false)).await;
+        assert_eq!(status, 200, "{text}");
+    }
+}
+
+/// With a metrics listener of its own, `/metrics` is not on the address jobs reach.
+#[tokio::test]
+async fn metrics_are_kept_off_the_job_listener_when_they_have_their_own() {
+    let h = harness_custom(&Keys, |config| {
+        config.metrics_listen = Some(([127, 0, 0, 1], 0).into());
+    })
+    .await;
+    let on_jobs = h
+        .http
+        .get(format!("{}/metrics", h.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(on_jobs.status(), 404);
+    let text = on_jobs.text().await.unwrap();
+    assert!(text.contains("FLOTILLA_LLM_METRICS_LISTEN"), "{text}");
+    let metrics_url = h.metrics_url.clone().unwrap();
+    let metrics = h.http.get(metrics_url).send().await.unwrap();
+    assert_eq!(metrics.status(), 200);
+    let text = metrics.text().await.unwrap();
+    assert!(text.contains("flotilla_llm_requests_waiting"), "{text}");
 }

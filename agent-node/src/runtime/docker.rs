@@ -1,6 +1,6 @@
 //! Docker behind [`ContainerRuntime`], through bollard: hardened, labelled containers that run
 //! one job script each, the label filters of the reapers, the engine-binary probe and the
-//! fenced job network ([`network`]). Nothing outside this module sees a Docker type.
+//! fenced job network (`network.rs`). Nothing outside this module sees a Docker type.
 
 mod network;
 
@@ -12,7 +12,7 @@ use std::{
 use bollard::{
     Docker,
     container::LogOutput,
-    models::{ContainerCreateBody, HostConfig},
+    models::{ContainerCreateBody, HostConfig, HostConfigLogConfig, ResourcesUlimits},
     query_parameters::{
         AttachContainerOptionsBuilder, CreateContainerOptionsBuilder, ListContainersOptionsBuilder,
         RemoveContainerOptionsBuilder, RenameContainerOptionsBuilder, StopContainerOptionsBuilder,
@@ -35,6 +35,10 @@ use crate::script;
 const LAUNCHER: &str = "umask 077; cat > /tmp/.flotilla-job && exec /bin/sh /tmp/.flotilla-job";
 /// Unprivileged uid:gid inside every job container.
 const JOB_USER: &str = "65534:65534";
+/// Open files per process (soft, hard): what a build or a language server needs, not the
+/// million Docker's default can pass on from dockerd, which lets one job exhaust the host's
+/// file table.
+const NOFILE: (i64, i64) = (1024, 4096);
 /// Label saying whether a container waits in the pool (`warm`) or was started cold.
 const ROLE_LABEL: &str = "flotilla.role";
 const RUNTIME: &str = "docker";
@@ -317,6 +321,18 @@ impl ContainerRuntime for DockerRuntime {
                 .map_err(|e| RuntimeError::Network(Box::new(e)))
         })
     }
+
+    fn check_job_network<'a>(
+        &'a self,
+        network: &'a str,
+        gateway_port: u16,
+    ) -> BoxFuture<'a, Result<String, RuntimeError>> {
+        Box::pin(async move {
+            network::check(&self.docker, network, gateway_port)
+                .await
+                .map_err(|e| RuntimeError::Network(Box::new(e)))
+        })
+    }
 }
 
 /// The labels that make a container findable by the reapers (managed, node, system), its
@@ -344,7 +360,8 @@ fn network_mode(network: &Network) -> &str {
 }
 
 /// The hardened container: unprivileged user, no capabilities, no privilege escalation,
-/// read-only root, no network, bounded memory/CPU/pids, writable scratch only on tmpfs.
+/// read-only root, no network, bounded memory/CPU/pids/open files, writable scratch only on
+/// tmpfs, no log kept by Docker.
 fn container_body(spec: &ContainerSpec, labels: HashMap<String, String>) -> ContainerCreateBody {
     // The `--tmpfs` form, because mounts made through `Mounts` are always `noexec` before API
     // 1.46: a coding agent must run what it builds and installs (tests, `node_modules/.bin`,
@@ -367,6 +384,17 @@ fn container_body(spec: &ContainerSpec, labels: HashMap<String, String>) -> Cont
             ("/workspace".to_owned(), tmpfs(spec.workspace_bytes)),
             ("/tmp".to_owned(), tmpfs(64 << 20)),
         ])),
+        // The node reads the attach stream and keeps at most its per-attempt cap; any log
+        // driver would keep a second, uncapped copy (json-file: on the host's disk).
+        log_config: Some(HostConfigLogConfig {
+            typ: Some("none".to_owned()),
+            config: None,
+        }),
+        ulimits: Some(vec![ResourcesUlimits {
+            name: Some("nofile".to_owned()),
+            soft: Some(NOFILE.0),
+            hard: Some(NOFILE.1),
+        }]),
         ..Default::default()
     };
     ContainerCreateBody {
@@ -451,5 +479,28 @@ mod tests {
         assert_eq!(named.network_disabled, Some(false));
         let mode = named.host_config.and_then(|h| h.network_mode);
         assert_eq!(mode.as_deref(), Some("jobs"));
+    }
+
+    #[test]
+    fn docker_keeps_no_copy_of_the_output() {
+        // The node reads the attach stream and caps what it keeps; a json-file log would keep
+        // everything on the host's disk. Warm, cold and probe containers share this body.
+        let host = container_body(&spec(Network::None), HashMap::new())
+            .host_config
+            .expect("host config");
+        let log = host.log_config.expect("a log config");
+        assert_eq!(log.typ.as_deref(), Some("none"));
+        assert_eq!(log.config, None);
+    }
+
+    #[test]
+    fn open_files_are_limited() {
+        let host = container_body(&spec(Network::None), HashMap::new())
+            .host_config
+            .expect("host config");
+        let ulimits = host.ulimits.expect("ulimits");
+        assert_eq!(ulimits.len(), 1);
+        assert_eq!(ulimits[0].name.as_deref(), Some("nofile"));
+        assert_eq!((ulimits[0].soft, ulimits[0].hard), (Some(1024), Some(4096)));
     }
 }

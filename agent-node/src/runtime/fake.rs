@@ -109,17 +109,36 @@ pub enum Op {
     ImageExists,
     FindBinaries,
     JobNetwork,
+    CheckJobNetwork,
 }
 
 /// What happened, in order, for assertions.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Event {
-    Prepared { id: String, name: String },
-    Launched { id: String },
-    Renamed { id: String, name: String },
-    Stopped { id: String, grace: Duration },
-    Exited { id: String, exit: Exit },
-    Removed { id: String },
+    Prepared {
+        id: String,
+        name: String,
+    },
+    Launched {
+        id: String,
+    },
+    Renamed {
+        id: String,
+        name: String,
+    },
+    Stopped {
+        id: String,
+        grace: Duration,
+    },
+    Exited {
+        id: String,
+        exit: Exit,
+    },
+    Removed {
+        id: String,
+    },
+    /// The job network's fence was checked.
+    NetworkChecked,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -167,6 +186,8 @@ struct State {
     missing_images: HashSet<String>,
     /// `None`: every binary is present.
     binaries: Option<HashSet<String>>,
+    /// Why the job network's fence is broken, when it is.
+    broken_fence: Option<String>,
 }
 
 struct Inner {
@@ -220,6 +241,12 @@ impl FakeRuntime {
     /// Only these binaries are in the image (by default, every one is).
     pub fn set_binaries<I: IntoIterator<Item = S>, S: Into<String>>(&self, binaries: I) {
         self.state().binaries = Some(binaries.into_iter().map(Into::into).collect());
+    }
+
+    /// Breaks the job network's fence (`Some(why)`) or mends it (`None`), as an operator's
+    /// firewall reload or `docker network rm` would.
+    pub fn set_broken_fence(&self, why: Option<&str>) {
+        self.state().broken_fence = why.map(str::to_owned);
     }
 
     pub fn events(&self) -> Vec<Event> {
@@ -609,6 +636,22 @@ impl ContainerRuntime for FakeRuntime {
             .faulted(Op::JobNetwork)
             .map(|()| format!("http://fake-llm-gateway:{gateway_port}"));
         futures::future::ready(url).boxed()
+    }
+
+    fn check_job_network<'a>(
+        &'a self,
+        _network: &'a str,
+        gateway_port: u16,
+    ) -> BoxFuture<'a, Result<String, RuntimeError>> {
+        let checked = self.faulted(Op::CheckJobNetwork).and_then(|()| {
+            let mut state = self.state();
+            state.events.push(Event::NetworkChecked);
+            match &state.broken_fence {
+                Some(why) => Err(RuntimeError::Network(why.clone().into())),
+                None => Ok(format!("http://fake-llm-gateway:{gateway_port}")),
+            }
+        });
+        futures::future::ready(checked).boxed()
     }
 }
 

@@ -256,4 +256,13 @@ pub trait ContainerRuntime: Send + Sync + 'static {
         cluster: &'a str,
         gateway_port: u16,
     ) -> BoxFuture<'a, Result<String, RuntimeError>>;
+
+    /// Checks, changing nothing, that the fence [`job_network`](Self::job_network) set up is
+    /// all still in place (an operator or a firewall reload can undo it while the node runs);
+    /// returns the gateway's base URL as containers now see it.
+    fn check_job_network<'a>(
+        &'a self,
+        network: &'a str,
+        gateway_port: u16,
+    ) -> BoxFuture<'a, Result<String, RuntimeError>>;
 }

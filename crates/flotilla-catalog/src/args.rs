@@ -1,6 +1,6 @@
 //! Command-line/environment form of [`Limits`], shared by every service that validates jobs.
 
-use crate::{Limits, parse_memory};
+use crate::{Limits, parse_memory, rules};
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct LimitsArgs {
@@ -30,9 +30,14 @@ impl LimitsArgs {
             .map_err(|e| format!("invalid default job memory: {e}"))?;
         let max_memory_bytes = parse_memory(&self.max_job_memory)
             .map_err(|e| format!("invalid max job memory: {e}"))?;
-        let cpus_ok = |cpus: f64| cpus.is_finite() && cpus > 0.0;
-        if !cpus_ok(self.default_job_cpus) || !cpus_ok(self.max_job_cpus) {
-            return Err("job CPU settings must be positive numbers".to_owned());
+        // The same floors a job gets: the node rechecks every job against them.
+        let default_nano_cpus = rules::nano_cpus(self.default_job_cpus)
+            .map_err(|e| format!("the default job CPUs {e}"))?;
+        rules::nano_cpus(self.max_job_cpus).map_err(|e| format!("the max job CPUs {e}"))?;
+        rules::check_timeout(i64::try_from(self.default_timeout_secs).unwrap_or(i64::MAX))
+            .map_err(|e| format!("the default job timeout {e}"))?;
+        if default_memory_bytes < rules::MIN_MEMORY_BYTES {
+            return Err("the default job memory must be at least 6m".to_owned());
         }
         if default_memory_bytes > max_memory_bytes || self.default_job_cpus > self.max_job_cpus {
             return Err("default job resources exceed the maximum job resources".to_owned());
@@ -40,7 +45,7 @@ impl LimitsArgs {
         Ok(Limits {
             default_timeout_seconds: self.default_timeout_secs,
             default_memory_bytes,
-            default_nano_cpus: (self.default_job_cpus * 1e9) as i64,
+            default_nano_cpus,
             max_memory_bytes,
             max_cpus: self.max_job_cpus,
             allow_private_webhooks: self.allow_private_webhooks,

@@ -98,6 +98,11 @@ pub struct Engine {
     pub binary: String,
     /// Flag before the prompt; empty means the prompt is positional.
     pub prompt_flag: String,
+    /// The prompt goes last, after `--` (the end of options), so that a prompt starting with
+    /// `-` is never read as a flag. Only for CLIs whose prompt is an operand and that honour
+    /// `--`; `prompt_flag` then stays where it was (Claude Code's `-p` is a mode, not the
+    /// prompt's flag).
+    pub end_of_options: bool,
     pub static_args: Vec<String>,
     pub trailing_args: Vec<String>,
     /// Flags in the order the engine file lists them.
@@ -153,7 +158,9 @@ impl Engine {
         if !self.prompt_flag.is_empty() {
             argv.push(self.prompt_flag.clone());
         }
-        argv.push(request.prompt.clone());
+        if !self.end_of_options {
+            argv.push(request.prompt.clone());
+        }
         for (field, flag) in &self.flags {
             let value = match field {
                 MappedField::Model => request.model.clone(),
@@ -190,6 +197,10 @@ impl Engine {
         if let (Some(flag), Some(_)) = (&self.mcp_config_flag, &request.mcp_config) {
             argv.push(flag.clone());
             argv.push(MCP_CONFIG_PATH.to_owned());
+        }
+        if self.end_of_options {
+            argv.push("--".to_owned());
+            argv.push(request.prompt.clone());
         }
         argv
     }
@@ -272,6 +283,7 @@ impl Engine {
                 .unwrap_or_else(|| "AGENTS.md".to_owned()),
             binary,
             prompt_flag: command.prompt_flag.unwrap_or_else(|| "-p".to_owned()),
+            end_of_options: command.end_of_options,
             static_args: command.static_args,
             trailing_args: command.trailing_args,
             flags,
@@ -358,6 +370,7 @@ struct EngineSection {
 struct CommandSection {
     binary: Option<String>,
     prompt_flag: Option<String>,
+    end_of_options: bool,
     static_args: Vec<String>,
     trailing_args: Vec<String>,
     mcp_config_flag: Option<String>,
@@ -453,6 +466,27 @@ mod tests {
             engine.command_line(&req).last().map(String::as_str),
             Some("--dry")
         );
+    }
+
+    #[test]
+    fn end_of_options_puts_the_prompt_last_after_a_double_dash() {
+        let engine = Engine::parse(
+            "x",
+            "[command]\nprompt_flag = \"-p\"\nend_of_options = true\n\
+             trailing_args = [\"--safe\"]\n[command.map]\nmodel = \"--model\"\n",
+        )
+        .unwrap();
+        // A prompt that looks like flags stays one operand: nothing after `--` is an option.
+        let mut req = request("--model evil --unsafe");
+        req.model = Some("m".to_owned());
+        assert_eq!(
+            engine.command_line(&req),
+            ["x", "-p", "--model", "m", "--safe", "--", "--model evil --unsafe"]
+        );
+        // Without it, the prompt stays where the flag puts it (for CLIs without `--`).
+        let plain = Engine::parse("x", "").unwrap();
+        assert!(!plain.end_of_options);
+        assert_eq!(plain.command_line(&request("-v")), ["x", "-p", "-v"]);
     }
 
     #[test]

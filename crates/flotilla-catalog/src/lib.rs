@@ -2,6 +2,7 @@
 //! the validation that turns a submission into a runnable job, and the argv that runs it.
 
 mod args;
+mod bounds;
 mod catalog;
 mod engine;
 mod output;
@@ -12,13 +13,18 @@ mod validate;
 mod webhook;
 
 pub use args::LimitsArgs;
+pub use bounds::check_job_request;
 pub use catalog::{Catalog, CatalogError};
 pub use engine::{Engine, EngineKind, LlmAccess, MCP_CONFIG_PATH, MappedField, Output, OutputMode};
 pub use output::{ParsedOutput, Parser, parse};
 pub use profile::{Hooks, Profile, VarType, Variable};
 pub use rules::parse_memory;
-pub use validate::{DEFAULT_PROFILE, Limits, Origin, ValidationError, validate};
-pub use webhook::check_webhook_url;
+pub use validate::{DEFAULT_PROFILE, Limits, Origin, ValidationError, metadata_is_valid, validate};
+pub use webhook::{
+    Lookup, Resolve, SystemResolver, WebhookTarget, check_webhook_url, resolve_webhook_url,
+};
 
+#[cfg(test)]
+mod hardening_tests;
 #[cfg(test)]
 mod tests;

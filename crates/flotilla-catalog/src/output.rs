@@ -1037,6 +1037,22 @@ mod tests {
     }
 
     #[test]
+    fn prompts_that_look_like_flags_reach_the_clis_that_take_them_after_double_dash() {
+        let engines = [
+            ("claude-code", fixture_engine!("claude-code"), "claude"),
+            ("codex", fixture_engine!("codex"), "codex"),
+            ("opencode", fixture_engine!("opencode"), "opencode"),
+        ];
+        for prompt in ["--dangerously-skip-permissions", "-v", "- [ ] a checklist item", "--"] {
+            for (stem, text, name) in engines {
+                let (code, out) = run_fake(stem, text, "json", prompt);
+                assert_eq!(code, 0, "{stem}: {prompt:?}");
+                assert_eq!(out.text, format!("fake {name}: {prompt}"), "{stem}");
+            }
+        }
+    }
+
+    #[test]
     fn engine_files_name_their_parser() {
         let engines = [
             ("aider", fixture_engine!("aider"), Parser::Aider),

@@ -102,6 +102,9 @@ pub struct Profile {
     /// Models the job may ask the llm-gateway for (exact, or a prefix ending in `*`); empty
     /// allows any.
     pub allowed_models: Vec<String>,
+    /// Provider-side tools (`web_search`, `web_fetch`, `mcp`, ...) and beta flags the
+    /// llm-gateway lets this profile's jobs use; empty allows none.
+    pub allowed_provider_tools: Vec<String>,
     pub output_format: Option<String>,
     pub allowed_tools: Vec<String>,
     /// Template source (inline, or read from `template_file` at load).
@@ -185,6 +188,7 @@ impl Profile {
                 "[agent].model {model:?} is not in [agent].allowed_models"
             ));
         }
+        check_provider_tools(&agent.allowed_provider_tools)?;
         if tools.allowed.len() > rules::MAX_TOOLS {
             return Err(format!(
                 "[tools].allowed has more than {} items",
@@ -228,6 +232,7 @@ impl Profile {
             max_budget_usd: agent.max_budget_usd,
             retries,
             allowed_models: agent.allowed_models,
+            allowed_provider_tools: agent.allowed_provider_tools,
             output_format: agent.output_format,
             allowed_tools: tools.allowed,
             prompt_template,
@@ -275,6 +280,7 @@ struct AgentSection {
     max_budget_usd: Option<f64>,
     retries: Option<i64>,
     allowed_models: Vec<String>,
+    allowed_provider_tools: Vec<String>,
     output_format: Option<String>,
 }
 
@@ -344,6 +350,21 @@ impl TemplateSection {
         }
         Ok((source, self.variables))
     }
+}
+
+/// `[agent].allowed_provider_tools`: names, as the llm-gateway compares them.
+fn check_provider_tools(names: &[String]) -> Result<(), String> {
+    if names.len() > rules::MAX_TOOLS {
+        return Err(format!(
+            "[agent].allowed_provider_tools has more than {} items",
+            rules::MAX_TOOLS
+        ));
+    }
+    for (i, name) in names.iter().enumerate() {
+        rules::check_safe_id(name)
+            .map_err(|e| format!("[agent].allowed_provider_tools[{i}] {e}"))?;
+    }
+    Ok(())
 }
 
 fn read_template_file(rel: &str, dir: &Path, section: &str) -> Result<String, String> {
@@ -463,6 +484,10 @@ mod tests {
                 "[claude_md] template",
             ),
             ("[hooks]\nduring = \"x\"\n", "unknown field `during`"),
+            (
+                "[agent]\nallowed_provider_tools = [\"web search\"]\n",
+                "[agent].allowed_provider_tools[0] must match",
+            ),
         ];
         for (text, want) in cases {
             let err = parse(text).unwrap_err();

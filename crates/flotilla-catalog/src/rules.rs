@@ -11,6 +11,8 @@ pub(crate) const MAX_TOOL_CHARS: usize = 256;
 pub(crate) const SAFE_ID_MAX: usize = 64;
 pub(crate) const MAX_TIMEOUT_SECONDS: u64 = 86_400;
 pub(crate) const MIN_MEMORY_BYTES: i64 = 6 * 1024 * 1024;
+/// 0.01 CPU, the least Docker can enforce.
+pub(crate) const MIN_NANO_CPUS: i64 = 10_000_000;
 pub(crate) const OUTPUT_FORMATS: [&str; 3] = ["json", "text", "stream-json"];
 
 /// True when `s` has more than `max` chars; the byte length is a cheap upper bound.
@@ -135,11 +137,23 @@ pub(crate) fn check_timeout(secs: i64) -> Result<u64, String> {
 }
 
 pub(crate) fn check_cpus(cpus: f64) -> Result<(), String> {
-    if cpus.is_finite() && cpus > 0.0 {
-        Ok(())
-    } else {
-        Err(format!("must be a number greater than 0, got {cpus}"))
+    nano_cpus(cpus).map(drop)
+}
+
+/// `cpus` as Docker's `NanoCpus`. Refused below 0.01 CPU after rounding: Docker reads
+/// `NanoCpus` 0 as "no limit", so `1e-10` would otherwise lift the limit instead of tightening it.
+pub(crate) fn nano_cpus(cpus: f64) -> Result<i64, String> {
+    if !(cpus.is_finite() && cpus > 0.0) {
+        return Err(format!("must be a number greater than 0, got {cpus}"));
     }
+    let nano = (cpus * 1e9).round();
+    if nano < MIN_NANO_CPUS as f64 {
+        return Err(format!(
+            "must be at least 0.01 (less would be no limit at all), got {cpus}"
+        ));
+    }
+    // Saturates for absurd values; the operator maximum refuses those.
+    Ok(nano as i64)
 }
 
 /// Parses a memory size: a plain byte count, or a number (fraction allowed) followed by k, m, g

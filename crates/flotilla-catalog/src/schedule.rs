@@ -131,7 +131,7 @@ pub async fn validate_run(
         catalog,
         limits,
         submission(schedule, due),
-        Origin::Nats,
+        Origin::Schedule,
         now,
     )
     .await

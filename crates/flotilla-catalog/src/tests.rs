@@ -128,6 +128,21 @@ async fn job_id_depends_on_origin() {
         .await
         .unwrap();
     assert!(job.job_id.starts_with("agent_1-"));
+
+    // A scheduled run's id is the scheduler's alone: a direct submitter may not take one.
+    let hijack = SubmitRequest {
+        job_id: Some("sched-nightly-1767225600".to_owned()),
+        ..base()
+    };
+    let e = validate(&catalog, &limits, hijack.clone(), Origin::Nats, now())
+        .await
+        .unwrap_err();
+    assert_err(&e, "invalid_field", "job_id");
+    assert!(e.message.contains("sched-"), "{}", e.message);
+    let run = validate(&catalog, &limits, hijack, Origin::Schedule, now())
+        .await
+        .unwrap();
+    assert_eq!(run.job_id, "sched-nightly-1767225600");
 }
 
 #[tokio::test]
@@ -806,7 +821,6 @@ fn claude_code_command_line() {
             "claude",
             "--verbose",
             "-p",
-            "Fix the bug",
             "--model",
             "claude-sonnet-4-6",
             "--output-format",
@@ -822,6 +836,8 @@ fn claude_code_command_line() {
             "--dangerously-skip-permissions",
             "--mcp-config",
             "/workspace/.flotilla/mcp.json",
+            "--",
+            "Fix the bug",
         ]
     );
     // Unset fields add nothing, and no MCP flag without an MCP config.
@@ -831,8 +847,9 @@ fn claude_code_command_line() {
             "claude",
             "--verbose",
             "-p",
-            "hi",
-            "--dangerously-skip-permissions"
+            "--dangerously-skip-permissions",
+            "--",
+            "hi"
         ]
     );
 }
@@ -852,11 +869,12 @@ fn opencode_prompt_is_positional() {
         [
             "opencode",
             "run",
-            "Explain this repo",
             "--model",
             "anthropic/claude-sonnet-4-6",
             "--format",
-            "json"
+            "json",
+            "--",
+            "Explain this repo",
         ]
     );
     // OpenCode's --format has no `text`: it is `default` there.
@@ -865,8 +883,8 @@ fn opencode_prompt_is_positional() {
         ..job("opencode", "Explain this repo")
     };
     assert_eq!(
-        catalog.engine("opencode").unwrap().command_line(&text)[3..],
-        ["--format", "default"]
+        catalog.engine("opencode").unwrap().command_line(&text)[2..],
+        ["--format", "default", "--", "Explain this repo"]
     );
 }
 
@@ -893,7 +911,9 @@ fn other_shipped_engines_put_the_prompt_where_their_cli_expects_it() {
     let argv = |id: &str| catalog.engine(id).unwrap().command_line(&request);
     let codex = argv("codex");
     assert_eq!(codex[..2], ["codex", "exec"]);
-    assert!(codex.contains(&"--json".to_owned()) && codex.contains(&"P".to_owned()));
+    assert!(codex.contains(&"--json".to_owned()));
+    assert!(codex.ends_with(&["--".to_owned(), "P".to_owned()]), "{codex:?}");
+    // Gemini and Aider take the prompt as an option's value, where `--` would not apply.
     let gemini = argv("gemini");
     assert_eq!(gemini[..3], ["gemini", "-p", "P"]);
     let aider = argv("aider");
@@ -956,6 +976,30 @@ async fn a_profile_model_allow_list_travels_with_the_job_and_refuses_other_model
         "{}",
         e.message
     );
+}
+
+#[tokio::test]
+async fn a_profile_s_provider_tools_travel_with_the_job() {
+    let catalog = with_profile(
+        "[agent]\nengine = \"claude-code\"\nallowed_provider_tools = [\"web_search\", \"web-fetch-2025-09-10\"]\n",
+    );
+    let request = SubmitRequest {
+        engine: None,
+        profile: Some("custom".to_owned()),
+        ..base()
+    };
+    let job = run_with(&catalog, &Limits::default(), request)
+        .await
+        .unwrap();
+    assert_eq!(
+        job.allowed_provider_tools,
+        vec!["web_search", "web-fetch-2025-09-10"]
+    );
+    // None named: none travel (and the field stays out of the message).
+    let job = ok(base()).await;
+    assert!(job.allowed_provider_tools.is_empty());
+    let text = serde_json::to_string(&job).unwrap();
+    assert!(!text.contains("allowed_provider_tools"), "{text}");
 }
 
 #[test]

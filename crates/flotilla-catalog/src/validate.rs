@@ -17,11 +17,11 @@ use crate::rules::{self, clip, human_bytes};
 use crate::webhook::check_webhook_url;
 
 pub const DEFAULT_PROFILE: &str = "default";
-const MAX_MCP_CONFIG_BYTES: usize = 256 * 1024;
+pub(crate) const MAX_MCP_CONFIG_BYTES: usize = 256 * 1024;
 const MAX_METADATA_KEYS: usize = 32;
-const MAX_FILES: usize = 1_000;
+pub(crate) const MAX_FILES: usize = 1_000;
 /// Decoded; the job message carries them, beside a prompt of up to 4 MB (NATS max_payload 8MB).
-const MAX_FILES_BYTES: usize = 2 * 1024 * 1024;
+pub(crate) const MAX_FILES_BYTES: usize = 2 * 1024 * 1024;
 const MAX_METADATA_VALUE_CHARS: usize = 1024;
 
 /// Operator settings that validation applies.
@@ -51,11 +51,13 @@ impl Default for Limits {
     }
 }
 
-/// Where a submission came from: only direct NATS publishers may choose their job id.
+/// Where a submission came from: only direct NATS publishers may choose their job id, and only
+/// the dispatcher's scheduler may choose one of a scheduled run's (`sched-...`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Origin {
     Http,
     Nats,
+    Schedule,
 }
 
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -128,6 +130,13 @@ pub async fn validate(
             return Err(ValidationError::invalid(
                 "job_id",
                 "is assigned by the server",
+            ));
+        }
+        let reserved = format!("{}-", flotilla_proto::schedule::SCHEDULED_JOB_PREFIX);
+        if origin == Origin::Nats && id.starts_with(&reserved) {
+            return Err(ValidationError::invalid(
+                "job_id",
+                format!("may not start with {reserved}: those ids are the scheduler's"),
             ));
         }
         if !ids::is_valid_job_id(id) {
@@ -285,6 +294,7 @@ pub async fn validate(
         max_turns,
         max_budget_usd,
         allowed_models: profile.allowed_models.clone(),
+        allowed_provider_tools: profile.allowed_provider_tools.clone(),
         output_format: Some(output_format),
         mcp_config,
         plugins,
@@ -326,7 +336,7 @@ fn check_fits_argv(
     }
 }
 
-fn check_text(field: &str, text: &str, max_chars: usize) -> Result<(), ValidationError> {
+pub(crate) fn check_text(field: &str, text: &str, max_chars: usize) -> Result<(), ValidationError> {
     if rules::too_long(text, max_chars) {
         Err(ValidationError::invalid(
             field,
@@ -378,9 +388,62 @@ fn resolve_vars(
     Ok(vars)
 }
 
+/// Instructions one template render may run: far beyond any real template, but a bound on one
+/// that loops over a user's variables (nested loops, say) in the submit path.
+const TEMPLATE_FUEL: u64 = 1_000_000;
+/// What one render may write. A prompt may be 1,000,000 characters, up to 4 bytes each in UTF-8,
+/// so no prompt that fits its own cap is refused here; the agent-instructions file has no other.
+pub(crate) const MAX_RENDERED_BYTES: usize = 4 << 20;
+
+/// Why a profile's template did not render.
+#[derive(Debug, thiserror::Error)]
+enum RenderError {
+    #[error(transparent)]
+    Template(#[from] minijinja::Error),
+    #[error("it renders more than {} MiB", MAX_RENDERED_BYTES >> 20)]
+    TooLarge,
+    #[error("it renders invalid UTF-8")]
+    NotUtf8,
+}
+
 /// Lenient undefined (minijinja's default): a missing variable renders as empty, as in Parpaing.
-fn render(template: &str, vars: &Map<String, Value>) -> Result<String, minijinja::Error> {
-    minijinja::Environment::new().render_str(template, vars)
+/// Bounded by [`TEMPLATE_FUEL`] and, as it is written, by [`MAX_RENDERED_BYTES`].
+fn render(template: &str, vars: &Map<String, Value>) -> Result<String, RenderError> {
+    let mut env = minijinja::Environment::new();
+    env.set_fuel(Some(TEMPLATE_FUEL));
+    let template = env.template_from_str(template)?;
+    let mut out = CappedBuffer::default();
+    if let Err(e) = template.render_captured_to(vars, &mut out) {
+        return Err(if out.overflowed {
+            RenderError::TooLarge
+        } else {
+            e.into()
+        });
+    }
+    String::from_utf8(out.bytes).map_err(|_| RenderError::NotUtf8)
+}
+
+/// Collects a render, failing the write that would take it past [`MAX_RENDERED_BYTES`], so a
+/// template stops as soon as it is too large instead of filling memory first.
+#[derive(Default)]
+struct CappedBuffer {
+    bytes: Vec<u8>,
+    overflowed: bool,
+}
+
+impl std::io::Write for CappedBuffer {
+    fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
+        if self.bytes.len() + data.len() > MAX_RENDERED_BYTES {
+            self.overflowed = true;
+            return Err(std::io::Error::other("template output too large"));
+        }
+        self.bytes.extend_from_slice(data);
+        Ok(data.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
 }
 
 fn render_prompt(profile: &Profile, vars: &Map<String, Value>) -> Result<String, ValidationError> {
@@ -459,12 +522,12 @@ fn resolve_resources(
     };
     let nano_cpus = match requested.cpus.or(profile.cpus) {
         Some(cpus) => {
-            rules::check_cpus(cpus).map_err(|e| ValidationError::invalid(CPUS, e))?;
+            let nano = rules::nano_cpus(cpus).map_err(|e| ValidationError::invalid(CPUS, e))?;
             if cpus > limits.max_cpus {
                 let reason = format!("{cpus} is above the operator limit of {}", limits.max_cpus);
                 return Err(ValidationError::invalid(CPUS, reason));
             }
-            (cpus * 1e9).round() as i64
+            nano
         }
         None => limits.default_nano_cpus,
     };
@@ -525,6 +588,11 @@ fn check_files(files: Vec<FileRequest>) -> Result<Vec<WorkspaceFile>, Validation
         });
     }
     Ok(out)
+}
+
+/// Whether `metadata` passes the rules of `SubmitRequest::metadata`.
+pub fn metadata_is_valid(metadata: &BTreeMap<String, String>) -> bool {
+    check_metadata(metadata.clone()).is_ok()
 }
 
 fn check_metadata(

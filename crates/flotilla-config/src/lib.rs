@@ -67,6 +67,9 @@ impl LiveCatalog {
                 .create_key_value(kv::Config {
                     bucket: names::BUCKET_CONFIG.to_owned(),
                     history: 10,
+                    // Engine and profile files are small; bounded like every other bucket.
+                    max_bytes: 64 << 20,
+                    max_value_size: 1 << 20,
                     ..Default::default()
                 })
                 .await

@@ -81,12 +81,19 @@ pub async fn connect(
             Ok(client) => return Ok(client),
             Err(error) => error,
         };
-        let url = url.to_owned();
+        // Credentials can be part of the URL; no message shows them.
+        let redacted = redact_url(url);
+        let in_url = redacted != url;
+        let url = redacted;
         match error.kind() {
             ConnectErrorKind::AuthorizationViolation | ConnectErrorKind::Authentication => {
+                let auth = match options.auth {
+                    NatsAuth::None if in_url => "the credentials in the URL".to_owned(),
+                    _ => options.auth.describe(),
+                };
                 return Err(ConnectError::Refused {
                     url,
-                    auth: options.auth.describe(),
+                    auth,
                     source: error,
                 });
             }
@@ -261,6 +268,21 @@ pub async fn dead_letter(
     Ok(())
 }
 
+/// `url` (or a comma-separated list of them) with every `user:password@` or `token@` part
+/// replaced by `***@`, for logs and error messages: credentials may be given in the URL.
+pub fn redact_url(url: &str) -> String {
+    url.split(',').map(redact_one).collect::<Vec<_>>().join(",")
+}
+
+fn redact_one(url: &str) -> String {
+    let start = url.find("://").map_or(0, |i| i + 3);
+    let authority_end = url[start..].find('/').map_or(url.len(), |i| start + i);
+    match url[start..authority_end].rfind('@') {
+        Some(at) => format!("{}***{}", &url[..start], &url[start + at..]),
+        None => url.to_owned(),
+    }
+}
+
 /// Header values hold one line: control characters become spaces, and the length is bounded.
 pub fn header_safe(text: &str) -> String {
     text.chars()
@@ -297,6 +319,52 @@ mod tests {
             assert!(!is_refusal(&ClientError::Other(kind.to_string())), "{kind}");
         }
         assert!(!is_refusal(&ClientError::MaxReconnects));
+    }
+
+    #[test]
+    fn credentials_in_urls_are_redacted() {
+        let cases = [
+            (
+                "nats://alice:s3cret@nats.example:4222",
+                "nats://***@nats.example:4222",
+            ),
+            // A lone user part is a token to NATS: secret too.
+            ("tls://t0ken@nats.example", "tls://***@nats.example"),
+            ("alice:s3cret@10.0.0.1:4222", "***@10.0.0.1:4222"),
+            (
+                "nats://a:b@one:4222,nats://two:4222, nats://c:d@three",
+                "nats://***@one:4222,nats://two:4222, nats://***@three",
+            ),
+            // The password may hold an '@' itself: everything before the last one goes.
+            ("nats://u:p@ss@host", "nats://***@host"),
+            ("nats://127.0.0.1:4222", "nats://127.0.0.1:4222"),
+            ("ws://host:8080/path@x", "ws://host:8080/path@x"),
+        ];
+        for (url, want) in cases {
+            assert_eq!(redact_url(url), want, "{url}");
+        }
+    }
+
+    #[tokio::test]
+    async fn connect_errors_never_show_the_url_s_credentials() {
+        let nats = flotilla_testkit::NatsServer::builder()
+            .user_password("flotilla", "correct-horse")
+            .start()
+            .await
+            .unwrap();
+        let url = format!("nats://flotilla:wrong-battery@127.0.0.1:{}", nats.port());
+        let error = connect(&url, "test", &NatsOptions::default())
+            .await
+            .unwrap_err();
+        assert!(matches!(error, ConnectError::Refused { .. }), "{error:?}");
+        let message = error.to_string();
+        assert!(!message.contains("wrong-battery"), "{message}");
+        assert!(!message.contains("flotilla:"), "{message}");
+        let redacted = format!(
+            "nats://***@127.0.0.1:{} refused the credentials in the URL",
+            nats.port()
+        );
+        assert!(message.contains(&redacted), "{message}");
     }
 
     #[test]

@@ -93,10 +93,7 @@ impl ScheduleStore {
     /// task), unlike jobs.
     pub async fn list(&self) -> Result<Vec<Schedule>, StoreError> {
         let keys: Vec<String> = match self.kv.keys().await {
-            Ok(keys) => keys
-                .try_collect()
-                .await
-                .map_err(StoreError::nats)?,
+            Ok(keys) => keys.try_collect().await.map_err(StoreError::nats)?,
             Err(e) => return Err(StoreError::nats(e)),
         };
         let mut ids: Vec<&str> = keys

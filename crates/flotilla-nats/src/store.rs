@@ -109,6 +109,11 @@ impl JobStore {
         }
     }
 
+    /// Whether the bucket answers (a stream info request), for health checks.
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        self.kv.status().await.map(|_| ()).map_err(StoreError::nats)
+    }
+
     /// Removes a job's record entirely (used when a submission could not be queued).
     pub async fn remove(&self, job_id: &str) -> Result<(), StoreError> {
         self.kv

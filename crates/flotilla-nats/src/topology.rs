@@ -32,6 +32,16 @@ pub struct TopologyConfig {
     pub log_max_bytes: i64,
     /// How long an `Idempotency-Key` is remembered.
     pub idempotency_ttl: Duration,
+    /// Bytes each work queue (direct submissions, the run queue) may hold; beyond it a
+    /// submission is refused (the API answers 503).
+    pub queue_max_bytes: i64,
+    /// Bytes the rejected and dead-letter streams each keep; the oldest go first.
+    pub kept_max_bytes: i64,
+    /// Bytes each KV bucket may hold; beyond it new records are refused (503).
+    pub bucket_max_bytes: i64,
+    /// The largest message a stream takes and the largest value a bucket takes: the server's
+    /// `max_payload` (`nats.conf`: 8 MB).
+    pub max_message_bytes: i32,
     pub storage: StorageType,
 }
 
@@ -52,6 +62,15 @@ pub struct TopologyArgs {
     /// also capped by its node).
     #[arg(long, env = "FLOTILLA_LOGS_MAX_MB", default_value_t = 8192)]
     pub logs_max_mb: i64,
+    /// Bytes each work queue (direct submissions, the run queue) may hold, in MiB.
+    #[arg(long, env = "FLOTILLA_QUEUE_MAX_MB", default_value_t = 1024)]
+    pub queue_max_mb: i64,
+    /// Bytes the rejected and dead-letter streams each keep, in MiB (oldest dropped first).
+    #[arg(long, env = "FLOTILLA_KEPT_MAX_MB", default_value_t = 256)]
+    pub kept_max_mb: i64,
+    /// Bytes each KV bucket (jobs, nodes, schedules, ...) may hold, in MiB.
+    #[arg(long, env = "FLOTILLA_BUCKET_MAX_MB", default_value_t = 1024)]
+    pub bucket_max_mb: i64,
 }
 
 impl TopologyArgs {
@@ -61,6 +80,9 @@ impl TopologyArgs {
             max_deliver: self.max_deliver.max(1),
             queue_max_messages: self.queue_max.max(1),
             log_max_bytes: self.logs_max_mb.max(1) << 20,
+            queue_max_bytes: self.queue_max_mb.max(1) << 20,
+            kept_max_bytes: self.kept_max_mb.max(1) << 20,
+            bucket_max_bytes: self.bucket_max_mb.max(1) << 20,
             ..TopologyConfig::default()
         }
     }
@@ -76,6 +98,10 @@ impl Default for TopologyConfig {
             log_max_age: Duration::from_secs(24 * 3600),
             log_max_bytes: 8 << 30,
             idempotency_ttl: Duration::from_secs(24 * 3600),
+            queue_max_bytes: 1 << 30,
+            kept_max_bytes: 256 << 20,
+            bucket_max_bytes: 1 << 30,
+            max_message_bytes: 8 << 20,
             storage: StorageType::File,
         }
     }
@@ -162,6 +188,8 @@ impl Topology {
                     bucket: name.to_owned(),
                     history: 1,
                     max_age,
+                    max_bytes: config.bucket_max_bytes,
+                    max_value_size: config.max_message_bytes,
                     storage: config.storage,
                     ..Default::default()
                 },
@@ -206,6 +234,8 @@ async fn ensure_streams(
         // Refuse new work when full rather than silently dropping accepted work.
         discard: DiscardPolicy::New,
         max_messages,
+        max_bytes: config.queue_max_bytes,
+        max_message_size: config.max_message_bytes,
         duplicate_window: names::DEDUPE_WINDOW,
         ..Default::default()
     };
@@ -215,6 +245,8 @@ async fn ensure_streams(
         retention: RetentionPolicy::Limits,
         storage: config.storage,
         max_age,
+        max_bytes: config.kept_max_bytes,
+        max_message_size: config.max_message_bytes,
         ..Default::default()
     };
     let submit = work_queue(names::STREAM_SUBMIT, names::SUBJECT_SUBMIT, 100_000);

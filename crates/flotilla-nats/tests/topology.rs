@@ -37,3 +37,36 @@ async fn stored_submissions_are_never_given_up_while_job_messages_are() {
         TopologyConfig::default().max_deliver
     );
 }
+
+/// Every stream and bucket has a byte limit and a message size limit, so that nothing a client
+/// sends can fill the server's disk; a message over the limit is refused.
+#[tokio::test]
+async fn every_stream_and_bucket_is_bounded_in_bytes() {
+    let nats = NatsServer::start().await.unwrap();
+    let client = async_nats::connect(nats.url()).await.unwrap();
+    let config = TopologyConfig {
+        max_message_bytes: 64 << 10,
+        ..TopologyConfig::default()
+    };
+    Topology::ensure(client.clone(), config.clone())
+        .await
+        .unwrap();
+    let js = jetstream::new(client);
+    let mut streams = js.stream_names();
+    let mut seen = 0;
+    while let Some(name) = futures::StreamExt::next(&mut streams).await {
+        let name = name.unwrap();
+        let mut stream = js.get_stream(&name).await.unwrap();
+        let info = stream.info().await.unwrap().config.clone();
+        assert!(info.max_bytes > 0, "{name} has no byte limit");
+        assert_eq!(info.max_message_size, 64 << 10, "{name}");
+        seen += 1;
+    }
+    assert_eq!(seen, 11, "five streams and six buckets");
+    let too_big = vec![b'x'; 65 << 10];
+    let refused = match js.publish(names::SUBJECT_SUBMIT, too_big.into()).await {
+        Ok(ack) => ack.await.is_err(),
+        Err(_) => true,
+    };
+    assert!(refused, "a message over the limit was stored");
+}

@@ -185,6 +185,10 @@ pub struct JobRequest {
     /// the llm-gateway; empty allows any model.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub allowed_models: Vec<String>,
+    /// The profile's provider-side tools and beta flags (`web_search`, `mcp`, ...), which the
+    /// llm-gateway refuses unless named here.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub allowed_provider_tools: Vec<String>,
     #[serde(default)]
     pub output_format: Option<String>,
     #[serde(default)]
@@ -240,6 +244,7 @@ impl JobRequest {
             max_turns: None,
             max_budget_usd: None,
             allowed_models: Vec::new(),
+            allowed_provider_tools: Vec::new(),
             output_format: None,
             mcp_config: None,
             plugins: Vec::new(),

@@ -28,6 +28,11 @@ pub struct LlmGrant {
     pub models: Vec<String>,
     #[serde(default)]
     pub max_budget_usd: Option<f64>,
+    /// Provider-side tools (`web_search`, `web_fetch`, `mcp`, ...) and beta flags the job's
+    /// profile allows by name; the gateway refuses any other (see the llm-gateway's `policy`).
+    /// Absent in grants from nodes that predate it: then none are allowed.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub allowed_provider_tools: Vec<String>,
     pub issued_at: DateTime<Utc>,
     pub expires_at: DateTime<Utc>,
     /// Set when the attempt ended; the grant is kept a while so the gateway can say why it
@@ -86,6 +91,46 @@ mod tests {
         let key = grant_key(&a);
         assert!(!key.contains(&a[TOKEN_PREFIX.len()..]));
         assert_eq!(key, grant_key(&a));
+    }
+
+    fn grant(allowed_provider_tools: Vec<String>) -> LlmGrant {
+        let now = Utc::now();
+        LlmGrant {
+            job_id: "j".to_owned(),
+            attempt: 1,
+            node_id: "n".to_owned(),
+            engine: "claude-code".to_owned(),
+            profile: "default".to_owned(),
+            agent_id: "a".to_owned(),
+            providers: vec!["anthropic".to_owned()],
+            models: Vec::new(),
+            max_budget_usd: None,
+            allowed_provider_tools,
+            issued_at: now,
+            expires_at: now,
+            revoked_at: None,
+            traceparent: None,
+        }
+    }
+
+    #[test]
+    fn provider_tools_travel_and_grants_without_them_still_decode() {
+        use crate::{Encoding, decode, encode};
+        let with = grant(vec!["web_search".to_owned()]);
+        let bytes = encode(&with).unwrap();
+        assert_eq!(
+            decode::<LlmGrant>(&bytes, Encoding::MessagePack).unwrap(),
+            with
+        );
+        // An empty list is left out, so a grant from an older node reads the same.
+        let without = grant(Vec::new());
+        let bytes = encode(&without).unwrap();
+        let text = String::from_utf8_lossy(&bytes);
+        assert!(!text.contains("allowed_provider_tools"), "{text}");
+        assert_eq!(
+            decode::<LlmGrant>(&bytes, Encoding::MessagePack).unwrap(),
+            without
+        );
     }
 
     #[test]

@@ -70,8 +70,9 @@ pub enum StartError {
 /// Where a service finds NATS.
 #[derive(Debug, Clone)]
 pub struct NatsConfig<'a> {
-    /// The client name the server shows.
-    pub name: &'static str,
+    /// The client name the server shows; its first word is the service, whose inbox prefix
+    /// the client uses (`agent-node <node id>`).
+    pub name: &'a str,
     pub url: &'a str,
     pub options: &'a NatsOptions,
     pub topology: &'a TopologyConfig,

@@ -282,6 +282,9 @@ impl FleetBuilder {
                     // Containers reach it on the job network's bridge address.
                     .env("FLOTILLA_LLM_GATEWAY_LISTEN", format!("0.0.0.0:{port}"))
                     .env("FLOTILLA_LLM_CONFIG", &config)
+                    // `/metrics` apart, as deployed, where jobs cannot reach it. Port 0: no test
+                    // scrapes it, and a port picked here could be taken before it is bound.
+                    .env("FLOTILLA_LLM_METRICS_LISTEN", "127.0.0.1:0")
                     .env("FLOTILLA_TEST_ANTHROPIC_KEY", TEST_ANTHROPIC_KEY)
                     .env("FLOTILLA_TEST_OPENAI_KEY", TEST_OPENAI_KEY)
                     .env("FLOTILLA_TEST_GOOGLE_KEY", TEST_GOOGLE_KEY);

@@ -1,10 +1,11 @@
-//! A mock LLM upstream speaking Anthropic Messages (`POST /v1/messages`), OpenAI Chat
-//! Completions (`POST /v1/chat/completions`) and the Gemini API
+//! A mock LLM upstream speaking Anthropic Messages (`POST /v1/messages`,
+//! `/v1/messages/count_tokens`), OpenAI Chat Completions (`POST /v1/chat/completions`) and
+//! Responses (`POST /v1/responses`), the Gemini API
 //! (`POST /v1beta/models/<model>:generateContent`, `:streamGenerateContent`, `:countTokens`,
-//! `GET /v1beta/models`), streamed (SSE) or not, with usage fields shaped like the real APIs'.
-//! It records every request it gets (headers and query, so the key it was sent), and can hold a
-//! streamed answer half-way until released, so a test can see bytes arrive before the upstream
-//! has finished.
+//! `GET /v1beta/models`) and `GET /v1/models`, streamed (SSE) or not, with usage fields shaped
+//! like the real APIs'. It records every request it gets, routed or not (method, headers and
+//! query, so the key it was sent), and can hold a streamed answer half-way until released, so a
+//! test can see bytes arrive before the upstream has finished.
 
 use std::{
     net::SocketAddr,
@@ -15,8 +16,8 @@ use std::{
 use axum::{
     Json, Router,
     body::{Body, Bytes},
-    extract::{Path, RawQuery, State},
-    http::{HeaderMap, StatusCode, header},
+    extract::{Path, RawQuery, Request, State},
+    http::{HeaderMap, Method, StatusCode, header},
     response::{IntoResponse, Response},
     routing::{get, post},
 };
@@ -61,6 +62,7 @@ pub struct MockUsage {
 /// One request as the upstream saw it.
 #[derive(Debug, Clone)]
 pub struct Recorded {
+    pub method: Method,
     pub path: String,
     /// The raw query string, if any.
     pub query: Option<String>,
@@ -90,9 +92,13 @@ impl MockLlm {
         };
         let app = Router::new()
             .route("/v1/messages", post(anthropic))
+            .route("/v1/messages/count_tokens", post(anthropic_count_tokens))
             .route("/v1/chat/completions", post(openai))
+            .route("/v1/responses", post(openai_responses))
+            .route("/v1/models", get(models))
             .route("/v1beta/models", get(google_models))
             .route("/v1beta/models/{call}", post(google))
+            .fallback(unrouted)
             .with_state(shared.clone());
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let addr = listener.local_addr()?;
@@ -137,8 +143,20 @@ fn record(
     headers: &HeaderMap,
     body: &Bytes,
 ) -> Value {
+    record_call(shared, Method::POST, path, query, headers, body)
+}
+
+fn record_call(
+    shared: &Shared,
+    method: Method,
+    path: &str,
+    query: Option<String>,
+    headers: &HeaderMap,
+    body: &Bytes,
+) -> Value {
     let body: Value = serde_json::from_slice(body).unwrap_or(Value::Null);
     shared.requests.lock().expect("requests").push(Recorded {
+        method,
         path: path.to_owned(),
         query,
         headers: headers.clone(),
@@ -235,12 +253,91 @@ async fn openai(State(shared): State<Shared>, headers: HeaderMap, body: Bytes) -
     stream(&shared, first, rest)
 }
 
+async fn anthropic_count_tokens(
+    State(shared): State<Shared>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    record(&shared, "/v1/messages/count_tokens", None, &headers, &body);
+    Json(json!({"input_tokens": ANTHROPIC_USAGE.input})).into_response()
+}
+
+/// Responses API, not streamed: the usage of [`OPENAI_USAGE`] in its own field names.
+async fn openai_responses(
+    State(shared): State<Shared>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let request = record(&shared, "/v1/responses", None, &headers, &body);
+    let model = request["model"].as_str().unwrap_or("gpt-5").to_owned();
+    let u = OPENAI_USAGE;
+    Json(json!({
+        "id": "resp_mock", "object": "response", "created_at": 1, "status": "completed",
+        "model": model,
+        "output": [{"type": "message", "id": "msg_mock", "status": "completed", "role": "assistant",
+                    "content": [{"type": "output_text", "text": "mock answer", "annotations": []}]}],
+        "usage": {"input_tokens": u.input, "output_tokens": u.output,
+                  "total_tokens": u.input + u.output,
+                  "input_tokens_details": {"cached_tokens": u.cache_read}}
+    }))
+    .into_response()
+}
+
+/// `GET /v1/models`, the listing Anthropic and OpenAI both serve (each with a few more fields).
+async fn models(
+    State(shared): State<Shared>,
+    RawQuery(query): RawQuery,
+    headers: HeaderMap,
+) -> Response {
+    record_call(
+        &shared,
+        Method::GET,
+        "/v1/models",
+        query,
+        &headers,
+        &Bytes::new(),
+    );
+    Json(json!({"object": "list", "data": [
+        {"id": "claude-sonnet-4-5", "type": "model", "object": "model"},
+        {"id": "gpt-5", "type": "model", "object": "model"}
+    ]}))
+    .into_response()
+}
+
+/// Anything else (files, batches, ...): recorded, so a test sees what got through, and 404.
+async fn unrouted(State(shared): State<Shared>, request: Request) -> Response {
+    let (parts, body) = request.into_parts();
+    let body = axum::body::to_bytes(body, 64 << 20)
+        .await
+        .unwrap_or_default();
+    record_call(
+        &shared,
+        parts.method,
+        parts.uri.path(),
+        parts.uri.query().map(str::to_owned),
+        &parts.headers,
+        &body,
+    );
+    (
+        StatusCode::NOT_FOUND,
+        Json(json!({"error": "not a mock route"})),
+    )
+        .into_response()
+}
+
 async fn google_models(
     State(shared): State<Shared>,
     RawQuery(query): RawQuery,
     headers: HeaderMap,
 ) -> Response {
-    record(&shared, "/v1beta/models", query, &headers, &Bytes::new());
+    record_call(
+        &shared,
+        Method::GET,
+        "/v1beta/models",
+        query,
+        &headers,
+        &Bytes::new(),
+    );
     Json(json!({"models": [
         {"name": "models/gemini-2.5-pro", "displayName": "Gemini 2.5 Pro",
          "supportedGenerationMethods": ["generateContent", "countTokens"]},
@@ -346,7 +443,10 @@ fn stream(shared: &Shared, first: Vec<String>, rest: Vec<String>) -> Response {
 /// [`GOOGLE_COST`].
 pub fn gateway_config(upstream: &str) -> String {
     format!(
-        r#"[providers.anthropic]
+        r#"# The fake claude CLI of the test worker image sends this beta flag.
+allowed_betas = ["fake-beta-2025"]
+
+[providers.anthropic]
 kind = "anthropic"
 base_url = "{upstream}"
 api_key_env = "FLOTILLA_TEST_ANTHROPIC_KEY"
@@ -415,6 +515,7 @@ pub fn grant(job_id: &str) -> flotilla_proto::LlmGrant {
         providers: vec!["anthropic".to_owned()],
         models: Vec::new(),
         max_budget_usd: None,
+        allowed_provider_tools: Vec::new(),
         issued_at: now,
         expires_at: now + Duration::from_secs(600),
         revoked_at: None,

@@ -236,6 +236,7 @@ async fn every_post_jobs_rule_answers_422_naming_the_field_and_changes_nothing()
     }
     let not_json = fleet
         .request(Method::POST, "/jobs")
+        .header("content-type", "application/json")
         .body("{oops")
         .send()
         .await
@@ -244,6 +245,56 @@ async fn every_post_jobs_rule_answers_422_naming_the_field_and_changes_nothing()
     // Nothing was accepted.
     let list: Value = crate::list_jobs(&fleet).await;
     assert_eq!(list["total"], 0, "{list}");
+}
+
+/// Without an API key, a web page the user visits must not be able to use the gateway: only
+/// loopback Host names, no cross-site requests, and JSON bodies that say so.
+#[tokio::test]
+async fn without_a_key_only_this_machine_s_own_programs_are_served() {
+    let fleet = Fleet::builder().nodes(0).start().await.unwrap();
+    let body = json!({"agent_id": "csrf", "engine": "shell", "prompt": "echo pwned"}).to_string();
+    let post = |headers: &[(&str, &str)]| {
+        let mut request = fleet.request(Method::POST, "/jobs").body(body.clone());
+        for (name, value) in headers {
+            request = request.header(*name, *value);
+        }
+        request.send()
+    };
+    let json = ("content-type", "application/json");
+    // A form post or a `fetch` with a text body: no preflight, so the body type tells.
+    for content_type in ["text/plain", "application/x-www-form-urlencoded"] {
+        let response = post(&[("content-type", content_type)]).await.unwrap();
+        assert_eq!(response.status(), 415, "{content_type}");
+        let error: Value = response.json().await.unwrap();
+        assert_eq!(error["error"]["code"], "unsupported_media_type");
+    }
+    let cross = post(&[json, ("origin", "https://evil.example")])
+        .await
+        .unwrap();
+    assert_eq!(cross.status(), 403);
+    let error: Value = cross.json().await.unwrap();
+    assert_eq!(error["error"]["code"], "cross_site");
+    let cross = post(&[json, ("sec-fetch-site", "cross-site")])
+        .await
+        .unwrap();
+    assert_eq!(cross.status(), 403);
+    // A DNS name rebound to 127.0.0.1.
+    let rebound = fleet
+        .request(Method::GET, "/jobs")
+        .header("host", "rebind.evil.example:8420")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(rebound.status(), 403);
+    let error: Value = rebound.json().await.unwrap();
+    assert_eq!(error["error"]["code"], "forbidden_host");
+    // Nothing was accepted; the same request sent as JSON from this machine is.
+    let list: Value = crate::list_jobs(&fleet).await;
+    assert_eq!(list["total"], 0, "{list}");
+    let ok = post(&[json, ("sec-fetch-site", "same-origin")])
+        .await
+        .unwrap();
+    assert_eq!(ok.status(), 202);
 }
 
 #[tokio::test]
@@ -325,6 +376,9 @@ async fn api_key_is_required_except_on_public_paths_and_headers_are_always_set()
         .await
         .unwrap();
     assert_eq!(health.status(), 200);
+    // Parpaing's health probes read `checks.db`: here, the job store.
+    let health: Value = health.json().await.unwrap();
+    assert_eq!(health["checks"]["db"], "ok", "{health}");
 
     let response = fleet
         .request(Method::GET, "/jobs/unknown-job")

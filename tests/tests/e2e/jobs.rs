@@ -192,8 +192,9 @@ async fn dry_run_of_an_agent_engine_records_the_command_line() {
     assert_eq!(result["raw"]["binary"], "claude");
     let command: Vec<String> = serde_json::from_value(result["command"].clone()).unwrap();
     assert_eq!(command[0], "claude");
-    let prompt_at = command.iter().position(|a| a == "-p").unwrap();
-    assert_eq!(command[prompt_at + 1], "Say 'hello'");
+    assert!(command.iter().any(|a| a == "-p"), "{command:?}");
+    // The prompt is the last argument, after the end of options: never read as a flag.
+    assert_eq!(command[command.len() - 2..], ["--", "Say 'hello'"]);
     let turns_at = command.iter().position(|a| a == "--max-turns").unwrap();
     assert_eq!(command[turns_at + 1], "3");
     // The command really went through a container: the node saw it printed as JSON.

@@ -8,6 +8,7 @@ mod config;
 mod direct;
 mod engines;
 mod fleet;
+mod fuzz;
 mod hooks;
 mod jobs;
 mod llm;

@@ -338,17 +338,53 @@ async fn the_fleet_runs_with_the_per_service_users_of_nats_conf() {
     ];
     let gateway = assert_llm_gateway_connects_with(&fleet, &auth).await;
 
-    // Not one violation but the submitter's attempt.
+    // No service may destroy what the fleet runs on: here the node user tries to delete the
+    // run queue and its consumer, and to purge the job records.
+    let node = async_nats::ConnectOptions::with_user_and_password(
+        "agent-node".to_owned(),
+        password_of("agent-node"),
+    )
+    .custom_inbox_prefix(names::inbox_prefix("agent-node"))
+    .connect(fleet.nats.url())
+    .await
+    .unwrap();
+    let node_js = async_nats::jetstream::ContextBuilder::new()
+        .timeout(Duration::from_secs(2))
+        .build(node);
+    assert!(node_js.delete_stream(names::STREAM_JOBS).await.is_err());
+    let jobs_stream = node_js.get_stream(names::STREAM_JOBS).await;
+    assert!(jobs_stream.is_ok(), "the run queue is gone");
+    assert!(
+        jobs_stream
+            .unwrap()
+            .delete_consumer(names::CONSUMER_AGENTS)
+            .await
+            .is_err()
+    );
+    let records = node_js
+        .get_stream(format!("KV_{}", names::BUCKET_JOBS))
+        .await
+        .unwrap();
+    assert!(
+        records.purge().await.is_err(),
+        "the node purged every job record"
+    );
+
+    // Not one violation but the submitter's and those refused attempts.
     let server_log = fleet.nats.log();
     let violations: Vec<&str> = server_log
         .lines()
         .filter(|line| line.contains("Violation"))
         .collect();
-    assert!(
-        violations.iter().all(|line| line.contains("submitter")
-            && (line.contains(names::SUBJECT_RUN) || line.contains("_INBOX"))),
-        "{violations:#?}"
-    );
+    let expected = |line: &&str| {
+        (line.contains("submitter")
+            && (line.contains(names::SUBJECT_RUN) || line.contains("_INBOX")))
+            || (line.contains("agent-node")
+                && ["STREAM.DELETE", "CONSUMER.DELETE", "STREAM.PURGE"]
+                    .iter()
+                    .any(|api| line.contains(api)))
+    };
+    assert!(violations.iter().all(expected), "{violations:#?}");
     assert!(
         !violations.is_empty(),
         "the bypass was not refused for permissions"

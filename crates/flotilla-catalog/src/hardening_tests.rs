@@ -1,0 +1,486 @@
+//! Security review, issue 13: resource bounds that must hold after rounding, the recheck of a
+//! queued job's bounds, and template limits.
+
+use std::path::{Path, PathBuf};
+
+use chrono::Utc;
+use flotilla_proto::{JobRequest, Resources, ResourcesRequest, SubmitRequest, WorkspaceFile};
+use serde_json::json;
+
+use crate::{Catalog, Limits, Origin, ValidationError, check_job_request, validate};
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+/// The shipped engines with one extra profile `custom`.
+fn with_profile(toml: &str) -> Result<Catalog, crate::CatalogError> {
+    let tmp = tempfile::tempdir().unwrap();
+    std::fs::write(tmp.path().join("custom.toml"), toml).unwrap();
+    Catalog::load(&root().join("engines"), tmp.path())
+}
+
+fn shell(request: SubmitRequest) -> SubmitRequest {
+    SubmitRequest {
+        agent_id: Some("agent_1".to_owned()),
+        engine: Some("shell".to_owned()),
+        profile: Some("custom".to_owned()),
+        ..request
+    }
+}
+
+async fn submit(catalog: &Catalog, request: SubmitRequest) -> Result<JobRequest, ValidationError> {
+    validate(
+        catalog,
+        &Limits::default(),
+        request,
+        Origin::Http,
+        Utc::now(),
+    )
+    .await
+}
+
+#[track_caller]
+fn assert_refused(result: &Result<impl std::fmt::Debug, ValidationError>, code: &str, field: &str) {
+    match result {
+        Err(e) => assert_eq!((e.code, e.field.as_deref()), (code, Some(field)), "{e:?}"),
+        Ok(ok) => panic!("accepted, expected {code} on {field}: {ok:?}"),
+    }
+}
+
+#[tokio::test]
+async fn cpus_that_round_to_no_limit_are_refused() {
+    let catalog = with_profile("").unwrap();
+    let cpus = |cpus: f64| {
+        shell(SubmitRequest {
+            prompt: Some("true".to_owned()),
+            resources: Some(ResourcesRequest {
+                memory: None,
+                cpus: Some(cpus),
+            }),
+            ..SubmitRequest::default()
+        })
+    };
+    // 1e-10 CPUs is NanoCpus 0, which Docker reads as "no limit".
+    for tiny in [1e-10, 4e-10, 0.004, 0.009_999_999] {
+        let result = submit(&catalog, cpus(tiny)).await;
+        assert_refused(&result, "invalid_field", "resources.cpus");
+        let message = result.unwrap_err().message;
+        assert!(message.contains("at least 0.01"), "{message}");
+    }
+    let smallest = submit(&catalog, cpus(0.01)).await.unwrap();
+    assert_eq!(smallest.resources.nano_cpus, 10_000_000);
+}
+
+#[test]
+fn profiles_and_operator_limits_cannot_set_cpus_below_the_floor() {
+    let error = with_profile("[resources]\ncpus = 1e-10\n").unwrap_err();
+    assert!(error.to_string().contains("[resources].cpus"), "{error}");
+    let args = |cpus: f64| crate::LimitsArgs {
+        default_timeout_secs: 3600,
+        default_job_memory: "2g".to_owned(),
+        default_job_cpus: cpus,
+        max_job_memory: "8g".to_owned(),
+        max_job_cpus: 4.0,
+        allow_private_webhooks: false,
+    };
+    assert!(args(1e-10).into_limits().is_err());
+    assert!(args(0.01).into_limits().is_ok());
+}
+
+#[test]
+fn operator_limits_keep_the_default_timeout_within_the_job_bounds() {
+    let args = |secs: u64| crate::LimitsArgs {
+        default_timeout_secs: secs,
+        default_job_memory: "2g".to_owned(),
+        default_job_cpus: 1.0,
+        max_job_memory: "8g".to_owned(),
+        max_job_cpus: 4.0,
+        allow_private_webhooks: false,
+    };
+    for bad in [0, 86_401, u64::MAX] {
+        assert!(args(bad).into_limits().is_err(), "{bad}");
+    }
+    assert!(args(86_400).into_limits().is_ok());
+}
+
+/// A job as validation would produce it.
+fn runnable() -> JobRequest {
+    JobRequest::example("agent_1-01", "shell", "echo hi")
+}
+
+#[test]
+fn a_valid_job_passes_the_recheck() {
+    let limits = Limits::default();
+    assert_eq!(check_job_request(&runnable(), &limits), Ok(()));
+    let at_the_bounds = JobRequest {
+        timeout_seconds: 86_400,
+        resources: Resources {
+            memory_bytes: limits.max_memory_bytes,
+            nano_cpus: 4_000_000_000,
+        },
+        max_turns: Some(100),
+        retries: 5,
+        max_budget_usd: Some(50.0),
+        model: Some("claude-sonnet-4-6".to_owned()),
+        output_format: Some("stream-json".to_owned()),
+        mcp_config: Some(json!({"mcpServers": {}})),
+        files: vec![WorkspaceFile {
+            path: "src/main.rs".to_owned(),
+            content: b"fn main() {}".to_vec(),
+            executable: false,
+        }],
+        ..runnable()
+    };
+    assert_eq!(check_job_request(&at_the_bounds, &limits), Ok(()));
+}
+
+#[test]
+fn a_hostile_queue_message_fails_the_recheck_naming_the_field() {
+    let limits = Limits::default();
+    let resources = |memory_bytes: i64, nano_cpus: i64| Resources {
+        memory_bytes,
+        nano_cpus,
+    };
+    let file = |path: &str, size: usize| WorkspaceFile {
+        path: path.to_owned(),
+        content: vec![b'x'; size],
+        executable: false,
+    };
+    let cases: Vec<(JobRequest, &str)> = vec![
+        // Near u64::MAX, the node's timeout arithmetic overflowed and panicked.
+        (
+            JobRequest {
+                timeout_seconds: u64::MAX,
+                ..runnable()
+            },
+            "timeout_seconds",
+        ),
+        (
+            JobRequest {
+                timeout_seconds: 0,
+                ..runnable()
+            },
+            "timeout_seconds",
+        ),
+        (
+            JobRequest {
+                timeout_seconds: 86_401,
+                ..runnable()
+            },
+            "timeout_seconds",
+        ),
+        // NanoCpus 0 is "no limit" to Docker; a negative one is refused only by Docker.
+        (
+            JobRequest {
+                resources: resources(1 << 30, 0),
+                ..runnable()
+            },
+            "resources.cpus",
+        ),
+        (
+            JobRequest {
+                resources: resources(1 << 30, -1),
+                ..runnable()
+            },
+            "resources.cpus",
+        ),
+        (
+            JobRequest {
+                resources: resources(1 << 30, 9_999_999),
+                ..runnable()
+            },
+            "resources.cpus",
+        ),
+        (
+            JobRequest {
+                resources: resources(1 << 30, i64::MAX),
+                ..runnable()
+            },
+            "resources.cpus",
+        ),
+        (
+            JobRequest {
+                resources: resources(0, 1_000_000_000),
+                ..runnable()
+            },
+            "resources.memory",
+        ),
+        (
+            JobRequest {
+                resources: resources(-1, 1_000_000_000),
+                ..runnable()
+            },
+            "resources.memory",
+        ),
+        (
+            JobRequest {
+                resources: resources(i64::MAX, 1_000_000_000),
+                ..runnable()
+            },
+            "resources.memory",
+        ),
+        (
+            JobRequest {
+                files: (0..1001).map(|i| file(&format!("f{i}"), 1)).collect(),
+                ..runnable()
+            },
+            "files",
+        ),
+        (
+            JobRequest {
+                files: vec![file("a", 2 << 20), file("b", 1)],
+                ..runnable()
+            },
+            "files",
+        ),
+        (
+            JobRequest {
+                files: vec![file("../../etc/passwd", 1)],
+                ..runnable()
+            },
+            "files[0].path",
+        ),
+        (
+            JobRequest {
+                files: vec![file(".flotilla/pre-hook", 1)],
+                ..runnable()
+            },
+            "files[0].path",
+        ),
+        (
+            JobRequest {
+                prompt: "x".repeat(1_000_001),
+                ..runnable()
+            },
+            "prompt",
+        ),
+        (
+            JobRequest {
+                prompt: "a\0b".to_owned(),
+                ..runnable()
+            },
+            "prompt",
+        ),
+        (
+            JobRequest {
+                system_prompt: Some("x".repeat(500_001)),
+                ..runnable()
+            },
+            "system_prompt",
+        ),
+        (
+            JobRequest {
+                instructions: Some("x".repeat((4 << 20) + 1)),
+                ..runnable()
+            },
+            "instructions",
+        ),
+        (
+            JobRequest {
+                max_turns: Some(0),
+                ..runnable()
+            },
+            "max_turns",
+        ),
+        (
+            JobRequest {
+                max_turns: Some(u32::MAX),
+                ..runnable()
+            },
+            "max_turns",
+        ),
+        (
+            JobRequest {
+                retries: u32::MAX,
+                ..runnable()
+            },
+            "retries",
+        ),
+        (
+            JobRequest {
+                max_budget_usd: Some(f64::INFINITY),
+                ..runnable()
+            },
+            "max_budget_usd",
+        ),
+        (
+            JobRequest {
+                max_budget_usd: Some(-1.0),
+                ..runnable()
+            },
+            "max_budget_usd",
+        ),
+        (
+            JobRequest {
+                model: Some("m; rm -rf /".to_owned()),
+                ..runnable()
+            },
+            "model",
+        ),
+        (
+            JobRequest {
+                output_format: Some("yaml".to_owned()),
+                ..runnable()
+            },
+            "output_format",
+        ),
+        (
+            JobRequest {
+                allowed_tools: vec!["t".to_owned(); 101],
+                ..runnable()
+            },
+            "allowed_tools",
+        ),
+        (
+            JobRequest {
+                allowed_tools: vec!["a\nb".to_owned()],
+                ..runnable()
+            },
+            "allowed_tools[0]",
+        ),
+        (
+            JobRequest {
+                mcp_config: Some(json!([1])),
+                ..runnable()
+            },
+            "mcp_config",
+        ),
+        (
+            JobRequest {
+                mcp_config: Some(json!({"x": "y".repeat(256 * 1024)})),
+                ..runnable()
+            },
+            "mcp_config",
+        ),
+        (
+            JobRequest {
+                plugins: vec!["../x".to_owned()],
+                ..runnable()
+            },
+            "plugins[0]",
+        ),
+        (
+            JobRequest {
+                job_id: "a/b".to_owned(),
+                ..runnable()
+            },
+            "job_id",
+        ),
+        (
+            JobRequest {
+                agent_id: String::new(),
+                ..runnable()
+            },
+            "agent_id",
+        ),
+        (
+            JobRequest {
+                engine: "sh ell".to_owned(),
+                ..runnable()
+            },
+            "engine",
+        ),
+        (
+            JobRequest {
+                profile: "x".repeat(65),
+                ..runnable()
+            },
+            "profile",
+        ),
+    ];
+    for (request, field) in cases {
+        let result = check_job_request(&request, &limits);
+        assert_refused(&result, "invalid_field", field);
+    }
+    let e = check_job_request(
+        &JobRequest {
+            timeout_seconds: u64::MAX,
+            ..runnable()
+        },
+        &limits,
+    )
+    .unwrap_err();
+    assert_eq!(
+        e.message,
+        "timeout_seconds must be between 1 and 86400, got 18446744073709551615"
+    );
+}
+
+#[test]
+fn the_recheck_applies_the_node_s_own_maximums() {
+    let limits = Limits {
+        max_memory_bytes: 1 << 30,
+        max_cpus: 1.0,
+        ..Limits::default()
+    };
+    let big = JobRequest {
+        resources: Resources {
+            memory_bytes: 2 << 30,
+            nano_cpus: 1_000_000_000,
+        },
+        ..runnable()
+    };
+    assert_refused(
+        &check_job_request(&big, &limits),
+        "invalid_field",
+        "resources.memory",
+    );
+    let many = JobRequest {
+        resources: Resources {
+            memory_bytes: 1 << 30,
+            nano_cpus: 2_000_000_000,
+        },
+        ..runnable()
+    };
+    assert_refused(
+        &check_job_request(&many, &limits),
+        "invalid_field",
+        "resources.cpus",
+    );
+}
+
+fn templated(section: &str, template: &str) -> Catalog {
+    let toml = format!("[{section}]\ntemplate = '''{template}'''\n");
+    with_profile(&toml).unwrap()
+}
+
+fn from_profile(prompt: Option<&str>) -> SubmitRequest {
+    shell(SubmitRequest {
+        prompt: prompt.map(str::to_owned),
+        ..SubmitRequest::default()
+    })
+}
+
+#[tokio::test]
+async fn a_template_that_runs_too_long_runs_out_of_fuel() {
+    // About six million instructions: done in a moment, but far more than any real template.
+    let catalog = templated(
+        "prompt",
+        "{% for i in range(2000) %}{% for j in range(1000) %}{% endfor %}{% endfor %}go",
+    );
+    let result = submit(&catalog, from_profile(None)).await;
+    assert_refused(&result, "template_error", "prompt_vars");
+    let message = result.unwrap_err().message;
+    assert!(message.contains("fuel"), "{message}");
+}
+
+#[tokio::test]
+async fn a_template_may_not_render_more_than_the_output_cap() {
+    // The agent-instructions file has no character cap of its own: only the render cap holds it.
+    let catalog = templated("claude_md", "{{ 'x' * 5000000 }}");
+    let result = submit(&catalog, from_profile(Some("go"))).await;
+    assert_refused(&result, "template_error", "claude_md_vars");
+    let message = result.unwrap_err().message;
+    assert!(message.contains("more than 4 MiB"), "{message}");
+    // Ordinary templates render as before.
+    let catalog = templated(
+        "claude_md",
+        "# Rules\n{% for i in range(3) %}- rule {{ i }}\n{% endfor %}",
+    );
+    let job = submit(&catalog, from_profile(Some("go"))).await.unwrap();
+    assert_eq!(
+        job.instructions.as_deref(),
+        Some("# Rules\n- rule 0\n- rule 1\n- rule 2\n")
+    );
+}
