@@ -19,7 +19,7 @@ use crate::{
     AppState,
     error::{ApiError, ErrorBody},
     extract::{Path, Query},
-    responses::{Internal, Keyless, NotJson, Unauthorized, Unavailable},
+    responses::{AdminOnly, Internal, Keyless, NotJson, Unauthorized, Unavailable},
 };
 
 /// What a configuration file is: `engine` (key `engines/<name>.toml`), `profile`
@@ -233,18 +233,33 @@ pub async fn get(
 #[allow(dead_code)] // describes the `Path<(String, String)>` the handlers take
 struct ConfigPath {
     /// The kind of file; anything else is 422 (`field` `type`).
-    #[param(rename = "type")]
+    #[param(rename = "type", example = "template")]
     kind: ConfigType,
-    /// 1-128 of `A-Z a-z 0-9 _ - .`, not starting with a dot; otherwise 422 (`field`
-    /// `name`), checked before `type`.
-    #[param(pattern = "^[A-Za-z0-9_-][A-Za-z0-9_.-]{0,127}$")]
+    /// 1-128 of `A-Z a-z 0-9 _ - .`, neither starting nor ending with a dot nor holding two in
+    /// a row; otherwise 422 (`field` `name`), checked before `type`.
+    #[param(
+        max_length = 128,
+        pattern = r"^[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*$",
+        example = "greeting.md.j2"
+    )]
     name: String,
 }
 
 #[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 struct PutBody {
-    /// The file's text: not blank, at most 100,000 bytes.
+    /// The file's text: not blank (some character is not white space), and at most 100,000
+    /// bytes of UTF-8. `maxLength` counts characters, so text with multi-byte characters is
+    /// refused before it has 100,000 of them. An engine or profile file must also load with the
+    /// rest of the configuration (`invalid_config`).
+    // The pattern: optional white space (Rust's `char::is_whitespace`, spelled out because `\s`
+    // differs between regex engines), then a character that is not.
+    #[schema(
+        min_length = 1,
+        max_length = 100_000,
+        pattern = r"^[\t-\r \u0085\u00A0\u1680\u2000-\u200A\u2028\u2029\u202F\u205F\u3000]*[^\t-\r \u0085\u00A0\u1680\u2000-\u200A\u2028\u2029\u202F\u205F\u3000]",
+        example = "Hello {{ name }}"
+    )]
     content: String,
     /// Accepted for Parpaing compatibility; not stored.
     #[serde(default, rename = "description")]
@@ -267,7 +282,7 @@ struct PutBody {
     responses(
         (status = 200, description = "Written.", body = ConfigWritten<'_>),
         (status = 401, response = Unauthorized),
-        (status = 403, response = Keyless),
+        (status = 403, response = AdminOnly),
         (status = 415, response = NotJson),
         (status = 413, description = "`payload_too_large`: the body is over the cap.",
             body = ErrorBody),
@@ -331,7 +346,7 @@ pub async fn put(
     responses(
         (status = 200, description = "Deleted.", body = ConfigDeleted),
         (status = 401, response = Unauthorized),
-        (status = 403, response = Keyless),
+        (status = 403, response = AdminOnly),
         (status = 404, description = "`not_found`: no such file.", body = ErrorBody),
         (status = 422, description = "`invalid_field` (`name` or `type`), or \
             `invalid_config`: the rest would not load without the file (a profile still names \

@@ -60,6 +60,10 @@ pub struct EventSchemas;
         ("agent_id" = Option<String>, Query, description = "Only this agent's jobs."),
         ("engine" = Option<String>, Query, description = "Only jobs on this engine."),
         ("profile" = Option<String>, Query, description = "Only jobs with this profile."),
+        ("created_after" = Option<chrono::DateTime<chrono::Utc>>, Query,
+            description = "RFC 3339; exclusive bound."),
+        ("created_before" = Option<chrono::DateTime<chrono::Utc>>, Query,
+            description = "RFC 3339; exclusive bound."),
     ),
     responses(
         (status = 200, description = "The event stream.", content_type = "text/event-stream",

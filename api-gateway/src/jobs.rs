@@ -63,8 +63,9 @@ pub struct JobList {
         nothing refused is kept. Over HTTP the job id is always assigned by the server \
         (`<agent_id>-<32 hex>`); a `job_id` field is refused.",
     params(
-        ("Idempotency-Key" = Option<String>, Header, nullable = false,
-            description = "1-255 visible ASCII characters. The same key with the same body (as \
+        ("Idempotency-Key" = Option<String>, Header, nullable = false, min_length = 1,
+            max_length = 255, pattern = "^[\\x21-\\x7E]([\\x20-\\x7E]*[\\x21-\\x7E])?$",
+            description = "1-255 visible ASCII characters (spaces inside). The same key with the same body (as \
                 a JSON value) answers 202 with the same `job_id` and the job's current status \
                 for 24 h; with a different body, 409 `idempotency_conflict`."),
     ),
@@ -288,7 +289,8 @@ pub(crate) fn public(mut record: JobRecord) -> JobRecord {
     tag = "jobs",
     operation_id = "get_job",
     summary = "Read a job",
-    params(("job_id" = String, Path, description = "The job's id.")),
+    params(("job_id" = String, Path, pattern = "^[A-Za-z0-9_-]{1,128}$",
+            description = "The job's id; any other id answers 404.")),
     responses(
         (status = 200, description = "The job's record.", body = JobRecord),
         (status = 401, response = Unauthorized),
@@ -331,7 +333,8 @@ pub struct WaitQuery {
     description = "Blocks until the job is `completed`, `failed` or `cancelled`, then answers \
         its record, within milliseconds of the change; at once if it already ended.",
     params(
-        ("job_id" = String, Path, description = "The job's id."),
+        ("job_id" = String, Path, pattern = "^[A-Za-z0-9_-]{1,128}$",
+            description = "The job's id; any other id answers 404."),
         ("timeout" = Option<f64>, Query, description = "Seconds to wait, fractions allowed; \
             3600 when absent, clamped to 1-7200."),
     ),
@@ -395,7 +398,8 @@ pub async fn wait(
     description = "Marks a pending or running job `cancelled` and answers at once. The node \
         holding it stops its container (SIGTERM, then SIGKILL after a grace period) and \
         attaches the output so far to the record a moment later.",
-    params(("job_id" = String, Path, description = "The job's id.")),
+    params(("job_id" = String, Path, pattern = "^[A-Za-z0-9_-]{1,128}$",
+            description = "The job's id; any other id answers 404.")),
     responses(
         (status = 200, description = "Cancelled.", body = JobStatusReply,
             example = json!({"job_id": "me-0198c0de4b7a7c3e9a7d2f4e5b6c7d8e", "status": "cancelled"})),
@@ -467,7 +471,8 @@ pub async fn cancel(
         ("status" = Option<JobStatus>, Query, description = "Only jobs with this status."),
         ("limit" = Option<u32>, Query, minimum = 1, maximum = 200,
             description = "Page size: 1-200, 50 when absent."),
-        ("offset" = Option<u64>, Query, description = "Jobs to skip: 0 when absent."),
+        ("offset" = Option<u64>, Query, maximum = 18_446_744_073_709_551_615_u64,
+            description = "Jobs to skip: 0 when absent."),
         ("agent_id" = Option<String>, Query, description = "Only this agent's jobs."),
         ("engine" = Option<String>, Query, description = "Only jobs on this engine."),
         ("profile" = Option<String>, Query, description = "Only jobs with this profile."),

@@ -23,7 +23,6 @@ use axum::{Extension, Router, extract::DefaultBodyLimit};
 use flotilla_config::LiveCatalog;
 use flotilla_nats::Topology;
 use flotilla_service::{NatsConfig, Service};
-use sha2::{Digest, Sha256};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use utoipa::OpenApi as _;
@@ -39,7 +38,8 @@ pub struct AppState {
     /// Engines and profiles, kept current from the shared configuration.
     pub catalog: Arc<LiveCatalog>,
     pub index: Arc<index::JobIndex>,
-    api_key_digest: Option<Vec<u8>>,
+    /// The configured keys' digests; `None` without an API key.
+    keys: Option<middleware::KeyDigests>,
     http_metrics: metrics::HttpMetrics,
 }
 
@@ -92,12 +92,13 @@ pub(crate) const ROUTES: &[(&str, &str)] = &[
 /// Every route with its OpenAPI operation: `routes!` registers a handler's route and its
 /// `#[utoipa::path]` documentation together, so neither exists without the other. Handlers of
 /// one path share a `routes!`. The document's frame (info, tags, shared components) is
-/// `openapi::ApiDoc`; the SSE event schemas come from the modules that send them.
+/// `openapi::ApiDoc`; the SSE event schemas come from the modules that send them. Rules the
+/// derived schemas cannot state are written in last.
 pub(crate) fn api_routes() -> OpenApiRouter<Arc<AppState>> {
     let mut frame = openapi::ApiDoc::openapi();
     frame.merge(logs::EventSchemas::openapi());
     frame.merge(events::EventSchemas::openapi());
-    OpenApiRouter::with_openapi(frame)
+    let mut router = OpenApiRouter::with_openapi(frame)
         .routes(routes!(ops::root))
         .routes(routes!(ops::health))
         .routes(routes!(metrics::render))
@@ -125,7 +126,9 @@ pub(crate) fn api_routes() -> OpenApiRouter<Arc<AppState>> {
         .routes(routes!(ui::index))
         .routes(routes!(ui::index_dir))
         .routes(routes!(ui::script))
-        .routes(routes!(ui::style))
+        .routes(routes!(ui::style));
+    schedules::document_timing_choice(router.get_openapi_mut());
+    router
 }
 
 pub fn router(state: Arc<AppState>) -> Router {
@@ -147,6 +150,19 @@ pub fn router(state: Arc<AppState>) -> Router {
             metrics::observe,
         ))
         .with_state(state)
+}
+
+fn log_auth(config: &Config) {
+    match (&config.api_key, &config.admin_api_key) {
+        (Some(_), Some(_)) => tracing::info!(
+            "API key required on every non-public path; the admin key to change the configuration"
+        ),
+        (Some(_), None) => tracing::info!("API key required on every non-public path"),
+        (None, _) => tracing::warn!(
+            listen = %config.listen,
+            "no API key configured: requests are not authenticated (loopback only)"
+        ),
+    }
 }
 
 /// Serves the API on `listener` until `shutdown`, then finishes in-flight requests and
@@ -174,24 +190,15 @@ pub async fn run(
         service.topology.jobs.clone(),
         service.background.clone(),
     ));
-    match &config.api_key {
-        Some(_) => tracing::info!("API key required on every non-public path"),
-        None => tracing::warn!(
-            listen = %config.listen,
-            "no API key configured: requests are not authenticated (loopback only)"
-        ),
-    }
-    let api_key_digest = config
-        .api_key
-        .as_ref()
-        .map(|key| Sha256::digest(key.as_bytes()).to_vec());
+    log_auth(&config);
+    let keys = middleware::KeyDigests::of(&config);
     let state = Arc::new(AppState {
         config,
         client: service.client.clone(),
         topology: service.topology.clone(),
         catalog,
         index,
-        api_key_digest,
+        keys,
         http_metrics: metrics::HttpMetrics::default(),
     });
     if let Ok(addr) = listener.local_addr() {

@@ -81,8 +81,10 @@ pub struct EventSchemas;
         last one, whose data is an `EndEvent`. Truncation of a long output shows as a \
         `system` `log` event. Keep-alive comments are sent while the stream is idle.",
     params(
-        ("job_id" = String, Path, description = "The job's id."),
-        ("from" = Option<u64>, Query, description = "Replay from this event id (a log-stream \
+        ("job_id" = String, Path, pattern = "^[A-Za-z0-9_-]{1,128}$",
+            description = "The job's id; any other id answers 404."),
+        ("from" = Option<u64>, Query, maximum = 18_446_744_073_709_551_615_u64,
+            description = "Replay from this event id (a log-stream \
             sequence, not the per-attempt `seq`); 0 counts as 1."),
         ("follow" = Option<bool>, Query, description = "`true` (when absent) follows until \
             the job ends; `false` sends what is stored, then `end` with the current status."),

@@ -55,6 +55,7 @@ fn config(args: Args) -> anyhow::Result<api_gateway::Config> {
         nats: args.nats.into_options()?,
         // Only from the environment: a key on the command line would show in `ps`.
         api_key: std::env::var("FLOTILLA_API_KEY").ok(),
+        admin_api_key: std::env::var("FLOTILLA_ADMIN_API_KEY").ok(),
         allow_unauthenticated_public: args.allow_unauthenticated_public,
         max_body_bytes: args.max_body_bytes,
         engines_dir: args.engines_dir,

@@ -12,7 +12,7 @@ use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
 use crate::{
-    AppState,
+    AppState, Config,
     error::{ApiError, ErrorReport},
 };
 
@@ -26,6 +26,57 @@ pub(crate) fn is_public(path: &str) -> bool {
         "/" | "/health" | "/metrics" | "/docs" | "/openapi.json" | "/ui"
     ) || path.starts_with("/ui/")
         || path.starts_with("/docs/")
+}
+
+/// `PUT` and `DELETE /configs/{type}/{name}`: the operations that change the shared
+/// configuration, which every service runs. When an admin key is set only it may call them (the
+/// OpenAPI document gives them the `AdminOnly` 403; a test checks the two agree).
+pub(crate) fn needs_admin(method: &Method, path: &str) -> bool {
+    matches!(*method, Method::PUT | Method::DELETE)
+        && path
+            .strip_prefix("/configs/")
+            .is_some_and(|rest| rest.split('/').count() == 2)
+}
+
+/// SHA-256 digests of the configured keys, so that [`auth`] compares digests: equal lengths,
+/// compared in constant time, whatever the presented key.
+pub(crate) struct KeyDigests {
+    api: Vec<u8>,
+    admin: Option<Vec<u8>>,
+}
+
+/// What a presented key may do.
+#[derive(Debug, PartialEq)]
+enum Access {
+    /// The API key: everything but [`needs_admin`] operations when an admin key is set.
+    Api,
+    /// The admin key: everything.
+    Admin,
+}
+
+impl KeyDigests {
+    /// `None` without an API key (the gateway then authenticates nothing).
+    pub(crate) fn of(config: &Config) -> Option<Self> {
+        let digest = |key: &String| Sha256::digest(key.as_bytes()).to_vec();
+        Some(Self {
+            api: digest(config.api_key.as_ref()?),
+            admin: config.admin_api_key.as_ref().map(digest),
+        })
+    }
+
+    /// Which key `presented` (a digest) is. Both comparisons always run.
+    fn access(&self, presented: &[u8]) -> Option<Access> {
+        let admin = self
+            .admin
+            .as_ref()
+            .is_some_and(|admin| bool::from(presented.ct_eq(admin.as_slice())));
+        let api = bool::from(presented.ct_eq(self.api.as_slice()));
+        match (admin, api) {
+            (true, _) => Some(Access::Admin),
+            (false, true) => Some(Access::Api),
+            (false, false) => None,
+        }
+    }
 }
 
 /// Echoes (or assigns) `X-Request-Id`, and sets the security headers on every response,
@@ -62,11 +113,12 @@ pub async fn headers(request: Request, next: Next) -> Response {
     response
 }
 
-/// Checks `Authorization: Bearer <key>` when a key is configured. Digests are compared in
-/// constant time, so neither content nor length leaks through timing.
+/// Checks `Authorization: Bearer <key>` when a key is configured: the API key or the admin key,
+/// and only the admin key, if there is one, for [`needs_admin`] operations. Digests are compared
+/// in constant time, so neither content nor length leaks through timing.
 /// Without a key, see [`check_keyless`].
 pub async fn auth(State(state): State<Arc<AppState>>, request: Request, next: Next) -> Response {
-    let Some(expected) = &state.api_key_digest else {
+    let Some(keys) = &state.keys else {
         return match check_keyless(&request, state.config.allow_unauthenticated_public) {
             Ok(()) => next.run(request).await,
             Err(refused) => refused.into_response(),
@@ -81,23 +133,31 @@ pub async fn auth(State(state): State<Arc<AppState>>, request: Request, next: Ne
         .and_then(|value| value.to_str().ok())
         .and_then(|value| value.strip_prefix("Bearer "))
         .map(|key| Sha256::digest(key.trim().as_bytes()));
-    match presented {
-        Some(digest) if bool::from(digest.as_slice().ct_eq(expected.as_slice())) => {
-            next.run(request).await
-        }
-        _ => {
-            let mut response = ApiError::new(
-                StatusCode::UNAUTHORIZED,
-                "unauthorized",
-                "missing or invalid API key",
-            )
-            .into_response();
-            response
-                .headers_mut()
-                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
-            response
-        }
+    let admin_only = keys.admin.is_some() && needs_admin(request.method(), request.uri().path());
+    match presented.and_then(|digest| keys.access(&digest)) {
+        None => unauthorized(),
+        Some(Access::Api) if admin_only => ApiError::new(
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            "changing the configuration needs the admin API key (FLOTILLA_ADMIN_API_KEY); \
+             this key may only read it",
+        )
+        .into_response(),
+        Some(_) => next.run(request).await,
     }
+}
+
+fn unauthorized() -> Response {
+    let mut response = ApiError::new(
+        StatusCode::UNAUTHORIZED,
+        "unauthorized",
+        "missing or invalid API key",
+    )
+    .into_response();
+    response
+        .headers_mut()
+        .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+    response
 }
 
 /// Without an API key nothing says who is calling, so the gateway at least makes sure the call
@@ -302,6 +362,47 @@ mod tests {
             );
             assert!(line.contains(&format!("code=\"{code}\"")), "{line}");
         }
+    }
+
+    #[test]
+    fn only_configuration_changes_need_the_admin_key() {
+        for path in ["/configs/engine/shell", "/configs/template/a.md.j2"] {
+            assert!(needs_admin(&Method::PUT, path), "{path}");
+            assert!(needs_admin(&Method::DELETE, path), "{path}");
+            assert!(!needs_admin(&Method::GET, path), "{path}");
+        }
+        for (method, path) in [
+            (Method::GET, "/configs"),
+            (Method::DELETE, "/jobs/a-1"),
+            (Method::PATCH, "/schedules/s"),
+            (Method::PUT, "/configs/engine"),
+            (Method::PUT, "/configs/engine/a/b"),
+        ] {
+            assert!(!needs_admin(&method, path), "{method} {path}");
+        }
+    }
+
+    #[test]
+    fn a_presented_key_is_the_api_key_the_admin_key_or_neither() {
+        let digest = |key: &str| Sha256::digest(key.as_bytes()).to_vec();
+        let keys = KeyDigests {
+            api: digest("submit-key-0123456789"),
+            admin: Some(digest("admin-key-0123456789")),
+        };
+        assert_eq!(
+            keys.access(&digest("submit-key-0123456789")),
+            Some(Access::Api)
+        );
+        assert_eq!(
+            keys.access(&digest("admin-key-0123456789")),
+            Some(Access::Admin)
+        );
+        assert_eq!(keys.access(&digest("admin-key-012345678")), None);
+        let without_admin = KeyDigests {
+            admin: None,
+            ..keys
+        };
+        assert_eq!(without_admin.access(&digest("admin-key-0123456789")), None);
     }
 
     fn request(method: Method, headers: &[(&str, &str)]) -> Request {

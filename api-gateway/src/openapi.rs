@@ -22,7 +22,8 @@ use utoipa::{
 use crate::{
     error::ErrorBody,
     responses::{
-        Internal, Keyless, NotFoundJob, NotFoundSchedule, NotJson, Unauthorized, Unavailable,
+        AdminOnly, Internal, Keyless, NotFoundJob, NotFoundSchedule, NotJson, Unauthorized,
+        Unavailable,
     },
     ui,
 };
@@ -42,7 +43,9 @@ api-gateway.
 if any. Any operation may also answer 500 `internal`.
 - Auth: when the gateway has an API key (`FLOTILLA_API_KEY`), operations marked `api_key` need \
 `Authorization: Bearer <key>`, else 401. The others are public. Without a key, nothing is \
-checked and the gateway listens on loopback only.
+checked and the gateway listens on loopback only. When it also has an admin key \
+(`FLOTILLA_ADMIN_API_KEY`), only that key may `PUT` or `DELETE` a configuration file (403 \
+`forbidden` for the API key); it works everywhere else too.
 - Every response carries `X-Request-Id` (echoed when the request sent one of 1-200 visible \
 ASCII characters, else a new UUID), `X-Content-Type-Options: nosniff`, \
 `X-Frame-Options: DENY` and `Cache-Control: no-store`.
@@ -63,7 +66,8 @@ The behaviour in full, and where it differs from Parpaing's API: `docs/api.md`."
     // named in descriptions, and the SSE event data schemas come from `logs` and `events`.
     components(
         schemas(ErrorBody),
-        responses(Unauthorized, Keyless, NotJson, NotFoundJob, NotFoundSchedule, Internal, Unavailable),
+        responses(Unauthorized, Keyless, AdminOnly, NotJson, NotFoundJob, NotFoundSchedule,
+            Internal, Unavailable),
     ),
     modifiers(&BearerKey),
     tags(
@@ -88,8 +92,10 @@ impl Modify for BearerKey {
         let scheme = HttpBuilder::new()
             .scheme(HttpAuthScheme::Bearer)
             .description(Some(
-                "The gateway's API key (`FLOTILLA_API_KEY`), as `Authorization: Bearer <key>`. \
-                 Only checked when the gateway has a key.",
+                "The gateway's API key (`FLOTILLA_API_KEY`), or its admin key \
+                 (`FLOTILLA_ADMIN_API_KEY`), as `Authorization: Bearer <key>`. Only checked \
+                 when the gateway has a key; with an admin key, only it changes the \
+                 configuration.",
             ))
             .build();
         openapi
@@ -283,6 +289,14 @@ pub(crate) mod tests {
                 operation["operationId"].is_string(),
                 "{method} {path}: no operationId"
             );
+            let admin_only =
+                operation["responses"]["403"]["$ref"] == "#/components/responses/AdminOnly";
+            let routed_method = axum::http::Method::from_bytes(method.as_bytes()).unwrap();
+            assert_eq!(
+                admin_only,
+                crate::middleware::needs_admin(&routed_method, &path),
+                "{method} {path}: the AdminOnly 403 must match the operations that need the admin key"
+            );
         }
     }
 
@@ -328,6 +342,45 @@ pub(crate) mod tests {
             "{name}: serialized keys missing from the schema: {:?}",
             present.difference(&properties).collect::<Vec<_>>()
         );
+    }
+
+    /// The request examples the document gives are bodies the gateway accepts, with the
+    /// configuration this repository ships.
+    #[tokio::test]
+    async fn openapi_request_examples_pass_validation() {
+        let doc: Value = serde_json::from_str(&document()).unwrap();
+        let example = |name: &str| doc["components"]["schemas"][name]["examples"][0].clone();
+        let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
+        let catalog =
+            flotilla_catalog::Catalog::load(&root.join("engines"), &root.join("profiles")).unwrap();
+        let limits = flotilla_catalog::Limits::default();
+        let now = chrono::Utc::now();
+        let job = serde_json::from_value(example("SubmitRequest")).unwrap();
+        let origin = flotilla_catalog::Origin::Http;
+        flotilla_catalog::validate(&catalog, &limits, job, origin, now)
+            .await
+            .unwrap();
+        let schedule = serde_json::from_value(example("ScheduleRequest")).unwrap();
+        flotilla_catalog::schedule::validate_schedule(&catalog, &limits, schedule, now)
+            .await
+            .unwrap();
+    }
+
+    /// Bounds written as literals in schema attributes, checked against the validators' own.
+    #[test]
+    fn openapi_schedule_rules_match_the_validator() {
+        let doc: Value = serde_json::from_str(&document()).unwrap();
+        let request = &doc["components"]["schemas"]["ScheduleRequest"]["allOf"];
+        let interval = &request[0]["properties"]["interval_seconds"];
+        let max = flotilla_catalog::schedule::MAX_INTERVAL_SECONDS;
+        assert_eq!(interval["maximum"], max, "{interval}");
+        let choice: Vec<&Value> = request[1]["oneOf"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|branch| &branch["required"][0])
+            .collect();
+        assert_eq!(choice, ["cron", "interval_seconds"]);
     }
 
     #[test]

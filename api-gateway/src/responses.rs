@@ -62,6 +62,24 @@ impl<'r> ToResponse<'r> for Keyless {
     }
 }
 
+/// 403 on the operations that change the configuration (`middleware::needs_admin`): `forbidden`
+/// for the API key when an admin key is set, or what [`Keyless`] says without any key. One
+/// response per status, so it says both.
+pub struct AdminOnly;
+
+impl<'r> ToResponse<'r> for AdminOnly {
+    fn response() -> (&'r str, RefOr<openapi::Response>) {
+        let response = error_response(
+            "`forbidden`: the gateway has an admin key (`FLOTILLA_ADMIN_API_KEY`), which alone \
+             may change the configuration, and the request sent the ordinary API key (which \
+             still reads it). Or, only when the gateway has no API key, `forbidden_host` or \
+             `cross_site`, as for every operation.",
+        )
+        .build();
+        ("AdminOnly", response.into())
+    }
+}
+
 /// 415 `unsupported_media_type`: only when the gateway has no API key.
 pub struct NotJson;
 

@@ -15,7 +15,10 @@ use flotilla_catalog::schedule::{Timing, validate_schedule};
 use flotilla_nats::StoreError;
 use flotilla_proto::{Schedule, ScheduleRequest, ids, schedule::MAX_SCHEDULE_ID_LEN};
 use serde::{Deserialize, Serialize};
-use utoipa::ToSchema;
+use utoipa::{
+    ToSchema,
+    openapi::{AllOfBuilder, ObjectBuilder, OneOfBuilder, OpenApi, RefOr, Schema, schema::Type},
+};
 
 use crate::{
     AppState,
@@ -36,8 +39,9 @@ pub struct ScheduleList {
 #[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct SchedulePatch {
-    /// `false` stops future runs; `true` resumes them from now.
-    #[schema(value_type = bool)]
+    /// `false` stops future runs; `true` resumes them from now. Required (null counts as
+    /// absent): `missing_field` without it.
+    #[schema(value_type = bool, required)]
     #[serde(default)]
     enabled: Option<bool>,
 }
@@ -47,6 +51,43 @@ pub struct SchedulePatch {
 pub struct ScheduleDeleted {
     schedule_id: String,
     deleted: bool,
+}
+
+/// Writes into the document the rule of `validate_schedule` that the derived `ScheduleRequest`
+/// schema cannot state: exactly one of `cron` and `interval_seconds`, null counting as absent.
+/// utoipa's object schema has no `oneOf`, so the component becomes `allOf` [the derived object,
+/// `oneOf` [a string `cron`, an integer `interval_seconds`]]: a value sets both, or neither,
+/// only when it matches both branches, or none.
+pub(crate) fn document_timing_choice(api: &mut OpenApi) {
+    let schemas = &mut api
+        .components
+        .as_mut()
+        .expect("the document has components")
+        .schemas;
+    let Some(RefOr::T(Schema::Object(mut request))) = schemas.remove("ScheduleRequest") else {
+        panic!("ScheduleRequest is not an object schema in the document");
+    };
+    let set = |field: &str, kind: Type| {
+        ObjectBuilder::new()
+            .required(field)
+            .property(field, ObjectBuilder::new().schema_type(kind))
+            .build()
+    };
+    let timing = OneOfBuilder::new()
+        .item(set("cron", Type::String))
+        .item(set("interval_seconds", Type::Integer));
+    // On the outer schema, where readers and the reference page look for it.
+    let description = request.description.take();
+    let examples = std::mem::take(&mut request.examples);
+    let schema = AllOfBuilder::new()
+        .description(description)
+        .examples(examples)
+        .item(request)
+        .item(timing);
+    schemas.insert(
+        "ScheduleRequest".to_owned(),
+        Schema::from(schema.build()).into(),
+    );
 }
 
 fn check_id(schedule_id: &str) -> Result<(), ApiError> {
@@ -139,7 +180,8 @@ pub async fn list(State(state): State<Arc<AppState>>) -> Result<Json<ScheduleLis
     tag = "schedules",
     operation_id = "get_schedule",
     summary = "Read a schedule",
-    params(("schedule_id" = String, Path, description = "The schedule's id.")),
+    params(("schedule_id" = String, Path, pattern = "^[A-Za-z0-9_-]{1,64}$",
+        description = "The schedule's id; any other id answers 404.")),
     responses(
         (status = 200, description = "The schedule, with its runs so far and the next.",
             body = Schedule),
@@ -172,7 +214,8 @@ pub async fn get(
     description = "Disabling clears `next_run_at`; jobs already created run on. Enabling a \
         disabled schedule computes `next_run_at` afresh from now (missed runs are not made \
         up), unless `max_runs` was reached.",
-    params(("schedule_id" = String, Path, description = "The schedule's id.")),
+    params(("schedule_id" = String, Path, pattern = "^[A-Za-z0-9_-]{1,64}$",
+        description = "The schedule's id; any other id answers 404.")),
     request_body(content = SchedulePatch, content_type = "application/json"),
     responses(
         (status = 200, description = "The schedule as changed.", body = Schedule),
@@ -240,7 +283,8 @@ pub async fn update(
     summary = "Delete a schedule",
     description = "No further runs are created. Jobs it already created are untouched (cancel \
         them with `DELETE /jobs/{job_id}`).",
-    params(("schedule_id" = String, Path, description = "The schedule's id.")),
+    params(("schedule_id" = String, Path, pattern = "^[A-Za-z0-9_-]{1,64}$",
+        description = "The schedule's id; any other id answers 404.")),
     responses(
         (status = 200, description = "Deleted.", body = ScheduleDeleted),
         (status = 401, response = Unauthorized),

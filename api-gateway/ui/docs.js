@@ -84,13 +84,26 @@ function refName(ref) {
   return decodeURIComponent(String(ref).split("/").pop());
 }
 
-/** The schema a `$ref` points at (schemas only; responses are resolved by `responseOf`). */
+/** The schema a `$ref` points at (schemas only; responses are resolved by `responseOf`), its
+ *  `allOf` parts merged. */
 function resolve(schema) {
-  if (schema && schema.$ref) {
-    const target = (spec.components?.schemas || {})[refName(schema.$ref)];
-    return target || {};
+  let target = schema || {};
+  if (target.$ref) target = (spec.components?.schemas || {})[refName(target.$ref)] || {};
+  return target.allOf ? merged(target) : target;
+}
+
+/** An `allOf` shown as one object: its parts' fields together. A part that only constrains
+ *  (ScheduleRequest's `oneOf` of `cron` and `interval_seconds`) adds no field; the schema's
+ *  description states it. */
+function merged(schema) {
+  const out = { ...schema, allOf: undefined, properties: {}, required: [] };
+  for (const part of schema.allOf.map(resolve)) {
+    Object.assign(out.properties, part.properties || {});
+    out.required.push(...(part.required || []));
+    if (part.additionalProperties === false) out.additionalProperties = false;
+    if (part.type && !out.type) out.type = part.type;
   }
-  return schema || {};
+  return out;
 }
 
 /** `oneOf: [{type: "null"}, X]` (utoipa's nullable reference) as X plus a null flag. */
@@ -117,7 +130,7 @@ function typeLabel(raw) {
     const variants = schema.oneOf || schema.anyOf;
     variants.forEach((v, i) => { if (i) parts.push(" | "); parts.push(...typeLabel(v)); });
   } else if (schema.allOf) {
-    schema.allOf.forEach((v, i) => { if (i) parts.push(" & "); parts.push(...typeLabel(v)); });
+    parts.push(...typeLabel(merged(schema)));
   } else {
     const types = Array.isArray(schema.type) ? schema.type : schema.type ? [schema.type] : [];
     const main = types.filter((t) => t !== "null");
@@ -322,6 +335,12 @@ function groupByTag() {
 // ---------------------------------------------------------------------------------------------
 // Page
 
+/** A schema's example: `example`, or the first of `examples` (OpenAPI 3.1). */
+function schemaExamples(schema) {
+  const value = schema.example !== undefined ? schema.example : (schema.examples || [])[0];
+  return value !== undefined ? [h("div", { class: "label" }, "Example"), example(value)] : null;
+}
+
 function render() {
   const info = spec.info || {};
   document.title = `${info.title || "API"} API reference`;
@@ -360,7 +379,7 @@ function render() {
         h("h3", {}, h("code", {}, name), " ", h("span", { class: "type" }, typeLabel(schema))),
         schema.description ? markdown(schema.description) : null,
         schemaBody(schema, 0, new Set([`#/components/schemas/${name}`])),
-        schema.example !== undefined ? [h("div", { class: "label" }, "Example"), example(schema.example)] : null)))));
+        schemaExamples(schema))))));
 
   // The browser looked for the fragment before the page existed.
   if (location.hash.length > 1) {

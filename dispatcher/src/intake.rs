@@ -234,7 +234,7 @@ mod tests {
             engine: Some("shell".to_owned()),
             profile: Some("bad profile!".to_owned()),
             prompt: Some(huge.clone()),
-            metadata: Some(BTreeMap::from([("k".to_owned(), huge.clone())])),
+            metadata: Some(BTreeMap::from([("k".to_owned(), huge)])),
             dry_run: Some(true),
             ..SubmitRequest::default()
         };

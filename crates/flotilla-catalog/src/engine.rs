@@ -481,7 +481,15 @@ mod tests {
         req.model = Some("m".to_owned());
         assert_eq!(
             engine.command_line(&req),
-            ["x", "-p", "--model", "m", "--safe", "--", "--model evil --unsafe"]
+            [
+                "x",
+                "-p",
+                "--model",
+                "m",
+                "--safe",
+                "--",
+                "--model evil --unsafe"
+            ]
         );
         // Without it, the prompt stays where the flag puts it (for CLIs without `--`).
         let plain = Engine::parse("x", "").unwrap();

@@ -135,274 +135,110 @@ fn a_valid_job_passes_the_recheck() {
     assert_eq!(check_job_request(&at_the_bounds, &limits), Ok(()));
 }
 
-#[test]
-fn a_hostile_queue_message_fails_the_recheck_naming_the_field() {
-    let limits = Limits::default();
-    let resources = |memory_bytes: i64, nano_cpus: i64| Resources {
-        memory_bytes,
-        nano_cpus,
-    };
-    let file = |path: &str, size: usize| WorkspaceFile {
+/// [`runnable`] as `change` leaves it.
+fn hostile(change: impl FnOnce(&mut JobRequest)) -> JobRequest {
+    let mut request = runnable();
+    change(&mut request);
+    request
+}
+
+fn file(path: &str, size: usize) -> WorkspaceFile {
+    WorkspaceFile {
         path: path.to_owned(),
         content: vec![b'x'; size],
         executable: false,
-    };
+    }
+}
+
+#[test]
+fn a_hostile_queue_message_fails_the_recheck_naming_the_field() {
+    let cpus = |nano| hostile(|r| r.resources.nano_cpus = nano);
+    let memory = |bytes| hostile(|r| r.resources.memory_bytes = bytes);
     let cases: Vec<(JobRequest, &str)> = vec![
         // Near u64::MAX, the node's timeout arithmetic overflowed and panicked.
-        (
-            JobRequest {
-                timeout_seconds: u64::MAX,
-                ..runnable()
-            },
-            "timeout_seconds",
-        ),
-        (
-            JobRequest {
-                timeout_seconds: 0,
-                ..runnable()
-            },
-            "timeout_seconds",
-        ),
-        (
-            JobRequest {
-                timeout_seconds: 86_401,
-                ..runnable()
-            },
-            "timeout_seconds",
-        ),
+        (hostile(|r| r.timeout_seconds = u64::MAX), "timeout_seconds"),
+        (hostile(|r| r.timeout_seconds = 0), "timeout_seconds"),
+        (hostile(|r| r.timeout_seconds = 86_401), "timeout_seconds"),
         // NanoCpus 0 is "no limit" to Docker; a negative one is refused only by Docker.
+        (cpus(0), "resources.cpus"),
+        (cpus(-1), "resources.cpus"),
+        (cpus(9_999_999), "resources.cpus"),
+        (cpus(i64::MAX), "resources.cpus"),
+        (memory(0), "resources.memory"),
+        (memory(-1), "resources.memory"),
+        (memory(i64::MAX), "resources.memory"),
         (
-            JobRequest {
-                resources: resources(1 << 30, 0),
-                ..runnable()
-            },
-            "resources.cpus",
-        ),
-        (
-            JobRequest {
-                resources: resources(1 << 30, -1),
-                ..runnable()
-            },
-            "resources.cpus",
-        ),
-        (
-            JobRequest {
-                resources: resources(1 << 30, 9_999_999),
-                ..runnable()
-            },
-            "resources.cpus",
-        ),
-        (
-            JobRequest {
-                resources: resources(1 << 30, i64::MAX),
-                ..runnable()
-            },
-            "resources.cpus",
-        ),
-        (
-            JobRequest {
-                resources: resources(0, 1_000_000_000),
-                ..runnable()
-            },
-            "resources.memory",
-        ),
-        (
-            JobRequest {
-                resources: resources(-1, 1_000_000_000),
-                ..runnable()
-            },
-            "resources.memory",
-        ),
-        (
-            JobRequest {
-                resources: resources(i64::MAX, 1_000_000_000),
-                ..runnable()
-            },
-            "resources.memory",
-        ),
-        (
-            JobRequest {
-                files: (0..1001).map(|i| file(&format!("f{i}"), 1)).collect(),
-                ..runnable()
-            },
+            hostile(|r| r.files = (0..1001).map(|i| file(&format!("f{i}"), 1)).collect()),
             "files",
         ),
         (
-            JobRequest {
-                files: vec![file("a", 2 << 20), file("b", 1)],
-                ..runnable()
-            },
+            hostile(|r| r.files = vec![file("a", 2 << 20), file("b", 1)]),
             "files",
         ),
         (
-            JobRequest {
-                files: vec![file("../../etc/passwd", 1)],
-                ..runnable()
-            },
+            hostile(|r| r.files = vec![file("../../etc/passwd", 1)]),
             "files[0].path",
         ),
         (
-            JobRequest {
-                files: vec![file(".flotilla/pre-hook", 1)],
-                ..runnable()
-            },
+            hostile(|r| r.files = vec![file(".flotilla/pre-hook", 1)]),
             "files[0].path",
         ),
+        (hostile(|r| r.prompt = "x".repeat(1_000_001)), "prompt"),
+        (hostile(|r| r.prompt = "a\0b".to_owned()), "prompt"),
         (
-            JobRequest {
-                prompt: "x".repeat(1_000_001),
-                ..runnable()
-            },
-            "prompt",
-        ),
-        (
-            JobRequest {
-                prompt: "a\0b".to_owned(),
-                ..runnable()
-            },
-            "prompt",
-        ),
-        (
-            JobRequest {
-                system_prompt: Some("x".repeat(500_001)),
-                ..runnable()
-            },
+            hostile(|r| r.system_prompt = Some("x".repeat(500_001))),
             "system_prompt",
         ),
         (
-            JobRequest {
-                instructions: Some("x".repeat((4 << 20) + 1)),
-                ..runnable()
-            },
+            hostile(|r| r.instructions = Some("x".repeat((4 << 20) + 1))),
             "instructions",
         ),
+        (hostile(|r| r.max_turns = Some(0)), "max_turns"),
+        (hostile(|r| r.max_turns = Some(u32::MAX)), "max_turns"),
+        (hostile(|r| r.retries = u32::MAX), "retries"),
         (
-            JobRequest {
-                max_turns: Some(0),
-                ..runnable()
-            },
-            "max_turns",
-        ),
-        (
-            JobRequest {
-                max_turns: Some(u32::MAX),
-                ..runnable()
-            },
-            "max_turns",
-        ),
-        (
-            JobRequest {
-                retries: u32::MAX,
-                ..runnable()
-            },
-            "retries",
-        ),
-        (
-            JobRequest {
-                max_budget_usd: Some(f64::INFINITY),
-                ..runnable()
-            },
+            hostile(|r| r.max_budget_usd = Some(f64::INFINITY)),
             "max_budget_usd",
         ),
+        (hostile(|r| r.max_budget_usd = Some(-1.0)), "max_budget_usd"),
         (
-            JobRequest {
-                max_budget_usd: Some(-1.0),
-                ..runnable()
-            },
-            "max_budget_usd",
-        ),
-        (
-            JobRequest {
-                model: Some("m; rm -rf /".to_owned()),
-                ..runnable()
-            },
+            hostile(|r| r.model = Some("m; rm -rf /".to_owned())),
             "model",
         ),
         (
-            JobRequest {
-                output_format: Some("yaml".to_owned()),
-                ..runnable()
-            },
+            hostile(|r| r.output_format = Some("yaml".to_owned())),
             "output_format",
         ),
         (
-            JobRequest {
-                allowed_tools: vec!["t".to_owned(); 101],
-                ..runnable()
-            },
+            hostile(|r| r.allowed_tools = vec!["t".to_owned(); 101]),
             "allowed_tools",
         ),
         (
-            JobRequest {
-                allowed_tools: vec!["a\nb".to_owned()],
-                ..runnable()
-            },
+            hostile(|r| r.allowed_tools = vec!["a\nb".to_owned()]),
             "allowed_tools[0]",
         ),
+        (hostile(|r| r.mcp_config = Some(json!([1]))), "mcp_config"),
         (
-            JobRequest {
-                mcp_config: Some(json!([1])),
-                ..runnable()
-            },
+            hostile(|r| r.mcp_config = Some(json!({"x": "y".repeat(256 * 1024)}))),
             "mcp_config",
         ),
         (
-            JobRequest {
-                mcp_config: Some(json!({"x": "y".repeat(256 * 1024)})),
-                ..runnable()
-            },
-            "mcp_config",
-        ),
-        (
-            JobRequest {
-                plugins: vec!["../x".to_owned()],
-                ..runnable()
-            },
+            hostile(|r| r.plugins = vec!["../x".to_owned()]),
             "plugins[0]",
         ),
-        (
-            JobRequest {
-                job_id: "a/b".to_owned(),
-                ..runnable()
-            },
-            "job_id",
-        ),
-        (
-            JobRequest {
-                agent_id: String::new(),
-                ..runnable()
-            },
-            "agent_id",
-        ),
-        (
-            JobRequest {
-                engine: "sh ell".to_owned(),
-                ..runnable()
-            },
-            "engine",
-        ),
-        (
-            JobRequest {
-                profile: "x".repeat(65),
-                ..runnable()
-            },
-            "profile",
-        ),
+        (hostile(|r| r.job_id = "a/b".to_owned()), "job_id"),
+        (hostile(|r| r.agent_id = String::new()), "agent_id"),
+        (hostile(|r| r.engine = "sh ell".to_owned()), "engine"),
+        (hostile(|r| r.profile = "x".repeat(65)), "profile"),
     ];
+    let limits = Limits::default();
     for (request, field) in cases {
         let result = check_job_request(&request, &limits);
         assert_refused(&result, "invalid_field", field);
     }
-    let e = check_job_request(
-        &JobRequest {
-            timeout_seconds: u64::MAX,
-            ..runnable()
-        },
-        &limits,
-    )
-    .unwrap_err();
+    let forever = hostile(|r| r.timeout_seconds = u64::MAX);
     assert_eq!(
-        e.message,
+        check_job_request(&forever, &limits).unwrap_err().message,
         "timeout_seconds must be between 1 and 86400, got 18446744073709551615"
     );
 }

@@ -1043,7 +1043,12 @@ mod tests {
             ("codex", fixture_engine!("codex"), "codex"),
             ("opencode", fixture_engine!("opencode"), "opencode"),
         ];
-        for prompt in ["--dangerously-skip-permissions", "-v", "- [ ] a checklist item", "--"] {
+        for prompt in [
+            "--dangerously-skip-permissions",
+            "-v",
+            "- [ ] a checklist item",
+            "--",
+        ] {
             for (stem, text, name) in engines {
                 let (code, out) = run_fake(stem, text, "json", prompt);
                 assert_eq!(code, 0, "{stem}: {prompt:?}");

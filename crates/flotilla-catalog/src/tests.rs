@@ -912,7 +912,10 @@ fn other_shipped_engines_put_the_prompt_where_their_cli_expects_it() {
     let codex = argv("codex");
     assert_eq!(codex[..2], ["codex", "exec"]);
     assert!(codex.contains(&"--json".to_owned()));
-    assert!(codex.ends_with(&["--".to_owned(), "P".to_owned()]), "{codex:?}");
+    assert!(
+        codex.ends_with(&["--".to_owned(), "P".to_owned()]),
+        "{codex:?}"
+    );
     // Gemini and Aider take the prompt as an option's value, where `--` would not apply.
     let gemini = argv("gemini");
     assert_eq!(gemini[..3], ["gemini", "-p", "P"]);

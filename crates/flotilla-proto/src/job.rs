@@ -16,7 +16,16 @@ use serde_json::Value;
 #[cfg_attr(
     feature = "openapi",
     derive(utoipa::ToSchema),
-    schema(description = "The body of `POST /jobs`. Unknown fields are refused (422).")
+    schema(
+        description = "The body of `POST /jobs`. Unknown fields are refused (422). The schema \
+        states every rule it can; the rest depend on the live configuration (`GET /engines`, \
+        `GET /profiles`) or the operator's limits, and are in the field descriptions: `engine` \
+        is required when the profile names none, and must name a loaded engine; `profile` must \
+        name a loaded profile; `model` must be allowed by the profile; `prompt_vars` and \
+        `claude_md_vars` must fit the profile's variables; `resources` are capped by the \
+        operator; a `webhook_url` host must resolve to a public address.",
+        examples(json!({"agent_id": "me", "engine": "shell", "prompt": "echo hello"}))
+    )
 )]
 #[serde(deny_unknown_fields)]
 pub struct SubmitRequest {
@@ -32,15 +41,25 @@ pub struct SubmitRequest {
         schema(value_type = String, required, pattern = "^[A-Za-z0-9_-]{1,64}$")
     )]
     pub agent_id: Option<String>,
-    /// An engine id (`GET /engines`). Required unless the profile names one.
+    /// An engine id (`GET /engines`). Required when the profile names none (the shipped
+    /// `default` profile names none); an id that names no loaded engine is refused
+    /// (`unknown_engine`). Both depend on the live configuration, so the schema cannot state them.
     #[serde(default)]
     pub engine: Option<String>,
     /// At most 1,000,000 characters, no NUL. When null or blank, the profile's prompt template
-    /// is rendered with `prompt_vars`. For the `shell` engine, the script to run.
+    /// is rendered with `prompt_vars` (`missing_prompt` if it has none or it renders blank). For
+    /// the `shell` engine, the script to run; an agent CLI engine takes it as one command-line
+    /// argument, so there it is also at most 131,071 bytes.
+    // "No NUL" (here and in `system_prompt`) stays in the description: as a pattern
+    // (`^[^\u0000]*$`) beside so large a `maxLength`, it makes schemathesis' generation several
+    // times slower.
     #[serde(default)]
+    #[cfg_attr(feature = "openapi", schema(max_length = 1_000_000))]
     pub prompt: Option<String>,
-    /// A profile name (`GET /profiles`); `default` when absent.
+    /// A profile name (`GET /profiles`); `default` when absent. A name that matches no loaded
+    /// profile is refused (`unknown_profile`).
     #[serde(default)]
+    #[cfg_attr(feature = "openapi", schema(pattern = "^[A-Za-z0-9_-]{1,64}$"))]
     pub profile: Option<String>,
     /// Values for the profile's prompt template variables, checked against their declared
     /// types, `required` and `enum`.
@@ -49,15 +68,28 @@ pub struct SubmitRequest {
     /// Values for the profile's agent-instructions (CLAUDE.md) template; same checks.
     #[serde(default)]
     pub claude_md_vars: Option<serde_json::Map<String, Value>>,
-    /// The profile's when absent: `^[A-Za-z0-9._/:-]{1,128}$`.
+    /// The profile's when absent: `^[A-Za-z0-9._/:-]{1,128}$`, and one the profile's model
+    /// list allows, if it has one.
     #[serde(default)]
     #[cfg_attr(feature = "openapi", schema(pattern = "^[A-Za-z0-9._/:-]{1,128}$"))]
     pub model: Option<String>,
-    /// At most 500,000 characters, no NUL.
+    /// At most 500,000 characters, no NUL; at most 131,071 bytes for an engine that passes it
+    /// on its command line.
     #[serde(default)]
+    #[cfg_attr(feature = "openapi", schema(max_length = 500_000))]
     pub system_prompt: Option<String>,
-    /// The profile's when absent. At most 100 items of 1-256 characters.
+    /// The profile's when absent or empty. At most 100 items of 1-256 characters, none a
+    /// control character.
     #[serde(default)]
+    #[cfg_attr(
+        feature = "openapi",
+        schema(
+            max_items = 100,
+            min_length = 1,
+            max_length = 256,
+            pattern = r"^[^\u0000-\u001F\u007F-\u009F]*$"
+        )
+    )]
     pub allowed_tools: Option<Vec<String>>,
     /// The profile's when absent: 1-100.
     #[serde(default)]
@@ -69,20 +101,28 @@ pub struct SubmitRequest {
     pub max_budget_usd: Option<f64>,
     /// `json`, `text` or `stream-json`; the profile's, else `json`, when absent.
     #[serde(default)]
+    #[cfg_attr(feature = "openapi", schema(schema_with = schemas::output_format))]
     pub output_format: Option<String>,
     /// An MCP configuration object (at most 256 KiB as JSON), written into the job's container.
     #[serde(default)]
+    #[cfg_attr(feature = "openapi", schema(value_type = Option<Object>))]
     pub mcp_config: Option<Value>,
     /// Plugin ids (`^[A-Za-z0-9_-]{1,64}$`); validated and carried with the job.
     #[serde(default)]
+    #[cfg_attr(feature = "openapi", schema(pattern = "^[A-Za-z0-9_-]{1,64}$"))]
     pub plugins: Option<Vec<String>>,
     /// Run the job through the fleet and a real container, but record the command line instead
     /// of running the engine.
     #[serde(default)]
     pub dry_run: Option<bool>,
-    /// http or https, at most 2048 characters; the host must not resolve to loopback, private,
-    /// link-local or metadata addresses. Validated; webhooks are not sent yet.
+    /// An http or https URL with a host, at most 2048 characters. The host is resolved when the
+    /// job is submitted, and must not resolve to loopback, private, link-local or metadata
+    /// addresses. The dispatcher POSTs the record there once the job ends.
     #[serde(default)]
+    #[cfg_attr(
+        feature = "openapi",
+        schema(max_length = 2048, pattern = "^[Hh][Tt][Tt][Pp][Ss]?://[^/?#]")
+    )]
     pub webhook_url: Option<String>,
     /// 1-86400; the profile's, else the global default, when absent.
     #[serde(default)]
@@ -94,6 +134,7 @@ pub struct SubmitRequest {
     /// Free-form labels, echoed back in the record and filterable in `GET /jobs`: at most 32
     /// keys matching `^[A-Za-z0-9_.-]{1,64}$`, values of at most 1024 characters.
     #[serde(default)]
+    #[cfg_attr(feature = "openapi", schema(schema_with = schemas::metadata))]
     pub metadata: Option<BTreeMap<String, String>>,
     /// How many times to run the job again when its engine fails (not when it is cancelled,
     /// times out, runs out of memory or budget): 0-5, the profile's, else 0. Every attempt
@@ -102,9 +143,10 @@ pub struct SubmitRequest {
     #[cfg_attr(feature = "openapi", schema(minimum = 0, maximum = 5))]
     pub retries: Option<i64>,
     /// Files written into the job's `/workspace` before the pre-hook and the engine run: at
-    /// most 1,000 files and 2 MiB in all (decoded). The profile's agent-instructions file and
-    /// the MCP configuration are written after them.
+    /// most 1,000 files and 2 MiB in all (decoded), each path once. The profile's
+    /// agent-instructions file and the MCP configuration are written after them.
     #[serde(default)]
+    #[cfg_attr(feature = "openapi", schema(max_items = 1000))]
     pub files: Option<Vec<FileRequest>>,
 }
 
@@ -114,15 +156,25 @@ pub struct SubmitRequest {
 #[serde(deny_unknown_fields)]
 pub struct FileRequest {
     /// Relative to `/workspace`: `/`-separated, no empty, `.` or `..` part, no NUL, at most
-    /// 1024 bytes, not under `.flotilla/` (the job's own files).
-    #[cfg_attr(feature = "openapi", schema(value_type = String, required))]
+    /// 1024 bytes (UTF-8; the schema's `maxLength` counts characters), not `.flotilla` or under
+    /// `.flotilla/` (the job's own files).
+    #[cfg_attr(
+        feature = "openapi",
+        schema(
+            value_type = String,
+            required,
+            max_length = 1024,
+            pattern = r"^(?:[^/\u0000.][^/\u0000]*|\.[^/\u0000.][^/\u0000]*|\.\.[^/\u0000]+)(?:/(?:[^/\u0000.][^/\u0000]*|\.[^/\u0000.][^/\u0000]*|\.\.[^/\u0000]+))*$"
+        )
+    )]
     pub path: Option<String>,
-    /// The file's content, as `encoding` says.
+    /// The file's content, as `encoding` says: for `base64`, valid standard base64.
     #[cfg_attr(feature = "openapi", schema(value_type = String, required))]
     pub content: Option<String>,
     /// `utf-8` (the default: `content` is the text) or `base64` (standard alphabet, padded):
     /// for binary files.
     #[serde(default)]
+    #[cfg_attr(feature = "openapi", schema(schema_with = schemas::encoding))]
     pub encoding: Option<String>,
     /// Make the file executable (by the job's user: the job script runs under `umask 077`).
     #[serde(default)]
@@ -145,11 +197,19 @@ pub struct WorkspaceFile {
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct ResourcesRequest {
-    /// Memory limit with a unit suffix (`512m`, `2g`); at least `6m`.
+    /// Memory limit: bytes, or a number with a unit `k`, `m`, `g` or `t` (powers of 1024,
+    /// fractions allowed, `b` or `ib` may follow: `512m`, `1.5g`, `2GiB`). At least `6m`, and at
+    /// most the operator's limit (`FLOTILLA_MAX_JOB_MEMORY`, `8g` by default).
     #[serde(default)]
+    #[cfg_attr(
+        feature = "openapi",
+        schema(pattern = "^[0-9]+([Bb]|(\\.[0-9]+)?[KkMmGgTt]([Ii]?[Bb])?)?$")
+    )]
     pub memory: Option<String>,
-    /// CPUs, fractions allowed.
+    /// CPUs, fractions allowed: at least 0.01, and at most the operator's limit
+    /// (`FLOTILLA_MAX_JOB_CPUS`, 4 by default).
     #[serde(default)]
+    #[cfg_attr(feature = "openapi", schema(minimum = 0.01))]
     pub cpus: Option<f64>,
 }
 
@@ -580,6 +640,66 @@ pub struct Usage {
 
 fn is_zero(n: &u64) -> bool {
     *n == 0
+}
+
+/// Field schemas that the `schema(...)` attributes cannot state: a closed set of strings, and
+/// the metadata map, whose keys and values follow different rules. `schema_with` replaces the
+/// field's doc comment, so each repeats it as its description.
+#[cfg(feature = "openapi")]
+mod schemas {
+    use utoipa::openapi::{
+        Object, ObjectBuilder,
+        schema::{SchemaType, Type},
+    };
+
+    fn nullable(kind: Type) -> SchemaType {
+        SchemaType::from_iter([kind, Type::Null])
+    }
+
+    /// A string from `values`, or null (absent).
+    fn one_of(values: &[&str], description: &str) -> Object {
+        let values = values.iter().map(|v| serde_json::Value::from(*v));
+        ObjectBuilder::new()
+            .schema_type(nullable(Type::String))
+            .enum_values(Some(values.chain([serde_json::Value::Null])))
+            .description(Some(description))
+            .build()
+    }
+
+    pub fn output_format() -> Object {
+        one_of(
+            &["json", "text", "stream-json"],
+            "`json`, `text` or `stream-json`; the profile's, else `json`, when absent.",
+        )
+    }
+
+    pub fn encoding() -> Object {
+        one_of(
+            &["utf-8", "base64"],
+            "`utf-8` (the default: `content` is the text) or `base64` (standard alphabet, \
+             padded): for binary files.",
+        )
+    }
+
+    pub fn metadata() -> Object {
+        let key = ObjectBuilder::new()
+            .schema_type(Type::String)
+            .pattern(Some("^[A-Za-z0-9_.-]{1,64}$"));
+        let value = ObjectBuilder::new()
+            .schema_type(Type::String)
+            .max_length(Some(1024));
+        ObjectBuilder::new()
+            .schema_type(nullable(Type::Object))
+            .description(Some(
+                "Free-form labels, echoed back in the record and filterable in `GET /jobs`: at \
+                 most 32 keys matching `^[A-Za-z0-9_.-]{1,64}$`, values of at most 1024 \
+                 characters.",
+            ))
+            .max_properties(Some(32))
+            .property_names(Some(key))
+            .additional_properties(Some(value))
+            .build()
+    }
 }
 
 #[cfg(test)]

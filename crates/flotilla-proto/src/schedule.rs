@@ -34,7 +34,11 @@ pub fn scheduled_job_id(schedule_id: &str, due: DateTime<Utc>) -> String {
     derive(utoipa::ToSchema),
     schema(
         description = "The body of `POST /schedules`. Give exactly one of `cron` and \
-        `interval_seconds`. Unknown fields are refused (422)."
+        `interval_seconds` (null counts as absent). Unknown fields are refused (422). \
+        `cron` and `timezone` must parse, and `job` must pass every rule of `POST /jobs`, \
+        those that depend on the live configuration included.",
+        examples(json!({"name": "nightly", "interval_seconds": 86400,
+            "job": {"agent_id": "me", "engine": "shell", "prompt": "echo hello"}}))
     )
 )]
 #[serde(deny_unknown_fields)]
@@ -45,22 +49,29 @@ pub struct ScheduleRequest {
     pub schedule_id: Option<String>,
     /// A label for people, at most 256 characters.
     #[serde(default)]
+    #[cfg_attr(feature = "openapi", schema(max_length = 256))]
     pub name: Option<String>,
     /// A cron pattern: 5 fields (minute hour day-of-month month day-of-week), or 6 with
-    /// seconds first. Day-of-month and day-of-week match when either does (POSIX).
+    /// seconds first, or a nickname such as `@daily`. Day-of-month and day-of-week match when
+    /// either does (POSIX). It must parse and match some future time.
     #[serde(default)]
     #[cfg_attr(feature = "openapi", schema(example = "0 9 * * 1-5"))]
     pub cron: Option<String>,
-    /// Run every this many seconds (at least 1), the first run one interval after creation.
+    /// Run every this many seconds (1 to 31,622,400, a leap year), the first run one interval
+    /// after creation.
     #[serde(default)]
-    #[cfg_attr(feature = "openapi", schema(minimum = 1))]
+    #[cfg_attr(feature = "openapi", schema(minimum = 1, maximum = 31_622_400))]
     pub interval_seconds: Option<i64>,
-    /// An IANA time zone for `cron` (`Europe/Paris`); `UTC` when absent.
+    /// An IANA time zone name for `cron` (`Europe/Paris`); `UTC` when absent. Checked with an
+    /// interval too.
     #[serde(default)]
     pub timezone: Option<String>,
     /// Stop after this many runs (at least 1); no limit when absent.
     #[serde(default)]
-    #[cfg_attr(feature = "openapi", schema(minimum = 1))]
+    #[cfg_attr(
+        feature = "openapi",
+        schema(minimum = 1, maximum = 9_223_372_036_854_775_807_i64)
+    )]
     pub max_runs: Option<i64>,
     /// `true` when absent.
     #[serde(default)]

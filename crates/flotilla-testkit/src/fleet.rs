@@ -560,12 +560,15 @@ fn remove_job_network(network: &str) {
     }
     let chain = flotilla_proto::names::job_network_chain(&id);
     let bridge = format!("br-{}", &id[..12]);
-    for args in [
-        vec!["-D", "INPUT", "-i", &bridge, "-j", &chain],
-        vec!["-F", &chain],
-        vec!["-X", &chain],
-    ] {
-        let _ = Command::new("iptables").arg("-w").args(&args).output();
+    // The node fences IPv6 too (ip6tables) on hosts with an IPv6 stack.
+    for binary in ["iptables", "ip6tables"] {
+        for args in [
+            vec!["-D", "INPUT", "-i", &bridge, "-j", &chain],
+            vec!["-F", &chain],
+            vec!["-X", &chain],
+        ] {
+            let _ = Command::new(binary).arg("-w").args(&args).output();
+        }
     }
 }
 

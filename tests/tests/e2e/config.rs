@@ -190,9 +190,10 @@ async fn an_engine_is_available_only_if_the_worker_image_has_its_binary() {
     assert_eq!(status, 200, "{body}");
     let (status, body) = put(&fleet, "/configs/engine/echoer", ECHOER).await;
     assert_eq!(status, 200, "{body}");
-    // Added at runtime: the node probes both binaries; only echo is in the image.
+    // Added at runtime: the node probes both binaries; only echo is in the image. A deadline,
+    // not a timing goal: the probe is a container, slow to start while the suite loads Docker.
     wait_until(
-        Duration::from_secs(20),
+        Duration::from_secs(60),
         "echoer to become available",
         || async { available(&fleet, "echoer").await.filter(|a| *a) },
     )
@@ -258,4 +259,80 @@ async fn configs_are_listed_whole_or_by_type() {
     let (status, error) = list("?type=engines").await;
     assert_eq!(status, 422, "{error}");
     assert_eq!(error["error"]["field"], "type", "{error}");
+}
+
+/// With `FLOTILLA_ADMIN_API_KEY` set, only that key changes the configuration: the ordinary key
+/// still reads it and does everything else, but its `PUT` and `DELETE` get 403 and change
+/// nothing. The admin key works everywhere.
+#[tokio::test]
+async fn only_the_admin_key_changes_the_configuration_when_one_is_set() {
+    const KEY: &str = "submit-key-0123456789";
+    const ADMIN: &str = "admin-key-0123456789";
+    let fleet = Fleet::builder()
+        .nodes(0)
+        .api_key(KEY)
+        .gateway_env("FLOTILLA_ADMIN_API_KEY", ADMIN)
+        .start()
+        .await
+        .unwrap();
+    let call = |key: &str, method: Method, path: &str| {
+        fleet
+            .http
+            .request(method, format!("{}{path}", fleet.api))
+            .bearer_auth(key)
+    };
+    let template = json!({ "content": "Hello {{ name }}" });
+    let path = "/configs/template/admin-e2e.md.j2";
+
+    // The ordinary key: 403 naming the admin key, and nothing written or deleted.
+    for (method, path) in [
+        (Method::PUT, path),
+        (Method::DELETE, "/configs/template/agent-base.md.j2"),
+    ] {
+        let response = call(KEY, method.clone(), path)
+            .json(&template)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 403, "{method} {path}");
+        let error: Value = response.json().await.unwrap();
+        assert_eq!(error["error"]["code"], "forbidden", "{error}");
+        let message = error["error"]["message"].as_str().unwrap();
+        assert!(message.contains("FLOTILLA_ADMIN_API_KEY"), "{message}");
+    }
+    let read = |key: &'static str, path: &'static str| {
+        let request = call(key, Method::GET, path);
+        async move { request.send().await.unwrap().status().as_u16() }
+    };
+    assert_eq!(read(KEY, "/configs/template/admin-e2e.md.j2").await, 404);
+    assert_eq!(read(KEY, "/configs/template/agent-base.md.j2").await, 200);
+    assert_eq!(read(KEY, "/configs").await, 200);
+
+    // The admin key writes and deletes, and works on the other paths too.
+    let written = call(ADMIN, Method::PUT, path)
+        .json(&template)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(written.status(), 200, "{}", written.text().await.unwrap());
+    assert_eq!(read(KEY, "/configs/template/admin-e2e.md.j2").await, 200);
+    let deleted = call(ADMIN, Method::DELETE, path).send().await.unwrap();
+    assert_eq!(deleted.status(), 200, "{}", deleted.text().await.unwrap());
+    let job = json!({"agent_id": "admin", "engine": "shell", "prompt": "true"});
+    let submitted = call(ADMIN, Method::POST, "/jobs")
+        .json(&job)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(submitted.status(), 202);
+    assert_eq!(read(ADMIN, "/jobs").await, 200);
+
+    // Any other key is still 401, on reads and writes alike.
+    assert_eq!(read("wrong-key-0123456789", "/configs").await, 401);
+    let wrong = call("wrong-key-0123456789", Method::PUT, path)
+        .json(&template)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(wrong.status(), 401);
 }

@@ -14,7 +14,12 @@ async fn schemathesis_finds_no_server_error_and_no_undocumented_answer() {
     let schemathesis = which("schemathesis").unwrap_or_else(|| {
         panic!("schemathesis not found on PATH: pip install schemathesis (.ci/run does)")
     });
-    let fleet = Fleet::builder().nodes(0).api_key(KEY).start().await.unwrap();
+    let fleet = Fleet::builder()
+        .nodes(0)
+        .api_key(KEY)
+        .start()
+        .await
+        .unwrap();
     let report = tempfile::tempdir().unwrap();
     let output = tokio::task::spawn_blocking({
         let api = fleet.api.clone();
@@ -31,13 +36,18 @@ async fn schemathesis_finds_no_server_error_and_no_undocumented_answer() {
                     "not_a_server_error,status_code_conformance,content_type_conformance,\
                      response_schema_conformance",
                 ])
-                .args(["--max-examples", "10", "--seed", "7", "--workers", "2"])
-                .args(["--request-timeout", "10", "--max-time", "150"])
+                // One worker: CPython 3.11's AST recursion check is not thread-safe
+                // (python/cpython#106905) and fails multi-threaded runs now and then.
+                .args(["--max-examples", "5", "--seed", "7", "--workers", "1"])
+                .args(["--request-timeout", "10", "--max-time", "120"])
                 // Server-sent events and the long poll: their own tests (logs::, events,
                 // jobs::) cover them.
                 .args(["--exclude-path-regex", "/(logs|events|wait)$"])
                 .args(["--report", "junit", "--report-dir"])
                 .arg(&report)
+                .args(["--generation-database", "none"])
+                // Whatever it caches stays out of the work tree.
+                .current_dir(&report)
                 .env("NO_COLOR", "1")
                 .output()
                 .expect("schemathesis runs")

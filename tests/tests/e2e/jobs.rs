@@ -115,8 +115,10 @@ async fn cancel_stops_a_running_job_and_a_second_cancel_conflicts() {
 
     let (_, job) = get_job(&fleet, &job_id).await;
     assert_eq!(job["status"], "cancelled");
+    // A deadline, not a timing goal (the figure is printed): under the suite's load, Docker
+    // itself can take seconds to stop and remove a container.
     wait_until(
-        Duration::from_secs(2),
+        Duration::from_secs(30),
         "the cancelled job's container to be removed",
         || async { containers_for_job(&job_id).ok().filter(|c| c.is_empty()) },
     )

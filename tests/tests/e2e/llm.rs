@@ -313,3 +313,67 @@ fn assert_no_secret_anywhere(fleet: &Fleet, job: &Value, patterns: &[&str]) {
         }
     }
 }
+
+#[tokio::test]
+async fn a_fence_undone_while_the_node_runs_fails_engine_jobs_before_they_get_a_token() {
+    let mock = MockLlm::start().await.unwrap();
+    // One delivery: the infrastructure failure is recorded at once instead of retried.
+    let fleet = Fleet::builder()
+        .llm(&mock.url())
+        .env("FLOTILLA_MAX_DELIVER", "1")
+        .start()
+        .await
+        .unwrap();
+    let network = &fleet.llm.as_ref().unwrap().network;
+    // A job runs while the fence is whole.
+    let job_id = submit(&fleet, claude("before")).await;
+    let job = wait(&fleet, &job_id).await;
+    assert_eq!(job["status"], "completed", "{job:#}\n{}", fleet.logs());
+    // Then the host's firewall loses the jump into the fence (a reload, say).
+    let id = Command::new("docker")
+        .args(["network", "inspect", "-f", "{{.Id}}", network])
+        .output()
+        .unwrap()
+        .stdout;
+    let id = String::from_utf8(id).unwrap().trim().to_owned();
+    let chain = names::job_network_chain(&id);
+    let bridge = format!("br-{}", &id[..12]);
+    let removed = Command::new("iptables")
+        .args(["-w", "-D", "INPUT", "-i", &bridge, "-j", &chain])
+        .status()
+        .unwrap();
+    assert!(removed.success());
+    // The next engine job fails (once the last good check is stale), without a token and
+    // without reaching the gateway; jobs without LLM access are not affected.
+    let tries = std::sync::atomic::AtomicU32::new(0);
+    let failed = flotilla_testkit::wait_until(
+        std::time::Duration::from_secs(30),
+        "an engine job to be refused for the broken fence",
+        || async {
+            let n = tries.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let prompt = format!("after {n}");
+            let job = wait(&fleet, &submit(&fleet, claude(&prompt)).await).await;
+            (job["status"] == "failed").then_some((job, prompt))
+        },
+    )
+    .await
+    .unwrap();
+    let (failed, prompt) = failed;
+    let error = failed["error"].as_str().unwrap();
+    assert!(error.contains("is not safe to run on"), "{error}");
+    assert!(error.contains("is gone"), "{error}");
+    assert!(
+        grants(&fleet)
+            .await
+            .iter()
+            .all(|g| g.job_id != failed["job_id"]),
+        "a token was issued"
+    );
+    let reached = mock
+        .requests()
+        .iter()
+        .any(|r| r.body.to_string().contains(&prompt));
+    assert!(!reached, "{prompt:?} reached the upstream");
+    let shell_job = wait(&fleet, &submit(&fleet, shell("echo fine")).await).await;
+    assert_eq!(shell_job["status"], "completed", "{shell_job:#}");
+}

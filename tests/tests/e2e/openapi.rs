@@ -418,5 +418,13 @@ async fn openapi_reference_page_is_public_locked_down_and_renders() {
     for field in ["job_id", "status", "attempts", "result"] {
         assert!(record.contains(field), "{field}: {record}");
     }
+    // An `allOf` (the fields, and the choice of `cron` or `interval_seconds`) shows as one object.
+    let schedule = browser
+        .text_of("#schema-ScheduleRequest")
+        .await
+        .unwrap_or_default();
+    for field in ["max_runs", "skip_if_running", "timezone", "exactly one of"] {
+        assert!(schedule.contains(field), "{field}: {schedule}");
+    }
     browser.quit().await.unwrap();
 }

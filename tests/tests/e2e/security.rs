@@ -276,3 +276,164 @@ async fn orphan_containers_are_reaped_periodically() {
     .await
     .unwrap_or_else(|e| panic!("{e}\n{}", fleet.logs()));
 }
+
+/// `docker inspect -f <format> <id>`.
+fn inspect(id: &str, format: &str) -> String {
+    let output = std::process::Command::new("docker")
+        .args(["inspect", "-f", format, id])
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout).trim().to_owned()
+}
+
+#[tokio::test]
+async fn docker_keeps_no_log_of_job_output_and_open_files_are_limited() {
+    let fleet = Fleet::builder().start().await.unwrap();
+    let job_id = submit(
+        &fleet,
+        shell("ulimit -n; ulimit -Hn; echo started; sleep 30"),
+    )
+    .await;
+    let container = wait_until(
+        Duration::from_secs(20),
+        "the job's container to run",
+        || async {
+            let (_, job) = get_job(&fleet, &job_id).await;
+            let ids = flotilla_testkit::containers_for_job(&job_id).ok()?;
+            (job["status"] == "running").then(|| ids.first().cloned())?
+        },
+    )
+    .await
+    .unwrap();
+    // The node keeps the output (capped); Docker keeps none, so nothing grows on the host's disk.
+    let log = "{{.HostConfig.LogConfig.Type}} {{json .HostConfig.LogConfig.Config}}";
+    assert_eq!(inspect(&container, log), "none {}");
+    // The warm containers waiting for the next jobs are made the same way.
+    let warm: Vec<String> = fleet
+        .containers()
+        .unwrap()
+        .into_iter()
+        .filter(|id| !container.starts_with(id.as_str()))
+        .collect();
+    assert!(!warm.is_empty(), "no warm container to look at");
+    for id in &warm {
+        assert_eq!(inspect(id, log), "none {}", "warm container {id}");
+    }
+    let ulimits = "{{range .HostConfig.Ulimits}}{{.Name}}={{.Soft}}:{{.Hard}}{{end}}";
+    assert_eq!(inspect(&container, ulimits), "nofile=1024:4096");
+    let response = fleet
+        .request(reqwest::Method::DELETE, &format!("/jobs/{job_id}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(wait(&fleet, &job_id).await["status"], "cancelled");
+    // The limits the job saw, in its output, which the node streamed all the same.
+    let js = crate::js_context(&fleet).await;
+    let chunks = crate::LogReader::open(&js, &job_id).await.until_end().await;
+    assert_eq!(crate::stdout_of(&chunks), "1024\n4096\nstarted\n");
+    fleet.assert_no_containers_left().await.unwrap();
+}
+
+/// Records a job and queues its message as validation would, but with whatever `request`
+/// says: what anyone allowed to publish on the run subject can do.
+async fn queue_unvalidated(fleet: &Fleet, request: Value) {
+    use flotilla_proto::{JobRecord, JobRequest, names};
+    let request: JobRequest = serde_json::from_value(request).unwrap();
+    let js = crate::js_context(fleet).await;
+    let jobs = js.get_key_value(names::BUCKET_JOBS).await.unwrap();
+    let record = flotilla_proto::encode(&JobRecord::pending(&request)).unwrap();
+    jobs.create(names::job_key(&request.job_id), record)
+        .await
+        .unwrap();
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert(names::HEADER_JOB_ID, request.job_id.as_str());
+    let message = async_nats::jetstream::message::PublishMessage::build()
+        .payload(flotilla_proto::encode(&request).unwrap())
+        .headers(headers)
+        .message_id(names::run_msg_id(&request.job_id));
+    js.send_publish(names::SUBJECT_RUN, message)
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn a_queued_job_that_breaks_a_bound_is_failed_by_the_node_without_running() {
+    let fleet = Fleet::builder().start().await.unwrap();
+    let job_id = "e2e-unbounded-1";
+    // A timeout near u64::MAX (it overflowed the node's arithmetic) and NanoCpus 0 (Docker's
+    // "no limit"): validation refuses both, a publisher on the run subject need not ask.
+    queue_unvalidated(
+        &fleet,
+        json!({
+            "job_id": job_id, "agent_id": "e2e", "engine": "shell", "profile": "default",
+            "prompt": "echo ran", "timeout_seconds": u64::MAX,
+            "resources": {"memory_bytes": 1u64 << 30, "nano_cpus": 0},
+            "created_at": chrono::Utc::now(),
+        }),
+    )
+    .await;
+    let job = wait(&fleet, job_id).await;
+    assert_eq!(job["status"], "failed", "{job:#}");
+    let error = job["error"].as_str().unwrap();
+    assert!(error.contains("refused the job"), "{error}");
+    assert!(
+        error.contains("timeout_seconds must be between 1 and 86400, got 18446744073709551615"),
+        "{error}"
+    );
+    assert_eq!(job["exit_code"], Value::Null, "{job:#}");
+    assert!(!text(&job).contains("ran"), "{job:#}");
+    // Not retried: one attempt, and its message is dead-lettered.
+    assert_eq!(job["attempt"], 1, "{job:#}");
+    assert!(
+        flotilla_testkit::containers_for_job(job_id)
+            .unwrap()
+            .is_empty()
+    );
+}
+
+#[tokio::test]
+async fn output_that_flips_between_streams_is_capped_by_chunk_count() {
+    let fleet = Fleet::builder()
+        .node_env("FLOTILLA_MAX_LOG_CHUNKS", "50")
+        .start()
+        .await
+        .unwrap();
+    // A switch between stdout and stderr starts a new chunk: far more than 50, a few bytes each.
+    let job_id = submit(
+        &fleet,
+        shell("i=0; while [ $i -lt 5000 ]; do echo out; echo err >&2; i=$((i+1)); done; echo last"),
+    )
+    .await;
+    let job = wait(&fleet, &job_id).await;
+    assert_eq!(job["status"], "completed", "{job:#}");
+    let js = crate::js_context(&fleet).await;
+    let chunks = crate::LogReader::open(&js, &job_id).await.until_end().await;
+    let output = chunks
+        .iter()
+        .filter(|c| c.stream != flotilla_proto::LogStream::System)
+        .count();
+    println!("{output} output chunks kept of {} in all", chunks.len());
+    assert!(output <= 50, "{output} output chunks kept");
+    let notices: Vec<String> = chunks
+        .iter()
+        .filter(|c| c.stream == flotilla_proto::LogStream::System)
+        .map(|c| String::from_utf8_lossy(&c.data).into_owned())
+        .collect();
+    assert!(
+        notices
+            .iter()
+            .any(|n| n == "output truncated: more than 50 chunks; the rest is not kept"),
+        "{notices:?}"
+    );
+    // The result (standard output; stderr may arrive after it) still has the end of it.
+    let stdout = job["result"]["text"].as_str().unwrap_or_default();
+    assert!(stdout.ends_with("last\n"), "{job:#}");
+}
