@@ -40,3 +40,30 @@ stop() { # name
   fi
   rm -f "$pidfile"
 }
+
+# Three nats-servers from deploy/nats/server.conf on loopback, n1..n3: clients on 4222-4224,
+# monitoring on 8222-8224, routes on 6222-6224. Returns once the cluster has a JetStream meta
+# leader.
+start_nats_cluster() {
+  local i
+  for i in 1 2 3; do
+    mkdir -p "$state/nats-n$i"
+    start "nats-n$i" env FLOTILLA_NATS_NAME="n$i" FLOTILLA_NATS_HOST=127.0.0.1 \
+      FLOTILLA_NATS_PORT=$((4221 + i)) FLOTILLA_NATS_HTTP_PORT=$((8221 + i)) \
+      FLOTILLA_NATS_ROUTE_PORT=$((6221 + i)) FLOTILLA_NATS_STORE_DIR="$state/nats-n$i" \
+      FLOTILLA_NATS_ROUTE_1=nats-route://127.0.0.1:6222 \
+      FLOTILLA_NATS_ROUTE_2=nats-route://127.0.0.1:6223 \
+      FLOTILLA_NATS_ROUTE_3=nats-route://127.0.0.1:6224 \
+      nats-server -c "$root/deploy/nats/server.conf"
+  done
+  for _ in $(seq 1 300); do
+    # /jsz names the meta leader once the three servers have elected one.
+    if (curl -sf http://127.0.0.1:8222/jsz 2>/dev/null || true) | grep -q '"leader": *"n[123]"'; then
+      echo "  nats cluster has a JetStream meta leader"
+      return
+    fi
+    sleep 0.1
+  done
+  echo "scripts/up: the nats cluster elected no JetStream meta leader; see $log_dir/nats-n*.log" >&2
+  exit 1
+}

@@ -311,7 +311,7 @@ async fn finish(
         usage: record.usage,
         max_budget_usd: request.max_budget_usd,
     };
-    let Some(stored) = store_outcome(shared, message, &pending).await else {
+    let Some(stored) = store_outcome(shared, &pending).await else {
         return;
     };
     end_stream(shared, &pending, &stored).await;
@@ -339,11 +339,7 @@ async fn finish(
 
 /// Writes the outcome under the lease, or keeps it in the outbox while NATS is away. `None`
 /// when there is nothing more to do for this delivery here.
-async fn store_outcome(
-    shared: &Shared,
-    message: &jetstream::Message,
-    pending: &PendingFinish,
-) -> Option<JobRecord> {
+async fn store_outcome(shared: &Shared, pending: &PendingFinish) -> Option<JobRecord> {
     let recorded = if shared.outbox.is_empty() && shared.nats_connected() {
         Some(
             record_with_retries(shared, pending)
@@ -374,8 +370,9 @@ async fn store_outcome(
             shared.metrics.finished(Finish::LeaseLost);
         }
         ApplyError::NotFound(_) => {
-            tracing::warn!("job record vanished; dropping its message");
-            ack(message, AckKind::Ack).await;
+            // A record is only deleted once finished; not finding one may be a replica that
+            // has not caught up. The message is left unacked: its next delivery settles it.
+            tracing::warn!("job record not found; its message is left for redelivery");
             shared.metrics.finished(Finish::Abandoned);
         }
         ApplyError::Store(e) => {

@@ -2,7 +2,7 @@
 //! the job back, each a transition (`flotilla_proto::transition`) applied by compare-and-set,
 //! and the outbox relay that records outcomes kept while NATS was away.
 
-use std::{sync::Arc, time::Duration};
+use std::{collections::HashMap, sync::Arc, time::Duration};
 
 use backon::{ExponentialBuilder, Retryable};
 use bytes::Bytes;
@@ -35,7 +35,21 @@ pub(crate) async fn claim(
         ack_subject,
         delivered,
     };
-    match shared.topology.jobs.apply(job_id, &claim).await {
+    // While a cluster moves the bucket's leader, reads fail for a few seconds; a NAK for each
+    // would spend the job's deliveries on NATS's trouble, not the job's.
+    let apply = || shared.topology.jobs.apply(job_id, &claim);
+    let applied = apply
+        .retry(
+            ExponentialBuilder::default()
+                .with_min_delay(Duration::from_millis(200))
+                .with_max_delay(Duration::from_secs(2))
+                .with_max_times(5),
+        )
+        .when(|e| matches!(e, ApplyError::Store(StoreError::Nats(_))))
+        // Still working on it: the message must not go to another node meanwhile.
+        .notify(|_, _| in_progress(shared, ack_subject_of(&claim)))
+        .await;
+    match applied {
         Ok(applied) => Ok(Some(Claimed {
             attempt: applied.after.record.attempt,
         })),
@@ -48,6 +62,22 @@ pub(crate) async fn claim(
             Ok(None)
         }
         Err(ApplyError::Store(e)) => Err(e),
+    }
+}
+
+fn ack_subject_of(claim: &Transition) -> Option<&str> {
+    match claim {
+        Transition::Claim { ack_subject, .. } => ack_subject.as_deref(),
+        _ => None,
+    }
+}
+
+/// Tells JetStream the message is still being worked on (its ack wait starts again), without
+/// waiting: best effort, as the progress acks of a running job are.
+fn in_progress(shared: &Shared, ack_subject: Option<&str>) {
+    if let Some(subject) = ack_subject {
+        let (client, subject) = (shared.client.clone(), subject.to_owned());
+        tokio::spawn(async move { client.publish(subject, Bytes::from_static(b"+WPI")).await });
     }
 }
 
@@ -150,7 +180,9 @@ pub(crate) async fn relay(shared: Arc<Shared>, stop: CancellationToken) {
     let mut failures = 0u32;
     loop {
         if shared.outbox.is_empty() || failures > 0 {
-            let pause = Duration::from_millis(200 * u64::from(failures.min(25)));
+            // At most a third of the ack wait: the progress acks below go out each round.
+            let pause = Duration::from_millis(200 * u64::from(failures.min(25)))
+                .min(shared.config.topology.ack_wait / 3);
             tokio::select! {
                 () = stop.cancelled() => return,
                 () = shared.outbox.pushed.notified(), if failures == 0 => {}
@@ -166,8 +198,16 @@ pub(crate) async fn relay(shared: Arc<Shared>, stop: CancellationToken) {
             }
         };
         failures = 0;
+        // Outcomes waiting here are still this node's: their messages must not be redelivered
+        // (and their jobs run again) while NATS is away for longer than an ack wait.
+        for (_, entry) in &entries {
+            if let Entry::Finish(pending) = entry {
+                in_progress(&shared, pending.ack_subject.as_deref());
+            }
+        }
+        let mut held = HashMap::new();
         for (key, entry) in entries {
-            if let Err(e) = relay_one(&shared, &entry).await {
+            if let Err(e) = relay_one(&shared, &entry, &mut held).await {
                 tracing::debug!(error = %e, "outbox relay waiting for NATS");
                 failures = 1;
                 break;
@@ -181,13 +221,30 @@ pub(crate) async fn relay(shared: Arc<Shared>, stop: CancellationToken) {
     }
 }
 
-async fn relay_one(shared: &Shared, entry: &Entry) -> Result<(), String> {
+/// Relays one entry. `held` remembers, for this batch, whether each job's attempt is still
+/// this node's: the output of an attempt that moved elsewhere is dropped, not published late.
+async fn relay_one(
+    shared: &Shared,
+    entry: &Entry,
+    held: &mut HashMap<(String, u32), bool>,
+) -> Result<(), String> {
     match entry {
+        Entry::Publish {
+            job_id, attempt, ..
+        } if *attempt > 0 && !still_ours(shared, job_id, *attempt, held).await? => {
+            tracing::warn!(
+                job_id,
+                attempt,
+                "outbox log chunk dropped: the job moved to another attempt"
+            );
+            Ok(())
+        }
         Entry::Publish {
             subject,
             msg_id,
             job_id,
             payload,
+            ..
         } => publish_chunk(
             &shared.topology.js,
             subject,
@@ -199,6 +256,31 @@ async fn relay_one(shared: &Shared, entry: &Entry) -> Result<(), String> {
         .map_err(|e| e.to_string()),
         Entry::Finish(pending) => relay_finish(shared, pending).await,
     }
+}
+
+/// Whether the job's record still names this node's `attempt`.
+async fn still_ours(
+    shared: &Shared,
+    job_id: &str,
+    attempt: u32,
+    held: &mut HashMap<(String, u32), bool>,
+) -> Result<bool, String> {
+    let key = (job_id.to_owned(), attempt);
+    if let Some(ours) = held.get(&key) {
+        return Ok(*ours);
+    }
+    let record = shared
+        .topology
+        .jobs
+        .get(job_id)
+        .await
+        .map_err(|e| e.to_string())?;
+    let ours = record.is_some_and(|v| {
+        v.record.attempt == attempt
+            && v.record.node_id.as_deref() == Some(shared.config.node_id.as_str())
+    });
+    held.insert(key, ours);
+    Ok(ours)
 }
 
 async fn relay_finish(shared: &Shared, pending: &PendingFinish) -> Result<(), String> {

@@ -7,6 +7,7 @@ mod binaries;
 mod config;
 mod decide;
 mod fence;
+mod identity;
 mod job;
 mod lease;
 mod llm_health;
@@ -52,6 +53,8 @@ pub enum NodeError {
     /// The job network cannot be set up or is unsafe.
     #[error(transparent)]
     Network(RuntimeError),
+    #[error(transparent)]
+    NodeIdInUse(#[from] identity::NodeIdInUse),
 }
 
 /// State shared by the pull loop and the job tasks.
@@ -117,8 +120,6 @@ async fn serve(
     metrics_listener: Option<TcpListener>,
     shutdown: CancellationToken,
 ) -> Result<(), NodeError> {
-    let llm_url = prepare_host(runtime.as_ref(), &config).await?;
-    let outbox = open_outbox(&config)?;
     let name = format!("agent-node {}", config.node_id);
     let nats = NatsConfig {
         name: &name,
@@ -129,6 +130,11 @@ async fn serve(
     let Some(service) = Service::start(nats, &shutdown).await? else {
         return Ok(());
     };
+    // Before touching the host's containers: another live node of this id may own them.
+    let ttl = config.heartbeat_interval * 3;
+    identity::ensure_unique(&service.topology.nodes, &config.node_id, ttl).await?;
+    let llm_url = prepare_host(runtime.as_ref(), &config).await?;
+    let outbox = open_outbox(&config)?;
     let catalog = service
         .catalog(&config.engines_dir, &config.profiles_dir)
         .await?;
@@ -486,6 +492,7 @@ async fn heartbeat(shared: Arc<Shared>, stop: CancellationToken) {
             pool_refill_ms: pool.refill_avg_ms,
             started_at,
             heartbeat_at: Utc::now(),
+            // As identity::ensure_unique waits for.
             ttl_ms: u64::try_from(config.heartbeat_interval.as_millis() * 3).unwrap_or(u64::MAX),
             llm_providers: shared
                 .llm_url

@@ -158,6 +158,7 @@ impl LogPublisher {
             subject: self.subject.clone(),
             msg_id,
             job_id: self.job_id.clone(),
+            attempt: self.attempt,
             payload: payload.to_vec(),
         };
         self.shared

@@ -39,6 +39,9 @@ pub(crate) enum Entry {
         subject: String,
         msg_id: String,
         job_id: String,
+        /// The attempt whose output this is (0 in entries kept by older nodes: not checked).
+        #[serde(default)]
+        attempt: u32,
         #[serde(with = "serde_bytes")]
         payload: Vec<u8>,
     },
@@ -182,6 +185,7 @@ mod tests {
             subject: "flotilla.logs.j".to_owned(),
             msg_id: format!("j.1.{n}"),
             job_id: "j".to_owned(),
+            attempt: 1,
             payload: vec![n],
         }
     }

@@ -371,21 +371,37 @@ pub async fn wait(
     load(&state, &job_id).await?;
     loop {
         let notify = state.index.waiter(&job_id);
-        let notified = notify.notified();
-        let record = load(&state, &job_id).await?;
-        if record.status.is_terminal() {
-            return Ok(Json(record));
-        }
-        if tokio::time::timeout_at(deadline, notified).await.is_err() {
+        let woken = {
+            let notified = notify.notified();
+            // Registered before the read: `notify_waiters` wakes only registered waiters, so
+            // a change landing between the read and the first poll would otherwise be missed.
+            let mut notified = std::pin::pin!(notified);
+            notified.as_mut().enable();
+            let record = load(&state, &job_id).await?;
+            if record.status.is_terminal() {
+                return Ok(Json(record));
+            }
+            // The index's watch wakes us; the record is read again now and then anyway, so
+            // that a watch that lags (a cluster moving the bucket's leader) cannot hold a
+            // finished job.
+            let recheck = (tokio::time::Instant::now() + WAIT_RECHECK).min(deadline);
+            tokio::time::timeout_at(recheck, notified).await.is_ok()
+        };
+        if !woken {
             state.index.release_waiter(&job_id, notify);
-            return Err(ApiError::new(
-                StatusCode::REQUEST_TIMEOUT,
-                "wait_timeout",
-                format!("job {job_id} did not finish within {seconds}s"),
-            ));
+            if tokio::time::Instant::now() >= deadline {
+                return Err(ApiError::new(
+                    StatusCode::REQUEST_TIMEOUT,
+                    "wait_timeout",
+                    format!("job {job_id} did not finish within {seconds}s"),
+                ));
+            }
         }
     }
 }
+
+/// How often `/wait` reads the record again without being woken.
+const WAIT_RECHECK: Duration = Duration::from_secs(2);
 
 /// `DELETE /jobs/{id}`: marks the job cancelled (compare-and-set) and tells whichever node
 /// holds it to stop its container.

@@ -41,6 +41,8 @@ pub struct AppState {
     /// The configured keys' digests; `None` without an API key.
     keys: Option<middleware::KeyDigests>,
     http_metrics: metrics::HttpMetrics,
+    /// Held by the one gateway replica that exports the fleet-wide metrics.
+    fleet_metrics: Arc<flotilla_nats::Lease>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -192,6 +194,14 @@ pub async fn run(
     ));
     log_auth(&config);
     let keys = middleware::KeyDigests::of(&config);
+    let fleet_metrics = Arc::new(flotilla_nats::Lease::new(
+        service.topology.dispatch.clone(),
+        flotilla_proto::names::KEY_FLEET_METRICS,
+    ));
+    tokio::spawn({
+        let (lease, stop) = (fleet_metrics.clone(), service.background.clone());
+        async move { lease.hold(stop).await }
+    });
     let state = Arc::new(AppState {
         config,
         client: service.client.clone(),
@@ -200,6 +210,7 @@ pub async fn run(
         index,
         keys,
         http_metrics: metrics::HttpMetrics::default(),
+        fleet_metrics,
     });
     if let Ok(addr) = listener.local_addr() {
         tracing::info!(url = %format!("http://{addr}"), "api-gateway listening");

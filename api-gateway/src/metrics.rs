@@ -148,7 +148,10 @@ pub async fn observe(State(state): State<Arc<AppState>>, request: Request, next:
         `flotilla_config_version`; and, counted as requests end, \
         `flotilla_http_requests_total{method,route,status}` and \
         `flotilla_http_request_duration_seconds{method,route}` (route templates and status \
-        classes only). A figure whose source cannot be read is left out.",
+        classes only). A figure whose source cannot be read is left out. With several gateway \
+        replicas, only one (the holder of the `fleet-metrics` lease) exports the fleet-wide \
+        figures (all but `flotilla_config_version` and the HTTP ones), so that a sum over \
+        replicas counts each once.",
     responses(
         (status = 200, description = "Prometheus text exposition format 0.0.4.",
             content_type = "text/plain; version=0.0.4; charset=utf-8", body = String,
@@ -157,10 +160,14 @@ pub async fn observe(State(state): State<Arc<AppState>>, request: Request, next:
 )]
 pub async fn render(State(state): State<Arc<AppState>>) -> Response {
     // Registration order is the order of the text: jobs, queue, nodes, then the gateway's own.
+    // The fleet-wide figures come from one gateway replica only (the holder of their lease),
+    // so that a sum over replicas counts them once.
     let mut registry = Registry::default();
-    register_jobs(&mut registry, &state);
-    register_queue(&mut registry, &state).await;
-    register_nodes(&mut registry, &state).await;
+    if state.fleet_metrics.confirm().await {
+        register_jobs(&mut registry, &state);
+        register_queue(&mut registry, &state).await;
+        register_nodes(&mut registry, &state).await;
+    }
     register_gateway(&mut registry, &state);
 
     let mut out = String::new();

@@ -3,7 +3,7 @@
 //! rejected stream with its reason, and, when it names a usable job id, recorded as a failed
 //! job so `GET /jobs/{id}` explains it.
 
-use std::{sync::Arc, time::Duration};
+use std::sync::Arc;
 
 use async_nats::jetstream::{self, AckKind};
 use chrono::Utc;
@@ -11,7 +11,6 @@ use flotilla_catalog::{Limits, Origin};
 use flotilla_config::LiveCatalog;
 use flotilla_nats::{StoreError, SubmitError, Submitted, Topology};
 use flotilla_proto::{Encoding, JobRecord, SubmitRequest, ids, names};
-use futures::StreamExt;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument as _;
 
@@ -25,33 +24,11 @@ pub(crate) struct Intake {
 }
 
 pub(crate) async fn run(intake: Arc<Intake>, stop: CancellationToken) {
-    loop {
-        let messages = tokio::select! {
-            () = stop.cancelled() => return,
-            messages = intake.topology.intake.stream().heartbeat(Duration::from_secs(5)).messages() => messages,
-        };
-        let mut messages = match messages {
-            Ok(messages) => messages,
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot consume submissions, retrying");
-                tokio::select! {
-                    () = stop.cancelled() => return,
-                    () = tokio::time::sleep(Duration::from_secs(1)) => continue,
-                }
-            }
-        };
-        loop {
-            let next = tokio::select! {
-                () = stop.cancelled() => return,
-                next = messages.next() => next,
-            };
-            match next {
-                Some(Ok(message)) => intake.handle(message).await,
-                Some(Err(e)) => tracing::debug!(error = %e, "submission stream hiccup"),
-                None => break,
-            }
-        }
-    }
+    let consumer = intake.topology.intake.clone();
+    crate::consume::consume(&consumer, "submissions", &stop, |message| {
+        intake.handle(message)
+    })
+    .await;
 }
 
 impl Intake {

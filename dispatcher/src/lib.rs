@@ -2,6 +2,7 @@
 //! leader handles lost nodes, timeouts, retention, webhooks and schedules. Any number of
 //! replicas may run: they share one durable consumer, so each submission is admitted once.
 
+mod consume;
 mod intake;
 mod lifecycle;
 mod metrics;
@@ -68,7 +69,7 @@ impl Config {
 struct HttpState {
     client: async_nats::Client,
     metrics: Arc<metrics::DispatcherMetrics>,
-    leading: tokio::sync::watch::Receiver<bool>,
+    lease: Arc<flotilla_nats::Lease>,
 }
 
 /// Runs the dispatcher until `shutdown`, serving health and metrics on `listener`.
@@ -84,12 +85,15 @@ pub async fn run(
         .catalog(&config.engines_dir, &config.profiles_dir)
         .await?;
     let metrics = Arc::new(metrics::DispatcherMetrics::default());
-    let (leading_tx, leading) = tokio::sync::watch::channel(false);
-    let workers = Workers::start(&service, &config, catalog, metrics.clone(), leading_tx)?;
+    let lease = Arc::new(flotilla_nats::Lease::new(
+        service.topology.dispatch.clone(),
+        flotilla_proto::names::KEY_LEADER,
+    ));
+    let workers = Workers::start(&service, &config, catalog, metrics.clone(), lease.clone())?;
     let http_state = HttpState {
         client: service.client.clone(),
         metrics,
-        leading,
+        lease,
     };
     tracing::info!(listen = ?listener.local_addr().ok(), "dispatcher ready");
     let app = Router::new()
@@ -110,7 +114,7 @@ pub async fn run(
 struct Workers {
     intake: JoinHandle<()>,
     election: JoinHandle<()>,
-    dead_letters: JoinHandle<Result<(), async_nats::SubscribeError>>,
+    dead_letters: JoinHandle<()>,
 }
 
 impl Workers {
@@ -119,23 +123,29 @@ impl Workers {
         config: &Config,
         catalog: Arc<LiveCatalog>,
         metrics: Arc<metrics::DispatcherMetrics>,
-        leading_tx: tokio::sync::watch::Sender<bool>,
+        lease: Arc<flotilla_nats::Lease>,
     ) -> Result<Self, DispatcherError> {
         let (client, topology, stop) = (&service.client, &service.topology, &service.background);
-        let leading = leading_tx.subscribe();
-        let election = tokio::spawn(lifecycle::elect(topology.clone(), stop.clone(), leading_tx));
+        let election = {
+            let (lease, stop) = (lease.clone(), stop.clone());
+            tokio::spawn(async move { lease.hold(stop).await })
+        };
         let lifecycle = Arc::new(lifecycle::Lifecycle {
             client: client.clone(),
             topology: topology.clone(),
             config: config.lifecycle.clone(),
             jobs: Default::default(),
             metrics: metrics.clone(),
-            webhooks: webhooks::Webhooks::new(topology.clone(), config.webhooks.clone())
-                .map_err(DispatcherError::Http)?,
+            webhooks: webhooks::Webhooks::new(
+                topology.clone(),
+                lease.clone(),
+                config.webhooks.clone(),
+            )
+            .map_err(DispatcherError::Http)?,
+            lease: lease.clone(),
         });
-        tokio::spawn(lifecycle.run(leading.clone(), stop.clone()));
+        tokio::spawn(lifecycle.run(stop.clone()));
         let dead_letters = tokio::spawn(lifecycle::dead_letters(
-            client.clone(),
             topology.clone(),
             metrics.clone(),
             stop.clone(),
@@ -146,7 +156,7 @@ impl Workers {
             limits: config.limits.clone(),
             metrics,
         });
-        tokio::spawn(schedules::Scheduler::new(intake.clone()).run(leading, stop.clone()));
+        tokio::spawn(schedules::Scheduler::new(intake.clone(), lease).run(stop.clone()));
         Ok(Self {
             intake: tokio::spawn(intake::run(intake, stop.clone())),
             election,
@@ -157,14 +167,12 @@ impl Workers {
     async fn join(self) {
         let _ = self.intake.await;
         let _ = self.election.await;
-        if let Ok(Err(e)) = self.dead_letters.await {
-            tracing::warn!(error = %e, "dead-letter handler had failed");
-        }
+        let _ = self.dead_letters.await;
     }
 }
 
 async fn render_metrics(State(state): State<HttpState>) -> Response {
-    let leading = *state.leading.borrow();
+    let leading = state.lease.is_leading();
     let mut response = state.metrics.render(leading).into_response();
     response.headers_mut().insert(
         header::CONTENT_TYPE,

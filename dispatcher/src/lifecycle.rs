@@ -1,24 +1,25 @@
 //! The fleet-wide lifecycle, run by the elected leader among dispatcher replicas: lost nodes,
 //! jobs queued too long, retention of finished jobs. Dead letters are handled by whichever
-//! replica the advisory reaches (a queue group), so every replica shares that work.
+//! replica pulls the advisory from its stream, so every replica shares that work.
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, HashSet},
     sync::{Arc, Mutex},
     time::Duration,
 };
 
-use async_nats::jetstream::kv;
+use async_nats::jetstream::{AckKind, kv};
 use bytes::Bytes;
 use chrono::{DateTime, Utc};
 use flotilla_nats::{ApplyError, Topology, WatchEvent};
 use flotilla_proto::{Encoding, JobStatus, NodeInfo, Transition, names};
-use futures::{StreamExt, TryStreamExt};
+use futures::TryStreamExt;
 use serde::Deserialize;
-use tokio::{sync::watch, time::Instant};
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::metrics::DispatcherMetrics;
+use flotilla_nats::Lease;
 
 /// Lifecycle settings.
 #[derive(Debug, Clone)]
@@ -42,6 +43,8 @@ pub(crate) struct Lifecycle {
     pub(crate) jobs: Mutex<HashMap<String, JobSummary>>,
     pub(crate) metrics: Arc<DispatcherMetrics>,
     pub(crate) webhooks: Arc<crate::webhooks::Webhooks>,
+    /// Every leader action is fenced by it.
+    pub(crate) lease: Arc<Lease>,
 }
 
 /// How often the leader looks for webhooks to send.
@@ -55,55 +58,10 @@ pub(crate) struct JobSummary {
     finished_at: Option<DateTime<Utc>>,
 }
 
-/// Holds the leader lease while this replica is alive: `true` on the channel while leading.
-pub(crate) async fn elect(
-    topology: Topology,
-    stop: CancellationToken,
-    leading: watch::Sender<bool>,
-) {
-    let me = uuid::Uuid::new_v4().to_string();
-    let mut revision: Option<u64> = None;
-    let mut ticker = tokio::time::interval(Duration::from_millis(1000));
-    loop {
-        tokio::select! {
-            () = stop.cancelled() => break,
-            _ = ticker.tick() => {}
-        }
-        let value = Bytes::from(me.clone());
-        revision = match revision {
-            Some(rev) => topology
-                .dispatch
-                .update(names::KEY_LEADER, value, rev)
-                .await
-                .ok(),
-            None => topology
-                .dispatch
-                .create(names::KEY_LEADER, value)
-                .await
-                .ok(),
-        };
-        let now_leading = revision.is_some();
-        if *leading.borrow() != now_leading {
-            tracing::info!(leader = now_leading, "dispatcher leadership changed");
-            let _ = leading.send(now_leading);
-        }
-    }
-    // Step down at once so another replica takes over without waiting for the lease to expire.
-    if let Some(rev) = revision {
-        let _ = topology
-            .dispatch
-            .delete_expect_revision(names::KEY_LEADER, Some(rev))
-            .await;
-    }
-}
-
 impl Lifecycle {
     /// Runs the leader's duties while `leading` is true.
-    pub(crate) async fn run(
-        self: Arc<Self>,
-        mut leading: watch::Receiver<bool>,
-        stop: CancellationToken,
-    ) {
+    pub(crate) async fn run(self: Arc<Self>, stop: CancellationToken) {
+        let mut leading = self.lease.watch();
         tokio::spawn(self.clone().follow_jobs(stop.clone()));
         let mut nodes = NodeWatch::default();
         let mut node_ticker = tokio::time::interval(self.config.node_check_interval);
@@ -134,7 +92,8 @@ impl Lifecycle {
         }
     }
 
-    /// Finds nodes whose heartbeat stopped and hands their jobs back to the queue at once.
+    /// Finds nodes whose heartbeat stopped and hands their jobs back to the queue at once;
+    /// then running jobs whose node has no heartbeat at all.
     async fn check_nodes(&self, nodes: &mut NodeWatch) {
         let entries = match node_entries(&self.topology.nodes).await {
             Ok(entries) => entries,
@@ -143,53 +102,91 @@ impl Lifecycle {
                 return;
             }
         };
+        let mut known = HashSet::new();
         for (key, entry) in entries {
             let Ok(info) = flotilla_proto::decode::<NodeInfo>(&entry.value, Encoding::MessagePack)
             else {
                 continue;
             };
+            known.insert(info.node_id.clone());
             let ttl = Duration::from_millis(info.ttl_ms);
-            if !nodes.is_stale(&key, entry.revision, ttl) {
+            if nodes.is_stale(&key, entry.revision, ttl) {
+                if !self.lease.confirm().await {
+                    return;
+                }
+                if !self.node_lost(&info.node_id).await {
+                    // Keep the key (and the node stale): the next check tries again.
+                    continue;
+                }
+                // Only if no fresh heartbeat arrived meanwhile.
+                let _ = self
+                    .topology
+                    .nodes
+                    .delete_expect_revision(&key, Some(entry.revision))
+                    .await;
+                nodes.forget(&key);
+            }
+        }
+        self.requeue_orphans(&known, nodes).await;
+    }
+
+    /// Hands back every job the lost node was running; false if some could not be, for now.
+    async fn node_lost(&self, node_id: &str) -> bool {
+        let held = self.running_on(|node| node == node_id);
+        tracing::warn!(node_id, jobs = held.len(), "node lost");
+        self.metrics.lost_nodes.inc();
+        let mut all = true;
+        for (job_id, _) in &held {
+            all &= self.requeue_lost(node_id, job_id).await;
+        }
+        all
+    }
+
+    /// Running jobs whose node has no heartbeat at all: it vanished while no dispatcher
+    /// watched (or before this one saw it). Requeued once that has lasted [`ORPHAN_GRACE`],
+    /// which also covers a node that claimed a job before its first heartbeat arrived.
+    async fn requeue_orphans(&self, known: &HashSet<String>, nodes: &mut NodeWatch) {
+        let orphans = self.running_on(|node| !known.contains(node));
+        nodes.keep_orphans(orphans.iter().map(|(job_id, _)| job_id.as_str()));
+        for (job_id, node_id) in orphans {
+            if !nodes.is_stale(&orphan_key(&job_id), 0, ORPHAN_GRACE) {
                 continue;
             }
-            let held: Vec<String> = {
-                let jobs = self.jobs.lock().expect("jobs lock");
-                jobs.iter()
-                    .filter(|(_, s)| {
-                        s.status == JobStatus::Running
-                            && s.node_id.as_deref() == Some(info.node_id.as_str())
-                    })
-                    .map(|(id, _)| id.clone())
-                    .collect()
-            };
-            tracing::warn!(node_id = %info.node_id, jobs = held.len(), "node lost");
-            self.metrics.lost_nodes.inc();
-            for job_id in &held {
-                self.requeue_lost(&info.node_id, job_id).await;
+            if !self.lease.confirm().await {
+                return;
             }
-            // Only if no fresh heartbeat arrived meanwhile.
-            let _ = self
-                .topology
-                .nodes
-                .delete_expect_revision(&key, Some(entry.revision))
-                .await;
-            nodes.forget(&key);
+            tracing::warn!(job_id, node_id, "running on a node with no heartbeat");
+            if self.requeue_lost(&node_id, &job_id).await {
+                nodes.forget(&orphan_key(&job_id));
+            }
         }
+    }
+
+    /// Running jobs, with their nodes, whose node matches.
+    fn running_on(&self, node_matches: impl Fn(&str) -> bool) -> Vec<(String, String)> {
+        let jobs = self.jobs.lock().expect("jobs lock");
+        jobs.iter()
+            .filter(|(_, s)| s.status == JobStatus::Running)
+            .filter_map(|(id, s)| Some((id, s.node_id.as_deref()?)))
+            .filter(|(_, node)| node_matches(node))
+            .map(|(id, node)| (id.clone(), node.to_owned()))
+            .collect()
     }
 
     /// Marks the lost node's attempt ended and hands the job's message back to the queue at
     /// once (instead of after its ack wait), so another node picks it up.
-    async fn requeue_lost(&self, node_id: &str, job_id: &str) {
+    /// False when NATS could not record it (to be tried again).
+    async fn requeue_lost(&self, node_id: &str, job_id: &str) -> bool {
         let requeue = Transition::Requeue {
             node_id: node_id.to_owned(),
         };
         let ack_subject = match self.topology.jobs.apply(job_id, &requeue).await {
             Ok(applied) => applied.before.ack_subject,
             // Finished, or taken by another node meanwhile: nothing to hand back.
-            Err(ApplyError::Refused(_) | ApplyError::NotFound(_)) => return,
+            Err(ApplyError::Refused(_) | ApplyError::NotFound(_)) => return true,
             Err(ApplyError::Store(e)) => {
-                tracing::warn!(job_id, error = %e, "cannot record lost attempt");
-                return;
+                tracing::warn!(job_id, error = %e, "cannot record lost attempt, will retry");
+                return false;
             }
         };
         if let Some(subject) = ack_subject
@@ -202,6 +199,7 @@ impl Lifecycle {
         }
         self.metrics.requeued.inc();
         tracing::info!(job_id, node_id, "lost job requeued");
+        true
     }
 
     /// Keeps a small summary of every job, for the sweeps.
@@ -240,6 +238,9 @@ impl Lifecycle {
             let jobs = self.jobs.lock().expect("jobs lock");
             plan_sweep(&jobs, now, &self.config)
         };
+        if (!overdue.is_empty() || !expired.is_empty()) && !self.lease.confirm().await {
+            return;
+        }
         let time_out = Transition::TimeOut {
             queued_limit_secs: self.config.max_queued.as_secs(),
         };
@@ -328,7 +329,24 @@ impl NodeWatch {
     fn forget(&mut self, key: &str) {
         self.seen.remove(key);
     }
+
+    /// Forgets orphans that are no longer (finished, or their node came back).
+    fn keep_orphans<'a>(&mut self, orphans: impl Iterator<Item = &'a str>) {
+        let current: HashSet<String> = orphans.map(orphan_key).collect();
+        self.seen
+            .retain(|key, _| !key.starts_with(ORPHAN_PREFIX) || current.contains(key));
+    }
 }
+
+/// [`NodeWatch`] keys of orphaned jobs; node keys never start so.
+const ORPHAN_PREFIX: &str = "orphan ";
+
+fn orphan_key(job_id: &str) -> String {
+    format!("{ORPHAN_PREFIX}{job_id}")
+}
+
+/// How long a running job's node may have no heartbeat before the job is requeued.
+const ORPHAN_GRACE: Duration = Duration::from_secs(10);
 
 async fn node_entries(nodes: &kv::Store) -> Result<Vec<(String, kv::Entry)>, String> {
     let keys: Vec<String> = nodes
@@ -358,57 +376,79 @@ struct MaxDeliveries {
 
 /// Dead-letters job messages that reached their maximum deliveries: the job is marked failed
 /// with the reason, a copy of the message is kept on the dead-letter stream, and the message
-/// leaves the work queue.
+/// leaves the work queue. The advisories wait in their stream, so one published while no
+/// dispatcher ran is handled when one starts; any replica may take each.
 pub(crate) async fn dead_letters(
-    client: async_nats::Client,
     topology: Topology,
     metrics: Arc<DispatcherMetrics>,
     stop: CancellationToken,
-) -> Result<(), async_nats::SubscribeError> {
-    let mut advisories = client
-        .queue_subscribe(
-            names::max_deliveries_advisory(),
-            names::QUEUE_DISPATCHERS.to_owned(),
-        )
-        .await?;
-    loop {
-        let message = tokio::select! {
-            () = stop.cancelled() => return Ok(()),
-            message = advisories.next() => message,
-        };
-        let Some(message) = message else {
-            return Ok(());
-        };
-        let Ok(advisory) = serde_json::from_slice::<MaxDeliveries>(&message.payload) else {
+) {
+    let consumer = topology.advisories.clone();
+    crate::consume::consume(&consumer, "max-deliveries advisories", &stop, |message| {
+        dead_letter_advisory(&topology, &metrics, message)
+    })
+    .await;
+}
+
+async fn dead_letter_advisory(
+    topology: &Topology,
+    metrics: &DispatcherMetrics,
+    message: async_nats::jetstream::Message,
+) {
+    let ack = match serde_json::from_slice::<MaxDeliveries>(&message.payload) {
+        Err(_) => {
             tracing::warn!("undecodable max-deliveries advisory");
-            continue;
-        };
-        match dead_letter_one(&topology, &advisory).await {
+            AckKind::Ack
+        }
+        Ok(advisory) => match dead_letter_one(topology, &advisory).await {
             Ok(()) => {
                 metrics.dead_letters.inc();
+                AckKind::Ack
             }
-            Err(e) => {
-                tracing::warn!(seq = advisory.stream_seq, error = %e, "cannot dead-letter job message");
+            Err(DeadLetterError::Gone) => AckKind::Ack,
+            Err(DeadLetterError::Nats(e)) => {
+                tracing::warn!(seq = advisory.stream_seq, error = %e, "cannot dead-letter job message, will retry");
+                let delivered = message.info().map_or(1, |info| info.delivered);
+                AckKind::Nak(Some(flotilla_nats::redelivery_delay(delivered)))
             }
-        }
+        },
+    };
+    if let Err(e) = message.ack_with(ack).await {
+        tracing::warn!(error = %e, "cannot acknowledge advisory");
     }
 }
 
-async fn dead_letter_one(topology: &Topology, advisory: &MaxDeliveries) -> Result<(), String> {
+enum DeadLetterError {
+    /// The job message is no longer in the queue: dead-lettered already (this advisory came
+    /// twice) or deleted.
+    Gone,
+    Nats(String),
+}
+
+async fn dead_letter_one(
+    topology: &Topology,
+    advisory: &MaxDeliveries,
+) -> Result<(), DeadLetterError> {
+    let nats = |e: &dyn std::fmt::Display| DeadLetterError::Nats(e.to_string());
     let stream = topology
         .js
         .get_stream(names::STREAM_JOBS)
         .await
-        .map_err(|e| e.to_string())?;
-    let raw = stream
-        .get_raw_message(advisory.stream_seq)
-        .await
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| nats(&e))?;
+    let raw = match stream.get_raw_message(advisory.stream_seq).await {
+        Ok(raw) => raw,
+        Err(e)
+            if e.kind() == async_nats::jetstream::stream::RawMessageErrorKind::NoMessageFound =>
+        {
+            return Err(DeadLetterError::Gone);
+        }
+        Err(e) => return Err(nats(&e)),
+    };
     let payload = raw.payload.clone();
     let job_id =
         flotilla_proto::decode::<flotilla_proto::JobRequest>(&payload, Encoding::MessagePack)
             .map(|request| request.job_id)
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| nats(&e))?;
     let dead = Transition::DeadLetter {
         deliveries: advisory.deliveries,
     };
@@ -421,15 +461,15 @@ async fn dead_letter_one(topology: &Topology, advisory: &MaxDeliveries) -> Resul
         Err(ApplyError::Refused(_) | ApplyError::NotFound(_)) => {
             format!("gave up after {} deliveries", advisory.deliveries)
         }
-        Err(ApplyError::Store(e)) => return Err(e.to_string()),
+        Err(ApplyError::Store(e)) => return Err(nats(&e)),
     };
     flotilla_nats::dead_letter(&topology.js, &job_id, payload, &reason)
         .await
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| nats(&e))?;
     stream
         .delete_message(advisory.stream_seq)
         .await
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| nats(&e))?;
     Ok(())
 }
 

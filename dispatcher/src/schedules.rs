@@ -17,7 +17,6 @@ use chrono::{DateTime, Utc};
 use flotilla_catalog::schedule::{self, Timing};
 use flotilla_nats::{ScheduleEvent, StoreError, SubmitError};
 use flotilla_proto::Schedule;
-use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument as _;
 
@@ -28,6 +27,8 @@ const CHECK: Duration = Duration::from_millis(250);
 
 pub(crate) struct Scheduler {
     intake: Arc<Intake>,
+    /// Fences each run: a replica that lost the lead fires nothing.
+    lease: Arc<flotilla_nats::Lease>,
     /// Enabled schedules with their next due time, from the bucket watch.
     due: Mutex<HashMap<String, DateTime<Utc>>>,
 }
@@ -42,9 +43,10 @@ enum Run {
 }
 
 impl Scheduler {
-    pub(crate) fn new(intake: Arc<Intake>) -> Arc<Self> {
+    pub(crate) fn new(intake: Arc<Intake>, lease: Arc<flotilla_nats::Lease>) -> Arc<Self> {
         Arc::new(Self {
             intake,
+            lease,
             due: Mutex::new(HashMap::new()),
         })
     }
@@ -65,11 +67,8 @@ impl Scheduler {
         }
     }
 
-    pub(crate) async fn run(
-        self: Arc<Self>,
-        leading: watch::Receiver<bool>,
-        stop: CancellationToken,
-    ) {
+    pub(crate) async fn run(self: Arc<Self>, stop: CancellationToken) {
+        let leading = self.lease.watch();
         let follower = self.clone();
         let follow_stop = stop.clone();
         tokio::spawn(async move {
@@ -101,7 +100,7 @@ impl Scheduler {
             // One at a time, oldest first: a slow NATS slows the schedules down, it never
             // makes two runs of one schedule race.
             for (_, schedule_id) in due {
-                if stop.is_cancelled() || !*leading.borrow() {
+                if stop.is_cancelled() || !self.lease.confirm().await {
                     break;
                 }
                 let span = tracing::info_span!(

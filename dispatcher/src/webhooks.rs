@@ -57,6 +57,8 @@ enum Outcome {
 
 pub(crate) struct Webhooks {
     topology: Topology,
+    /// Fences each attempt: a replica that lost the lead sends nothing.
+    lease: Arc<flotilla_nats::Lease>,
     sender: Sender,
     /// Jobs whose webhook is pending, with when it is due; kept from the job watch, so the
     /// leader's tick looks at these only, not at every job.
@@ -67,10 +69,12 @@ pub(crate) struct Webhooks {
 impl Webhooks {
     pub(crate) fn new(
         topology: Topology,
+        lease: Arc<flotilla_nats::Lease>,
         config: WebhookConfig,
     ) -> Result<Arc<Self>, std::io::Error> {
         Ok(Arc::new(Self {
             topology,
+            lease,
             sender: Sender::new(config, Arc::new(flotilla_catalog::SystemResolver))?,
             pending: Mutex::new(HashMap::new()),
             in_flight: Mutex::new(HashSet::new()),
@@ -140,6 +144,11 @@ impl Webhooks {
             }
         };
         let attempt = record.webhook.as_ref().map_or(1, |w| w.attempts);
+        // After the claim: the attempt is counted, and the new leader retries it later.
+        if !self.lease.confirm().await {
+            tracing::info!(job_id, "no longer leading: webhook left to the new leader");
+            return;
+        }
         let outcome = self.sender.post(&record, attempt).await;
         let result = self
             .topology

@@ -3,7 +3,9 @@
 //!
 //! Names come from `flotilla_proto::names`; this crate only decides how they are configured.
 
+mod drift;
 mod grants;
+mod lease;
 mod options;
 mod schedules;
 mod store;
@@ -12,7 +14,9 @@ mod topology;
 
 use std::time::Duration;
 
+pub use drift::{Difference, Drift};
 pub use grants::GrantStore;
+pub use lease::Lease;
 pub use options::{
     ClientCertificate, ENV_CREDS, ENV_NKEY_FILE, ENV_PASSWORD, ENV_PASSWORD_FILE, ENV_TLS_CA,
     ENV_TLS_CERT, ENV_TLS_KEY, ENV_TLS_REQUIRED, ENV_TOKEN, ENV_TOKEN_FILE, ENV_USER, NatsArgs,
@@ -58,6 +62,36 @@ pub enum ConnectError {
     },
     #[error("cannot use the NATS credentials: {0}")]
     Credentials(std::io::Error),
+    #[error(
+        "bad NATS URL {url}: {source}. Give one URL or several separated by commas, \
+         e.g. nats://n1:4222,nats://n2:4222,nats://n3:4222"
+    )]
+    BadUrl { url: String, source: std::io::Error },
+}
+
+/// The servers of `url`: one URL, or several separated by commas (the servers of a cluster;
+/// the client picks one and fails over to the others).
+pub fn server_addrs(url: &str) -> Result<Vec<async_nats::ServerAddr>, ConnectError> {
+    url.split(',')
+        .map(str::trim)
+        .filter(|part| !part.is_empty())
+        .map(|part| {
+            part.parse().map_err(|source| ConnectError::BadUrl {
+                url: redact_url(part),
+                source,
+            })
+        })
+        .collect::<Result<Vec<_>, _>>()
+        .and_then(|addrs| {
+            if addrs.is_empty() {
+                Err(ConnectError::BadUrl {
+                    url: String::new(),
+                    source: std::io::Error::other("no server given"),
+                })
+            } else {
+                Ok(addrs)
+            }
+        })
 }
 
 /// Connects with the settings every service wants, and `options` (credentials, TLS).
@@ -73,11 +107,12 @@ pub async fn connect(
     name: &str,
     options: &NatsOptions,
 ) -> Result<async_nats::Client, ConnectError> {
+    let addrs = server_addrs(url)?;
     let mut delay = Duration::from_millis(100);
     let mut attempt = 0u32;
     loop {
         attempt += 1;
-        let error = match connect_options(name, options)?.connect(url).await {
+        let error = match connect_options(name, options)?.connect(addrs.clone()).await {
             Ok(client) => return Ok(client),
             Err(error) => error,
         };
@@ -123,6 +158,9 @@ fn connect_options(
         .custom_inbox_prefix(names::inbox_prefix(service))
         .max_reconnects(None)
         .connection_timeout(Duration::from_secs(5))
+        // A server cut off from us (or from its cluster) is left after two missed pings,
+        // about 3 s, for another of the URLs; the default (a minute) left a service hanging.
+        .ping_interval(Duration::from_secs(1))
         .event_callback(move |event| {
             let service = name_for_events.clone();
             async move { log_event(&service, event) }

@@ -1,5 +1,8 @@
 //! Streams, consumers and buckets. Whichever service starts first creates them; the others
-//! find them. Creation is idempotent: an existing object is used as it is.
+//! find them. Creation is idempotent. An existing object whose replicas or limits differ from
+//! this service's settings stops the service with an error saying what differs and how to
+//! change it, unless the service is told to update it (`FLOTILLA_TOPOLOGY_UPDATE`): settings
+//! that must agree across the fleet are checked against what is in NATS.
 
 use std::time::Duration;
 
@@ -10,7 +13,10 @@ use async_nats::jetstream::{
 };
 use flotilla_proto::names;
 
-use crate::{GrantStore, JobStore, ScheduleStore};
+use crate::{
+    GrantStore, JobStore, ScheduleStore,
+    drift::{self, Drift, StreamLimits},
+};
 
 /// How long a dispatcher leader lease lives without being refreshed.
 pub const LEADER_LEASE: Duration = Duration::from_secs(5);
@@ -43,6 +49,11 @@ pub struct TopologyConfig {
     /// `max_payload` (`nats.conf`: 8 MB).
     pub max_message_bytes: i32,
     pub storage: StorageType,
+    /// Replicas of every stream, durable consumer and bucket: 1 on one server, 3 on a
+    /// three-server cluster.
+    pub replicas: usize,
+    /// Change existing objects whose replicas or limits differ, instead of refusing to start.
+    pub update: bool,
 }
 
 /// The topology settings every service takes, so that whichever starts first creates the
@@ -71,6 +82,20 @@ pub struct TopologyArgs {
     /// Bytes each KV bucket (jobs, nodes, schedules, ...) may hold, in MiB.
     #[arg(long, env = "FLOTILLA_BUCKET_MAX_MB", default_value_t = 1024)]
     pub bucket_max_mb: i64,
+    /// Fleet-wide cap on job messages handed to nodes and not yet acked: at least the
+    /// fleet's total slots, or slots go without work.
+    #[arg(long, env = "FLOTILLA_MAX_ACK_PENDING", default_value_t = 1024)]
+    pub max_ack_pending: i64,
+    /// Replicas of every stream, consumer and bucket: 1 for one nats-server, 3 for a
+    /// three-server cluster (at most 5, and no more than the cluster has servers).
+    #[arg(long, env = "FLOTILLA_REPLICAS", default_value_t = 1,
+          value_parser = clap::value_parser!(u8).range(1..=5))]
+    pub replicas: u8,
+    /// Change existing streams, consumers and buckets whose replicas or limits differ from
+    /// these settings (where NATS allows it) instead of refusing to start. Give it to one
+    /// service, once, when changing the fleet's settings.
+    #[arg(long, env = "FLOTILLA_TOPOLOGY_UPDATE")]
+    pub topology_update: bool,
 }
 
 impl TopologyArgs {
@@ -83,6 +108,9 @@ impl TopologyArgs {
             queue_max_bytes: self.queue_max_mb.max(1) << 20,
             kept_max_bytes: self.kept_max_mb.max(1) << 20,
             bucket_max_bytes: self.bucket_max_mb.max(1) << 20,
+            max_ack_pending: self.max_ack_pending.max(1),
+            replicas: usize::from(self.replicas),
+            update: self.topology_update,
             ..TopologyConfig::default()
         }
     }
@@ -103,6 +131,8 @@ impl Default for TopologyConfig {
             bucket_max_bytes: 1 << 30,
             max_message_bytes: 8 << 20,
             storage: StorageType::File,
+            replicas: 1,
+            update: false,
         }
     }
 }
@@ -116,7 +146,7 @@ pub enum TopologyError {
     },
     #[error("cannot create consumer {name}: {source}")]
     Consumer {
-        name: &'static str,
+        name: String,
         source: jetstream::stream::ConsumerError,
     },
     #[error("cannot create bucket {name}: {source}")]
@@ -124,6 +154,49 @@ pub enum TopologyError {
         name: String,
         source: jetstream::context::CreateKeyValueError,
     },
+    #[error("cannot read the settings of {name}: {source}")]
+    Inspect {
+        name: String,
+        source: crate::BoxError,
+    },
+    #[error(
+        "{kind} {name} in NATS differs from this service's settings: {drift}. Start this \
+         service with the settings the rest of the fleet uses, or change the {kind} to these \
+         settings: start one service once with FLOTILLA_TOPOLOGY_UPDATE=true, or run `{command}` \
+         as the account's administrator"
+    )]
+    Drift {
+        kind: &'static str,
+        name: String,
+        drift: Drift,
+        command: String,
+    },
+    #[error(
+        "cannot update {kind} {name} to this service's settings ({drift}): {source}. NATS may \
+         refuse the change, or this service's NATS user may not update streams (nats.conf \
+         denies it): run `{command}` as the account's administrator"
+    )]
+    Update {
+        kind: &'static str,
+        name: String,
+        drift: Drift,
+        command: String,
+        source: crate::BoxError,
+    },
+}
+
+impl TopologyError {
+    /// NATS trouble that may pass (JetStream electing leaders, a request timing out), as
+    /// against settings that differ, which only an operator can settle.
+    pub fn is_transient(&self) -> bool {
+        matches!(
+            self,
+            Self::Stream { .. }
+                | Self::Consumer { .. }
+                | Self::Bucket { .. }
+                | Self::Inspect { .. }
+        )
+    }
 }
 
 /// Handles on everything a service may need. Cheap to clone.
@@ -143,6 +216,8 @@ pub struct Topology {
     pub agents: consumer::PullConsumer,
     /// The dispatchers' shared pull consumer on direct submissions.
     pub intake: consumer::PullConsumer,
+    /// The dispatchers' shared pull consumer on max-deliveries advisories (dead letters).
+    pub advisories: consumer::PullConsumer,
     pub config: TopologyConfig,
 }
 
@@ -154,7 +229,11 @@ impl Topology {
         config: TopologyConfig,
     ) -> Result<Self, TopologyError> {
         let js = jetstream::new(client);
-        let (submit, jobs) = ensure_streams(&js, &config).await?;
+        let Streams {
+            submit,
+            jobs,
+            advisories,
+        } = ensure_streams(&js, &config).await?;
         let pull = |name: &str, subject: &str| consumer::pull::Config {
             durable_name: Some(name.to_owned()),
             filter_subject: subject.to_owned(),
@@ -162,23 +241,37 @@ impl Topology {
             ack_wait: config.ack_wait,
             max_deliver: config.max_deliver,
             max_ack_pending: config.max_ack_pending,
+            num_replicas: config.replicas,
             ..Default::default()
         };
         let agents = ensure_consumer(
             &jobs,
-            names::CONSUMER_AGENTS,
             pull(names::CONSUMER_AGENTS, names::SUBJECT_RUN),
+            config.update,
         )
         .await?;
         // Admission only fails on NATS trouble and is idempotent: a stored submission is
         // retried until admitted, never dropped after a few failures.
         let intake = ensure_consumer(
             &submit,
-            names::CONSUMER_INTAKE,
             consumer::pull::Config {
                 max_deliver: -1,
                 ..pull(names::CONSUMER_INTAKE, names::SUBJECT_SUBMIT)
             },
+            config.update,
+        )
+        .await?;
+        // Dead-lettering is idempotent and must happen however long it takes.
+        let advisories = ensure_consumer(
+            &advisories,
+            consumer::pull::Config {
+                max_deliver: -1,
+                ..pull(
+                    names::CONSUMER_DEAD_LETTERS,
+                    &names::max_deliveries_advisory(),
+                )
+            },
+            config.update,
         )
         .await?;
         let bucket = |name: &str, max_age: Duration| {
@@ -191,8 +284,10 @@ impl Topology {
                     max_bytes: config.bucket_max_bytes,
                     max_value_size: config.max_message_bytes,
                     storage: config.storage,
+                    num_replicas: config.replicas,
                     ..Default::default()
                 },
+                config.update,
             )
         };
         // No TTL (zero): a job lives until retention deletes it, a schedule until it is deleted.
@@ -206,6 +301,18 @@ impl Topology {
         // revoke vanishes by itself after that.
         let grants = bucket(names::BUCKET_LLM_GRANTS, Duration::from_secs(48 * 3600)).await?;
         let schedules = bucket(names::BUCKET_SCHEDULES, Duration::ZERO).await?;
+        // Engine and profile files (flotilla-config reads and watches them): small, with a
+        // short history of changes.
+        let config_bucket = kv::Config {
+            bucket: names::BUCKET_CONFIG.to_owned(),
+            history: 10,
+            max_bytes: 64 << 20,
+            max_value_size: config.max_message_bytes.min(1 << 20),
+            storage: config.storage,
+            num_replicas: config.replicas,
+            ..Default::default()
+        };
+        ensure_bucket(&js, config_bucket, config.update).await?;
         Ok(Self {
             js: js.clone(),
             jobs: JobStore::new(job_bucket),
@@ -216,16 +323,24 @@ impl Topology {
             schedules: ScheduleStore::new(schedules),
             agents,
             intake,
+            advisories,
             config,
         })
     }
 }
 
-/// The streams; returns the two work queues (direct submissions, the run queue).
+/// The streams that have consumers.
+struct Streams {
+    submit: stream::Stream,
+    jobs: stream::Stream,
+    advisories: stream::Stream,
+}
+
+/// Every stream; returns those with consumers.
 async fn ensure_streams(
     js: &jetstream::Context,
     config: &TopologyConfig,
-) -> Result<(stream::Stream, stream::Stream), TopologyError> {
+) -> Result<Streams, TopologyError> {
     let work_queue = |name: &'static str, subject: &str, max_messages: i64| stream::Config {
         name: name.to_owned(),
         subjects: vec![subject.to_owned()],
@@ -237,6 +352,7 @@ async fn ensure_streams(
         max_bytes: config.queue_max_bytes,
         max_message_size: config.max_message_bytes,
         duplicate_window: names::DEDUPE_WINDOW,
+        num_replicas: config.replicas,
         ..Default::default()
     };
     let kept = |name: &'static str, prefix: &str, max_age: Duration| stream::Config {
@@ -247,16 +363,17 @@ async fn ensure_streams(
         max_age,
         max_bytes: config.kept_max_bytes,
         max_message_size: config.max_message_bytes,
+        num_replicas: config.replicas,
         ..Default::default()
     };
     let submit = work_queue(names::STREAM_SUBMIT, names::SUBJECT_SUBMIT, 100_000);
-    let submit = ensure_stream(js, submit).await?;
+    let submit = ensure_stream(js, submit, config.update).await?;
     let run = work_queue(
         names::STREAM_JOBS,
         names::SUBJECT_RUN,
         config.queue_max_messages,
     );
-    let jobs = ensure_stream(js, run).await?;
+    let jobs = ensure_stream(js, run, config.update).await?;
     let logs = stream::Config {
         max_bytes: config.log_max_bytes,
         duplicate_window: names::DEDUPE_WINDOW,
@@ -266,52 +383,226 @@ async fn ensure_streams(
             config.log_max_age,
         )
     };
-    ensure_stream(js, logs).await?;
+    ensure_stream(js, logs, config.update).await?;
     let week = Duration::from_secs(7 * 24 * 3600);
     let rejected = stream::Config {
         max_messages: 10_000,
         ..kept(names::STREAM_REJECTED, names::SUBJECT_REJECTED_PREFIX, week)
     };
-    ensure_stream(js, rejected).await?;
+    ensure_stream(js, rejected, config.update).await?;
     let month = Duration::from_secs(30 * 24 * 3600);
     ensure_stream(
         js,
         kept(names::STREAM_DEAD, names::SUBJECT_DEAD_PREFIX, month),
+        config.update,
     )
     .await?;
-    Ok((submit, jobs))
+    let advisories = stream::Config {
+        subjects: vec![names::max_deliveries_advisory()],
+        retention: RetentionPolicy::WorkQueue,
+        ..kept(names::STREAM_ADVISORIES, "", month)
+    };
+    let advisories = ensure_stream(js, advisories, config.update).await?;
+    Ok(Streams {
+        submit,
+        jobs,
+        advisories,
+    })
 }
 
 async fn ensure_stream(
     js: &jetstream::Context,
     config: stream::Config,
+    update: bool,
 ) -> Result<stream::Stream, TopologyError> {
     let name = config.name.clone();
-    js.get_or_create_stream(config)
+    let wanted = StreamLimits::of(&config);
+    let mut stream =
+        js.get_or_create_stream(config)
+            .await
+            .map_err(|source| TopologyError::Stream {
+                name: name.clone(),
+                source,
+            })?;
+    let existing = stream.cached_info().config.clone();
+    reconcile_stream(js, "stream", &name, existing, &wanted, update).await?;
+    if update {
+        stream = js.get_stream(&name).await.map_err(|e| inspect(&name, e))?;
+    }
+    Ok(stream)
+}
+
+/// Checks an existing stream against `wanted`; with `update`, changes it.
+async fn reconcile_stream(
+    js: &jetstream::Context,
+    kind: &'static str,
+    name: &str,
+    existing: stream::Config,
+    wanted: &StreamLimits,
+    update: bool,
+) -> Result<(), TopologyError> {
+    let drift = wanted.drift(&existing);
+    if drift.is_empty() {
+        return Ok(());
+    }
+    if !update {
+        return Err(TopologyError::Drift {
+            kind,
+            name: name.to_owned(),
+            command: drift::stream_command(&existing.name, wanted),
+            drift,
+        });
+    }
+    tracing::warn!(%kind, %name, %drift, "updating to this service's settings (FLOTILLA_TOPOLOGY_UPDATE)");
+    js.update_stream(wanted.apply(existing))
         .await
-        .map_err(|source| TopologyError::Stream { name, source })
+        .map_err(|e| update_failed(kind, name, &drift, wanted, e))?;
+    Ok(())
+}
+
+/// Direct gets are answered by any replica, one that is behind too: a job read from a
+/// replica that has not caught up looks unfinished, or missing. With several replicas reads
+/// go to the leader; with one, the direct path is as consistent and cheaper.
+fn direct_reads(replicas: usize) -> bool {
+    replicas <= 1
+}
+
+/// Creates a bucket as `create_key_value` would, but with [`direct_reads`].
+async fn create_bucket(
+    js: &jetstream::Context,
+    config: kv::Config,
+) -> Result<Store, TopologyError> {
+    let name = config.bucket.clone();
+    let stream = stream::Config {
+        name: format!("KV_{name}"),
+        subjects: vec![format!("$KV.{name}.>")],
+        max_messages_per_subject: config.history.max(1),
+        max_bytes: config.max_bytes,
+        max_age: config.max_age,
+        max_message_size: config.max_value_size,
+        storage: config.storage,
+        allow_rollup: true,
+        deny_delete: true,
+        allow_direct: direct_reads(config.num_replicas),
+        num_replicas: config.num_replicas.max(1),
+        discard: DiscardPolicy::New,
+        ..Default::default()
+    };
+    if let Err(source) = js.create_stream(stream).await {
+        // Another service may have created it meanwhile; if not, say why.
+        if let Ok(store) = js.get_key_value(&name).await {
+            return Ok(store);
+        }
+        return Err(TopologyError::Stream { name, source });
+    }
+    js.get_key_value(&name).await.map_err(|e| inspect(&name, e))
+}
+
+fn inspect(name: &str, source: impl std::error::Error + Send + Sync + 'static) -> TopologyError {
+    TopologyError::Inspect {
+        name: name.to_owned(),
+        source: Box::new(source),
+    }
+}
+
+fn update_failed(
+    kind: &'static str,
+    name: &str,
+    drift: &Drift,
+    wanted: &StreamLimits,
+    source: impl std::error::Error + Send + Sync + 'static,
+) -> TopologyError {
+    let stream = match kind {
+        "bucket" => format!("KV_{name}"),
+        _ => name.to_owned(),
+    };
+    TopologyError::Update {
+        kind,
+        name: name.to_owned(),
+        drift: drift.clone(),
+        command: drift::stream_command(&stream, wanted),
+        source: Box::new(source),
+    }
 }
 
 async fn ensure_consumer(
     stream: &stream::Stream,
-    name: &'static str,
     config: consumer::pull::Config,
+    update: bool,
 ) -> Result<consumer::PullConsumer, TopologyError> {
-    stream
-        .get_or_create_consumer::<consumer::pull::Config>(name, config)
+    let name = config.durable_name.clone().unwrap_or_default();
+    let consumer_error = |source| TopologyError::Consumer {
+        name: name.clone(),
+        source,
+    };
+    let mut consumer = stream
+        .get_or_create_consumer::<consumer::pull::Config>(&name, config.clone())
         .await
-        .map_err(|source| TopologyError::Consumer { name, source })
+        .map_err(consumer_error)?;
+    let drift = drift::consumer_drift(&consumer.cached_info().config, &config);
+    if drift.is_empty() {
+        return Ok(consumer);
+    }
+    let stream_name = &stream.cached_info().config.name;
+    let command = format!(
+        "nats consumer edit {stream_name} {name} --replicas {} --wait {}s --max-deliver {} \
+         --max-pending {}",
+        config.num_replicas,
+        config.ack_wait.as_secs(),
+        config.max_deliver,
+        config.max_ack_pending
+    );
+    if !update {
+        return Err(TopologyError::Drift {
+            kind: "consumer",
+            name,
+            drift,
+            command,
+        });
+    }
+    tracing::warn!(consumer = %name, %drift, "updating to this service's settings (FLOTILLA_TOPOLOGY_UPDATE)");
+    consumer = stream
+        .update_consumer(config)
+        .await
+        .map_err(|e| TopologyError::Update {
+            kind: "consumer",
+            name: name.clone(),
+            drift,
+            command,
+            source: Box::new(e),
+        })?;
+    Ok(consumer)
 }
 
 async fn ensure_bucket(
     js: &jetstream::Context,
     config: kv::Config,
+    update: bool,
 ) -> Result<Store, TopologyError> {
-    if let Ok(store) = js.get_key_value(&config.bucket).await {
-        return Ok(store);
-    }
     let name = config.bucket.clone();
-    js.create_key_value(config)
+    let wanted = StreamLimits {
+        replicas: config.num_replicas.max(1),
+        max_messages: None,
+        max_bytes: config.max_bytes,
+        max_age: config.max_age,
+        max_message_size: config.max_value_size,
+        direct: Some(direct_reads(config.num_replicas)),
+    }
+    .normalized();
+    let store = match js.get_key_value(&name).await {
+        Ok(store) => store,
+        Err(_) => create_bucket(js, config).await?,
+    };
+    let mut stream = js
+        .get_stream(format!("KV_{name}"))
         .await
-        .map_err(|source| TopologyError::Bucket { name, source })
+        .map_err(|e| inspect(&name, e))?;
+    let existing = stream
+        .info()
+        .await
+        .map_err(|e| inspect(&name, e))?
+        .config
+        .clone();
+    reconcile_stream(js, "bucket", &name, existing, &wanted, update).await?;
+    Ok(store)
 }

@@ -1,7 +1,7 @@
 //! The JetStream topology against a real nats-server.
 
 use async_nats::jetstream;
-use flotilla_nats::{Topology, TopologyConfig};
+use flotilla_nats::{Topology, TopologyConfig, TopologyError};
 use flotilla_proto::names;
 use flotilla_testkit::NatsServer;
 
@@ -62,11 +62,48 @@ async fn every_stream_and_bucket_is_bounded_in_bytes() {
         assert_eq!(info.max_message_size, 64 << 10, "{name}");
         seen += 1;
     }
-    assert_eq!(seen, 11, "five streams and six buckets");
+    assert_eq!(seen, 13, "six streams and seven buckets");
     let too_big = vec![b'x'; 65 << 10];
     let refused = match js.publish(names::SUBJECT_SUBMIT, too_big.into()).await {
         Ok(ack) => ack.await.is_err(),
         Err(_) => true,
     };
     assert!(refused, "a message over the limit was stored");
+}
+
+/// A service whose settings differ from what the fleet created refuses to start, saying what
+/// differs and how to change it; told to update, it changes the objects to its settings.
+#[tokio::test]
+async fn differing_settings_are_refused_at_startup_or_updated_when_asked() {
+    let nats = NatsServer::start().await.unwrap();
+    let client = async_nats::connect(nats.url()).await.unwrap();
+    Topology::ensure(client.clone(), TopologyConfig::default())
+        .await
+        .unwrap();
+    let other = TopologyConfig {
+        bucket_max_bytes: 512 << 20,
+        ack_wait: std::time::Duration::from_secs(7),
+        ..TopologyConfig::default()
+    };
+    let Err(refusal) = Topology::ensure(client.clone(), other.clone()).await else {
+        panic!("a service with other limits started");
+    };
+    let message = refusal.to_string();
+    assert!(matches!(refusal, TopologyError::Drift { .. }), "{message}");
+    assert!(
+        message.contains("FLOTILLA_TOPOLOGY_UPDATE=true"),
+        "{message}"
+    );
+    assert!(message.contains("nats "), "the manual command: {message}");
+
+    let updated = TopologyConfig {
+        update: true,
+        ..other.clone()
+    };
+    Topology::ensure(client.clone(), updated).await.unwrap();
+    // Now the objects hold the new settings: the same service starts without updating.
+    Topology::ensure(client.clone(), other).await.unwrap();
+    let js = jetstream::new(client);
+    let mut bucket = js.get_stream("KV_flotilla_jobs").await.unwrap();
+    assert_eq!(bucket.info().await.unwrap().config.max_bytes, 512 << 20);
 }

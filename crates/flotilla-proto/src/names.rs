@@ -39,6 +39,11 @@ pub const STREAM_DEAD: &str = "FLOTILLA_DEAD";
 pub fn max_deliveries_advisory() -> String {
     format!("$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.{STREAM_JOBS}.{CONSUMER_AGENTS}")
 }
+/// Stream keeping the [`max_deliveries_advisory`] messages (work-queue retention), so that an
+/// advisory published while no dispatcher runs waits for one instead of being lost.
+pub const STREAM_ADVISORIES: &str = "FLOTILLA_ADVISORIES";
+/// Durable pull consumer on [`STREAM_ADVISORIES`], shared by every dispatcher replica.
+pub const CONSUMER_DEAD_LETTERS: &str = "dead-letters";
 
 pub fn dead_subject(job_id: &str) -> String {
     format!("{SUBJECT_DEAD_PREFIX}.{job_id}")
@@ -52,8 +57,9 @@ pub const BUCKET_CONFIG: &str = "flotilla_config";
 /// KV bucket holding the dispatcher leader lease under [`KEY_LEADER`].
 pub const BUCKET_DISPATCH: &str = "flotilla_dispatch";
 pub const KEY_LEADER: &str = "leader";
-/// Queue group shared by dispatcher replicas for advisories, so each is handled once.
-pub const QUEUE_DISPATCHERS: &str = "dispatchers";
+/// The api-gateway that exports the fleet-wide metrics holds this lease in
+/// [`BUCKET_DISPATCH`], so that a sum over gateway replicas counts each figure once.
+pub const KEY_FLEET_METRICS: &str = "fleet-metrics";
 
 /// KV bucket with one [`crate::JobRecord`] per job under [`job_key`].
 pub const BUCKET_JOBS: &str = "flotilla_jobs";

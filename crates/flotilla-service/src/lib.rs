@@ -9,6 +9,7 @@
 
 use std::{future::Future, net::SocketAddr, path::Path, process::ExitCode, sync::Arc};
 
+use backon::{ExponentialBuilder, Retryable as _};
 use flotilla_config::LiveCatalog;
 use flotilla_nats::{NatsOptions, Topology, TopologyConfig};
 use flotilla_telemetry::TelemetryArgs;
@@ -97,7 +98,12 @@ impl Service {
             client = flotilla_nats::connect(nats.url, nats.name, nats.options) => client?,
             () = shutdown.cancelled() => return Ok(None),
         };
-        let topology = Topology::ensure(client.clone(), nats.topology.clone()).await?;
+        let ensure = || Topology::ensure(client.clone(), nats.topology.clone());
+        let topology = ensure
+            .retry(startup_backoff())
+            .when(flotilla_nats::TopologyError::is_transient)
+            .notify(|e, delay| tracing::warn!(error = %e, ?delay, "JetStream not ready, retrying"))
+            .await?;
         Ok(Some(Self {
             client,
             topology,
@@ -112,13 +118,19 @@ impl Service {
         engines_dir: &Path,
         profiles_dir: &Path,
     ) -> Result<Arc<LiveCatalog>, StartError> {
-        let catalog = LiveCatalog::start(
-            &self.topology.js,
-            engines_dir,
-            profiles_dir,
-            self.background.clone(),
-        )
-        .await?;
+        let start = || {
+            LiveCatalog::start(
+                &self.topology.js,
+                engines_dir,
+                profiles_dir,
+                self.background.clone(),
+            )
+        };
+        let catalog = start
+            .retry(startup_backoff())
+            .when(|e| matches!(e, flotilla_config::ConfigError::Nats(_)))
+            .notify(|e, delay| tracing::warn!(error = %e, ?delay, "configuration not readable yet, retrying"))
+            .await?;
         Ok(catalog)
     }
 
@@ -143,4 +155,13 @@ pub async fn serve(
     axum::serve(listener, router)
         .with_graceful_shutdown(shutdown.cancelled_owned())
         .await
+}
+
+/// Retries at startup for what a moment fixes: a stream just created whose direct gets have
+/// no responder yet, a cluster electing its leaders. About 15 s in all.
+fn startup_backoff() -> ExponentialBuilder {
+    ExponentialBuilder::default()
+        .with_min_delay(std::time::Duration::from_millis(100))
+        .with_max_delay(std::time::Duration::from_secs(2))
+        .with_max_times(12)
 }

@@ -219,15 +219,7 @@ impl FleetBuilder {
             }
             dir
         };
-        let common = |command: &mut Command| {
-            command
-                .env("FLOTILLA_NATS_URL", nats.url())
-                .envs(nats.service_env())
-                .env("FLOTILLA_ENGINES_DIR", root.join("engines"))
-                .env("FLOTILLA_PROFILES_DIR", &profiles)
-                .env("RUST_LOG", "info")
-                .envs(self.common_env.iter().map(|(k, v)| (k, v)));
-        };
+        let common = |command: &mut Command| service_env(command, &nats, &profiles, &self);
 
         let mut command = Command::new(binary("api-gateway")?);
         common(&mut command);
@@ -257,18 +249,8 @@ impl FleetBuilder {
             ));
         }
 
-        let mut command = Command::new(binary("dispatcher")?);
-        common(&mut command);
         let dispatcher_port = free_port();
-        command
-            .env(
-                "FLOTILLA_DISPATCHER_LISTEN",
-                format!("127.0.0.1:{dispatcher_port}"),
-            )
-            .env("FLOTILLA_NODE_CHECK_MS", "250")
-            .envs(self.extra_dispatcher_env.iter().map(|(k, v)| (k, v)));
-        let dispatcher =
-            Process::spawn_command("dispatcher", command, &dir.path().join("dispatcher.log"))?;
+        let dispatcher = spawn_dispatcher(&nats, &profiles, &self, dir.path(), dispatcher_port)?;
 
         let cluster = format!("test-{tag}");
         let llm = match &self.llm_upstream {
@@ -336,9 +318,53 @@ impl FleetBuilder {
     }
 }
 
+/// What every service of a fleet is started with.
+fn service_env(command: &mut Command, nats: &NatsServer, profiles: &Path, builder: &FleetBuilder) {
+    command
+        .env("FLOTILLA_NATS_URL", nats.url())
+        .envs(nats.service_env())
+        .env("FLOTILLA_ENGINES_DIR", repo_root().join("engines"))
+        .env("FLOTILLA_PROFILES_DIR", profiles)
+        .env("RUST_LOG", "info")
+        .envs(builder.common_env.iter().map(|(k, v)| (k, v)));
+}
+
+fn spawn_dispatcher(
+    nats: &NatsServer,
+    profiles: &Path,
+    builder: &FleetBuilder,
+    dir: &Path,
+    port: u16,
+) -> anyhow::Result<Process> {
+    let mut command = Command::new(binary("dispatcher")?);
+    service_env(&mut command, nats, profiles, builder);
+    command
+        .env("FLOTILLA_DISPATCHER_LISTEN", format!("127.0.0.1:{port}"))
+        .env("FLOTILLA_NODE_CHECK_MS", "250")
+        .envs(builder.extra_dispatcher_env.iter().map(|(k, v)| (k, v)));
+    let log = dir.join(format!("dispatcher-{}.log", uuid_fragment()));
+    Process::spawn_command("dispatcher", command, &log)
+}
+
 impl Fleet {
     pub fn builder() -> FleetBuilder {
         FleetBuilder::default()
+    }
+
+    /// Starts the dispatcher again after it was stopped or killed, with the same settings and
+    /// a fresh health port (`dispatcher_url` follows).
+    pub fn restart_dispatcher(&mut self) -> anyhow::Result<()> {
+        let port = free_port();
+        let dispatcher = spawn_dispatcher(
+            &self.nats,
+            &self.profiles,
+            &self.builder,
+            self.dir.path(),
+            port,
+        )?;
+        let _old = std::mem::replace(&mut self.dispatcher, dispatcher);
+        self.dispatcher_url = format!("http://127.0.0.1:{port}");
+        Ok(())
     }
 
     fn spawn_node(&self, i: usize) -> anyhow::Result<Process> {
@@ -390,6 +416,16 @@ impl Fleet {
                 .path()
                 .join(format!("node-{i}-{}.log", uuid_fragment())),
         )
+    }
+
+    /// Starts a second process with node `i`'s settings, its id included, on a fresh metrics
+    /// port.
+    pub fn spawn_twin(&mut self, i: usize) -> anyhow::Result<Process> {
+        let fresh = format!("http://127.0.0.1:{}/metrics", free_port());
+        let own = std::mem::replace(&mut self.node_metrics[i], fresh);
+        let twin = self.spawn_node(i);
+        self.node_metrics[i] = own;
+        twin
     }
 
     /// Starts node `i` again (same id) after it was killed: it reaps what it left behind.

@@ -3,7 +3,9 @@
 //! dashboard. Missing tools fail the test with a message saying what to install; nothing is
 //! skipped.
 
+mod cluster;
 mod fleet;
+mod hosts;
 pub mod mock_llm;
 mod nats;
 mod otlp;
@@ -15,9 +17,11 @@ mod webdriver;
 
 use std::{future::Future, path::PathBuf, time::Duration};
 
+pub use cluster::{NatsCluster, NatsClusterBuilder};
 pub use fleet::{
     Fleet, FleetBuilder, LlmGateway, TEST_ANTHROPIC_KEY, TEST_GOOGLE_KEY, TEST_OPENAI_KEY,
 };
+pub use hosts::{Host, Hosts};
 pub use mock_llm::MockLlm;
 pub use nats::{NatsServer, NatsServerAuth, NatsServerBuilder};
 pub use otlp::{OtlpReceiver, ReceivedSpan};

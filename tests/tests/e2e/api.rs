@@ -481,6 +481,59 @@ async fn list_filters_paginates_newest_first_and_unknown_ids_are_404() {
     }
 }
 
+/// With several gateways, the fleet-wide figures come from one of them: summed over the
+/// replicas, each counts once. When that one stops, another takes over.
+#[tokio::test]
+async fn fleet_wide_metrics_count_once_across_gateway_replicas() {
+    let mut fleet = Fleet::builder().gateways(2).start().await.unwrap();
+    let urls = [fleet.api.clone(), fleet.extra_gateways[0].1.clone()];
+    let live_nodes = |text: &str| -> Option<u64> {
+        let line = text
+            .lines()
+            .find(|l| l.starts_with("flotilla_nodes_live "))?;
+        line.split(' ').nth(1)?.parse().ok()
+    };
+    let scrape = |url: String| async move {
+        let text = reqwest::get(format!("{url}/metrics"))
+            .await
+            .ok()?
+            .text()
+            .await
+            .ok()?;
+        Some(text)
+    };
+    let first = scrape(urls[0].clone()).await.unwrap();
+    let second = scrape(urls[1].clone()).await.unwrap();
+    let sum = live_nodes(&first).unwrap_or(0) + live_nodes(&second).unwrap_or(0);
+    assert_eq!(sum, 1, "one node, counted once:\n{first}\n---\n{second}");
+    for text in [&first, &second] {
+        assert!(text.contains("flotilla_config_version"), "{text}");
+    }
+    // The exporter stops: the other gateway takes the figures over.
+    let exporter = if live_nodes(&first).is_some() { 0 } else { 1 };
+    let other = urls[1 - exporter].clone();
+    if exporter == 0 {
+        fleet
+            .gateway
+            .terminate_and_wait(std::time::Duration::from_secs(10));
+    } else {
+        fleet.extra_gateways[0]
+            .0
+            .terminate_and_wait(std::time::Duration::from_secs(10));
+    }
+    let taken = flotilla_testkit::wait_until(
+        std::time::Duration::from_secs(20),
+        "the other gateway to export the fleet-wide figures",
+        || {
+            let other = other.clone();
+            async move { live_nodes(&scrape(other).await?) }
+        },
+    )
+    .await
+    .unwrap();
+    assert_eq!(taken, 1);
+}
+
 #[tokio::test]
 async fn metrics_are_public_and_describe_jobs_queue_and_nodes() {
     let fleet = Fleet::builder()

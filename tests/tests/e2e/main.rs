@@ -4,6 +4,8 @@
 mod api;
 mod chaos;
 mod cli;
+mod cluster;
+mod compose;
 mod config;
 mod direct;
 mod engines;

@@ -141,6 +141,105 @@ async fn a_job_out_of_deliveries_is_failed_and_dead_lettered() {
     fleet.assert_no_containers_left().await.unwrap();
 }
 
+/// The advisory JetStream publishes when a job runs out of deliveries waits in its stream while
+/// no dispatcher runs, and the next dispatcher dead-letters the job.
+#[tokio::test]
+async fn a_job_out_of_deliveries_while_no_dispatcher_runs_is_dead_lettered_later() {
+    // No dispatcher hands the lost job back: its message runs out when its ack wait ends.
+    let mut fleet = Fleet::builder()
+        .nodes(2)
+        .env("FLOTILLA_MAX_DELIVER", "1")
+        .env("FLOTILLA_ACK_WAIT_SECS", "2")
+        .start()
+        .await
+        .unwrap();
+    let job_id = submit(&fleet, shell("sleep 30")).await;
+    let victim = running_on(&fleet, &job_id).await;
+    fleet.dispatcher.signal("KILL");
+    fleet.nodes[victim].signal("KILL");
+
+    let js = js_context(&fleet).await;
+    wait_until(Duration::from_secs(60), "the advisory to be kept", || {
+        let js = js.clone();
+        async move {
+            let mut stream = js.get_stream(names::STREAM_ADVISORIES).await.ok()?;
+            let kept = stream.info().await.ok()?.state.messages;
+            (kept == 1).then_some(())
+        }
+    })
+    .await
+    .unwrap();
+    assert_eq!(get_job(&fleet, &job_id).await.1["status"], "running");
+
+    fleet.restart_dispatcher().unwrap();
+    let job = wait(&fleet, &job_id).await;
+    assert_eq!(job["status"], "failed", "{job}");
+    let error = job["error"].as_str().unwrap();
+    assert!(error.starts_with("gave up after 1 deliveries"), "{error}");
+    wait_until(Duration::from_secs(10), "the advisory to be acked", || {
+        let js = js.clone();
+        async move {
+            let mut stream = js.get_stream(names::STREAM_ADVISORIES).await.ok()?;
+            (stream.info().await.ok()?.state.messages == 0).then_some(())
+        }
+    })
+    .await
+    .unwrap();
+    fleet.restart_node(victim).unwrap();
+    fleet.assert_no_containers_left().await.unwrap();
+}
+
+/// A node that vanished while no dispatcher ran, its heartbeat gone too, still has its
+/// running job found and requeued by the next dispatcher (not only after the job's ack wait,
+/// which this test makes too long to matter).
+#[tokio::test]
+async fn a_job_whose_node_vanished_while_no_dispatcher_ran_is_requeued() {
+    let mut fleet = Fleet::builder()
+        .nodes(2)
+        .env("FLOTILLA_ACK_WAIT_SECS", "300")
+        .start()
+        .await
+        .unwrap();
+    let job_id = submit(&fleet, shell("echo start; sleep 2; echo finished")).await;
+    let victim = running_on(&fleet, &job_id).await;
+    fleet.dispatcher.signal("KILL");
+    fleet.nodes[victim].signal("KILL");
+    let js = js_context(&fleet).await;
+    let nodes = js.get_key_value(names::BUCKET_NODES).await.unwrap();
+    nodes
+        .delete(names::node_key(&fleet.node_ids[victim]))
+        .await
+        .unwrap();
+
+    fleet.restart_dispatcher().unwrap();
+    let job = wait(&fleet, &job_id).await;
+    assert_eq!(job["status"], "completed", "{job}");
+    let attempts = job["attempts"].as_array().unwrap();
+    assert_eq!(attempts[0]["outcome"], "node lost", "{job}");
+    assert_ne!(job["node_id"], fleet.node_ids[victim].as_str());
+    fleet.restart_node(victim).unwrap();
+    fleet.assert_no_containers_left().await.unwrap();
+}
+
+/// Node ids are unique: a node whose id is live elsewhere refuses to start, saying why, and
+/// the live one carries on.
+#[tokio::test]
+async fn a_node_whose_id_is_live_elsewhere_refuses_to_start() {
+    let mut fleet = Fleet::builder().nodes(1).start().await.unwrap();
+    let mut twin = fleet.spawn_twin(0).unwrap();
+    let code = wait_until(Duration::from_secs(30), "the twin to exit", || {
+        std::future::ready(twin.try_exit_code())
+    })
+    .await
+    .unwrap();
+    assert_ne!(code, Some(0), "{}", twin.log());
+    let log = twin.log();
+    assert!(log.contains("is in use"), "{log}");
+    assert!(log.contains("FLOTILLA_NODE_ID"), "{log}");
+    let job_id = submit(&fleet, shell("echo still here")).await;
+    assert_eq!(wait(&fleet, &job_id).await["status"], "completed");
+}
+
 #[tokio::test]
 async fn a_job_queued_too_long_fails() {
     let fleet = Fleet::builder()
