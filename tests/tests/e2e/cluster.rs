@@ -1814,3 +1814,170 @@ async fn services_started_together_on_a_fresh_cluster_all_come_up() {
     assert_eq!(records[0]["status"], "completed", "{}", records[0]);
     d.finish().await;
 }
+
+/// What a steady submitter saw during test b.
+#[derive(Default)]
+struct Load {
+    /// Accepted jobs: over HTTP (202) and straight to NATS (publish acked).
+    accepted: Vec<String>,
+    http_202: u32,
+    http_503: u32,
+    /// Any other answer, a 503 without Retry-After, or no answer within 15 s.
+    http_bad: Vec<String>,
+    direct_acked: u32,
+    direct_retried: u32,
+}
+
+/// One HTTP submission and one direct one every 100 ms until `stop`. A direct publish that
+/// fails is retried with the same `Nats-Msg-Id` (JetStream drops the duplicate), as a
+/// client would, until acked.
+async fn steady_load(
+    gateway: String,
+    nats: async_nats::Client,
+    stop: tokio::sync::watch::Receiver<bool>,
+) -> Load {
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(15))
+        .build()
+        .unwrap();
+    let js = jetstream::new(nats);
+    let mut load = Load::default();
+    let mut i = 0u32;
+    while !*stop.borrow() {
+        i += 1;
+        let body = shell(&format!("echo rolling {i}"));
+        match http
+            .post(format!("{gateway}/jobs"))
+            .json(&body)
+            .send()
+            .await
+        {
+            Ok(r) if r.status() == 202 => {
+                load.http_202 += 1;
+                let v: Value = r.json().await.unwrap();
+                load.accepted.push(v["job_id"].as_str().unwrap().to_owned());
+            }
+            Ok(r) if r.status() == 503 && r.headers().contains_key("retry-after") => {
+                load.http_503 += 1;
+            }
+            Ok(r) => load.http_bad.push(format!(
+                "{} {}",
+                r.status(),
+                r.text().await.unwrap_or_default()
+            )),
+            Err(e) => load.http_bad.push(format!("no answer: {e}")),
+        }
+        let job_id = format!("rolling-direct-{i}");
+        let payload = json!({ "job_id": job_id, "agent_id": "hosts", "engine": "shell",
+                              "prompt": format!("echo direct {i}") });
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert(names::HEADER_CONTENT_TYPE, names::CONTENT_TYPE_JSON);
+        headers.insert("Nats-Msg-Id", job_id.as_str());
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let sent = js
+                .publish_with_headers(
+                    names::SUBJECT_SUBMIT,
+                    headers.clone(),
+                    payload.to_string().into(),
+                )
+                .await;
+            let acked = match sent {
+                Ok(ack) => tokio::time::timeout(Duration::from_secs(10), ack)
+                    .await
+                    .is_ok_and(|a| a.is_ok()),
+                Err(_) => false,
+            };
+            if acked {
+                load.direct_acked += 1;
+                load.accepted.push(job_id.clone());
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "direct submission {job_id} never acked"
+            );
+            load.direct_retried += 1;
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    load
+}
+
+/// b. The three nats-servers are restarted one at a time under a steady load of HTTP and
+/// direct submissions. Every POST answers 202, or 503 with Retry-After: never a 500, never a
+/// hang. Every accepted job completes, and none completes twice.
+#[tokio::test]
+async fn a_rolling_restart_of_the_nats_servers_loses_and_repeats_nothing() {
+    let started = Instant::now();
+    let hosts = Hosts::start(3).await.unwrap();
+    let nats = NatsCluster::builder()
+        .on_host(0, &hosts[0])
+        .on_host(1, &hosts[1])
+        .on_host(2, &hosts[2])
+        .start()
+        .await
+        .unwrap();
+    let mut d = Deployment::new(hosts, nats, &[("FLOTILLA_ACK_WAIT_SECS", "10")]);
+    d.start_services(&[None], &[None], &[0, 1, 2]).await;
+    println!(
+        "3 hosts, 3 nats-servers, 3 nodes ready in {:?}",
+        started.elapsed()
+    );
+
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let load = tokio::spawn(steady_load(
+        d.gateways[0].url.clone(),
+        d.nats.client().await.unwrap(),
+        stopped,
+    ));
+    let rolling = Instant::now();
+    for i in 0..3 {
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let restart = Instant::now();
+        d.nats
+            .restart(i)
+            .await
+            .unwrap_or_else(|e| panic!("{e}\n{}", d.logs()));
+        println!(
+            "{} restarted and caught up in {:?}",
+            d.nats.name(i),
+            restart.elapsed()
+        );
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    stop.send_replace(true);
+    let load = load.await.unwrap();
+    println!(
+        "rolling restart took {:?}: HTTP 202 {}, 503 {}, other {}; direct acked {} (retried {})",
+        rolling.elapsed(),
+        load.http_202,
+        load.http_503,
+        load.http_bad.len(),
+        load.direct_acked,
+        load.direct_retried
+    );
+    assert!(
+        load.http_bad.is_empty(),
+        "answers other than 202 / 503 + Retry-After: {:?}",
+        load.http_bad
+    );
+    assert!(load.http_202 > 0 && load.direct_acked > 0);
+
+    let records = d
+        .wait_all(0, &load.accepted, Duration::from_secs(180))
+        .await;
+    for record in &records {
+        assert_eq!(record["status"], "completed", "{record}");
+        let completed = record["attempts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|a| a["outcome"] == "completed")
+            .count();
+        assert_eq!(completed, 1, "completed more than once: {record}");
+    }
+    println!("{} accepted jobs, each completed once", records.len());
+    d.finish().await;
+}
