@@ -19,20 +19,32 @@ pub struct NodeIdInUse {
     pub started_at: String,
 }
 
-/// Returns once no other node is live under `node_id`: there is no heartbeat for it, or the
-/// one there does not change for a whole `ttl` (a node that died without removing it, such
-/// as this node's previous run). Heartbeats are told apart by their revisions, not by clocks
+/// Returns once no other node is live under `node_id`: there is no heartbeat for it, the one
+/// there is from this `host`, or it does not change for a whole `ttl` (a node that died
+/// without removing it). Heartbeats are told apart by their revisions, not by clocks
 /// of other hosts. Errors of the store count as "no other node": the check must not stop a
 /// node that NATS cannot answer for.
 pub(crate) async fn ensure_unique(
     nodes: &kv::Store,
     node_id: &str,
+    host: &str,
     ttl: Duration,
 ) -> Result<(), NodeIdInUse> {
     let key = names::node_key(node_id);
     let Some(first) = heartbeat(nodes, &key).await else {
         return Ok(());
     };
+    // This host's own heartbeat is this node's previous run (two nodes of one id on one host
+    // would also share its outbox, which one of them cannot open): take it over at once, so a
+    // restart after a crash is back before the dispatcher counts the node as lost.
+    let info = flotilla_proto::decode::<NodeInfo>(&first.value, Encoding::MessagePack).ok();
+    if info.as_ref().is_some_and(|info| info.host == host) {
+        tracing::info!(
+            node_id,
+            "the heartbeat there is this host's: taking the node id over"
+        );
+        return Ok(());
+    }
     tracing::info!(
         node_id,
         ?ttl,

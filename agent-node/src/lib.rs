@@ -132,7 +132,7 @@ async fn serve(
     };
     // Before touching the host's containers: another live node of this id may own them.
     let ttl = config.heartbeat_interval * 3;
-    identity::ensure_unique(&service.topology.nodes, &config.node_id, ttl).await?;
+    identity::ensure_unique(&service.topology.nodes, &config.node_id, &config.host, ttl).await?;
     let llm_url = prepare_host(runtime.as_ref(), &config).await?;
     let outbox = open_outbox(&config)?;
     let catalog = service

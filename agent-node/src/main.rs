@@ -18,6 +18,10 @@ struct Args {
     /// Unique, stable id of this node (default: the host name).
     #[arg(long, env = "FLOTILLA_NODE_ID")]
     node_id: Option<String>,
+    /// The name of this node's host, as heartbeats show it (default: the kernel's host name).
+    /// A restarted node takes over its id's heartbeat at once only from the same host.
+    #[arg(long, env = "FLOTILLA_NODE_HOST")]
+    node_host: Option<String>,
     /// Concurrent jobs on this node.
     #[arg(long, env = "FLOTILLA_NODE_SLOTS", default_value_t = 4)]
     slots: u32,
@@ -107,7 +111,7 @@ async fn run(config: agent_node::Config, shutdown: CancellationToken) -> anyhow:
 }
 
 fn config(args: Args) -> anyhow::Result<agent_node::Config> {
-    let host = hostname();
+    let host = args.node_host.clone().unwrap_or_else(hostname);
     let limits = args.limits.into_limits().map_err(anyhow::Error::msg)?;
     let config = agent_node::Config {
         nats_url: args.nats_url,

@@ -368,6 +368,10 @@ impl Fleet {
     }
 
     fn spawn_node(&self, i: usize) -> anyhow::Result<Process> {
+        self.spawn_node_with(i, &[])
+    }
+
+    fn spawn_node_with(&self, i: usize, env: &[(&str, &str)]) -> anyhow::Result<Process> {
         let mut command = Command::new(binary("agent-node")?);
         let root = repo_root();
         command
@@ -402,7 +406,8 @@ impl Fleet {
             )
             .env("RUST_LOG", "info")
             .envs(self.builder.common_env.iter().map(|(k, v)| (k, v)))
-            .envs(self.builder.extra_node_env.iter().map(|(k, v)| (k, v)));
+            .envs(self.builder.extra_node_env.iter().map(|(k, v)| (k, v)))
+            .envs(env.iter().copied());
         if let Some(llm) = &self.llm {
             command
                 .env("FLOTILLA_LLM_GATEWAY_PORT", llm.port.to_string())
@@ -418,12 +423,17 @@ impl Fleet {
         )
     }
 
-    /// Starts a second process with node `i`'s settings, its id included, on a fresh metrics
-    /// port.
+    /// Starts a second process with node `i`'s settings, its id included, as if on another
+    /// host (`FLOTILLA_NODE_HOST`, its own state directory), on a fresh metrics port.
     pub fn spawn_twin(&mut self, i: usize) -> anyhow::Result<Process> {
         let fresh = format!("http://127.0.0.1:{}/metrics", free_port());
         let own = std::mem::replace(&mut self.node_metrics[i], fresh);
-        let twin = self.spawn_node(i);
+        let state = self.dir.path().join(format!("twin-state-{i}"));
+        let env = [
+            ("FLOTILLA_NODE_HOST", "another-host"),
+            ("FLOTILLA_STATE_DIR", state.to_str().unwrap_or_default()),
+        ];
+        let twin = self.spawn_node_with(i, &env);
         self.node_metrics[i] = own;
         twin
     }

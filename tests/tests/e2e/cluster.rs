@@ -623,16 +623,25 @@ async fn runs_by_job(nats: &NatsCluster, marker: &str) -> BTreeMap<String, BTree
     if last == 0 {
         return runs;
     }
-    let mut messages = stream
-        .create_consumer(consumer::pull::OrderedConfig {
-            deliver_policy: consumer::DeliverPolicy::All,
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .messages()
-        .await
-        .unwrap();
+    // Right after a partition heals, the stream's leader may still be settling.
+    let mut messages = wait_until(
+        Duration::from_secs(30),
+        "a consumer on the logs",
+        || async {
+            stream
+                .create_consumer(consumer::pull::OrderedConfig {
+                    deliver_policy: consumer::DeliverPolicy::All,
+                    ..Default::default()
+                })
+                .await
+                .ok()?
+                .messages()
+                .await
+                .ok()
+        },
+    )
+    .await
+    .unwrap();
     loop {
         let message = tokio::time::timeout(Duration::from_secs(30), messages.next())
             .await
