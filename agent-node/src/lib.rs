@@ -138,6 +138,7 @@ async fn serve(
     let catalog = service
         .catalog(&config.engines_dir, &config.profiles_dir)
         .await?;
+    service.check_limits(&catalog, &config.job_limits).await?;
     let Service {
         client,
         topology,

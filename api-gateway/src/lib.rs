@@ -186,6 +186,7 @@ pub async fn run(
     let catalog = service
         .catalog(&config.engines_dir, &config.profiles_dir)
         .await?;
+    service.check_limits(&catalog, &config.limits).await?;
     let index = Arc::new(index::JobIndex::default());
     tokio::spawn(index::follow(
         index.clone(),

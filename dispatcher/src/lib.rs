@@ -84,6 +84,7 @@ pub async fn run(
     let catalog = service
         .catalog(&config.engines_dir, &config.profiles_dir)
         .await?;
+    service.check_limits(&catalog, &config.limits).await?;
     let metrics = Arc::new(metrics::DispatcherMetrics::default());
     let lease = Arc::new(flotilla_nats::Lease::new(
         service.topology.dispatch.clone(),

@@ -36,6 +36,13 @@ pub enum ConfigError {
     Io(#[from] std::io::Error),
     #[error(transparent)]
     Invalid(#[from] CatalogError),
+    #[error(
+        "this service's validation limits differ from the fleet's: the fleet runs with \
+         {found}, this service with {wanted}. Give it the same FLOTILLA_DEFAULT_*, \
+         FLOTILLA_MAX_JOB_* and FLOTILLA_ALLOW_PRIVATE_WEBHOOKS as the other services, or start \
+         it once with FLOTILLA_TOPOLOGY_UPDATE=true to make its limits the fleet's"
+    )]
+    LimitsDiffer { found: String, wanted: String },
 }
 
 fn nats(e: impl std::fmt::Display) -> ConfigError {
@@ -94,6 +101,38 @@ impl LiveCatalog {
 
     pub fn version(&self) -> u64 {
         self.version.load(Ordering::SeqCst)
+    }
+
+    /// Checks this service's validation limits (`limits`, as text) against the fleet's,
+    /// which the first service to start records in the bucket: HTTP and direct submissions
+    /// and the nodes' rechecks must judge jobs alike. With `update`, records these instead.
+    pub async fn check_limits(&self, limits: &str, update: bool) -> Result<(), ConfigError> {
+        let wanted = bytes::Bytes::copy_from_slice(limits.as_bytes());
+        for _ in 0..CHANGE_ATTEMPTS {
+            let Some(found) = self.store.get(LIMITS).await.map_err(nats)? else {
+                match self.store.create(LIMITS, wanted.clone()).await {
+                    Ok(_) => return Ok(()),
+                    // Another service recorded its limits meanwhile: compare with those.
+                    Err(_) => continue,
+                }
+            };
+            if found == wanted {
+                return Ok(());
+            }
+            let found = String::from_utf8_lossy(&found).into_owned();
+            if !update {
+                return Err(ConfigError::LimitsDiffer {
+                    found,
+                    wanted: limits.to_owned(),
+                });
+            }
+            tracing::warn!(%found, wanted = limits, "recording this service's validation limits as the fleet's (FLOTILLA_TOPOLOGY_UPDATE)");
+            self.store.put(LIMITS, wanted).await.map_err(nats)?;
+            return Ok(());
+        }
+        Err(ConfigError::Nats(
+            "cannot record the validation limits".into(),
+        ))
     }
 
     /// Every configuration file.
@@ -220,6 +259,8 @@ const CHANGE_ATTEMPTS: usize = 10;
 /// Written after the last seeded file: services that find files but no marker wait for it, so
 /// none loads a half-seeded configuration.
 const SEEDED: &str = "_seeded";
+/// The fleet's validation limits, recorded by the first service ([`LiveCatalog::check_limits`]).
+const LIMITS: &str = "_limits";
 
 async fn seed_if_empty(
     store: &Store,
@@ -305,7 +346,10 @@ async fn read_all(store: &Store) -> Result<(Files, u64), ConfigError> {
         .await
         .map_err(nats)?;
     let mut files = Files::new();
-    for key in keys.into_iter().filter(|key| key != SEEDED) {
+    for key in keys
+        .into_iter()
+        .filter(|key| key != SEEDED && key != LIMITS)
+    {
         if let Some(entry) = store.entry(key.clone()).await.map_err(nats)?
             && entry.operation == Operation::Put
         {

@@ -52,3 +52,44 @@ async fn concurrent_changes_cannot_together_break_the_configuration() {
     }
     stop.cancel();
 }
+
+/// The first service records its validation limits; one with others refuses to start, saying
+/// so, unless told to make its own the fleet's. The record is not a configuration file.
+#[tokio::test]
+async fn validation_limits_must_agree_across_services() {
+    let nats = NatsServer::start().await.unwrap();
+    let client = async_nats::connect(nats.url()).await.unwrap();
+    let js = jetstream::new(client);
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let stop = CancellationToken::new();
+    let live = LiveCatalog::start(
+        &js,
+        &root.join("engines"),
+        &root.join("profiles"),
+        stop.clone(),
+    )
+    .await
+    .unwrap();
+    live.check_limits("max_cpus: 4", false).await.unwrap();
+    live.check_limits("max_cpus: 4", false).await.unwrap();
+    let refused = live.check_limits("max_cpus: 8", false).await.unwrap_err();
+    let message = refused.to_string();
+    assert!(
+        message.contains("max_cpus: 4") && message.contains("max_cpus: 8"),
+        "{message}"
+    );
+    assert!(
+        message.contains("FLOTILLA_TOPOLOGY_UPDATE=true"),
+        "{message}"
+    );
+    live.check_limits("max_cpus: 8", true).await.unwrap();
+    live.check_limits("max_cpus: 8", false).await.unwrap();
+    assert!(live.check_limits("max_cpus: 4", false).await.is_err());
+    let files = live.files().await.unwrap();
+    assert!(
+        files.keys().all(|k| !k.starts_with('_')),
+        "{:?}",
+        files.keys()
+    );
+    stop.cancel();
+}

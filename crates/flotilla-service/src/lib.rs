@@ -134,6 +134,17 @@ impl Service {
         Ok(catalog)
     }
 
+    /// Checks the service's validation limits against the fleet's (see
+    /// [`LiveCatalog::check_limits`]); `FLOTILLA_TOPOLOGY_UPDATE` makes them the fleet's.
+    pub async fn check_limits(
+        &self,
+        catalog: &LiveCatalog,
+        limits: &impl std::fmt::Debug,
+    ) -> Result<(), StartError> {
+        let update = self.topology.config.update;
+        Ok(catalog.check_limits(&format!("{limits:?}"), update).await?)
+    }
+
     /// Stops the background tasks and sends what is still buffered.
     pub async fn stop(&self) {
         self.background.cancel();
