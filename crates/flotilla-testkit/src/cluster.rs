@@ -99,16 +99,47 @@ impl NatsClusterBuilder {
                 .timeout(Duration::from_secs(2))
                 .build()?,
         };
+        // A free port can be taken by another test between the check and the server's bind:
+        // then every server starts again on fresh ports.
+        for attempt in 1.. {
+            match cluster.launch_all().await {
+                Ok(()) => return Ok(cluster),
+                Err(e) if attempt < 3 && e.to_string().contains("address already in use") => {
+                    cluster.relocate()?;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        unreachable!("the loop returns")
+    }
+}
+
+impl NatsCluster {
+    async fn launch_all(&mut self) -> anyhow::Result<()> {
         for i in 0..SERVERS {
-            cluster.launch(i)?;
+            self.launch(i)?;
         }
         for i in 0..SERVERS {
-            cluster.wait_healthy(i, Duration::from_secs(30)).await?;
+            self.wait_healthy(i, Duration::from_secs(30)).await?;
         }
-        cluster
-            .wait_for_meta_leader(Duration::from_secs(30))
-            .await?;
-        Ok(cluster)
+        self.wait_for_meta_leader(Duration::from_secs(30)).await?;
+        Ok(())
+    }
+
+    /// Stops every server and gives each fresh ports and an empty store.
+    fn relocate(&mut self) -> anyhow::Result<()> {
+        for server in &mut self.servers {
+            if let Some(mut process) = server.process.take() {
+                process.terminate_and_wait(Duration::from_secs(10));
+            }
+            server.port = free_port();
+            server.http_port = free_port();
+            server.route_port = free_port();
+            if server.store.exists() {
+                std::fs::remove_dir_all(&server.store)?;
+            }
+        }
+        Ok(())
     }
 }
 
