@@ -470,7 +470,9 @@ impl Deployment {
 
     /// Until `job_id` is running; the record.
     async fn running(&self, gw: usize, job_id: &str, attempt: u64) -> Value {
-        wait_until(Duration::from_secs(30), "the job to be running", || async {
+        // A deadline, not a timing goal: on a loaded CI machine the first of 100 jobs can
+        // take a while to start.
+        wait_until(Duration::from_secs(90), "the job to be running", || async {
             let record = self.job(gw, job_id).await?;
             (record["status"] == "running" && record["attempt"] == attempt).then_some(record)
         })
