@@ -30,6 +30,7 @@ pub(crate) async fn claim(
     ack_subject: Option<String>,
     delivered: i64,
 ) -> Result<Option<Claimed>, StoreError> {
+    let subject = ack_subject.clone();
     let claim = Transition::Claim {
         node_id: shared.config.node_id.clone(),
         ack_subject,
@@ -47,7 +48,7 @@ pub(crate) async fn claim(
         )
         .when(|e| matches!(e, ApplyError::Store(StoreError::Nats(_))))
         // Still working on it: the message must not go to another node meanwhile.
-        .notify(|_, _| in_progress(shared, ack_subject_of(&claim)))
+        .notify(|_, _| in_progress(shared, subject.as_deref()))
         .await;
     match applied {
         Ok(applied) => Ok(Some(Claimed {
@@ -62,13 +63,6 @@ pub(crate) async fn claim(
             Ok(None)
         }
         Err(ApplyError::Store(e)) => Err(e),
-    }
-}
-
-fn ack_subject_of(claim: &Transition) -> Option<&str> {
-    match claim {
-        Transition::Claim { ack_subject, .. } => ack_subject.as_deref(),
-        _ => None,
     }
 }
 

@@ -1,19 +1,14 @@
 //! Configuration changes against a real nats-server.
 
-use std::path::Path;
+use std::{path::Path, sync::Arc};
 
 use async_nats::jetstream;
 use flotilla_config::{ConfigError, LiveCatalog};
 use flotilla_testkit::NatsServer;
 use tokio_util::sync::CancellationToken;
 
-const ENGINE: &str = "engines/short-lived.toml";
-const PROFILE: &str = "profiles/uses-short-lived.toml";
-
-/// Two changes that each load alone but not together (drop an engine; add a profile that
-/// needs it), made at the same moment: exactly one may land, whichever order they race in.
-#[tokio::test]
-async fn concurrent_changes_cannot_together_break_the_configuration() {
+/// A server and a catalogue seeded from the shipped engines and profiles.
+async fn start() -> (NatsServer, CancellationToken, Arc<LiveCatalog>) {
     let nats = NatsServer::start().await.unwrap();
     let client = async_nats::connect(nats.url()).await.unwrap();
     let js = jetstream::new(client);
@@ -27,6 +22,17 @@ async fn concurrent_changes_cannot_together_break_the_configuration() {
     )
     .await
     .unwrap();
+    (nats, stop, live)
+}
+
+const ENGINE: &str = "engines/short-lived.toml";
+const PROFILE: &str = "profiles/uses-short-lived.toml";
+
+/// Two changes that each load alone but not together (drop an engine; add a profile that
+/// needs it), made at the same moment: exactly one may land, whichever order they race in.
+#[tokio::test]
+async fn concurrent_changes_cannot_together_break_the_configuration() {
+    let (_nats, stop, live) = start().await;
 
     for round in 0..20 {
         live.change(ENGINE, Some("[engine]\nkind = \"shell\"\n"))
@@ -57,19 +63,7 @@ async fn concurrent_changes_cannot_together_break_the_configuration() {
 /// so, unless told to make its own the fleet's. The record is not a configuration file.
 #[tokio::test]
 async fn validation_limits_must_agree_across_services() {
-    let nats = NatsServer::start().await.unwrap();
-    let client = async_nats::connect(nats.url()).await.unwrap();
-    let js = jetstream::new(client);
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
-    let stop = CancellationToken::new();
-    let live = LiveCatalog::start(
-        &js,
-        &root.join("engines"),
-        &root.join("profiles"),
-        stop.clone(),
-    )
-    .await
-    .unwrap();
+    let (_nats, stop, live) = start().await;
     live.check_limits("max_cpus: 4", false).await.unwrap();
     live.check_limits("max_cpus: 4", false).await.unwrap();
     let refused = live.check_limits("max_cpus: 8", false).await.unwrap_err();
