@@ -135,14 +135,24 @@ impl DockerRuntime {
                 }));
             }
         };
-        // 137 is SIGKILL: ask Docker whether the memory limit did it.
-        let oom_killed = code == 137
-            && self
-                .inspect_state(id)
-                .await
-                .and_then(|s| s.oom_killed)
-                .unwrap_or(false);
+        let oom_killed = code == 137 && self.oom_killed(id).await;
         Ok(Exit { code, oom_killed })
+    }
+
+    /// Whether the memory limit SIGKILLed the container. Docker learns it from an OOM event of
+    /// its own, which on cgroup v1 can arrive after the exit: ask again for up to 2 s.
+    async fn oom_killed(&self, id: &str) -> bool {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
+        loop {
+            let oom = self.inspect_state(id).await.and_then(|s| s.oom_killed);
+            if oom == Some(true) {
+                return true;
+            }
+            if oom.is_none() || tokio::time::Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
     }
 
     async fn stop_container(&self, id: &str, grace: Duration) -> Result<(), RuntimeError> {

@@ -616,8 +616,26 @@ fn timestamp(value: &Value) -> Option<DateTime<Utc>> {
 }
 
 /// For every job in FLOTILLA_LOGS: the attempts whose container printed `marker` on stdout,
-/// i.e. the attempts that really ran the job's script.
-async fn runs_by_job(nats: &NatsCluster, marker: &str) -> BTreeMap<String, BTreeSet<u32>> {
+/// i.e. the attempts that really ran the job's script. Read again (for up to 30 s) while one of
+/// `expected` has none: right after a leader change or a heal, the stream's info may come from
+/// a server that has not caught up, and the read would stop short of the last chunks.
+async fn runs_by_job<'a>(
+    nats: &NatsCluster,
+    marker: &str,
+    expected: impl IntoIterator<Item = &'a String> + Clone,
+) -> BTreeMap<String, BTreeSet<u32>> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let runs = read_runs(nats, marker).await;
+        let complete = expected.clone().into_iter().all(|id| runs.contains_key(id));
+        if complete || Instant::now() > deadline {
+            return runs;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+async fn read_runs(nats: &NatsCluster, marker: &str) -> BTreeMap<String, BTreeSet<u32>> {
     let js = jetstream::new(nats.client().await.unwrap());
     let stream = js.get_stream(names::STREAM_LOGS).await.unwrap();
     let last = stream.cached_info().state.last_sequence;
@@ -911,7 +929,7 @@ async fn killing_the_job_stream_leader_loses_and_repeats_nothing() {
             }
         }
     }
-    let runs = runs_by_job(&d.nats, "start").await;
+    let runs = runs_by_job(&d.nats, "start", &jobs).await;
     for job_id in &jobs {
         let ran = runs.get(job_id).cloned().unwrap_or_default();
         assert_eq!(
@@ -1128,7 +1146,7 @@ async fn a_partitioned_host_s_jobs_move_and_its_late_results_are_refused() {
         lagging.get(),
         20 * moved.len()
     );
-    let runs = runs_by_job(&d.nats, "start").await;
+    let runs = runs_by_job(&d.nats, "start", &moved).await;
     let ran: Vec<_> = moved
         .iter()
         .map(|id| runs.get(id).cloned().unwrap_or_default())
@@ -1305,7 +1323,7 @@ async fn a_partitioned_nats_server_does_not_stop_the_fleet() {
         records.iter().all(|r| r["status"] == "completed"),
         "{records:?}"
     );
-    let runs = runs_by_job(&d.nats, "start").await;
+    let runs = runs_by_job(&d.nats, "start", warm.iter().chain(&during).chain(&after)).await;
     for job_id in warm.iter().chain(&during).chain(&after) {
         let ran = runs.get(job_id).cloned().unwrap_or_default();
         assert_eq!(
@@ -1543,7 +1561,7 @@ async fn a_host_joins_a_running_fleet_and_a_drained_node_loses_nothing() {
             }
         }
     }
-    let runs = runs_by_job(&d.nats, "start").await;
+    let runs = runs_by_job(&d.nats, "start", &jobs).await;
     for job_id in &jobs {
         let ran = runs.get(job_id).cloned().unwrap_or_default();
         assert_eq!(ran.len(), 1, "job {job_id} ran in attempts {ran:?}");
@@ -1787,7 +1805,7 @@ async fn gateways_and_dispatchers_on_different_hosts_share_the_work_and_the_leas
         assert_eq!(record["status"], "completed", "{record}");
         assert_eq!(completions(record), 1, "{record}");
     }
-    let runs_by = runs_by_job(&d.nats, "start").await;
+    let runs_by = runs_by_job(&d.nats, "start", &ids).await;
     for id in &ids {
         let ran = runs_by.get(id).cloned().unwrap_or_default();
         assert_eq!(ran.len(), 1, "scheduled job {id} ran in attempts {ran:?}");
