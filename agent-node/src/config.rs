@@ -58,6 +58,10 @@ pub struct Config {
     pub llm_gateway_port: Option<u16>,
     /// Where `GET /metrics` is served; `None` serves no metrics.
     pub metrics_listen: Option<std::net::SocketAddr>,
+    /// Repositories: mirrors, credentials, the author of pushed commits.
+    pub git: crate::GitConfig,
+    /// What the node takes back out of a job's workspace.
+    pub output_limits: crate::OutputLimits,
 }
 
 /// The job network used when the llm-gateway is on and none is named.

@@ -6,6 +6,7 @@ use flotilla_proto::{JobRequest, JobResult, JobStatus, Usage};
 use crate::{
     job::{Outcome, Stop},
     script,
+    workspace::Collected,
 };
 
 /// Everything the decision looks at.
@@ -29,6 +30,8 @@ pub(crate) struct Parsed {
     pub(crate) result: JobResult,
     pub(crate) usage: Option<Usage>,
     pub(crate) engine_error: bool,
+    /// A workspace step the job asked for (its push, say) failed: the job fails with it.
+    pub(crate) workspace_error: Option<String>,
 }
 
 impl Parsed {
@@ -38,7 +41,20 @@ impl Parsed {
             result,
             usage: None,
             engine_error: false,
+            workspace_error: None,
         }
+    }
+
+    /// Adds what came out of the job's workspace.
+    pub(crate) fn add_workspace(&mut self, collected: Collected) {
+        let result = &mut self.result;
+        result.base_commit = collected.base_commit;
+        result.diff_stat = collected.diff_stat;
+        result.artifacts = collected.artifacts;
+        result.branch = collected.branch;
+        result.commit = collected.commit;
+        result.pull_request_url = collected.pull_request_url;
+        self.workspace_error = collected.error;
     }
 }
 
@@ -120,6 +136,11 @@ pub(crate) fn decide(ended: Ended<'_>) -> Decision {
             end.exit_code,
             format!("the engine reported an error: {summary}"),
         );
+    }
+    if let Some(error) = &ended.parsed.workspace_error
+        && end.status == JobStatus::Completed
+    {
+        end = Final::failed(end.exit_code, error.clone());
     }
     let retries = ended.request.retries;
     if end.status == JobStatus::Failed
@@ -249,6 +270,7 @@ mod tests {
             },
             usage: None,
             engine_error,
+            workspace_error: None,
         }
     }
 

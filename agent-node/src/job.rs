@@ -8,7 +8,7 @@ use chrono::Utc;
 use flotilla_catalog::Engine;
 use flotilla_nats::{ApplyError, StoreError};
 use flotilla_proto::{
-    Encoding, JobRecord, JobRequest, JobResult, JobStatus, LlmGrant, LogStream, Usage,
+    Encoding, JobRecord, JobRequest, JobResult, JobStatus, LlmGrant, LogStream, Usage, names,
 };
 use futures::StreamExt;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
@@ -18,6 +18,7 @@ use tracing::Instrument as _;
 use crate::{
     Shared,
     decide::{Decision, Ended, Parsed, Record, decide},
+    git::GitError,
     lease::{Claimed, claim, end_stream, record_with_retries, release},
     logs::{LogError, LogLimits, LogPublisher},
     metrics::{Finish, PoolUse},
@@ -28,6 +29,7 @@ use crate::{
         Started,
     },
     script,
+    workspace::{Collected, WorkspaceIo},
 };
 
 /// Why a container was stopped before it finished on its own.
@@ -57,6 +59,25 @@ pub(crate) enum Outcome {
 }
 
 impl Outcome {
+    /// Docker does not always learn of an OOM kill (on cgroup v1 its event can lose the race
+    /// with the exit); the job script reads the memory cgroup's own count and says so on stderr.
+    fn noticing_oom(self, tail: &str) -> Self {
+        match self {
+            Self::Exited {
+                exit_code: 137,
+                stop: None,
+                start_ms,
+                oom_killed: false,
+            } if tail.contains(script::OOM_MARKER) => Self::Exited {
+                exit_code: 137,
+                stop: None,
+                start_ms,
+                oom_killed: true,
+            },
+            other => other,
+        }
+    }
+
     /// The engine's exit code, once it ran.
     fn exit_code(&self) -> Option<i64> {
         match self {
@@ -137,15 +158,22 @@ async fn run(
         attempt,
         received,
     };
-    let outcome = match recheck(&shared.config.job_limits, &shared.config.node_id, &request) {
-        Ok(()) => run_attempt(&shared, &message, attempt_run, &guard.token, &mut logs).await,
-        Err(refusal) => {
-            tracing::warn!(%refusal, "job message breaks a bound, failing it");
-            let _ = logs.system(&refusal).await;
-            Outcome::Refused(refusal)
-        }
-    };
+    let (outcome, collected) =
+        match recheck(&shared.config.job_limits, &shared.config.node_id, &request) {
+            Ok(()) => run_attempt(&shared, &message, attempt_run, &guard.token, &mut logs).await,
+            Err(refusal) => {
+                tracing::warn!(%refusal, "job message breaks a bound, failing it");
+                let _ = logs.system(&refusal).await;
+                (Outcome::Refused(refusal), Collected::default())
+            }
+        };
+    for notice in &collected.notices {
+        let _ = logs.system(notice).await;
+    }
     let tail = logs.tail_text();
+    let outcome = outcome.noticing_oom(&tail);
+    let mut parsed = build_result(&request, engine.as_ref(), &logs, outcome.exit_code());
+    parsed.add_workspace(collected);
     let decision = decide(Ended {
         outcome: &outcome,
         request: &request,
@@ -153,7 +181,7 @@ async fn run(
         delivered,
         max_deliver: shared.config.topology.max_deliver,
         tail: &tail,
-        parsed: build_result(&request, engine.as_ref(), &logs, outcome.exit_code()),
+        parsed,
     });
     carry_out(&shared, &message, &request, &claimed, &mut logs, decision).await;
 }
@@ -178,6 +206,17 @@ async fn claim_or_settle(
     request: &JobRequest,
     delivered: i64,
 ) -> Option<Claimed> {
+    if delivered > 1
+        && let Some(holder) = held_by_live_node(shared, &request.job_id).await
+    {
+        // Neither acked nor handed back: the holder's progress acks keep the message (by
+        // its stream sequence) and its final ack removes it.
+        tracing::info!(
+            holder,
+            "job redelivered while its node still runs it; leaving it there"
+        );
+        return None;
+    }
     let ack_subject = message.reply.as_ref().map(|s| s.to_string());
     match claim(shared, &request.job_id, ack_subject, delivered)
         .instrument(tracing::info_span!("claim"))
@@ -194,6 +233,28 @@ async fn claim_or_settle(
             None
         }
     }
+}
+
+/// The node running the job, if it is another one that is live and was already running when
+/// the attempt started. JetStream redelivers a running job's message when a stream's leader
+/// moves and progress acks were lost meanwhile; taking over would run the job twice. A node
+/// that is gone (its heartbeat stale) or restarted since loses the job as before.
+async fn held_by_live_node(shared: &Shared, job_id: &str) -> Option<String> {
+    let record = shared.topology.jobs.get(job_id).await.ok()??.record;
+    let holder = record.node_id.filter(|n| *n != shared.config.node_id)?;
+    if record.status != flotilla_proto::JobStatus::Running {
+        return None;
+    }
+    let value = shared
+        .topology
+        .nodes
+        .get(names::node_key(&holder))
+        .await
+        .ok()??;
+    let node: flotilla_proto::NodeInfo =
+        flotilla_proto::decode(&value, Encoding::MessagePack).ok()?;
+    let attempt_started = record.started_at?;
+    (node.is_live(Utc::now()) && node.started_at <= attempt_started).then_some(holder)
 }
 
 /// The attempt being run.
@@ -214,13 +275,14 @@ async fn run_attempt(
     run: AttemptRun<'_>,
     cancel: &CancellationToken,
     logs: &mut LogPublisher,
-) -> Outcome {
+) -> (Outcome, Collected) {
     let request = run.request;
     let Some(engine) = run.engine else {
-        return Outcome::Infrastructure(format!(
+        let outcome = Outcome::Infrastructure(format!(
             "engine {} is not installed on node {}",
             request.engine, shared.config.node_id
         ));
+        return (outcome, Collected::default());
     };
     let budget_spent = CancellationToken::new();
     let keepalive = tokio::spawn(keep_alive(
@@ -234,18 +296,29 @@ async fn run_attempt(
         cancel,
         budget_spent: &budget_spent,
     };
-    let outcome = execute(
-        shared,
-        request,
-        engine,
-        run.attempt,
-        stops,
-        logs,
-        run.received,
-    )
-    .await;
+    let mut io = match WorkspaceIo::prepare(shared, request)
+        .instrument(tracing::info_span!("workspace"))
+        .await
+    {
+        Ok(io) => io,
+        Err(e) => {
+            keepalive.abort();
+            let _ = logs.system(&e.to_string()).await;
+            let outcome = match e {
+                GitError::Refused(e) => Outcome::Refused(format!("workspace.git: {e}")),
+                GitError::Unavailable(e) => Outcome::Infrastructure(format!("workspace.git: {e}")),
+            };
+            return (outcome, Collected::default());
+        }
+    };
+    let outcome = execute(shared, run, engine, stops, logs, &mut io).await;
+    let ran_to_end = matches!(outcome, Outcome::Exited { stop: None, .. });
+    let collected = io
+        .collect(shared, request, engine, run.attempt, ran_to_end)
+        .instrument(tracing::info_span!("collect"))
+        .await;
     keepalive.abort();
-    outcome
+    (outcome, collected)
 }
 
 /// Carries out what [`decide`] said.
@@ -395,19 +468,22 @@ struct Stops<'a> {
 /// a gateway, revoked as soon as the container is done.
 async fn execute(
     shared: &Shared,
-    request: &JobRequest,
+    run: AttemptRun<'_>,
     engine: &Engine,
-    attempt: u32,
     stops: Stops<'_>,
     logs: &mut LogPublisher,
-    received: tokio::time::Instant,
+    io: &mut WorkspaceIo,
 ) -> Outcome {
+    let (request, attempt) = (run.request, run.attempt);
+    let container = Container {
+        engine,
+        stops,
+        io,
+        received: run.received,
+    };
     let (access, url) = match (&engine.llm, &shared.llm_url) {
         (Some(access), Some(url)) if !request.dry_run => (access, url),
-        _ => {
-            return run_container(shared, request, engine, attempt, stops, logs, received, &[])
-                .await;
-        }
+        _ => return run_container(shared, request, attempt, container, logs, &[]).await,
     };
     // No token and no job network unless the network is still fenced.
     if let Some(fence) = &shared.fence
@@ -442,10 +518,7 @@ async fn execute(
         }
     };
     let env = access.render_env(url, &token);
-    let outcome = run_container(
-        shared, request, engine, attempt, stops, logs, received, &env,
-    )
-    .await;
+    let outcome = run_container(shared, request, attempt, container, logs, &env).await;
     // The job record fences the token too (the gateway checks the attempt is still running),
     // so a revoke lost to a NATS outage opens nothing.
     if let Err(e) = shared.topology.grants.revoke(&token).await {
@@ -458,26 +531,38 @@ async fn execute(
 /// soon as the job ends anyway.
 const TOKEN_SLACK: Duration = Duration::from_secs(300);
 
+/// What a container run takes beside the job: its engine, what may stop it, its workspace's
+/// way in and out, and when the node received the job.
+struct Container<'a> {
+    engine: &'a Engine,
+    stops: Stops<'a>,
+    io: &'a mut WorkspaceIo,
+    received: tokio::time::Instant,
+}
+
 /// Runs the job's container to the end, streaming its output.
-#[allow(clippy::too_many_arguments)]
 async fn run_container(
     shared: &Shared,
     request: &JobRequest,
-    engine: &Engine,
     attempt: u32,
-    stops: Stops<'_>,
+    container: Container<'_>,
     logs: &mut LogPublisher,
-    received: tokio::time::Instant,
     env: &[(String, String)],
 ) -> Outcome {
+    let Container {
+        engine,
+        stops,
+        io,
+        received,
+    } = container;
     let spec = container_spec(shared, request, env);
-    let script = script_for(engine, request, attempt, env);
+    let script = script_for(engine, request, attempt, env, io.marker());
     let job = JobRef {
         job_id: request.job_id.clone(),
         attempt,
     };
     let host = Host::of(shared);
-    let started = start_container(&host, &spec, &job, &script)
+    let started = start_container(&host, &spec, &job, &script, io.archive())
         .instrument(tracing::info_span!(
             "start container",
             pool = tracing::field::Empty
@@ -498,7 +583,10 @@ async fn run_container(
         let _ = logs
             .system(&format!("attempt {attempt} started on node {node_id}"))
             .await;
-        supervise(&host, started, logs, limits, stops).await
+        let mut sink = Splitting { logs, io };
+        let supervised = supervise(&host, started, &mut sink, limits, stops).await;
+        sink.flush().await;
+        supervised
     }
     .instrument(tracing::info_span!("run container", container = %id))
     .await;
@@ -537,6 +625,7 @@ fn script_for(
     request: &JobRequest,
     attempt: u32,
     env: &[(String, String)],
+    marker: Option<&str>,
 ) -> Bytes {
     let mut env = env.to_vec();
     env.push(("FLOTILLA_JOB_ID".to_owned(), request.job_id.clone()));
@@ -546,7 +635,7 @@ fn script_for(
     {
         env.push(("TRACEPARENT".to_owned(), traceparent));
     }
-    script::job_script(engine, request, &env)
+    script::job_script(engine, request, &env, marker)
 }
 
 /// Counts the process as running; returns milliseconds from receipt.
@@ -611,11 +700,12 @@ async fn start_container(
     spec: &ContainerSpec,
     job: &JobRef,
     script: &[u8],
+    archive: Option<&std::path::Path>,
 ) -> Result<(Started, PoolUse), RuntimeError> {
     let name = format!("flotilla-{}-{}", job.job_id, job.attempt);
     if let Some(warm) = host.pool.acquire(spec) {
         let id = warm.id.clone();
-        match warm.launch(script).await {
+        match warm.launch_with(script, archive).await {
             Ok(started) => {
                 // Name it after its job for operators; off the critical path.
                 let (runtime, id) = (host.runtime.clone(), started.id.clone());
@@ -635,7 +725,7 @@ async fn start_container(
     let id = prepared.id.clone();
     host.pool.track(&id);
     tracing::Span::current().record("pool", "miss");
-    match prepared.launch(script).await {
+    match prepared.launch_with(script, archive).await {
         Ok(started) => Ok((started, PoolUse::Miss)),
         Err(e) => {
             host.pool.untrack(&id);
@@ -687,6 +777,39 @@ impl LogSink for LogPublisher {
 
     async fn output(&mut self, stream: LogStream, data: &[u8]) -> Result<(), LogError> {
         LogPublisher::output(self, stream, data).await
+    }
+}
+
+/// The job's log, with the workspace tar (after the marker on stdout) taken out.
+struct Splitting<'a, S> {
+    logs: &'a mut S,
+    io: &'a mut WorkspaceIo,
+}
+
+impl<S: LogSink> Splitting<'_, S> {
+    /// Logs what was held back in case it began the marker.
+    async fn flush(&mut self) {
+        let held = self.io.end_of_output();
+        if !held.is_empty() {
+            let _ = self.logs.output(LogStream::Stdout, &held).await;
+        }
+    }
+}
+
+impl<S: LogSink> LogSink for Splitting<'_, S> {
+    async fn system(&mut self, text: &str) {
+        self.logs.system(text).await;
+    }
+
+    async fn output(&mut self, stream: LogStream, data: &[u8]) -> Result<(), LogError> {
+        if stream != LogStream::Stdout {
+            return self.logs.output(stream, data).await;
+        }
+        let kept = self.io.split(data);
+        if kept.is_empty() {
+            return Ok(());
+        }
+        self.logs.output(stream, &kept).await
     }
 }
 
@@ -840,6 +963,7 @@ fn build_result(
         result,
         usage,
         engine_error: parsed.is_error,
+        workspace_error: None,
     }
 }
 
@@ -1095,7 +1219,7 @@ mod container_tests {
         /// Starts, supervises and cleans up one job container, as `run_container` does.
         async fn run(&self, timeout: Duration, logs: &mut Recorder) -> (Outcome, String) {
             let host = self.host();
-            let (started, _) = start_container(&host, &spec(), &job(), b"the job script")
+            let (started, _) = start_container(&host, &spec(), &job(), b"the job script", None)
                 .await
                 .expect("container started");
             let id = started.id.clone();
@@ -1180,7 +1304,7 @@ mod container_tests {
     async fn cold_start_is_labelled_with_its_job_and_gets_the_script() {
         let node = Node::new(Behaviour::exit(0));
         let host = node.host();
-        let (started, pool_use) = start_container(&host, &spec(), &job(), b"echo hi")
+        let (started, pool_use) = start_container(&host, &spec(), &job(), b"echo hi", None)
             .await
             .unwrap();
         assert_eq!(pool_use, PoolUse::Miss);
@@ -1282,7 +1406,7 @@ mod container_tests {
         let node = Node::new(Behaviour::exit(0));
         node.fake.fail(Op::Prepare, 1);
         let host = node.host();
-        let error = start_container(&host, &spec(), &job(), b"x")
+        let error = start_container(&host, &spec(), &job(), b"x", None)
             .await
             .err()
             .expect("start fails");
@@ -1300,7 +1424,7 @@ mod container_tests {
         let node = Node::new(Behaviour::exit(0));
         node.fake.fail(Op::Launch, 1);
         let host = node.host();
-        let error = start_container(&host, &spec(), &job(), b"x")
+        let error = start_container(&host, &spec(), &job(), b"x", None)
             .await
             .err()
             .expect("launch fails");
@@ -1334,7 +1458,9 @@ mod container_tests {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         let host = node.host();
-        let (started, pool_use) = start_container(&host, &spec(), &job(), b"x").await.unwrap();
+        let (started, pool_use) = start_container(&host, &spec(), &job(), b"x", None)
+            .await
+            .unwrap();
         assert_eq!(pool_use, PoolUse::Hit);
         let warm_id = started.id.clone();
         tokio::time::sleep(Duration::from_millis(10)).await;
@@ -1350,7 +1476,9 @@ mod container_tests {
         }
         let dead = node.fake.containers().last().unwrap().id.clone();
         node.fake.kill(&dead).await;
-        let (started, pool_use) = start_container(&host, &spec(), &job(), b"x").await.unwrap();
+        let (started, pool_use) = start_container(&host, &spec(), &job(), b"x", None)
+            .await
+            .unwrap();
         assert_eq!(pool_use, PoolUse::Miss);
         assert_ne!(started.id, dead);
         assert!(node.fake.events().contains(&Event::Removed { id: dead }));

@@ -7,6 +7,8 @@ mod binaries;
 mod config;
 mod decide;
 mod fence;
+mod forge;
+mod git;
 mod identity;
 mod job;
 mod lease;
@@ -17,6 +19,7 @@ mod outbox;
 mod pool;
 pub mod runtime;
 mod script;
+mod workspace;
 
 use std::{
     collections::{HashMap, HashSet},
@@ -34,7 +37,10 @@ use tokio::{net::TcpListener, sync::Semaphore, task::JoinHandle};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 pub use config::{Config, ConfigError};
+pub use forge::Credentials;
+pub use git::GitConfig;
 pub use runtime::{ContainerRuntime, DockerRuntime, RuntimeError};
+pub use workspace::OutputLimits;
 
 use runtime::{ContainerSpec, Listed, Network, Selector};
 
@@ -85,6 +91,8 @@ pub(crate) struct Shared {
     /// The container spec of those probes.
     pub(crate) probe_key: ContainerSpec,
     pub(crate) metrics: metrics::NodeMetrics,
+    /// The node's repositories (mirrors, checkouts, pushes).
+    pub(crate) git: git::Git,
 }
 
 impl Shared {
@@ -148,6 +156,7 @@ async fn serve(
     let metrics = metrics::NodeMetrics::default();
     let (pool, probe_key) = build_pool(&config, runtime.clone(), llm_url.is_some(), &metrics);
     let fence = fence_check(&config, llm_url.as_deref());
+    let git = git::Git::new(config.git.clone(), config.job_limits.git_allowed.clone());
     let shared = Arc::new(Shared {
         config,
         topology,
@@ -165,6 +174,7 @@ async fn serve(
         binaries: binaries::Binaries::default(),
         probe_key,
         metrics,
+        git,
     });
     let tasks = start_tasks(&shared, cancels, &background, metrics_listener).await;
     tracing::info!(node_id = %shared.config.node_id, slots = shared.config.slots, "agent-node ready");

@@ -86,6 +86,31 @@ struct Args {
     /// Directory for node-local durable state (the outbox).
     #[arg(long, env = "FLOTILLA_STATE_DIR", default_value = ".flotilla/state")]
     state_dir: PathBuf,
+    /// Where repositories are mirrored and checked out (default: `<state dir>/<node id>/git`).
+    #[arg(long, env = "FLOTILLA_GIT_CACHE_DIR")]
+    git_cache_dir: Option<PathBuf>,
+    /// TOML file of named git credentials (tokens, SSH keys) jobs may name in
+    /// `workspace.git.credential`; see docs/engines.md.
+    #[arg(long, env = "FLOTILLA_GIT_CREDENTIALS_FILE")]
+    git_credentials_file: Option<PathBuf>,
+    /// Author and committer of the commits the node pushes.
+    #[arg(long, env = "FLOTILLA_GIT_AUTHOR_NAME", default_value = "Flotilla")]
+    git_author_name: String,
+    #[arg(
+        long,
+        env = "FLOTILLA_GIT_AUTHOR_EMAIL",
+        default_value = "flotilla@localhost"
+    )]
+    git_author_email: String,
+    /// A repository whose objects exceed this many MiB fails its job.
+    #[arg(long, env = "FLOTILLA_GIT_MAX_REPO_MB", default_value_t = 1024)]
+    git_max_repo_mb: u64,
+    /// Files of a job's `outputs` kept at most.
+    #[arg(long, env = "FLOTILLA_MAX_ARTIFACTS", default_value_t = 1000)]
+    max_artifacts: usize,
+    /// MiB of a job's `outputs` kept at most.
+    #[arg(long, env = "FLOTILLA_MAX_ARTIFACT_MB", default_value_t = 1024)]
+    max_artifact_mb: u64,
     /// Address of the Prometheus `GET /metrics` endpoint (unset: no metrics are served).
     #[arg(long, env = "FLOTILLA_NODE_METRICS_LISTEN")]
     metrics_listen: Option<std::net::SocketAddr>,
@@ -113,17 +138,38 @@ async fn run(config: agent_node::Config, shutdown: CancellationToken) -> anyhow:
 fn config(args: Args) -> anyhow::Result<agent_node::Config> {
     let host = args.node_host.clone().unwrap_or_else(hostname);
     let limits = args.limits.into_limits().map_err(anyhow::Error::msg)?;
+    let node_id = args.node_id.unwrap_or_else(|| host.clone());
+    let credentials = match &args.git_credentials_file {
+        Some(path) => agent_node::Credentials::load(path).map_err(anyhow::Error::msg)?,
+        None => agent_node::Credentials::default(),
+    };
+    let git = agent_node::GitConfig {
+        cache_dir: args
+            .git_cache_dir
+            .unwrap_or_else(|| args.state_dir.join(&node_id).join("git")),
+        credentials,
+        author_name: args.git_author_name,
+        author_email: args.git_author_email,
+        max_repo_bytes: args.git_max_repo_mb << 20,
+    };
+    let workspace_bytes = args.workspace_mb << 20;
+    let output_limits = agent_node::OutputLimits {
+        // The tar of a full workspace: its bytes, plus headers.
+        max_workspace_bytes: u64::try_from(workspace_bytes).unwrap_or(0) + (64 << 20),
+        max_artifacts: args.max_artifacts,
+        max_artifact_bytes: args.max_artifact_mb << 20,
+    };
     let config = agent_node::Config {
         nats_url: args.nats_url,
         nats: args.nats.into_options()?,
-        node_id: args.node_id.unwrap_or_else(|| host.clone()),
+        node_id,
         host,
         slots: args.slots,
         image: args.image,
         engines_dir: args.engines_dir,
         profiles_dir: args.profiles_dir,
         pids_limit: args.pids_limit,
-        workspace_bytes: args.workspace_mb << 20,
+        workspace_bytes,
         stop_grace: Duration::from_secs(args.stop_grace_secs),
         drain_grace: Duration::from_secs(args.drain_grace_secs),
         heartbeat_interval: Duration::from_millis(args.heartbeat_ms),
@@ -143,6 +189,8 @@ fn config(args: Args) -> anyhow::Result<agent_node::Config> {
         job_limits: limits,
         llm_gateway_port: args.llm_gateway_port,
         metrics_listen: args.metrics_listen,
+        git,
+        output_limits,
     };
     Ok(config.validate()?)
 }

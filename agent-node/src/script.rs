@@ -12,13 +12,33 @@ use flotilla_proto::{JobRequest, WorkspaceFile};
 /// Exit status of a job whose pre-hook failed; the marker line on stderr confirms it.
 pub(crate) const PRE_HOOK_FAILED: i64 = 199;
 pub(crate) const PRE_HOOK_MARKER: &str = "flotilla: pre-hook failed";
+/// Said on stderr when the checkout cannot be unpacked in `/workspace` (the job fails as a
+/// failed pre-hook does).
+pub(crate) const UNPACK_MARKER: &str =
+    "flotilla: pre-hook failed: cannot unpack the repository in /workspace (too large for it?)";
+/// Said on stderr when the engine died of SIGKILL and the memory cgroup counts an OOM kill.
+pub(crate) const OOM_MARKER: &str = "flotilla: the memory limit killed the engine";
 
 const DIR: &str = "/workspace/.flotilla";
 
 /// `env` is for the engine only (its llm-gateway URL and token, the trace context): exported
 /// after the pre-hook.
-pub(crate) fn job_script(engine: &Engine, request: &JobRequest, env: &[(String, String)]) -> Bytes {
-    let mut script = format!("F={DIR}\nmkdir -p \"$F\"\n");
+/// With `marker`, the script ends by printing it on a line of its own, then a tar of
+/// `/workspace` (see `workspace::WorkspaceIo`).
+pub(crate) fn job_script(
+    engine: &Engine,
+    request: &JobRequest,
+    env: &[(String, String)],
+    marker: Option<&str>,
+) -> Bytes {
+    let mut script = String::new();
+    if request.git.is_some() {
+        // The checkout follows the script on stdin.
+        script.push_str(&format!(
+            "tar -x -f - -C /workspace || {{ echo '{UNPACK_MARKER}' >&2; exit {PRE_HOOK_FAILED}; }}\n"
+        ));
+    }
+    script.push_str(&format!("F={DIR}\nmkdir -p \"$F\"\n"));
     for file in &request.files {
         write_workspace_file(&mut script, file);
     }
@@ -65,7 +85,9 @@ pub(crate) fn job_script(engine: &Engine, request: &JobRequest, env: &[(String, 
          trap 'kill -TERM \"$child\" 2>/dev/null' TERM INT\n\
          wait \"$child\"; status=$?\n\
          # A trapped signal interrupts wait: wait again for the engine's own status.\n\
-         while kill -0 \"$child\" 2>/dev/null; do wait \"$child\"; status=$?; done\n"
+         while kill -0 \"$child\" 2>/dev/null; do wait \"$child\"; status=$?; done\n\
+         if [ \"$status\" -eq 137 ]; then for f in /sys/fs/cgroup/memory/memory.oom_control /sys/fs/cgroup/memory.events; do \
+         grep -qs '^oom_kill [1-9]' \"$f\" && {{ echo '{OOM_MARKER}' >&2; break; }}; done; fi\n"
     ));
     if let Some(post) = &request.post_hook {
         write_file(&mut script, &format!("{DIR}/post-hook"), post);
@@ -74,6 +96,11 @@ pub(crate) fn job_script(engine: &Engine, request: &JobRequest, env: &[(String, 
              JOB_STATUS=$s JOB_EXIT_CODE=$status /bin/sh \"$F/post-hook\" </dev/null \
              || echo \"flotilla: post-hook failed with exit code $?\" >&2\n",
         );
+    }
+    if let Some(marker) = marker {
+        script.push_str(&format!(
+            "printf '\\n%s\\n' '{marker}'; tar -c -f - -C /workspace . 2>/dev/null\n"
+        ));
     }
     script.push_str("exit $status\n");
     Bytes::from(script)

@@ -1,6 +1,7 @@
 //! The api-gateway: Flotilla's HTTP front. It validates jobs, records them in KV, queues them on
 //! JetStream, and answers reads from KV and an in-memory index fed by a KV watch.
 
+mod artifacts;
 mod config;
 mod configs;
 mod error;
@@ -75,6 +76,10 @@ pub(crate) const ROUTES: &[(&str, &str)] = &[
     ("DELETE", "/jobs/{job_id}"),
     ("GET", "/jobs/{job_id}/wait"),
     ("GET", "/jobs/{job_id}/logs"),
+    ("GET", "/jobs/{job_id}/diff"),
+    ("GET", "/jobs/{job_id}/artifacts"),
+    ("GET", "/jobs/{job_id}/artifacts/{path}"),
+    ("GET", "/jobs/{job_id}/artifacts.zip"),
     ("POST", "/schedules"),
     ("GET", "/schedules"),
     ("GET", "/schedules/{schedule_id}"),
@@ -114,6 +119,10 @@ pub(crate) fn api_routes() -> OpenApiRouter<Arc<AppState>> {
         .routes(routes!(jobs::get, jobs::cancel))
         .routes(routes!(jobs::wait))
         .routes(routes!(logs::stream))
+        .routes(routes!(artifacts::diff))
+        .routes(routes!(artifacts::list))
+        .routes(routes!(artifacts::get))
+        .routes(routes!(artifacts::zip))
         .routes(routes!(schedules::create, schedules::list))
         .routes(routes!(
             schedules::get,
@@ -130,6 +139,7 @@ pub(crate) fn api_routes() -> OpenApiRouter<Arc<AppState>> {
         .routes(routes!(ui::script))
         .routes(routes!(ui::style));
     schedules::document_timing_choice(router.get_openapi_mut());
+    artifacts::document_wildcard(router.get_openapi_mut());
     router
 }
 

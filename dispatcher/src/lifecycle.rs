@@ -13,7 +13,7 @@ use bytes::Bytes;
 use chrono::{DateTime, Utc};
 use flotilla_nats::{ApplyError, Topology, WatchEvent};
 use flotilla_proto::{Encoding, JobStatus, NodeInfo, Transition, names};
-use futures::TryStreamExt;
+use futures::{StreamExt as _, TryStreamExt};
 use serde::Deserialize;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -272,10 +272,35 @@ impl Lifecycle {
             }
             self.jobs.lock().expect("jobs lock").remove(job_id);
         }
+        self.delete_artifacts(&expired).await;
         tracing::info!(
             count = expired.len(),
             "finished jobs past retention deleted"
         );
+    }
+
+    /// Deletes the objects (artifacts, patches) of deleted jobs, every attempt's: one pass
+    /// over the object store's names.
+    async fn delete_artifacts(&self, job_ids: &[String]) {
+        let gone: HashSet<&str> = job_ids.iter().map(String::as_str).collect();
+        let store = &self.topology.artifacts;
+        let mut names = Vec::new();
+        match store.list().await {
+            Ok(mut list) => {
+                while let Some(Ok(info)) = list.next().await {
+                    let job = info.name.split('/').next().unwrap_or_default();
+                    if gone.contains(job) {
+                        names.push(info.name);
+                    }
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot list job artifacts"),
+        }
+        for name in names {
+            if let Err(e) = store.delete(&name).await {
+                tracing::warn!(object = %name, error = %e, "cannot delete a job artifact");
+            }
+        }
     }
 }
 

@@ -32,7 +32,11 @@ use crate::script;
 
 /// The job script arrives on stdin: a 1 MB prompt does not fit in one argv element
 /// (MAX_ARG_STRLEN is 128 KiB) and stdin keeps it out of `docker inspect` and `ps`.
-const LAUNCHER: &str = "umask 077; cat > /tmp/.flotilla-job && exec /bin/sh /tmp/.flotilla-job";
+/// Reads the job script (its length first, then exactly that many bytes: `dd` with
+/// `fullblock` reads no further, unlike `head -c` in busybox) and runs it; whatever follows on
+/// stdin (the workspace tar) is the script's.
+const LAUNCHER: &str = "umask 077; read n && dd bs=65536 count=\"$n\" iflag=count_bytes,fullblock \
+                        of=/tmp/.flotilla-job 2>/dev/null && exec /bin/sh /tmp/.flotilla-job";
 /// Unprivileged uid:gid inside every job container.
 const JOB_USER: &str = "65534:65534";
 /// Open files per process (soft, hard): what a build or a language server needs, not the

@@ -447,6 +447,22 @@ struct Process {
     exit: watch::Sender<Option<Exit>>,
 }
 
+/// The job script out of what the launcher reads: its length on the first line, then the
+/// script (what follows is the workspace tar, which the fake does not unpack).
+fn job_script(stdin: Vec<u8>) -> Vec<u8> {
+    let Some(newline) = stdin.iter().position(|&b| b == b'\n') else {
+        return stdin;
+    };
+    let Some(len) = std::str::from_utf8(&stdin[..newline])
+        .ok()
+        .and_then(|n| n.parse::<usize>().ok())
+    else {
+        return stdin;
+    };
+    let start = newline + 1;
+    stdin[start..(start + len).min(stdin.len())].to_vec()
+}
+
 impl Process {
     async fn run(mut self, mut stdin: tokio::io::DuplexStream) {
         let mut script = Vec::new();
@@ -463,6 +479,7 @@ impl Process {
             Err(Some(Signal::Term(_))) => return self.exited(exit_with(SIGTERM_EXIT)),
             Err(Some(Signal::Kill) | None) => return self.exited(exit_with(SIGKILL_EXIT)),
         }
+        let script = job_script(script);
         let choose = self.fake.inner.script.lock().expect("fake script").clone();
         let behaviour = choose(&script);
         self.started(script);

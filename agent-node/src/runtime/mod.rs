@@ -181,12 +181,34 @@ impl Prepared {
     }
 
     /// Sends the job script and closes stdin; the container runs the script at once.
-    pub async fn launch(mut self, script: &[u8]) -> Result<Started, RuntimeError> {
+    pub async fn launch(self, script: &[u8]) -> Result<Started, RuntimeError> {
+        self.launch_with(script, None).await
+    }
+
+    /// Sends the job script, then `archive` (a tar the script unpacks in `/workspace`), and
+    /// closes stdin. The launcher reads the script's length on the first line, then exactly
+    /// that many bytes, and runs the script with the rest of stdin as its own.
+    pub async fn launch_with(
+        mut self,
+        script: &[u8],
+        archive: Option<&std::path::Path>,
+    ) -> Result<Started, RuntimeError> {
         let stdin = |source| RuntimeError::Stdin {
             runtime: self.runtime,
             source,
         };
+        let header = format!("{}\n", script.len());
+        self.input
+            .write_all(header.as_bytes())
+            .await
+            .map_err(stdin)?;
         self.input.write_all(script).await.map_err(stdin)?;
+        if let Some(archive) = archive {
+            let mut file = tokio::fs::File::open(archive).await.map_err(stdin)?;
+            tokio::io::copy(&mut file, &mut self.input)
+                .await
+                .map_err(stdin)?;
+        }
         self.input.shutdown().await.map_err(stdin)?;
         Ok(Started {
             id: self.id,

@@ -1,5 +1,6 @@
 //! Command-line/environment form of [`Limits`], shared by every service that validates jobs.
 
+use crate::workspace::GitAllowList;
 use crate::{Limits, parse_memory, rules};
 
 #[derive(Debug, Clone, clap::Args)]
@@ -22,6 +23,10 @@ pub struct LimitsArgs {
     /// Accept webhook URLs on private addresses (local testing only).
     #[arg(long, env = "FLOTILLA_ALLOW_PRIVATE_WEBHOOKS")]
     pub allow_private_webhooks: bool,
+    /// Hosts (names or addresses) `workspace.git` URLs may name, comma-separated, and
+    /// `file:///dir` entries for repositories on the nodes' hosts. Empty: no git workspaces.
+    #[arg(long, env = "FLOTILLA_GIT_ALLOWED_HOSTS", default_value = "")]
+    pub git_allowed_hosts: String,
 }
 
 impl LimitsArgs {
@@ -49,6 +54,7 @@ impl LimitsArgs {
             max_memory_bytes,
             max_cpus: self.max_job_cpus,
             allow_private_webhooks: self.allow_private_webhooks,
+            git_allowed: GitAllowList::parse(&self.git_allowed_hosts)?,
         })
     }
 }

@@ -29,7 +29,15 @@ pub fn check_job_request(request: &JobRequest, limits: &Limits) -> Result<(), Va
         ValidationError::invalid("timeout_seconds", reason)
     })?;
     check_resources(&request.resources, limits)?;
-    check_files(&request.files)
+    check_files(&request.files)?;
+    if let Some(git) = &request.git {
+        crate::workspace::check_git_source(git)?;
+    }
+    crate::workspace::check_outputs(&request.outputs)?;
+    if let Some(push) = &request.push {
+        crate::workspace::check_push_bounds(push)?;
+    }
+    Ok(())
 }
 
 fn check_names(request: &JobRequest) -> Result<(), ValidationError> {

@@ -118,6 +118,9 @@ pub struct Engine {
     /// File name, in /workspace, where the engine reads its agent instructions (CLAUDE.md,
     /// AGENTS.md, GEMINI.md, ...).
     pub instructions_file: String,
+    /// Files the engine keeps in /workspace for itself (its history, caches), as gitignore
+    /// patterns: kept out of a job's change and its pushed commit.
+    pub workspace_ignore: Vec<String>,
     /// How the engine reaches LLMs through the llm-gateway; `None` for engines that call none.
     pub llm: Option<LlmAccess>,
 }
@@ -273,6 +276,13 @@ impl Engine {
             return Err("[output].path is required when [output].mode = \"file\"".to_owned());
         }
 
+        for (i, pattern) in engine.workspace_ignore.iter().enumerate() {
+            if pattern.trim().is_empty() || pattern.len() > 256 || pattern.contains(['\n', '\r']) {
+                return Err(format!(
+                    "[engine].workspace_ignore[{i}] must be one gitignore pattern of 1-256 characters"
+                ));
+            }
+        }
         Ok(Engine {
             name: engine.name.unwrap_or_else(|| id.clone()),
             id,
@@ -281,6 +291,7 @@ impl Engine {
             instructions_file: engine
                 .instructions_file
                 .unwrap_or_else(|| "AGENTS.md".to_owned()),
+            workspace_ignore: engine.workspace_ignore,
             binary,
             prompt_flag: command.prompt_flag.unwrap_or_else(|| "-p".to_owned()),
             end_of_options: command.end_of_options,
@@ -363,6 +374,7 @@ struct EngineSection {
     description: String,
     kind: EngineKind,
     instructions_file: Option<String>,
+    workspace_ignore: Vec<String>,
 }
 
 #[derive(Default, Deserialize)]

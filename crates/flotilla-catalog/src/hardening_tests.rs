@@ -83,6 +83,7 @@ fn profiles_and_operator_limits_cannot_set_cpus_below_the_floor() {
         max_job_memory: "8g".to_owned(),
         max_job_cpus: 4.0,
         allow_private_webhooks: false,
+        git_allowed_hosts: String::new(),
     };
     assert!(args(1e-10).into_limits().is_err());
     assert!(args(0.01).into_limits().is_ok());
@@ -97,6 +98,7 @@ fn operator_limits_keep_the_default_timeout_within_the_job_bounds() {
         max_job_memory: "8g".to_owned(),
         max_job_cpus: 4.0,
         allow_private_webhooks: false,
+        git_allowed_hosts: String::new(),
     };
     for bad in [0, 86_401, u64::MAX] {
         assert!(args(bad).into_limits().is_err(), "{bad}");

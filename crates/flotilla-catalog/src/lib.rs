@@ -11,6 +11,7 @@ mod rules;
 pub mod schedule;
 mod validate;
 mod webhook;
+mod workspace;
 
 pub use args::LimitsArgs;
 pub use bounds::check_job_request;
@@ -23,6 +24,7 @@ pub use validate::{DEFAULT_PROFILE, Limits, Origin, ValidationError, metadata_is
 pub use webhook::{
     Lookup, Resolve, SystemResolver, WebhookTarget, check_webhook_url, resolve_webhook_url,
 };
+pub use workspace::{GitAllowList, GitTarget, MAX_OUTPUTS, resolve_git_url};
 
 #[cfg(test)]
 mod hardening_tests;

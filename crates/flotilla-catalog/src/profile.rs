@@ -117,6 +117,8 @@ pub struct Profile {
     pub cpus: Option<f64>,
     pub plugins: Vec<String>,
     pub hooks: Hooks,
+    /// The `workspace` a job gets when it names none.
+    pub workspace: Option<flotilla_proto::WorkspaceRequest>,
 }
 
 impl Profile {
@@ -158,6 +160,7 @@ impl Profile {
             resources,
             plugins,
             hooks,
+            workspace,
         } = file;
 
         if let Some(model) = &agent.model {
@@ -244,6 +247,7 @@ impl Profile {
             cpus: resources.cpus,
             plugins: plugins.enabled,
             hooks,
+            workspace,
         })
     }
 }
@@ -265,6 +269,10 @@ struct ProfileFile {
     plugins: PluginsSection,
     #[serde(default)]
     hooks: Hooks,
+    /// `[workspace.git]`: the repository every job of the profile starts from, unless the
+    /// job names its own (checked against the allow-list when a job uses it).
+    #[serde(default)]
+    workspace: Option<flotilla_proto::WorkspaceRequest>,
 }
 
 #[derive(Default, Deserialize)]

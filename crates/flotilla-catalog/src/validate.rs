@@ -14,7 +14,8 @@ use crate::catalog::Catalog;
 use crate::engine::{Engine, EngineKind, MappedField};
 use crate::profile::{Profile, Variable};
 use crate::rules::{self, clip, human_bytes};
-use crate::webhook::check_webhook_url;
+use crate::webhook::{SystemResolver, check_webhook_url};
+use crate::workspace::{GitAllowList, check_outputs, check_push, check_workspace};
 
 pub const DEFAULT_PROFILE: &str = "default";
 pub(crate) const MAX_MCP_CONFIG_BYTES: usize = 256 * 1024;
@@ -36,6 +37,8 @@ pub struct Limits {
     pub max_cpus: f64,
     /// Lets webhooks target private addresses; for tests only.
     pub allow_private_webhooks: bool,
+    /// The repositories `workspace.git` may name.
+    pub git_allowed: GitAllowList,
 }
 
 impl Default for Limits {
@@ -47,6 +50,7 @@ impl Default for Limits {
             max_memory_bytes: 8 << 30,
             max_cpus: 4.0,
             allow_private_webhooks: false,
+            git_allowed: GitAllowList::default(),
         }
     }
 }
@@ -83,6 +87,11 @@ impl ValidationError {
     /// `reason` completes the sentence "<field> ...".
     pub(crate) fn invalid(field: &str, reason: impl std::fmt::Display) -> Self {
         Self::new("invalid_field", field, format!("{field} {reason}"))
+    }
+
+    /// An invalid field whose whole message is `message`.
+    pub(crate) fn at(field: &str, message: String) -> Self {
+        Self::new("invalid_field", field, message)
     }
 
     pub(crate) fn missing(field: &str, message: String) -> Self {
@@ -123,6 +132,9 @@ pub async fn validate(
         metadata,
         files,
         retries,
+        workspace,
+        outputs,
+        push,
     } = request;
 
     if let Some(id) = &job_id {
@@ -273,6 +285,15 @@ pub async fn validate(
     let resources = resolve_resources(resources.unwrap_or_default(), profile, limits)?;
     let metadata = check_metadata(metadata.unwrap_or_default())?;
     let files = check_files(files.unwrap_or_default())?;
+    let git = check_workspace(
+        workspace.or_else(|| profile.workspace.clone()),
+        &limits.git_allowed,
+        &SystemResolver,
+    )
+    .await?;
+    let outputs = outputs.unwrap_or_default();
+    check_outputs(&outputs)?;
+    let push = check_push(push, &job_id, git.as_ref())?;
     check_fits_argv(engine, "prompt", Some(&prompt))?;
     if engine
         .flags
@@ -309,6 +330,9 @@ pub async fn validate(
         created_at: now,
         files,
         retries,
+        git,
+        outputs,
+        push,
     })
 }
 

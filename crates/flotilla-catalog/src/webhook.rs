@@ -108,12 +108,19 @@ fn parse(url: &str) -> Result<Url, String> {
 }
 
 async fn lookup(resolver: &dyn Resolve, name: &str) -> Result<Vec<IpAddr>, String> {
+    lookup_host(resolver, name)
+        .await
+        .map_err(|e| format!("webhook_url host {e}"))
+}
+
+/// The addresses `name` resolves to; the error completes "<host> ...".
+pub(crate) async fn lookup_host(resolver: &dyn Resolve, name: &str) -> Result<Vec<IpAddr>, String> {
     let ips = tokio::time::timeout(DNS_TIMEOUT, resolver.lookup(name))
         .await
-        .map_err(|_| "webhook_url host could not be resolved in time".to_owned())?
-        .map_err(|_| "webhook_url host does not resolve".to_owned())?;
+        .map_err(|_| "could not be resolved in time".to_owned())?
+        .map_err(|_| "does not resolve".to_owned())?;
     if ips.is_empty() {
-        return Err("webhook_url host does not resolve".to_owned());
+        return Err("does not resolve".to_owned());
     }
     Ok(ips)
 }
@@ -130,7 +137,7 @@ fn target(ips: &[IpAddr], port: u16) -> WebhookTarget {
 }
 
 /// The kind of non-public address `ip` is, if it is one.
-fn forbidden_class(ip: IpAddr) -> Option<&'static str> {
+pub(crate) fn forbidden_class(ip: IpAddr) -> Option<&'static str> {
     match ip {
         IpAddr::V4(v4) => v4_class(v4),
         IpAddr::V6(v6) => v6_class(v6),

@@ -3,6 +3,8 @@
 //! Exit status: 0 success (or the job completed), 1 the job failed, 3 the job was cancelled,
 //! 2 a usage or API error.
 
+mod artifacts;
+
 use std::{io::IsTerminal, path::PathBuf, process::ExitCode, time::Instant};
 
 use anyhow::{Context, bail};
@@ -96,6 +98,15 @@ enum Command {
     Profiles,
     /// Engines and whether a node can run them.
     Engines,
+    /// List a job's collected outputs, or download them all with -o.
+    Artifacts {
+        job_id: String,
+        /// Download every artifact under this directory, by its path.
+        #[arg(long, short)]
+        output: Option<PathBuf>,
+    },
+    /// Print the patch of a job's change to its repository.
+    Diff { job_id: String },
 }
 
 #[tokio::main]
@@ -227,6 +238,14 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let job = wait_for(&api, &job_id, !follow && !json).await?;
             print_value(json, &job, || print_job(&job));
             Ok(outcome(&job))
+        }
+        Command::Artifacts { job_id, output } => {
+            artifacts::run(&api, &job_id, output.as_deref(), json).await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Diff { job_id } => {
+            artifacts::diff(&api, &job_id).await?;
+            Ok(ExitCode::SUCCESS)
         }
         Command::Logs { job_id, follow } => {
             stream_logs(&api, &job_id, follow, json).await?;

@@ -45,6 +45,8 @@ pub struct TopologyConfig {
     pub kept_max_bytes: i64,
     /// Bytes each KV bucket may hold; beyond it new records are refused (503).
     pub bucket_max_bytes: i64,
+    /// Bytes the artifacts object store may hold.
+    pub artifacts_max_bytes: i64,
     /// The largest message a stream takes and the largest value a bucket takes: the server's
     /// `max_payload` (`nats.conf`: 8 MB).
     pub max_message_bytes: i32,
@@ -82,6 +84,10 @@ pub struct TopologyArgs {
     /// Bytes each KV bucket (jobs, nodes, schedules, ...) may hold, in MiB.
     #[arg(long, env = "FLOTILLA_BUCKET_MAX_MB", default_value_t = 1024)]
     pub bucket_max_mb: i64,
+    /// Bytes of job artifacts and patches kept (the flotilla_artifacts object store), in
+    /// MiB; beyond it new artifacts are refused (the job says so) until retention frees room.
+    #[arg(long, env = "FLOTILLA_ARTIFACTS_MAX_MB", default_value_t = 4096)]
+    pub artifacts_max_mb: i64,
     /// Fleet-wide cap on job messages handed to nodes and not yet acked: at least the
     /// fleet's total slots, or slots go without work.
     #[arg(long, env = "FLOTILLA_MAX_ACK_PENDING", default_value_t = 1024)]
@@ -108,6 +114,7 @@ impl TopologyArgs {
             queue_max_bytes: self.queue_max_mb.max(1) << 20,
             kept_max_bytes: self.kept_max_mb.max(1) << 20,
             bucket_max_bytes: self.bucket_max_mb.max(1) << 20,
+            artifacts_max_bytes: self.artifacts_max_mb.max(1) << 20,
             max_ack_pending: self.max_ack_pending.max(1),
             replicas: usize::from(self.replicas),
             update: self.topology_update,
@@ -129,6 +136,7 @@ impl Default for TopologyConfig {
             queue_max_bytes: 1 << 30,
             kept_max_bytes: 256 << 20,
             bucket_max_bytes: 1 << 30,
+            artifacts_max_bytes: 4 << 30,
             max_message_bytes: 8 << 20,
             storage: StorageType::File,
             replicas: 1,
@@ -212,6 +220,8 @@ pub struct Topology {
     pub grants: GrantStore,
     /// Schedules (API writes, dispatcher leader fires).
     pub schedules: ScheduleStore,
+    /// What jobs leave behind: artifacts and patches ([`names::BUCKET_ARTIFACTS`]).
+    pub artifacts: jetstream::object_store::ObjectStore,
     /// The fleet's shared pull consumer on the run queue.
     pub agents: consumer::PullConsumer,
     /// The dispatchers' shared pull consumer on direct submissions.
@@ -313,6 +323,7 @@ impl Topology {
             ..Default::default()
         };
         ensure_bucket(&js, config_bucket, config.update).await?;
+        let artifacts = ensure_object_store(&js, &config).await?;
         Ok(Self {
             js: js.clone(),
             jobs: JobStore::new(job_bucket),
@@ -321,6 +332,7 @@ impl Topology {
             dispatch,
             grants: GrantStore::new(grants),
             schedules: ScheduleStore::new(schedules),
+            artifacts,
             agents,
             intake,
             advisories,
@@ -572,6 +584,58 @@ async fn ensure_consumer(
             source: Box::new(e),
         })?;
     Ok(consumer)
+}
+
+/// The artifacts object store: no TTL (retention deletes a job's objects with its record).
+async fn ensure_object_store(
+    js: &jetstream::Context,
+    config: &TopologyConfig,
+) -> Result<jetstream::object_store::ObjectStore, TopologyError> {
+    let name = names::BUCKET_ARTIFACTS;
+    let direct = direct_reads(config.replicas);
+    if js.get_object_store(name).await.is_err() {
+        // The stream async-nats' create_object_store makes, with the bounds every stream has
+        // here and, on a cluster, reads from the leader (as the buckets).
+        js.get_or_create_stream(stream::Config {
+            name: format!("OBJ_{name}"),
+            subjects: vec![format!("$O.{name}.C.>"), format!("$O.{name}.M.>")],
+            max_bytes: config.artifacts_max_bytes,
+            max_message_size: config.max_message_bytes,
+            storage: config.storage,
+            num_replicas: config.replicas,
+            discard: stream::DiscardPolicy::New,
+            allow_rollup: true,
+            allow_direct: direct,
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| inspect(name, e))?;
+    }
+    let store = js
+        .get_object_store(name)
+        .await
+        .map_err(|e| inspect(name, e))?;
+    let wanted = StreamLimits {
+        replicas: config.replicas.max(1),
+        max_messages: None,
+        max_bytes: config.artifacts_max_bytes,
+        max_age: Duration::ZERO,
+        max_message_size: config.max_message_bytes,
+        direct: Some(direct),
+    }
+    .normalized();
+    let mut stream = js
+        .get_stream(format!("OBJ_{name}"))
+        .await
+        .map_err(|e| inspect(name, e))?;
+    let existing = stream
+        .info()
+        .await
+        .map_err(|e| inspect(name, e))?
+        .config
+        .clone();
+    reconcile_stream(js, "object store", name, existing, &wanted, config.update).await?;
+    Ok(store)
 }
 
 async fn ensure_bucket(

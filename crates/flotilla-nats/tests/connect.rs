@@ -37,8 +37,11 @@ async fn connect(
 
 /// JetStream works on this connection: the whole topology can be created.
 async fn assert_jetstream_works(client: async_nats::Client) {
+    // In memory, the default limits add up to more than the server may reserve.
     let config = TopologyConfig {
         storage: async_nats::jetstream::stream::StorageType::Memory,
+        log_max_bytes: 64 << 20,
+        artifacts_max_bytes: 64 << 20,
         ..Default::default()
     };
     let topology = Topology::ensure(client, config).await.unwrap();

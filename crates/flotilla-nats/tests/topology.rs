@@ -62,7 +62,10 @@ async fn every_stream_and_bucket_is_bounded_in_bytes() {
         assert_eq!(info.max_message_size, 64 << 10, "{name}");
         seen += 1;
     }
-    assert_eq!(seen, 13, "six streams and seven buckets");
+    assert_eq!(
+        seen, 14,
+        "six streams, seven buckets and the artifacts object store"
+    );
     let too_big = vec![b'x'; 65 << 10];
     let refused = match js.publish(names::SUBJECT_SUBMIT, too_big.into()).await {
         Ok(ack) => ack.await.is_err(),

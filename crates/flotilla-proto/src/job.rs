@@ -148,6 +148,125 @@ pub struct SubmitRequest {
     #[serde(default)]
     #[cfg_attr(feature = "openapi", schema(max_items = 1000))]
     pub files: Option<Vec<FileRequest>>,
+    /// Where the workspace comes from: `{"git": {...}}` clones a repository into `/workspace`
+    /// before the pre-hook and the engine run. The profile's when absent.
+    #[serde(default)]
+    pub workspace: Option<WorkspaceRequest>,
+    /// Files to keep after the job, as globs relative to `/workspace` (`dist/**`,
+    /// `report.md`): at most 100 patterns of at most 256 characters. Collected after the
+    /// engine and the post-hook, bounded by the operator's count and byte limits, and served
+    /// at `GET /jobs/{id}/artifacts`.
+    #[serde(default)]
+    #[cfg_attr(feature = "openapi", schema(max_items = 100))]
+    pub outputs: Option<Vec<String>>,
+    /// Commit the job's change to a branch of `workspace.git`'s repository, push it with the
+    /// node's credential, and optionally open a pull request. Needs `workspace.git`.
+    #[serde(default)]
+    pub push: Option<PushRequest>,
+}
+
+/// `workspace` as submitted.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct WorkspaceRequest {
+    #[serde(default)]
+    pub git: Option<GitRequest>,
+}
+
+/// `workspace.git` as submitted: the repository the node fetches (through its mirror cache)
+/// and checks out in `/workspace`; the container itself never reaches it.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct GitRequest {
+    /// An `https://`, `ssh://`, `git://` or `file://` URL without user or password, whose host
+    /// is in the operator's `FLOTILLA_GIT_ALLOWED_HOSTS` and resolves to a public address
+    /// (an address listed there explicitly, such as `127.0.0.1`, is allowed as listed).
+    #[cfg_attr(feature = "openapi", schema(value_type = String, required, max_length = 2048))]
+    pub url: Option<String>,
+    /// A branch, tag or full commit id; the remote's default branch when absent.
+    #[serde(default, rename = "ref")]
+    #[cfg_attr(feature = "openapi", schema(pattern = "^[A-Za-z0-9._/-]{1,255}$"))]
+    pub git_ref: Option<String>,
+    /// Fetch only this many commits of history: 1-1000000; the whole history when absent.
+    #[serde(default)]
+    #[cfg_attr(feature = "openapi", schema(minimum = 1, maximum = 1_000_000))]
+    pub depth: Option<i64>,
+    /// The name of a credential the node holds (`FLOTILLA_GIT_CREDENTIALS_FILE`); the secret
+    /// itself never reaches the container, a log or the record.
+    #[serde(default)]
+    #[cfg_attr(feature = "openapi", schema(pattern = "^[A-Za-z0-9_-]{1,64}$"))]
+    pub credential: Option<String>,
+}
+
+/// `push` as submitted.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct PushRequest {
+    /// The branch to push to; `flotilla/<job_id>` when absent. A valid git branch name of at
+    /// most 200 characters.
+    #[serde(default)]
+    #[cfg_attr(feature = "openapi", schema(pattern = "^[A-Za-z0-9._/-]{1,200}$"))]
+    pub branch: Option<String>,
+    /// At most 65536 characters; `Flotilla job <job_id>` when absent.
+    #[serde(default)]
+    #[cfg_attr(feature = "openapi", schema(max_length = 65536))]
+    pub commit_message: Option<String>,
+    /// Open a pull request from the branch through the forge's REST API.
+    #[serde(default)]
+    pub pull_request: Option<PullRequestRequest>,
+}
+
+/// `push.pull_request` as submitted.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct PullRequestRequest {
+    /// 1-256 characters.
+    #[cfg_attr(feature = "openapi", schema(value_type = String, required, min_length = 1, max_length = 256))]
+    pub title: Option<String>,
+    /// At most 65536 characters.
+    #[serde(default)]
+    #[cfg_attr(feature = "openapi", schema(max_length = 65536))]
+    pub body: Option<String>,
+    /// The branch to merge into; `workspace.git.ref` when absent.
+    #[serde(default)]
+    #[cfg_attr(feature = "openapi", schema(pattern = "^[A-Za-z0-9._/-]{1,200}$"))]
+    pub base: Option<String>,
+}
+
+/// A validated `workspace.git`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GitSource {
+    pub url: String,
+    /// `None`: the remote's default branch.
+    #[serde(default)]
+    pub git_ref: Option<String>,
+    #[serde(default)]
+    pub depth: Option<u32>,
+    #[serde(default)]
+    pub credential: Option<String>,
+}
+
+/// A validated `push`, defaults resolved.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Push {
+    pub branch: String,
+    pub commit_message: String,
+    #[serde(default)]
+    pub pull_request: Option<PullRequest>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PullRequest {
+    pub title: String,
+    #[serde(default)]
+    pub body: String,
+    /// `None`: the checked-out ref, else the remote's default branch.
+    #[serde(default)]
+    pub base: Option<String>,
 }
 
 /// One file of `files`, as submitted.
@@ -281,6 +400,14 @@ pub struct JobRequest {
     /// Attempts after the first that an engine failure may use (see `SubmitRequest::retries`).
     #[serde(default, skip_serializing_if = "no_retries")]
     pub retries: u32,
+    /// Checked out in `/workspace` by the node before anything runs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub git: Option<GitSource>,
+    /// Globs of the files kept as artifacts.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub outputs: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub push: Option<Push>,
 }
 
 fn no_retries(n: &u32) -> bool {
@@ -322,6 +449,9 @@ impl JobRequest {
             created_at: Utc::now(),
             files: Vec::new(),
             retries: 0,
+            git: None,
+            outputs: Vec::new(),
+            push: None,
         }
     }
 }
@@ -611,6 +741,43 @@ pub struct JobResult {
     /// Dry run: the exact argv that would have run.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub command: Option<Vec<String>>,
+    /// For a job with `workspace.git`: the commit checked out.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub base_commit: Option<String>,
+    /// For a job with `workspace.git`: the change against `base_commit` (whole patch at
+    /// `GET /jobs/{id}/diff`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub diff_stat: Option<DiffStat>,
+    /// The files collected by `outputs` (download at `GET /jobs/{id}/artifacts/{path}`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub artifacts: Vec<Artifact>,
+    /// With `push`: the branch pushed, its commit, and the pull request opened.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub branch: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub commit: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pull_request_url: Option<String>,
+}
+
+/// Files changed, lines added and removed (binary files count as files only).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct DiffStat {
+    pub files: u64,
+    pub insertions: u64,
+    pub deletions: u64,
+}
+
+/// One collected output file.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct Artifact {
+    /// Relative to `/workspace`.
+    pub path: String,
+    pub size: u64,
+    /// Hex SHA-256 of the content.
+    pub sha256: String,
 }
 
 /// Tokens and money a job spent. Counted by the llm-gateway request by request when the job

@@ -17,8 +17,9 @@ pub mod transition;
 
 pub use codec::{CodecError, Encoding, decode, encode};
 pub use job::{
-    Attempt, FileRequest, JobRecord, JobRequest, JobResult, JobStatus, Resources, ResourcesRequest,
-    SubmitRequest, Usage, WebhookDelivery, WorkspaceFile,
+    Artifact, Attempt, DiffStat, FileRequest, GitRequest, GitSource, JobRecord, JobRequest,
+    JobResult, JobStatus, PullRequest, PullRequestRequest, Push, PushRequest, Resources,
+    ResourcesRequest, SubmitRequest, Usage, WebhookDelivery, WorkspaceFile, WorkspaceRequest,
 };
 pub use llm::LlmGrant;
 pub use log::{LogChunk, LogEnd, LogStream};

@@ -74,6 +74,21 @@ pub const BUCKET_LLM_GRANTS: &str = "flotilla_llm_grants";
 /// KV bucket with one [`crate::Schedule`] per schedule under [`schedule_key`]. The dispatcher
 /// leader watches it and creates the jobs as they fall due.
 pub const BUCKET_SCHEDULES: &str = "flotilla_schedules";
+/// JetStream object store of what jobs leave behind: their collected outputs
+/// ([`artifact_object`]) and the patch of their change ([`diff_object`]). Kept as long as
+/// the job records.
+pub const BUCKET_ARTIFACTS: &str = "flotilla_artifacts";
+
+/// The object holding the output file `path` of attempt `attempt` of job `job_id`. Objects
+/// are per attempt: a node may not purge (overwrite) what an earlier attempt stored.
+pub fn artifact_object(job_id: &str, attempt: u32, path: &str) -> String {
+    format!("{job_id}/{attempt}/files/{path}")
+}
+
+/// The object holding the patch of an attempt's change (`GET /jobs/{id}/diff`).
+pub fn diff_object(job_id: &str, attempt: u32) -> String {
+    format!("{job_id}/{attempt}/diff")
+}
 
 /// Standard NATS header naming the payload encoding. `application/json` selects JSON;
 /// anything else (or no header) means MessagePack with named fields.

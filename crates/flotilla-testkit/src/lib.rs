@@ -5,6 +5,7 @@
 
 mod cluster;
 mod fleet;
+mod git;
 mod hosts;
 pub mod mock_llm;
 mod nats;
@@ -21,6 +22,7 @@ pub use cluster::{NatsCluster, NatsClusterBuilder};
 pub use fleet::{
     Fleet, FleetBuilder, LlmGateway, TEST_ANTHROPIC_KEY, TEST_GOOGLE_KEY, TEST_OPENAI_KEY,
 };
+pub use git::{FakeForge, GitServer, PullRequestCall};
 pub use hosts::{Host, Hosts};
 pub use mock_llm::MockLlm;
 pub use nats::{NatsServer, NatsServerAuth, NatsServerBuilder};

@@ -6,6 +6,11 @@
 //! like the real APIs'. It records every request it gets, routed or not (method, headers and
 //! query, so the key it was sent), and can hold a streamed answer half-way until released, so a
 //! test can see bytes arrive before the upstream has finished.
+//!
+//! Every answer says "mock answer", except that OpenAI Chat Completions can be told to answer
+//! with a given text ([`MockLlm::start_with_openai_reply`], [`MockLlm::set_openai_reply`]): an
+//! edit in Aider's format ([`aider_whole_edit`], [`aider_search_replace`]) makes the real
+//! `aider` CLI change a file.
 
 use std::{
     net::SocketAddr,
@@ -24,6 +29,9 @@ use axum::{
 use futures::StreamExt;
 use serde_json::{Value, json};
 use tokio::sync::watch;
+
+/// What every answer says unless told otherwise.
+pub const MOCK_ANSWER: &str = "mock answer";
 
 /// Usage every Anthropic answer reports.
 pub const ANTHROPIC_USAGE: MockUsage = MockUsage {
@@ -75,6 +83,8 @@ struct Shared {
     requests: Arc<Mutex<Vec<Recorded>>>,
     /// While true, streamed answers pause after their first event.
     hold: watch::Sender<bool>,
+    /// The assistant's text in OpenAI Chat Completions answers.
+    openai_reply: Arc<Mutex<String>>,
 }
 
 pub struct MockLlm {
@@ -86,9 +96,16 @@ pub struct MockLlm {
 impl MockLlm {
     /// Listens on 127.0.0.1, on a free port.
     pub async fn start() -> anyhow::Result<Self> {
+        Self::start_with_openai_reply(MOCK_ANSWER).await
+    }
+
+    /// Like [`MockLlm::start`], but `POST /v1/chat/completions` answers with `text` as the
+    /// assistant's message, streamed or not (see [`MockLlm::set_openai_reply`]).
+    pub async fn start_with_openai_reply(text: impl Into<String>) -> anyhow::Result<Self> {
         let shared = Shared {
             requests: Arc::default(),
             hold: watch::channel(false).0,
+            openai_reply: Arc::new(Mutex::new(text.into())),
         };
         let app = Router::new()
             .route("/v1/messages", post(anthropic))
@@ -128,6 +145,31 @@ impl MockLlm {
     pub fn release(&self) {
         self.shared.hold.send_replace(false);
     }
+
+    /// From now on `POST /v1/chat/completions` answers with `text` as the assistant's message
+    /// content instead of [`MOCK_ANSWER`]: the whole `message.content` when not streamed, one
+    /// `delta.content` chunk when streamed; usage and everything else stay the same. Aider
+    /// (`--no-stream`) sends one non-streamed request per answer, so an edit in its format
+    /// ([`aider_whole_edit`], [`aider_search_replace`]) here is the edit it applies.
+    pub fn set_openai_reply(&self, text: impl Into<String>) {
+        *self.shared.openai_reply.lock().expect("openai reply") = text.into();
+    }
+}
+
+/// An answer in Aider's `whole` edit format, the one it uses for a model it does not know
+/// (such as `openai/mock-model`): the file's path, then its whole new content in a fenced block.
+pub fn aider_whole_edit(path: &str, content: &str) -> String {
+    let content = content.strip_suffix('\n').unwrap_or(content);
+    format!("{path}\n```\n{content}\n```\n")
+}
+
+/// An answer in Aider's `diff` edit format, the one it uses for `gpt-5`, Claude and most known
+/// models: the file's path, then a SEARCH/REPLACE block that replaces the exact lines `search`
+/// with `replace`.
+pub fn aider_search_replace(path: &str, search: &str, replace: &str) -> String {
+    let search = search.strip_suffix('\n').unwrap_or(search);
+    let replace = replace.strip_suffix('\n').unwrap_or(replace);
+    format!("{path}\n```\n<<<<<<< SEARCH\n{search}\n=======\n{replace}\n>>>>>>> REPLACE\n```\n")
 }
 
 impl Drop for MockLlm {
@@ -217,6 +259,7 @@ async fn anthropic(State(shared): State<Shared>, headers: HeaderMap, body: Bytes
 async fn openai(State(shared): State<Shared>, headers: HeaderMap, body: Bytes) -> Response {
     let request = record(&shared, "/v1/chat/completions", None, &headers, &body);
     let model = request["model"].as_str().unwrap_or("gpt-5").to_owned();
+    let reply = shared.openai_reply.lock().expect("openai reply").clone();
     let u = OPENAI_USAGE;
     let usage = json!({"prompt_tokens": u.input, "completion_tokens": u.output,
         "total_tokens": u.input + u.output,
@@ -224,7 +267,7 @@ async fn openai(State(shared): State<Shared>, headers: HeaderMap, body: Bytes) -
     if request["stream"] != Value::Bool(true) {
         return Json(json!({
             "id": "chatcmpl-mock", "object": "chat.completion", "created": 1, "model": model,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": "mock answer"},
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": reply},
                          "finish_reason": "stop"}],
             "usage": usage
         }))
@@ -239,7 +282,7 @@ async fn openai(State(shared): State<Shared>, headers: HeaderMap, body: Bytes) -
         Value::Null,
     ))];
     let mut rest = vec![
-        data(&chunk(json!({"content": "mock answer"}), Value::Null)),
+        data(&chunk(json!({"content": reply}), Value::Null)),
         data(&chunk(json!({}), json!("stop"))),
     ];
     // Like OpenAI: usage only when the client asked for it.
@@ -520,5 +563,63 @@ pub fn grant(job_id: &str) -> flotilla_proto::LlmGrant {
         expires_at: now + Duration::from_secs(600),
         revoked_at: None,
         traceparent: None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn chat(mock: &MockLlm, stream: bool) -> reqwest::Response {
+        reqwest::Client::new()
+            .post(format!("{}/v1/chat/completions", mock.url()))
+            .json(&json!({"model": "mock-model", "stream": stream,
+                          "messages": [{"role": "user", "content": "hi"}]}))
+            .send()
+            .await
+            .expect("request")
+    }
+
+    #[tokio::test]
+    async fn openai_answers_with_the_reply_it_is_given() {
+        let edit = aider_whole_edit("hello.py", "print(\"goodbye\")\n");
+        assert_eq!(edit, "hello.py\n```\nprint(\"goodbye\")\n```\n");
+        let mock = MockLlm::start_with_openai_reply(edit.clone())
+            .await
+            .expect("mock");
+        let answer: Value = chat(&mock, false).await.json().await.expect("json");
+        assert_eq!(answer["choices"][0]["message"]["content"], json!(edit));
+        assert_eq!(answer["model"], json!("mock-model"));
+
+        let edit = aider_search_replace("hello.py", "print(\"hello\")", "print(\"goodbye\")");
+        assert_eq!(
+            edit,
+            "hello.py\n```\n<<<<<<< SEARCH\nprint(\"hello\")\n=======\nprint(\"goodbye\")\n>>>>>>> REPLACE\n```\n"
+        );
+        mock.set_openai_reply(edit.clone());
+        let events = chat(&mock, true).await.text().await.expect("text");
+        let text: String = events
+            .lines()
+            .filter_map(|line| line.strip_prefix("data: "))
+            .filter(|data| *data != "[DONE]")
+            .map(|data| serde_json::from_str::<Value>(data).expect("chunk"))
+            .filter_map(|chunk| {
+                chunk["choices"][0]["delta"]["content"]
+                    .as_str()
+                    .map(str::to_owned)
+            })
+            .collect();
+        assert_eq!(text, edit);
+        assert_eq!(mock.requests().len(), 2);
+    }
+
+    #[tokio::test]
+    async fn openai_says_mock_answer_by_default() {
+        let mock = MockLlm::start().await.expect("mock");
+        let answer: Value = chat(&mock, false).await.json().await.expect("json");
+        assert_eq!(
+            answer["choices"][0]["message"]["content"],
+            json!(MOCK_ANSWER)
+        );
     }
 }

@@ -24,6 +24,7 @@ mod schedules;
 mod security;
 mod ui;
 mod webhooks;
+mod workspace;
 
 use std::time::Duration;
 
