@@ -54,6 +54,7 @@ impl Parsed {
         result.branch = collected.branch;
         result.commit = collected.commit;
         result.pull_request_url = collected.pull_request_url;
+        result.workspace_saved = collected.workspace_saved;
         self.workspace_error = collected.error;
     }
 }

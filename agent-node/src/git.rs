@@ -18,6 +18,8 @@ use sha2::{Digest, Sha256};
 
 use crate::forge::{self, Credential, Credentials};
 
+/// Shared checkouts kept on a node (see [`Git::shared_checkout`]).
+const CHECKOUTS_KEPT: usize = 32;
 /// Longest a fetch or push may take.
 const NETWORK_TIMEOUT: Duration = Duration::from_secs(600);
 /// Longest a local command (checkout, diff, commit) may take.
@@ -49,13 +51,52 @@ pub(crate) enum GitError {
 pub(crate) struct Git {
     config: GitConfig,
     allowed: GitAllowList,
-    /// One lock per mirror: fetches into the same mirror take turns.
+    /// One lock per mirror and per shared checkout: fetches into the same mirror, and the
+    /// making of a checkout, take turns.
     locks: Mutex<HashMap<PathBuf, Arc<tokio::sync::Mutex<()>>>>,
+    /// Shared checkouts jobs are using, with how many: never evicted.
+    in_use: InUse,
+}
+
+type InUse = Arc<Mutex<HashMap<PathBuf, usize>>>;
+
+/// A job's hold on a shared checkout.
+struct SharedCheckout {
+    dir: PathBuf,
+    in_use: InUse,
+}
+
+impl SharedCheckout {
+    fn hold(in_use: &InUse, dir: PathBuf) -> Self {
+        *in_use
+            .lock()
+            .expect("checkouts in use")
+            .entry(dir.clone())
+            .or_default() += 1;
+        Self {
+            dir,
+            in_use: in_use.clone(),
+        }
+    }
+}
+
+impl Drop for SharedCheckout {
+    fn drop(&mut self) {
+        let mut in_use = self.in_use.lock().expect("checkouts in use");
+        if let Some(count) = in_use.get_mut(&self.dir) {
+            *count -= 1;
+            if *count == 0 {
+                in_use.remove(&self.dir);
+            }
+        }
+    }
 }
 
 /// A job's checkout on the node's host: `repo` is what the container gets (work tree and a
 /// `.git` holding only the base commit); the node keeps it to compute the change.
 pub(crate) struct Checkout {
+    shared: SharedCheckout,
+    /// The job's own: its index and excludes.
     scratch: tempfile::TempDir,
     pub(crate) base: String,
     remote: Remote,
@@ -83,6 +124,7 @@ impl Git {
             config,
             allowed,
             locks: Mutex::default(),
+            in_use: InUse::default(),
         }
     }
 
@@ -96,11 +138,50 @@ impl Git {
             let _held = lock.lock().await;
             self.fetch(&mirror, &remote, source).await?
         };
+        let branch = source
+            .git_ref
+            .as_deref()
+            .filter(|r| !is_commit_id(r))
+            .map(|r| r.trim_start_matches("refs/heads/").to_owned());
+        let shared = self
+            .shared_checkout(&mirror, &base, branch.as_deref(), &remote)
+            .await?;
         let scratch = tempfile::Builder::new()
             .prefix("job-")
             .tempdir_in(self.scratch_root()?)
             .map_err(|e| unavailable("cannot make a scratch directory", e))?;
-        let repo = scratch.path().join("repo");
+        Ok(Checkout {
+            shared,
+            scratch,
+            base,
+            remote,
+            git_ref: branch,
+        })
+    }
+
+    /// The checkout of `base` (as `branch`, or detached) and its tar, made once per node and
+    /// shared by the jobs that start from it: the next job on the same commit starts at once.
+    /// Jobs never write to it (their changes come back as a tar); the node stages each job's
+    /// change in an index of that job's own, and commits add objects, which git allows at once.
+    async fn shared_checkout(
+        &self,
+        mirror: &Path,
+        base: &str,
+        branch: Option<&str>,
+        remote: &Remote,
+    ) -> Result<SharedCheckout, GitError> {
+        let key = format!("{}\n{base}\n{}", mirror.display(), branch.unwrap_or(""));
+        let digest = hex::encode(&Sha256::digest(key.as_bytes())[..12]);
+        let dir = self.config.cache_dir.join("checkouts").join(digest);
+        let lock = self.lock(&dir);
+        let _held = lock.lock().await;
+        let shared = SharedCheckout::hold(&self.in_use, dir.clone());
+        if dir.join("in.tar").exists() {
+            touch(&dir);
+            return Ok(shared);
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+        let repo = dir.join("repo");
         let mirror_url = format!("file://{}", mirror.display());
         run(git(None).args(["init", "-q"]).arg(&repo), LOCAL_TIMEOUT).await?;
         run(
@@ -108,16 +189,11 @@ impl Git {
                 .args(["-c", "protocol.file.allow=always"])
                 .args(["fetch", "-q", "--no-tags", "--depth=1"])
                 .arg(&mirror_url)
-                .arg(&base),
+                .arg(base),
             LOCAL_TIMEOUT,
         )
         .await?;
-        let branch = source
-            .git_ref
-            .as_deref()
-            .filter(|r| !is_commit_id(r))
-            .map(|r| r.trim_start_matches("refs/heads/").to_owned());
-        let checkout = match &branch {
+        let checkout = match branch {
             Some(name) => vec!["checkout", "-q", "-B", name, "FETCH_HEAD"],
             None => vec!["checkout", "-q", "--detach", "FETCH_HEAD"],
         };
@@ -127,12 +203,40 @@ impl Git {
             LOCAL_TIMEOUT,
         )
         .await?;
-        Ok(Checkout {
-            scratch,
-            base,
-            remote,
-            git_ref: branch,
-        })
+        let (from, partial) = (repo.clone(), dir.join("in.tar.partial"));
+        tokio::task::spawn_blocking(move || pack(&from, &partial))
+            .await
+            .map_err(|e| unavailable("packing the checkout", e))?
+            .map_err(|e| unavailable("cannot pack the checkout", e))?;
+        std::fs::rename(dir.join("in.tar.partial"), dir.join("in.tar"))
+            .map_err(|e| unavailable("cannot pack the checkout", e))?;
+        self.evict(&dir);
+        Ok(shared)
+    }
+
+    /// Keeps at most [`CHECKOUTS_KEPT`] shared checkouts, the least recently used going first
+    /// unless a job still uses them.
+    fn evict(&self, keep: &Path) {
+        let Ok(entries) = std::fs::read_dir(self.config.cache_dir.join("checkouts")) else {
+            return;
+        };
+        let mut dirs: Vec<(std::time::SystemTime, PathBuf)> = entries
+            .filter_map(Result::ok)
+            .filter_map(|e| Some((e.metadata().ok()?.modified().ok()?, e.path())))
+            .collect();
+        if dirs.len() <= CHECKOUTS_KEPT {
+            return;
+        }
+        dirs.sort();
+        let in_use = self.in_use.lock().expect("checkouts in use");
+        let excess = dirs.len() - CHECKOUTS_KEPT;
+        for (_, dir) in dirs
+            .into_iter()
+            .filter(|(_, d)| d != keep && !in_use.contains_key(d))
+            .take(excess)
+        {
+            let _ = std::fs::remove_dir_all(dir);
+        }
     }
 
     fn scratch_root(&self) -> Result<PathBuf, GitError> {
@@ -214,6 +318,11 @@ impl Git {
         if is_commit_id(wanted) && has_commit(mirror, wanted).await {
             return Ok(wanted.to_owned());
         }
+        if let Some(pinned) = &source.commit
+            && has_commit(mirror, pinned).await
+        {
+            return Ok(pinned.clone());
+        }
         let local = format!("refs/flotilla/{}", wanted.trim_start_matches("refs/"));
         let mut fetch = git(Some(mirror));
         fetch
@@ -236,7 +345,14 @@ impl Git {
             &format!("{local}^{{commit}}"),
         ]))
         .await?;
-        Ok(commit.trim().to_owned())
+        match &source.commit {
+            Some(pinned) if has_commit(mirror, pinned).await => Ok(pinned.clone()),
+            Some(pinned) => Err(GitError::Refused(format!(
+                "commit {pinned} is no longer in {wanted} of {}",
+                remote.shown
+            ))),
+            None => Ok(commit.trim().to_owned()),
+        }
     }
 
     async fn check_size(&self, mirror: &Path, shown: &str) -> Result<(), GitError> {
@@ -365,11 +481,12 @@ impl Remote {
 impl Checkout {
     /// The work tree and `.git` the container gets.
     pub(crate) fn repo(&self) -> PathBuf {
-        self.scratch.path().join("repo")
+        self.shared.dir.join("repo")
     }
 
-    pub(crate) fn scratch(&self) -> &Path {
-        self.scratch.path()
+    /// The tar of the checkout, for the container.
+    pub(crate) fn archive(&self) -> PathBuf {
+        self.shared.dir.join("in.tar")
     }
 
     /// Stages the final work tree `worktree` (the container's `/workspace`, without `.git`)
@@ -379,9 +496,7 @@ impl Checkout {
         let index = self.index();
         let _ = std::fs::remove_file(&index);
         // The engine's own files: ignored like .gitignore's, from a file the job cannot touch.
-        let exclude = self.repo().join(".git/info/exclude");
-        std::fs::create_dir_all(self.repo().join(".git/info"))
-            .and_then(|()| std::fs::write(&exclude, ignore.join("\n") + "\n"))
+        std::fs::write(self.excludes(), ignore.join("\n") + "\n")
             .map_err(|e| unavailable("cannot write the checkout's excludes", e))?;
         run(
             self.in_worktree(worktree).args(["read-tree", &self.base]),
@@ -489,13 +604,20 @@ impl Checkout {
         self.scratch.path().join("index")
     }
 
+    fn excludes(&self) -> PathBuf {
+        self.scratch.path().join("exclude")
+    }
+
     /// A git command on the checkout's repository with `worktree` as its work tree and the
     /// node's own index.
     fn in_worktree(&self, worktree: &Path) -> tokio::process::Command {
         let mut cmd = git(None);
         cmd.env("GIT_DIR", self.repo().join(".git"))
             .env("GIT_WORK_TREE", worktree)
-            .env("GIT_INDEX_FILE", self.index());
+            .env("GIT_INDEX_FILE", self.index())
+            .env("GIT_CONFIG_COUNT", "1")
+            .env("GIT_CONFIG_KEY_0", "core.excludesFile")
+            .env("GIT_CONFIG_VALUE_0", self.excludes());
         cmd
     }
 }
@@ -672,6 +794,28 @@ fn parse_numstat(numstat: &str) -> DiffStat {
 
 fn unavailable(what: &str, e: impl std::fmt::Display) -> GitError {
     GitError::Unavailable(format!("{what}: {e}"))
+}
+
+/// Marks a shared checkout as just used (eviction goes by the directory's modification time).
+fn touch(dir: &Path) {
+    let _ = std::fs::File::open(dir).and_then(|f| f.set_modified(std::time::SystemTime::now()));
+}
+
+/// Tars the checkout for the container: its top-level entries (not `.` itself, which the
+/// unprivileged job user could not stamp), symlinks kept as symlinks.
+fn pack(repo: &Path, archive: &Path) -> std::io::Result<()> {
+    let mut builder = tar::Builder::new(std::fs::File::create(archive)?);
+    builder.follow_symlinks(false);
+    for entry in std::fs::read_dir(repo)? {
+        let entry = entry?;
+        let name = entry.file_name();
+        if entry.file_type()?.is_dir() {
+            builder.append_dir_all(&name, entry.path())?;
+        } else {
+            builder.append_path_with_name(entry.path(), &name)?;
+        }
+    }
+    builder.into_inner()?.sync_all()
 }
 
 #[cfg(test)]

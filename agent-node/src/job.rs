@@ -115,7 +115,13 @@ pub(crate) async fn handle(shared: Arc<Shared>, message: jetstream::Message) {
         status = tracing::field::Empty,
     );
     flotilla_telemetry::propagation::set_parent_from_nats(&span, message.headers.as_ref());
-    let guard = RunningGuard::register(&shared, &job_id);
+    let Some(guard) = RunningGuard::register(&shared, &job_id) else {
+        // JetStream redelivered the message of a job this node is running (a stream leader
+        // moved and progress acks were lost): the run in progress keeps and acks it.
+        let _entered = span.enter();
+        tracing::info!("job redelivered while this node runs it; leaving it to that run");
+        return;
+    };
     run(shared, message, request, &guard, received)
         .instrument(span)
         .await;
@@ -1031,18 +1037,19 @@ struct RunningGuard {
 }
 
 impl RunningGuard {
-    fn register(shared: &Arc<Shared>, job_id: &str) -> Self {
+    /// `None` when the job already runs on this node.
+    fn register(shared: &Arc<Shared>, job_id: &str) -> Option<Self> {
         let token = CancellationToken::new();
-        shared
-            .running
-            .lock()
-            .expect("running map")
-            .insert(job_id.to_owned(), token.clone());
-        Self {
+        let mut running = shared.running.lock().expect("running map");
+        if running.contains_key(job_id) {
+            return None;
+        }
+        running.insert(job_id.to_owned(), token.clone());
+        Some(Self {
             shared: shared.clone(),
             job_id: job_id.to_owned(),
             token,
-        }
+        })
     }
 }
 

@@ -111,6 +111,9 @@ struct Args {
     /// MiB of a job's `outputs` kept at most.
     #[arg(long, env = "FLOTILLA_MAX_ARTIFACT_MB", default_value_t = 1024)]
     max_artifact_mb: u64,
+    /// A job's final workspace up to this many MiB is saved, so that it can be continued.
+    #[arg(long, env = "FLOTILLA_MAX_SAVED_WORKSPACE_MB", default_value_t = 512)]
+    max_saved_workspace_mb: u64,
     /// Address of the Prometheus `GET /metrics` endpoint (unset: no metrics are served).
     #[arg(long, env = "FLOTILLA_NODE_METRICS_LISTEN")]
     metrics_listen: Option<std::net::SocketAddr>,
@@ -158,6 +161,7 @@ fn config(args: Args) -> anyhow::Result<agent_node::Config> {
         max_workspace_bytes: u64::try_from(workspace_bytes).unwrap_or(0) + (64 << 20),
         max_artifacts: args.max_artifacts,
         max_artifact_bytes: args.max_artifact_mb << 20,
+        max_saved_workspace_bytes: args.max_saved_workspace_mb << 20,
     };
     let config = agent_node::Config {
         nats_url: args.nats_url,

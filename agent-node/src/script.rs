@@ -32,8 +32,8 @@ pub(crate) fn job_script(
     marker: Option<&str>,
 ) -> Bytes {
     let mut script = String::new();
-    if request.git.is_some() {
-        // The checkout follows the script on stdin.
+    if request.git.is_some() || request.continues.is_some() {
+        // The checkout (or a follow-up's saved workspace) follows the script on stdin.
         script.push_str(&format!(
             "tar -x -f - -C /workspace || {{ echo '{UNPACK_MARKER}' >&2; exit {PRE_HOOK_FAILED}; }}\n"
         ));

@@ -26,6 +26,8 @@ pub(crate) struct WorkspaceIo {
     checkout: Option<Checkout>,
     archive: Option<PathBuf>,
     capture: Option<Capture>,
+    /// Holds a follow-up's saved workspace while the job runs.
+    scratch: Option<tempfile::TempDir>,
 }
 
 /// What came out of the workspace, for the job's result.
@@ -37,6 +39,7 @@ pub(crate) struct Collected {
     pub(crate) branch: Option<String>,
     pub(crate) commit: Option<String>,
     pub(crate) pull_request_url: Option<String>,
+    pub(crate) workspace_saved: bool,
     /// A step the job asked for failed (the push, say): the job fails with this.
     pub(crate) error: Option<String>,
     /// Said in the job's log (outputs beyond the limits, ...).
@@ -50,6 +53,8 @@ pub struct OutputLimits {
     pub max_workspace_bytes: u64,
     pub max_artifacts: usize,
     pub max_artifact_bytes: u64,
+    /// A final workspace up to this size is saved for follow-ups.
+    pub max_saved_workspace_bytes: u64,
 }
 
 impl WorkspaceIo {
@@ -58,17 +63,15 @@ impl WorkspaceIo {
         let mut io = Self::default();
         if let Some(source) = &request.git {
             let checkout = shared.git.checkout(source).await?;
-            let archive = checkout.scratch().join("in.tar");
-            let repo = checkout.repo();
-            let path = archive.clone();
-            tokio::task::spawn_blocking(move || pack(&repo, &path))
-                .await
-                .map_err(|e| GitError::Unavailable(format!("packing the checkout: {e}")))?
-                .map_err(|e| GitError::Unavailable(format!("cannot pack the checkout: {e}")))?;
-            io.archive = Some(archive);
+            if request.continues.is_none() {
+                io.archive = Some(checkout.archive());
+            }
             io.checkout = Some(checkout);
         }
-        if request.git.is_some() || !request.outputs.is_empty() {
+        if let Some(continues) = &request.continues {
+            io.archive = Some(saved_workspace(shared, continues, &mut io.scratch).await?);
+        }
+        if request.git.is_some() || request.continues.is_some() || !request.outputs.is_empty() {
             io.capture = Some(
                 Capture::new(shared.config.output_limits.max_workspace_bytes)
                     .map_err(|e| GitError::Unavailable(format!("cannot buffer outputs: {e}")))?,
@@ -155,6 +158,41 @@ struct Job<'a> {
     ignore: &'a [String],
 }
 
+/// Downloads the workspace a follow-up continues from.
+async fn saved_workspace(
+    shared: &Shared,
+    continues: &flotilla_proto::Continuation,
+    scratch: &mut Option<tempfile::TempDir>,
+) -> Result<PathBuf, GitError> {
+    let name = names::workspace_object(&continues.job_id, continues.attempt);
+    let unavailable = |e: &dyn std::fmt::Display| {
+        GitError::Unavailable(format!(
+            "cannot read the workspace of {}: {e}",
+            continues.job_id
+        ))
+    };
+    let mut object = match shared.topology.artifacts.get(&name).await {
+        Ok(object) => object,
+        Err(e) if e.kind() == async_nats::jetstream::object_store::GetErrorKind::NotFound => {
+            return Err(GitError::Refused(format!(
+                "the saved workspace of {} is gone",
+                continues.job_id
+            )));
+        }
+        Err(e) => return Err(unavailable(&e)),
+    };
+    let dir = tempfile::tempdir().map_err(|e| unavailable(&e))?;
+    let path = dir.path().join("in.tar");
+    let mut file = tokio::fs::File::create(&path)
+        .await
+        .map_err(|e| unavailable(&e))?;
+    tokio::io::copy(&mut object, &mut file)
+        .await
+        .map_err(|e| unavailable(&e))?;
+    *scratch = Some(dir);
+    Ok(path)
+}
+
 /// Unpacks the workspace the container sent, then diffs, pushes and collects from it.
 async fn read_back(
     shared: &Shared,
@@ -182,6 +220,8 @@ async fn read_back(
     let globs = output_globs(&request.outputs)?;
     let limits = shared.config.output_limits;
     let dir = out.path().to_owned();
+    let saved = capture.file.try_clone().map_err(|e| e.to_string())?;
+    let size = capture.written;
     let (found, notices) =
         tokio::task::spawn_blocking(move || unpack(capture.file, &dir, &globs, limits))
             .await
@@ -192,6 +232,17 @@ async fn read_back(
     collected.notices = notices;
     if let Some(checkout) = checkout {
         change(shared, job, checkout, out.path(), collected).await?;
+    }
+    // Saved for the jobs one continues: those on a repository, and follow-ups themselves.
+    let continuable = request.git.is_some() || request.continues.is_some();
+    if continuable && size <= limits.max_saved_workspace_bytes {
+        save_workspace(shared, job, saved).await?;
+        collected.workspace_saved = true;
+    } else if continuable {
+        collected.notices.push(format!(
+            "the workspace is over {} MiB: not saved, the job cannot be continued",
+            limits.max_saved_workspace_bytes >> 20
+        ));
     }
     for (path, size, sha256) in found {
         let name = names::artifact_object(&request.job_id, attempt, &path);
@@ -207,6 +258,26 @@ async fn read_back(
         collected.artifacts.push(Artifact { path, size, sha256 });
     }
     Ok(())
+}
+
+/// Keeps the final workspace (the tar as the container sent it) for a follow-up.
+async fn save_workspace(
+    shared: &Shared,
+    job: &Job<'_>,
+    mut file: std::fs::File,
+) -> Result<(), String> {
+    std::io::Seek::rewind(&mut file).map_err(|e| e.to_string())?;
+    let mut file = tokio::fs::File::from_std(file);
+    shared
+        .topology
+        .artifacts
+        .put(
+            names::workspace_object(&job.request.job_id, job.attempt).as_str(),
+            &mut file,
+        )
+        .await
+        .map(drop)
+        .map_err(|e| format!("cannot save the workspace: {e}"))
 }
 
 /// The patch against the base commit (stored as an object), and the push it asked for.
@@ -268,23 +339,6 @@ fn output_globs(patterns: &[String]) -> Result<GlobSet, String> {
         set.add(glob);
     }
     set.build().map_err(|e| format!("outputs: {e}"))
-}
-
-/// Tars the checkout for the container: its top-level entries (not `.` itself, which the
-/// unprivileged job user could not stamp), symlinks kept as symlinks.
-fn pack(repo: &Path, archive: &Path) -> std::io::Result<()> {
-    let mut builder = tar::Builder::new(std::fs::File::create(archive)?);
-    builder.follow_symlinks(false);
-    for entry in std::fs::read_dir(repo)? {
-        let entry = entry?;
-        let name = entry.file_name();
-        if entry.file_type()?.is_dir() {
-            builder.append_dir_all(&name, entry.path())?;
-        } else {
-            builder.append_path_with_name(entry.path(), &name)?;
-        }
-    }
-    builder.into_inner()?.sync_all()
 }
 
 /// Found outputs: path, size, hex SHA-256.

@@ -305,6 +305,9 @@ mod tests {
             ack_subject: None,
             webhook_url: None,
             webhook: None,
+            git: None,
+            parent: None,
+            chain: Vec::new(),
         }
     }
 

@@ -110,10 +110,19 @@ pub async fn create(
     .await?;
 
     if let Some(key) = &idempotency_key
-        && let Some(existing) = claim_idempotency_key(&state, key, &body, &request.job_id).await?
+        && let Some((existing, age)) =
+            claim_idempotency_key(&state, key, &body, &request.job_id).await?
     {
         let status = match state.topology.jobs.get(&existing).await? {
             Some(current) => current.record.status,
+            // The first request with this key may still be submitting the job, and may yet
+            // fail and roll it back: a 202 now could name a job that will never exist.
+            None if age < IDEMPOTENCY_IN_FLIGHT => {
+                return Err(ApiError::unavailable(
+                    "the first request with this Idempotency-Key is still being submitted",
+                ));
+            }
+            // Long done: the job was accepted, and retention has deleted it since.
             None => JobStatus::Pending,
         };
         return Ok(accepted(&existing, status));
@@ -133,7 +142,7 @@ pub async fn create(
     }
 }
 
-fn accepted(job_id: &str, status: JobStatus) -> Response {
+pub(crate) fn accepted(job_id: &str, status: JobStatus) -> Response {
     let reply = JobStatusReply {
         job_id: job_id.to_owned(),
         status,
@@ -141,7 +150,7 @@ fn accepted(job_id: &str, status: JobStatus) -> Response {
     (StatusCode::ACCEPTED, Json(reply)).into_response()
 }
 
-async fn submit(state: &AppState, request: &JobRequest) -> Result<(), ApiError> {
+pub(crate) async fn submit(state: &AppState, request: &JobRequest) -> Result<(), ApiError> {
     // The job message carries this request's trace context to the node that runs it.
     let trace = flotilla_telemetry::propagation::nats_headers(&tracing::Span::current());
     match flotilla_nats::submit(&state.topology, request, trace).await {
@@ -221,14 +230,18 @@ struct IdempotencyRecord {
     job_id: String,
 }
 
-/// Records `key → job_id` unless the key is already taken. Returns the existing job id when the
-/// same key came with the same body; 409 when it came with a different one.
+/// Longer than any submission takes (each NATS request of it times out well before).
+const IDEMPOTENCY_IN_FLIGHT: std::time::Duration = std::time::Duration::from_secs(120);
+
+/// Records `key → job_id` unless the key is already taken. Returns the existing job id, and how
+/// long ago its request claimed the key, when the same key came with the same body; 409 when
+/// it came with a different one.
 async fn claim_idempotency_key(
     state: &AppState,
     key: &str,
     body: &[u8],
     job_id: &str,
-) -> Result<Option<String>, ApiError> {
+) -> Result<Option<(String, std::time::Duration)>, ApiError> {
     let body_sha256 = canonical_body_digest(body);
     let record = IdempotencyRecord {
         key: key.to_owned(),
@@ -242,18 +255,22 @@ async fn claim_idempotency_key(
         Err(e) if e.kind() == async_nats::jetstream::kv::CreateErrorKind::AlreadyExists => {}
         Err(e) => return Err(ApiError::unavailable(e)),
     }
-    let existing = state
+    let entry = state
         .topology
         .idempotency
-        .get(&kv_key)
+        .entry(&kv_key)
         .await
         .map_err(ApiError::unavailable)?
+        .filter(|e| e.operation == async_nats::jetstream::kv::Operation::Put)
         .ok_or_else(|| ApiError::unavailable("idempotency record vanished"))?;
+    let age = (time::OffsetDateTime::now_utc() - entry.created)
+        .try_into()
+        .unwrap_or_default();
     let existing: IdempotencyRecord =
-        flotilla_proto::decode(&existing, flotilla_proto::Encoding::MessagePack)
+        flotilla_proto::decode(&entry.value, flotilla_proto::Encoding::MessagePack)
             .map_err(ApiError::internal)?;
     if existing.body_sha256 == record.body_sha256 && existing.key == key {
-        Ok(Some(existing.job_id))
+        Ok(Some((existing.job_id, age)))
     } else {
         Err(ApiError::new(
             StatusCode::CONFLICT,

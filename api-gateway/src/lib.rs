@@ -7,6 +7,8 @@ mod configs;
 mod error;
 mod events;
 mod extract;
+mod followups;
+mod groups;
 mod index;
 mod jobs;
 mod logs;
@@ -76,10 +78,13 @@ pub(crate) const ROUTES: &[(&str, &str)] = &[
     ("DELETE", "/jobs/{job_id}"),
     ("GET", "/jobs/{job_id}/wait"),
     ("GET", "/jobs/{job_id}/logs"),
+    ("POST", "/jobs/{job_id}/continue"),
     ("GET", "/jobs/{job_id}/diff"),
     ("GET", "/jobs/{job_id}/artifacts"),
     ("GET", "/jobs/{job_id}/artifacts/{path}"),
     ("GET", "/jobs/{job_id}/artifacts.zip"),
+    ("POST", "/groups"),
+    ("GET", "/groups/{group_id}"),
     ("POST", "/schedules"),
     ("GET", "/schedules"),
     ("GET", "/schedules/{schedule_id}"),
@@ -119,6 +124,9 @@ pub(crate) fn api_routes() -> OpenApiRouter<Arc<AppState>> {
         .routes(routes!(jobs::get, jobs::cancel))
         .routes(routes!(jobs::wait))
         .routes(routes!(logs::stream))
+        .routes(routes!(followups::continue_job))
+        .routes(routes!(groups::create))
+        .routes(routes!(groups::get))
         .routes(routes!(artifacts::diff))
         .routes(routes!(artifacts::list))
         .routes(routes!(artifacts::get))

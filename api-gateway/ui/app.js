@@ -260,6 +260,9 @@ function route() {
   let name = parts[0] || "jobs";
   if (name === "jobs" && parts[1]) {
     jobView(view, parts[1], signal);
+  } else if (name === "groups" && parts[1]) {
+    name = "jobs";
+    groupView(view, parts[1], signal);
   } else if (name === "submit") {
     submitView(view, signal);
   } else if (name === "nodes") {
@@ -430,6 +433,7 @@ function jobView(root, jobId, signal) {
   const cancel = h("button", { id: "job-cancel", type: "button", class: "danger", disabled: true }, "Cancel");
   const fields = h("dl", { class: "fields", id: "job-fields" });
   const result = h("div", { id: "job-result" });
+  const change = h("div", { id: "job-change" });
   const attempts = h("div", { id: "job-attempts" });
   const log = h("pre", { class: "log", id: "log" });
   const logState = h("span", { class: "log-state", id: "log-state" }, "connecting");
@@ -441,6 +445,7 @@ function jobView(root, jobId, signal) {
     h("h2", {}, "Output ", logState),
     log,
     result,
+    change,
     attempts);
 
   let lastJson = "";
@@ -455,6 +460,7 @@ function jobView(root, jobId, signal) {
     lastJson = json;
     fields.replaceChildren(...jobFields(record));
     result.replaceChildren(...resultSection(record));
+    change.replaceChildren(...changeSection(record));
     attempts.replaceChildren(...attemptsSection(record));
   };
   const load = async () => render(await api("GET", `/jobs/${encodeURIComponent(jobId)}`, undefined, signal));
@@ -537,6 +543,97 @@ function resultSection(job) {
       r.command ? h("p", {}, "Command: ", h("code", {}, r.command.join(" "))) : null,
       h("pre", { class: "result-text", id: "job-result-text" }, r.text || "")),
   ];
+}
+
+/** The repository change and the artifacts of a job: figures, links, downloads. */
+function changeSection(job) {
+  const r = job.result;
+  if (!r) return [];
+  const items = [];
+  const id = encodeURIComponent(job.job_id);
+  if (r.diff_stat) {
+    const d = r.diff_stat;
+    items.push(h("p", { id: "job-diff-stat" },
+      `${d.files} files changed, +${d.insertions} −${d.deletions} against `,
+      h("code", {}, (r.base_commit || "").slice(0, 12)), " · ",
+      download(`/jobs/${id}/diff`, `${job.job_id}.diff`, "download the patch")));
+  }
+  if (r.branch) items.push(h("p", {}, "Pushed to ", h("code", {}, r.branch), r.commit ? ` (${r.commit.slice(0, 12)})` : ""));
+  if (r.pull_request_url) items.push(h("p", {}, "Pull request: ", h("a", { href: r.pull_request_url, rel: "noopener noreferrer", target: "_blank" }, r.pull_request_url)));
+  if (job.parent) items.push(h("p", {}, "Continues ", ...job.chain.flatMap((j, i) => [i ? " → " : "", h("a", { href: jobHref(j) }, j)])));
+  const artifacts = r.artifacts || [];
+  if (artifacts.length) {
+    items.push(h("table", { id: "job-artifacts" },
+      h("thead", {}, h("tr", {}, ["Artifact", "Size", "SHA-256"].map((t) => h("th", {}, t)))),
+      h("tbody", {}, artifacts.map((a) => h("tr", {},
+        h("td", {}, download(`/jobs/${id}/artifacts/${a.path.split("/").map(encodeURIComponent).join("/")}`, a.path.split("/").pop(), a.path)),
+        h("td", { class: "num" }, `${a.size} B`),
+        h("td", { class: "mono" }, a.sha256.slice(0, 16)))))),
+      h("p", {}, download(`/jobs/${id}/artifacts.zip`, `${job.job_id}-artifacts.zip`, "download all (zip)")));
+  }
+  return items.length ? [h("h2", {}, "Change and artifacts"), h("div", { class: "panel" }, ...items)] : [];
+}
+
+/** A link that downloads `path` with the API key (a plain link would not send it). */
+function download(path, fileName, text) {
+  const link = h("a", { href: path, class: "download", "data-path": path }, text);
+  link.addEventListener("click", async (event) => {
+    event.preventDefault();
+    try {
+      const response = await fetch(path, { headers: authHeaders() });
+      if (!response.ok) throw new Error(`${response.status} ${response.statusText}`);
+      const url = URL.createObjectURL(await response.blob());
+      const a = h("a", { href: url, download: fileName });
+      document.body.append(a);
+      a.click();
+      a.remove();
+      setTimeout(() => URL.revokeObjectURL(url), 10000);
+    } catch (e) {
+      showNotice(`Download failed: ${e.message}`);
+    }
+  });
+  return link;
+}
+
+// ---------------------------------------------------------------------------------------------
+// A group's variants side by side (POST /groups)
+
+function groupView(root, groupId, signal) {
+  const [error, showError] = errorLine();
+  const body = h("tbody", { id: "group-variants" });
+  const commit = h("p", { class: "muted", id: "group-commit" });
+  root.append(
+    h("h1", {}, "Comparison ", h("span", { class: "mono" }, groupId)),
+    error,
+    commit,
+    h("table", { class: "compare" },
+      h("thead", {}, h("tr", {}, ["Variant", "Status", "Duration", "Cost", "Tokens in/out", "Turns", "Change", "Artifacts", "Result"].map((t) => h("th", {}, t)))),
+      body));
+  let lastJson = "";
+  const load = async () => {
+    const group = await api("GET", `/groups/${encodeURIComponent(groupId)}`, undefined, signal);
+    const json = JSON.stringify(group);
+    if (json === lastJson) return;
+    lastJson = json;
+    commit.textContent = group.same_commit === null ? "" :
+      group.same_commit ? "Every variant ran on the same commit." : "The variants ran on different commits.";
+    body.replaceChildren(...group.variants.map(variantRow));
+  };
+  poll(load, 2000, signal, showError);
+}
+
+function variantRow(v) {
+  const d = v.diff_stat;
+  return h("tr", { "data-job": v.job_id },
+    h("td", {}, h("a", { href: jobHref(v.job_id) }, v.name)),
+    h("td", {}, statusBadge(v.status)),
+    h("td", { class: "num" }, v.duration_ms === null ? "—" : fmtDuration(v.duration_ms)),
+    h("td", { class: "num" }, v.cost_usd === null ? "—" : `$${Number(v.cost_usd).toFixed(4)}`),
+    h("td", { class: "num" }, v.input_tokens === null ? "—" : `${v.input_tokens}/${v.output_tokens}`),
+    h("td", { class: "num" }, orDash(v.turns)),
+    h("td", { class: "num" }, d ? `${d.files} files +${d.insertions} −${d.deletions}` : "—"),
+    h("td", { class: "num" }, String(v.artifacts.length)),
+    h("td", {}, h("pre", { class: "result-head" }, v.text_head || "")));
 }
 
 function attemptsSection(job) {

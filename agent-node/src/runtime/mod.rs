@@ -204,8 +204,10 @@ impl Prepared {
             .map_err(stdin)?;
         self.input.write_all(script).await.map_err(stdin)?;
         if let Some(archive) = archive {
-            let mut file = tokio::fs::File::open(archive).await.map_err(stdin)?;
-            tokio::io::copy(&mut file, &mut self.input)
+            // Large writes: the attach stream costs per write, not per byte.
+            let file = tokio::fs::File::open(archive).await.map_err(stdin)?;
+            let mut file = tokio::io::BufReader::with_capacity(1 << 20, file);
+            tokio::io::copy_buf(&mut file, &mut self.input)
                 .await
                 .map_err(stdin)?;
         }

@@ -33,10 +33,13 @@ pub enum MappedField {
     SystemPrompt,
     AllowedTools,
     DryRun,
+    /// The agent session a follow-up continues (`POST /jobs/{id}/continue`), where the
+    /// finished job reported one.
+    Resume,
 }
 
 impl MappedField {
-    const ALL: [MappedField; 7] = [
+    const ALL: [MappedField; 8] = [
         Self::Model,
         Self::OutputFormat,
         Self::MaxTurns,
@@ -44,6 +47,7 @@ impl MappedField {
         Self::SystemPrompt,
         Self::AllowedTools,
         Self::DryRun,
+        Self::Resume,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -55,6 +59,7 @@ impl MappedField {
             Self::SystemPrompt => "system_prompt",
             Self::AllowedTools => "allowed_tools",
             Self::DryRun => "dry_run",
+            Self::Resume => "resume",
         }
     }
 
@@ -176,6 +181,10 @@ impl Engine {
                     let sep = self.list_join.get(field).map_or(",", String::as_str);
                     request.allowed_tools.join(sep)
                 }),
+                MappedField::Resume => request
+                    .continues
+                    .as_ref()
+                    .and_then(|c| c.session_id.clone()),
                 MappedField::DryRun => {
                     if request.dry_run {
                         argv.push(flag.clone());

@@ -333,6 +333,7 @@ pub async fn validate(
         git,
         outputs,
         push,
+        continues: None,
     })
 }
 

@@ -219,6 +219,7 @@ pub(crate) async fn check_workspace(
             })
             .transpose()?,
         credential,
+        commit: None,
     };
     check_git_source(&source)?;
     Ok(Some(source))
@@ -233,6 +234,13 @@ pub(crate) fn check_git_source(source: &GitSource) -> Result<(), ValidationError
     if let Some(credential) = &source.credential {
         rules::check_safe_id(credential)
             .map_err(|e| ValidationError::invalid("workspace.git.credential", e))?;
+    }
+    let commit_id = |c: &String| c.len() == 40 && c.bytes().all(|b| b.is_ascii_hexdigit());
+    if source.commit.as_ref().is_some_and(|c| !commit_id(c)) {
+        return Err(ValidationError::invalid(
+            "workspace.git.commit",
+            "must be a 40-hex commit id",
+        ));
     }
     Ok(())
 }
@@ -488,6 +496,7 @@ mod tests {
             git_ref: None,
             depth: None,
             credential: None,
+            commit: None,
         };
         assert!(check_push(Some(PushRequest::default()), "j1", None).is_err());
         let push = check_push(Some(PushRequest::default()), "j1", Some(&git))

@@ -1,4 +1,4 @@
-//! `flotilla artifacts` and `flotilla diff`: what a job left behind.
+//! `flotilla artifacts`, `flotilla diff` and `flotilla compare`: what jobs left behind.
 
 use std::path::{Component, Path};
 
@@ -93,4 +93,78 @@ async fn download(api: &Api, url_path: &str, target: &Path) -> anyhow::Result<()
     }
     file.flush().await?;
     Ok(())
+}
+
+/// Prints a group's variants side by side; with `wait`, once every one has ended.
+pub(crate) async fn compare(
+    api: &Api,
+    group_id: &str,
+    wait: bool,
+    json: bool,
+) -> anyhow::Result<()> {
+    let path = format!("/groups/{group_id}");
+    let mut group = api.call(Method::GET, &path, None).await?;
+    while wait && !all_ended(&group) {
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+        group = api.call(Method::GET, &path, None).await?;
+    }
+    if json {
+        println!("{}", serde_json::to_string_pretty(&group)?);
+        return Ok(());
+    }
+    println!(
+        "{:<20} {:<10} {:>9} {:>9} {:>13} {:>6} {:>16}  result",
+        "variant", "status", "seconds", "cost $", "tokens in/out", "turns", "files +/-"
+    );
+    for v in group["variants"].as_array().into_iter().flatten() {
+        let seconds = v["duration_ms"]
+            .as_f64()
+            .map_or("-".to_owned(), |ms| format!("{:.1}", ms / 1000.0));
+        let cost = v["cost_usd"]
+            .as_f64()
+            .map_or("-".to_owned(), |c| format!("{c:.4}"));
+        let tokens = format!("{}/{}", v["input_tokens"], v["output_tokens"]).replace("null", "-");
+        let diff = &v["diff_stat"];
+        let files = if diff.is_null() {
+            "-".to_owned()
+        } else {
+            format!(
+                "{} +{} -{}",
+                diff["files"], diff["insertions"], diff["deletions"]
+            )
+        };
+        let head: String = v["text_head"]
+            .as_str()
+            .unwrap_or_default()
+            .lines()
+            .next()
+            .unwrap_or_default()
+            .chars()
+            .take(60)
+            .collect();
+        println!(
+            "{:<20} {:<10} {:>9} {:>9} {:>13} {:>6} {:>16}  {head}",
+            v["name"].as_str().unwrap_or_default(),
+            v["status"].as_str().unwrap_or_default(),
+            seconds,
+            cost,
+            tokens,
+            v["turns"]
+                .as_u64()
+                .map_or("-".to_owned(), |t| t.to_string()),
+            files,
+        );
+    }
+    Ok(())
+}
+
+fn all_ended(group: &serde_json::Value) -> bool {
+    group["variants"].as_array().is_some_and(|variants| {
+        variants.iter().all(|v| {
+            matches!(
+                v["status"].as_str(),
+                Some("completed" | "failed" | "cancelled")
+            )
+        })
+    })
 }

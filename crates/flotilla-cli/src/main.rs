@@ -107,6 +107,12 @@ enum Command {
     },
     /// Print the patch of a job's change to its repository.
     Diff { job_id: String },
+    /// A group's variants side by side (`POST /groups` makes one); --wait until all ended.
+    Compare {
+        group_id: String,
+        #[arg(long, short)]
+        wait: bool,
+    },
 }
 
 #[tokio::main]
@@ -241,6 +247,10 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Artifacts { job_id, output } => {
             artifacts::run(&api, &job_id, output.as_deref(), json).await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Compare { group_id, wait } => {
+            artifacts::compare(&api, &group_id, wait, json).await?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Diff { job_id } => {

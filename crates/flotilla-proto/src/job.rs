@@ -239,6 +239,7 @@ pub struct PullRequestRequest {
 
 /// A validated `workspace.git`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct GitSource {
     pub url: String,
     /// `None`: the remote's default branch.
@@ -248,6 +249,10 @@ pub struct GitSource {
     pub depth: Option<u32>,
     #[serde(default)]
     pub credential: Option<String>,
+    /// For a follow-up: the commit its change is measured from (the first job's base), which
+    /// `git_ref` must still reach.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub commit: Option<String>,
 }
 
 /// A validated `push`, defaults resolved.
@@ -408,6 +413,21 @@ pub struct JobRequest {
     pub outputs: Vec<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub push: Option<Push>,
+    /// A follow-up starts from this job's saved workspace.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub continues: Option<Continuation>,
+}
+
+/// What a follow-up continues: the finished job, the attempt whose workspace was saved, its
+/// agent session (resumed by engines that can), and the whole chain.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Continuation {
+    pub job_id: String,
+    pub attempt: u32,
+    #[serde(default)]
+    pub session_id: Option<String>,
+    /// Every job continued, the first one first, `job_id` last.
+    pub chain: Vec<String>,
 }
 
 fn no_retries(n: &u32) -> bool {
@@ -452,6 +472,7 @@ impl JobRequest {
             git: None,
             outputs: Vec::new(),
             push: None,
+            continues: None,
         }
     }
 }
@@ -531,6 +552,15 @@ pub struct JobRecord {
     /// How delivery to `webhook_url` went.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub webhook: Option<WebhookDelivery>,
+    /// The repository the job started from (`workspace.git`, without secrets).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub git: Option<GitSource>,
+    /// For a follow-up (`POST /jobs/{id}/continue`): the job it continues.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parent: Option<String>,
+    /// For a follow-up: every job it continues, the first one first, `parent` last.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub chain: Vec<String>,
 }
 
 /// The state of a job's webhook: tried up to [`WebhookDelivery::MAX_ATTEMPTS`] times.
@@ -603,6 +633,13 @@ impl JobRecord {
             ack_subject: None,
             webhook_url: request.webhook_url.clone(),
             webhook: None,
+            git: request.git.clone(),
+            parent: request.continues.as_ref().map(|c| c.job_id.clone()),
+            chain: request
+                .continues
+                .as_ref()
+                .map(|c| c.chain.clone())
+                .unwrap_or_default(),
         }
     }
 
@@ -637,6 +674,9 @@ impl JobRecord {
             // Never called: the URL of a refused submission was not validated.
             webhook_url: None,
             webhook: None,
+            git: None,
+            parent: None,
+            chain: Vec::new(),
         }
     }
 
@@ -758,6 +798,9 @@ pub struct JobResult {
     pub commit: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pull_request_url: Option<String>,
+    /// The final workspace was saved: `POST /jobs/{id}/continue` can start from it.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub workspace_saved: bool,
 }
 
 /// Files changed, lines added and removed (binary files count as files only).

@@ -17,9 +17,10 @@ pub mod transition;
 
 pub use codec::{CodecError, Encoding, decode, encode};
 pub use job::{
-    Artifact, Attempt, DiffStat, FileRequest, GitRequest, GitSource, JobRecord, JobRequest,
-    JobResult, JobStatus, PullRequest, PullRequestRequest, Push, PushRequest, Resources,
-    ResourcesRequest, SubmitRequest, Usage, WebhookDelivery, WorkspaceFile, WorkspaceRequest,
+    Artifact, Attempt, Continuation, DiffStat, FileRequest, GitRequest, GitSource, JobRecord,
+    JobRequest, JobResult, JobStatus, PullRequest, PullRequestRequest, Push, PushRequest,
+    Resources, ResourcesRequest, SubmitRequest, Usage, WebhookDelivery, WorkspaceFile,
+    WorkspaceRequest,
 };
 pub use llm::LlmGrant;
 pub use log::{LogChunk, LogEnd, LogStream};

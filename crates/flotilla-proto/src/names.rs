@@ -85,6 +85,11 @@ pub fn artifact_object(job_id: &str, attempt: u32, path: &str) -> String {
     format!("{job_id}/{attempt}/files/{path}")
 }
 
+/// The object holding an attempt's final `/workspace` (a tar), which a follow-up starts from.
+pub fn workspace_object(job_id: &str, attempt: u32) -> String {
+    format!("{job_id}/{attempt}/workspace.tar")
+}
+
 /// The object holding the patch of an attempt's change (`GET /jobs/{id}/diff`).
 pub fn diff_object(job_id: &str, attempt: u32) -> String {
     format!("{job_id}/{attempt}/diff")

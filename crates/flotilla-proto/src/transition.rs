@@ -165,6 +165,15 @@ fn claim(
     now: DateTime<Utc>,
 ) -> Result<(), Refusal> {
     not_ended(record)?;
+    // This very delivery's claim, tried again after its answer was lost (a KV leader moving):
+    // it holds already.
+    if record.status == JobStatus::Running
+        && record.node_id.as_deref() == Some(node_id)
+        && ack_subject.is_some()
+        && record.ack_subject == *ack_subject
+    {
+        return Ok(());
+    }
     if delivered <= 1 && record.attempt > 0 {
         return Err(Refusal::Duplicate {
             attempt: record.attempt,

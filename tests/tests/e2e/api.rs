@@ -339,6 +339,46 @@ async fn idempotency_key_returns_the_same_job_or_409() {
     assert_eq!(list["total"], 1);
 }
 
+/// A replay that finds the key claimed but no job yet (the first request is still submitting
+/// it, and may yet roll it back) is told to retry: a 202 would name a job that may never exist.
+#[tokio::test]
+async fn a_replay_while_the_first_request_is_still_submitting_is_told_to_retry() {
+    #[derive(serde::Serialize)]
+    struct Claim {
+        key: String,
+        body_sha256: String,
+        job_id: String,
+    }
+    let fleet = Fleet::builder().nodes(0).start().await.unwrap();
+    let body = base();
+    let digest = <sha2::Sha256 as sha2::Digest>::digest(body.to_string().as_bytes());
+    let claim = Claim {
+        key: "order-7".to_owned(),
+        body_sha256: hex::encode(digest),
+        job_id: "e2e-0000000000000000000000000000abcd".to_owned(),
+    };
+    let client = async_nats::connect(fleet.nats.url()).await.unwrap();
+    let kv = async_nats::jetstream::new(client)
+        .get_key_value(flotilla_proto::names::BUCKET_IDEMPOTENCY)
+        .await
+        .unwrap();
+    kv.create(
+        flotilla_proto::names::idempotency_key("order-7"),
+        flotilla_proto::encode(&claim).unwrap(),
+    )
+    .await
+    .unwrap();
+    let response = fleet
+        .request(Method::POST, "/jobs")
+        .header("Idempotency-Key", "order-7")
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 503);
+    assert_eq!(response.headers()["retry-after"], "1");
+}
+
 #[tokio::test]
 async fn api_key_is_required_except_on_public_paths_and_headers_are_always_set() {
     let fleet = Fleet::builder()

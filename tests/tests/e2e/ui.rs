@@ -230,3 +230,88 @@ async fn ui_submits_a_shell_job_and_follows_its_output_live() {
 
     browser.quit().await.unwrap();
 }
+
+/// A job on a repository shows its change and artifacts (downloaded with the key), and a
+/// group's variants are compared side by side.
+#[tokio::test]
+async fn ui_shows_a_job_s_change_and_artifacts_and_compares_a_group() {
+    let browser = Browser::start().await.unwrap();
+    let git = flotilla_testkit::GitServer::start().await.unwrap();
+    git.create("acme/ui.git", &[("README.md", b"# ui\n")])
+        .unwrap();
+    let fleet = Fleet::builder()
+        .api_key(KEY)
+        .env("FLOTILLA_GIT_ALLOWED_HOSTS", "127.0.0.1")
+        .start()
+        .await
+        .unwrap();
+    let mut job = crate::shell("echo more >> README.md; echo '# r' > report.md; echo done");
+    job["workspace"] = serde_json::json!({"git": {"url": git.url("acme/ui.git"), "ref": "main"}});
+    job["outputs"] = serde_json::json!(["report.md"]);
+    let id = crate::submit(&fleet, job.clone()).await;
+    crate::wait(&fleet, &id).await;
+
+    browser
+        .goto(&format!("{}/ui#/jobs/{id}", fleet.api))
+        .await
+        .unwrap();
+    wait_for_text(&browser, "#notice", "the key prompt", |t| {
+        t.contains("API key")
+    })
+    .await;
+    let key = browser.find("#api-key").await.unwrap();
+    browser.send_keys(&key, KEY).await.unwrap();
+    browser
+        .click(&browser.find("#api-key-save").await.unwrap())
+        .await
+        .unwrap();
+    let stat = wait_for_text(&browser, "#job-diff-stat", "the diff figures", |t| {
+        t.contains("files changed")
+    })
+    .await;
+    assert!(stat.contains("2 files changed, +2 −0"), "{stat}");
+    let artifacts = wait_for_text(&browser, "#job-artifacts", "the artifacts", |t| {
+        t.contains("report.md")
+    })
+    .await;
+    assert!(artifacts.contains("4 B"), "{artifacts}");
+    // The download link fetches with the key the page holds.
+    let fetched = browser
+        .execute(
+            "const a = document.querySelector('#job-artifacts a.download'); \
+             return fetch(a.dataset.path, {headers: {Authorization: 'Bearer ' + localStorage.getItem('flotilla.apiKey')}}) \
+               .then(r => r.text());",
+            Vec::new(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(fetched, "# r\n", "{}", page_state(&browser).await);
+
+    let group: serde_json::Value = fleet
+        .request(Method::POST, "/groups")
+        .json(&serde_json::json!({"job": job, "variants": [
+            {"name": "shell-a"}, {"name": "claude-b", "engine": "claude-code"}]}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let group_id = group["group_id"].as_str().unwrap();
+    browser
+        .goto(&format!("{}/ui#/groups/{group_id}", fleet.api))
+        .await
+        .unwrap();
+    let table = wait_for_text(&browser, "#group-variants", "both variants to end", |t| {
+        t.matches("completed").count() == 2
+    })
+    .await;
+    assert!(
+        table.contains("shell-a") && table.contains("claude-b"),
+        "{table}"
+    );
+    assert!(table.contains("2 files +2 −0"), "{table}");
+    let commit = browser.text_of("#group-commit").await.unwrap_or_default();
+    assert!(commit.contains("same commit"), "{commit}");
+    browser.quit().await.unwrap();
+}

@@ -380,3 +380,179 @@ async fn real_aider_edits_a_cloned_repository_and_the_diff_shows_it() {
     );
     fleet.assert_no_containers_left().await.unwrap();
 }
+
+async fn continue_job(fleet: &Fleet, id: &str, body: Value) -> (u16, Value) {
+    let response = fleet
+        .request(Method::POST, &format!("/jobs/{id}/continue"))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    let status = response.status().as_u16();
+    (status, response.json().await.unwrap_or(Value::Null))
+}
+
+/// A follow-up starts from the finished job's final workspace (its diff is the whole chain's),
+/// records its parent and chain, and resumes the agent session of an engine that can.
+#[tokio::test]
+async fn a_finished_job_is_continued_from_its_workspace_and_its_session() {
+    let git = GitServer::start().await.unwrap();
+    let base = seed(&git);
+    let forge = FakeForge::start().await.unwrap();
+    let (fleet, _dir) = fleet(&forge).await;
+    let mut first = shell("echo step1 > notes.txt");
+    first["workspace"] = json!({"git": {"url": git.url("acme/app.git"), "ref": "main"}});
+    let first = submit(&fleet, first).await;
+    let done = wait(&fleet, &first).await;
+    assert_eq!(done["result"]["workspace_saved"], true, "{done}");
+
+    let (status, reply) = continue_job(
+        &fleet,
+        &first,
+        json!({"prompt": "echo step2 >> notes.txt; cat notes.txt"}),
+    )
+    .await;
+    assert_eq!(status, 202, "{reply}");
+    let second = reply["job_id"].as_str().unwrap().to_owned();
+    let record = wait(&fleet, &second).await;
+    assert_eq!(record["status"], "completed", "{record}\n{}", fleet.logs());
+    assert_eq!(record["result"]["text"], "step1\nstep2\n");
+    assert_eq!(record["parent"], first.as_str());
+    assert_eq!(record["chain"], json!([first]));
+    assert_eq!(record["result"]["base_commit"], base.as_str());
+    assert_eq!(
+        record["result"]["diff_stat"],
+        json!({"files": 1, "insertions": 2, "deletions": 0}),
+        "the diff covers the whole chain: {record}"
+    );
+    let (status, reply) = continue_job(&fleet, &second, json!({"prompt": "cat notes.txt"})).await;
+    assert_eq!(status, 202, "{reply}");
+    let third = wait(&fleet, reply["job_id"].as_str().unwrap()).await;
+    assert_eq!(third["chain"], json!([first, second]));
+    assert_eq!(third["result"]["text"], "step1\nstep2\n");
+
+    // Claude Code resumes its session: its state in $HOME (/workspace) came back too.
+    let mut agent = json!({"agent_id": "e2e", "engine": "claude-code", "prompt": "hello",
+                           "output_format": "json"});
+    agent["workspace"] = json!({"git": {"url": git.url("acme/app.git"), "ref": "main"}});
+    let agent = submit(&fleet, agent).await;
+    let done = wait(&fleet, &agent).await;
+    let session = done["result"]["session_id"].as_str().unwrap().to_owned();
+    let (status, reply) = continue_job(&fleet, &agent, json!({"prompt": "and again"})).await;
+    assert_eq!(status, 202, "{reply}");
+    let resumed = wait(&fleet, reply["job_id"].as_str().unwrap()).await;
+    assert_eq!(resumed["status"], "completed", "{resumed}");
+    assert_eq!(
+        resumed["result"]["text"],
+        format!("fake claude (turn 2 of session {session}): and again")
+    );
+    assert_eq!(resumed["result"]["diff_stat"]["files"], 0, "{resumed}");
+
+    // What cannot be continued says why.
+    let plain = wait(&fleet, &submit(&fleet, shell("true")).await).await;
+    let plain = plain["job_id"].as_str().unwrap();
+    let (status, reply) = continue_job(&fleet, plain, json!({"prompt": "x"})).await;
+    assert_eq!(status, 409, "{reply}");
+    assert!(
+        reply["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("no saved workspace")
+    );
+    let (status, reply) = continue_job(&fleet, &first, json!({})).await;
+    assert_eq!(
+        (status, reply["error"]["field"].as_str()),
+        (422, Some("prompt"))
+    );
+    let (status, _) = continue_job(&fleet, "e2e-nope", json!({"prompt": "x"})).await;
+    assert_eq!(status, 404);
+    fleet.assert_no_containers_left().await.unwrap();
+}
+
+/// One task, several engines: one job per variant on the same commit, compared side by side
+/// over HTTP and in the CLI.
+#[tokio::test]
+async fn a_group_runs_one_task_per_variant_and_compares_them() {
+    let git = GitServer::start().await.unwrap();
+    let base = seed(&git);
+    let forge = FakeForge::start().await.unwrap();
+    let (fleet, _dir) = fleet(&forge).await;
+    let mut job = shell("echo better >> README.md; echo done");
+    job["workspace"] = json!({"git": {"url": git.url("acme/app.git"), "ref": "main"}});
+    job["output_format"] = json!("json");
+    let post = |body: Value| fleet.request(Method::POST, "/groups").json(&body).send();
+    let refused = post(json!({"job": job, "variants": [{}, {"engine": "nope"}]}))
+        .await
+        .unwrap();
+    assert_eq!(refused.status(), 422);
+    let refused: Value = refused.json().await.unwrap();
+    assert_eq!(refused["error"]["field"], "variants[1].engine", "{refused}");
+
+    let body = json!({"job": job, "variants": [
+        {"name": "script"},
+        {"name": "claude", "engine": "claude-code", "metadata": {"team": "x"}},
+    ]});
+    let accepted = post(body).await.unwrap();
+    assert_eq!(accepted.status(), 202);
+    let accepted: Value = accepted.json().await.unwrap();
+    let group_id = accepted["group_id"].as_str().unwrap().to_owned();
+    assert_eq!(
+        accepted["job_ids"],
+        json!([format!("{group_id}-v0"), format!("{group_id}-v1")])
+    );
+
+    let group = flotilla_testkit::wait_until(
+        std::time::Duration::from_secs(60),
+        "every variant to end",
+        || async {
+            let (_, _, body) = text(&fleet, &format!("/groups/{group_id}")).await;
+            let group: Value = serde_json::from_str(&body).ok()?;
+            let ended = group["variants"]
+                .as_array()?
+                .iter()
+                .all(|v| v["status"] == "completed" || v["status"] == "failed");
+            ended.then_some(group)
+        },
+    )
+    .await
+    .unwrap();
+    assert_eq!(group["same_commit"], true, "{group:#}");
+    let [script, claude] = group["variants"].as_array().unwrap().as_slice() else {
+        panic!("two variants: {group:#}");
+    };
+    assert_eq!(script["name"], "script");
+    assert_eq!(script["status"], "completed");
+    assert_eq!(script["base_commit"], base.as_str());
+    assert_eq!(
+        script["diff_stat"],
+        json!({"files": 1, "insertions": 1, "deletions": 0})
+    );
+    assert_eq!(script["text_head"], "done\n");
+    assert_eq!(claude["name"], "claude");
+    assert_eq!(claude["engine"], "claude-code");
+    assert_eq!(claude["status"], "completed", "{claude}");
+    assert_eq!(claude["turns"], 1);
+    assert!(claude["cost_usd"].as_f64().unwrap() > 0.0, "{claude}");
+    assert_eq!(claude["diff_stat"]["files"], 0);
+    assert!(claude["duration_ms"].as_i64().unwrap() >= 0);
+    let (status, _, _) = text(&fleet, "/groups/e2e-00000000000000000000000000000000").await;
+    assert_eq!(status, 404);
+
+    let out = std::process::Command::new(binary("flotilla").unwrap())
+        .env("FLOTILLA_API", &fleet.api)
+        .env_remove("FLOTILLA_API_KEY")
+        .args(["compare", &group_id])
+        .output()
+        .unwrap();
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        table.contains("script") && table.contains("claude"),
+        "{table}"
+    );
+    assert!(table.contains("1 +1 -0"), "{table}");
+}

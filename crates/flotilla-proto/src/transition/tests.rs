@@ -286,3 +286,20 @@ fn time_out_and_dead_letter_say_why() {
     );
     assert_eq!(dead.finished_at, Some(now()));
 }
+
+/// A node whose claim committed but whose answer was lost tries the same claim again: it
+/// holds already (same node, same delivery's ack subject), and nothing changes. Another
+/// delivery's claim, or another node's, is still a new attempt or a duplicate.
+#[test]
+fn a_claim_retried_after_its_answer_was_lost_holds() {
+    let first = claim_by("n1", 1).apply(&pending(), now()).unwrap();
+    let again = claim_by("n1", 1).apply(&first, now()).unwrap();
+    assert_eq!(again, first);
+    let other_delivery = Transition::Claim {
+        node_id: "n1".to_owned(),
+        ack_subject: Some("$JS.ACK.y".to_owned()),
+        delivered: 1,
+    };
+    assert!(other_delivery.apply(&first, now()).is_err());
+    assert_eq!(claim_by("n2", 2).apply(&first, now()).unwrap().attempt, 2);
+}
