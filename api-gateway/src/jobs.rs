@@ -109,26 +109,25 @@ pub async fn create(
     )
     .await?;
 
-    if let Some(key) = &idempotency_key
-        && let Some((existing, age)) =
-            claim_idempotency_key(&state, key, &body, &request.job_id).await?
-    {
+    let claim = match &idempotency_key {
+        Some(key) => Some(claim_idempotency_key(&state, key, &body, &request.job_id).await?),
+        None => None,
+    };
+    if let Some(KeyClaim::Accepted(existing)) = claim {
         let status = match state.topology.jobs.get(&existing).await? {
             Some(current) => current.record.status,
-            // The first request with this key may still be submitting the job, and may yet
-            // fail and roll it back: a 202 now could name a job that will never exist.
-            None if age < IDEMPOTENCY_IN_FLIGHT => {
-                return Err(ApiError::unavailable(
-                    "the first request with this Idempotency-Key is still being submitted",
-                ));
-            }
-            // Long done: the job was accepted, and retention has deleted it since.
+            // Accepted long ago, and deleted by retention since.
             None => JobStatus::Pending,
         };
         return Ok(accepted(&existing, status));
     }
     match submit(&state, &request).await {
-        Ok(()) => Ok(accepted(&request.job_id, JobStatus::Pending)),
+        Ok(()) => {
+            if let (Some(key), Some(KeyClaim::Claimed { revision })) = (&idempotency_key, claim) {
+                mark_accepted(&state, key, &body, &request.job_id, revision).await;
+            }
+            Ok(accepted(&request.job_id, JobStatus::Pending))
+        }
         Err(e) => {
             if let Some(key) = &idempotency_key {
                 let _ = state
@@ -228,30 +227,54 @@ struct IdempotencyRecord {
     key: String,
     body_sha256: String,
     job_id: String,
+    /// Set once the job was recorded and queued (a 202 was sent).
+    #[serde(default)]
+    accepted: bool,
 }
 
-/// Longer than any submission takes (each NATS request of it times out well before).
-const IDEMPOTENCY_IN_FLIGHT: std::time::Duration = std::time::Duration::from_secs(120);
+/// Longer than a submission takes (each of its NATS requests times out well before): a key
+/// younger than this whose job is not recorded may be a submission still under way.
+const IDEMPOTENCY_IN_FLIGHT: std::time::Duration = std::time::Duration::from_secs(30);
 
-/// Records `key → job_id` unless the key is already taken. Returns the existing job id, and how
-/// long ago its request claimed the key, when the same key came with the same body; 409 when
-/// it came with a different one.
+/// What an `Idempotency-Key` says about this submission.
+enum KeyClaim {
+    /// The key is this request's (at this KV revision): submit, then mark it accepted.
+    Claimed { revision: u64 },
+    /// An earlier request with the key and the same body made this job.
+    Accepted(String),
+}
+
+impl IdempotencyRecord {
+    fn new(key: &str, body: &[u8], job_id: &str, accepted: bool) -> Self {
+        Self {
+            key: key.to_owned(),
+            body_sha256: canonical_body_digest(body),
+            job_id: job_id.to_owned(),
+            accepted,
+        }
+    }
+}
+
+/// Claims `key` for `job_id`, or says which job an earlier request with it made; 409 when it
+/// came with a different body. An earlier request that is over without having recorded its
+/// job (its submission failed, and so did the release of the key) gives the key up: this one
+/// takes it over. One that may still be under way gets a 503 to retry.
 async fn claim_idempotency_key(
     state: &AppState,
     key: &str,
     body: &[u8],
     job_id: &str,
-) -> Result<Option<(String, std::time::Duration)>, ApiError> {
-    let body_sha256 = canonical_body_digest(body);
-    let record = IdempotencyRecord {
-        key: key.to_owned(),
-        body_sha256,
-        job_id: job_id.to_owned(),
-    };
+) -> Result<KeyClaim, ApiError> {
+    let record = IdempotencyRecord::new(key, body, job_id, false);
     let value = flotilla_proto::encode(&record).map_err(ApiError::internal)?;
     let kv_key = names::idempotency_key(key);
-    match state.topology.idempotency.create(&kv_key, value).await {
-        Ok(_) => return Ok(None),
+    match state
+        .topology
+        .idempotency
+        .create(&kv_key, value.clone())
+        .await
+    {
+        Ok(revision) => return Ok(KeyClaim::Claimed { revision }),
         Err(e) if e.kind() == async_nats::jetstream::kv::CreateErrorKind::AlreadyExists => {}
         Err(e) => return Err(ApiError::unavailable(e)),
     }
@@ -263,21 +286,54 @@ async fn claim_idempotency_key(
         .map_err(ApiError::unavailable)?
         .filter(|e| e.operation == async_nats::jetstream::kv::Operation::Put)
         .ok_or_else(|| ApiError::unavailable("idempotency record vanished"))?;
-    let age = (time::OffsetDateTime::now_utc() - entry.created)
+    let age: std::time::Duration = (time::OffsetDateTime::now_utc() - entry.created)
         .try_into()
         .unwrap_or_default();
     let existing: IdempotencyRecord =
         flotilla_proto::decode(&entry.value, flotilla_proto::Encoding::MessagePack)
             .map_err(ApiError::internal)?;
-    if existing.body_sha256 == record.body_sha256 && existing.key == key {
-        Ok(Some((existing.job_id, age)))
-    } else {
-        Err(ApiError::new(
+    if existing.body_sha256 != record.body_sha256 || existing.key != key {
+        return Err(ApiError::new(
             StatusCode::CONFLICT,
             "idempotency_conflict",
             "this Idempotency-Key was already used with a different request body",
         )
-        .with_field("Idempotency-Key"))
+        .with_field("Idempotency-Key"));
+    }
+    if existing.accepted || state.topology.jobs.get(&existing.job_id).await?.is_some() {
+        return Ok(KeyClaim::Accepted(existing.job_id));
+    }
+    if age < IDEMPOTENCY_IN_FLIGHT {
+        return Err(ApiError::unavailable(
+            "the first request with this Idempotency-Key is still being submitted",
+        ));
+    }
+    match state
+        .topology
+        .idempotency
+        .update(&kv_key, value, entry.revision)
+        .await
+    {
+        Ok(revision) => Ok(KeyClaim::Claimed { revision }),
+        Err(e) => Err(ApiError::unavailable(e)),
+    }
+}
+
+/// Marks the key's job accepted, so that a replay after retention deleted the job still names
+/// it. Best effort: until then a replay finds the job's record.
+async fn mark_accepted(state: &AppState, key: &str, body: &[u8], job_id: &str, revision: u64) {
+    let record = IdempotencyRecord::new(key, body, job_id, true);
+    let Ok(value) = flotilla_proto::encode(&record) else {
+        return;
+    };
+    let kv_key = names::idempotency_key(key);
+    if let Err(e) = state
+        .topology
+        .idempotency
+        .update(&kv_key, value, revision)
+        .await
+    {
+        tracing::warn!(error = %e, "cannot mark the Idempotency-Key's job accepted");
     }
 }
 

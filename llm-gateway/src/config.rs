@@ -176,19 +176,40 @@ impl Upstreams {
     }
 }
 
+impl Upstreams {
+    /// Points provider `name` at `url` instead of the file's `base_url`, checked as the file's
+    /// would be: `FLOTILLA_LLM_OPENAI_BASE_URL` sends the `openai` provider to any
+    /// OpenAI-compatible server (vLLM, Ollama, llama.cpp) without a config file.
+    pub fn override_base_url(&mut self, name: &str, url: &str) -> Result<(), ConfigError> {
+        let base_url = parse_base_url(name, url)?;
+        let provider = self.providers.get_mut(name).ok_or_else(|| {
+            ConfigError(format!(
+                "no provider {name:?} in the config to point at {base_url}"
+            ))
+        })?;
+        provider.base_url = base_url;
+        Ok(())
+    }
+}
+
+fn parse_base_url(name: &str, url: &str) -> Result<Url, ConfigError> {
+    let base_url =
+        Url::parse(url).map_err(|e| ConfigError(format!("providers.{name}.base_url: {e}")))?;
+    if !matches!(base_url.scheme(), "http" | "https") || base_url.query().is_some() {
+        return Err(ConfigError(format!(
+            "providers.{name}.base_url must be an http(s) URL without a query"
+        )));
+    }
+    Ok(base_url)
+}
+
 impl ProviderSection {
     fn into_provider(
         self,
         name: &str,
         secrets: &dyn SecretSource,
     ) -> Result<Provider, ConfigError> {
-        let base_url = Url::parse(&self.base_url)
-            .map_err(|e| ConfigError(format!("providers.{name}.base_url: {e}")))?;
-        if !matches!(base_url.scheme(), "http" | "https") || base_url.query().is_some() {
-            return Err(ConfigError(format!(
-                "providers.{name}.base_url must be an http(s) URL without a query"
-            )));
-        }
+        let base_url = parse_base_url(name, &self.base_url)?;
         let from_env = |var: &Option<String>| {
             var.as_deref()
                 .and_then(|v| secrets.env(v))
@@ -283,6 +304,24 @@ mod tests {
         let flash = upstreams.prices.get("gemini-2.5-flash").unwrap().input;
         let lite = upstreams.prices.get("gemini-2.5-flash-lite").unwrap().input;
         assert!(lite < flash, "{lite} {flash}");
+    }
+
+    #[test]
+    fn the_openai_upstream_can_be_pointed_elsewhere() {
+        let secrets = Fake(BTreeMap::from([("OPENAI_API_KEY", "ollama")]));
+        let mut upstreams = Upstreams::parse(DEFAULT_CONFIG, &secrets).unwrap();
+        upstreams
+            .override_base_url("openai", "http://10.0.0.5:11434")
+            .unwrap();
+        let openai = &upstreams.providers["openai"];
+        assert_eq!(openai.base_url.as_str(), "http://10.0.0.5:11434/");
+        assert_eq!(openai.kind, ProviderKind::Openai);
+        assert_eq!(openai.api_key.as_ref().unwrap().expose(), "ollama");
+        for bad in ["ftp://x", "http://x/?a=1", "not a url"] {
+            assert!(upstreams.override_base_url("openai", bad).is_err(), "{bad}");
+        }
+        let e = upstreams.override_base_url("nope", "http://x").unwrap_err();
+        assert!(e.0.contains("no provider \"nope\""), "{e}");
     }
 
     #[test]

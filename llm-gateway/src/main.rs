@@ -43,6 +43,10 @@ struct Args {
     /// up to FLOTILLA_LLM_MAX_REQUEST_BYTES.
     #[arg(long, env = "FLOTILLA_LLM_MAX_CONCURRENT", default_value_t = 256)]
     max_concurrent: usize,
+    /// Where the `openai` provider forwards instead of the config's `base_url`: any
+    /// OpenAI-compatible server (vLLM, Ollama, llama.cpp's server), e.g. http://10.0.0.5:11434.
+    #[arg(long, env = "FLOTILLA_LLM_OPENAI_BASE_URL")]
+    openai_base_url: Option<String>,
     /// Serve /metrics here, and not on the address jobs reach.
     #[arg(long, env = "FLOTILLA_LLM_METRICS_LISTEN")]
     metrics_listen: Option<SocketAddr>,
@@ -78,7 +82,14 @@ fn config(args: Args) -> anyhow::Result<llm_gateway::Config> {
         None => llm_gateway::DEFAULT_CONFIG.to_owned(),
     };
     // Credentials come from the variables and files the config names, read here only.
-    let upstreams = llm_gateway::Upstreams::parse(&text, &llm_gateway::ProcessSecrets)?;
+    let mut upstreams = llm_gateway::Upstreams::parse(&text, &llm_gateway::ProcessSecrets)?;
+    if let Some(url) = args
+        .openai_base_url
+        .as_deref()
+        .filter(|u| !u.trim().is_empty())
+    {
+        upstreams.override_base_url("openai", url.trim())?;
+    }
     Ok(llm_gateway::Config {
         listen: args.listen,
         nats_url: args.nats_url,

@@ -134,6 +134,7 @@ mod tests {
                 "aider",
                 "claude-code",
                 "codex",
+                "flotilla",
                 "gemini",
                 "opencode",
                 "shell"
@@ -158,6 +159,7 @@ mod tests {
                 MappedField::MaxBudgetUsd,
                 MappedField::SystemPrompt,
                 MappedField::AllowedTools,
+                MappedField::Resume,
             ]
         );
 

@@ -21,6 +21,9 @@ pub enum Parser {
     Gemini,
     /// Aider `--message`: plain text with "Tokens: ... Cost: ..." report lines.
     Aider,
+    /// Flotilla's own agent (`flotilla-agent`): its steps on stderr, one `result` JSON line on
+    /// stdout.
+    Flotilla,
     /// Standard output is the answer.
     #[default]
     Text,
@@ -34,6 +37,7 @@ impl Parser {
             Self::Codex => "codex",
             Self::Gemini => "gemini",
             Self::Aider => "aider",
+            Self::Flotilla => "flotilla",
             Self::Text => "text",
         }
     }
@@ -72,6 +76,8 @@ pub fn parse(parser: Parser, output_format: &str, stdout: &str) -> ParsedOutput 
         // OpenCode's `--format json` and Codex's `--json` both print JSON lines.
         Parser::Opencode => json_lines(stdout).and_then(|json| json.with(opencode)),
         Parser::Codex => json_lines(stdout).and_then(|json| json.with(codex)),
+        // Whatever the job's output_format: the agent always prints its result line.
+        Parser::Flotilla => json_lines(stdout).and_then(|json| flotilla(&json.events)),
     };
     parsed.unwrap_or_else(|| ParsedOutput {
         text: trim_newline(stdout),
@@ -374,6 +380,28 @@ fn codex(events: &[Value]) -> Option<ParsedOutput> {
     }
     out.text = answer.or(error).unwrap_or_default().to_owned();
     Some(out)
+}
+
+/// flotilla-agent: the last `{"type":"result", "result", "is_error", "num_turns", "usage",
+/// "transcript"}` line. `raw` is the transcript (the conversation with the model), or the
+/// result line itself when it has none.
+fn flotilla(events: &[Value]) -> Option<ParsedOutput> {
+    let result = events.iter().rev().find(|e| kind(e) == Some("result"))?;
+    let raw = result
+        .get("transcript")
+        .filter(|t| t.is_array())
+        .unwrap_or(result)
+        .clone();
+    Some(ParsedOutput {
+        text: str_at(result, "/result").unwrap_or_default().to_owned(),
+        num_turns: u64_at(result, "/num_turns").and_then(|n| u32::try_from(n).ok()),
+        input_tokens: u64_at(result, "/usage/input_tokens"),
+        output_tokens: u64_at(result, "/usage/output_tokens"),
+        is_error: result.get("is_error").and_then(Value::as_bool) == Some(true),
+        raw: Some(raw),
+        parsed: true,
+        ..ParsedOutput::default()
+    })
 }
 
 /// OpenCode `run --format json`: `{type, timestamp, sessionID, part}` lines: `step_start`,
@@ -915,6 +943,35 @@ mod tests {
     }
 
     #[test]
+    fn flotilla_agent_result_line() {
+        let stdout = concat!(
+            "{\"type\":\"result\",\"subtype\":\"success\",\"is_error\":false,",
+            "\"result\":\"The answer is 42\",\"num_turns\":4,",
+            "\"usage\":{\"input_tokens\":800,\"output_tokens\":160},",
+            "\"transcript\":[{\"role\":\"user\",\"content\":\"go\"},",
+            "{\"role\":\"assistant\",\"content\":\"The answer is 42\"}]}\n"
+        );
+        let out = parse(Parser::Flotilla, "json", stdout);
+        assert!(out.parsed && !out.is_error);
+        assert_eq!(out.text, "The answer is 42");
+        assert_eq!(out.num_turns, Some(4));
+        assert_eq!(
+            (out.input_tokens, out.output_tokens),
+            (Some(800), Some(160))
+        );
+        assert_eq!(out.raw.as_ref().unwrap().as_array().unwrap().len(), 2);
+
+        let error = "{\"type\":\"result\",\"is_error\":true,\"result\":\"max turns (2) reached\",\"num_turns\":2}\n";
+        let out = parse(Parser::Flotilla, "text", error);
+        assert!(out.is_error);
+        assert_eq!(out.text, "max turns (2) reached");
+        assert_eq!(out.raw.as_ref().unwrap()["type"], "result");
+        // Killed before its result line: the output as text, unparsed.
+        let out = parse(Parser::Flotilla, "json", "half a line");
+        assert!(!out.parsed);
+    }
+
+    #[test]
     fn parser_names() {
         #[derive(Deserialize)]
         struct Holder {
@@ -926,6 +983,7 @@ mod tests {
             Parser::Codex,
             Parser::Gemini,
             Parser::Aider,
+            Parser::Flotilla,
             Parser::Text,
         ] {
             let holder: Holder =

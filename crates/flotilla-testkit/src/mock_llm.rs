@@ -10,9 +10,12 @@
 //! Every answer says "mock answer", except that OpenAI Chat Completions can be told to answer
 //! with a given text ([`MockLlm::start_with_openai_reply`], [`MockLlm::set_openai_reply`]): an
 //! edit in Aider's format ([`aider_whole_edit`], [`aider_search_replace`]) makes the real
-//! `aider` CLI change a file.
+//! `aider` CLI change a file; or with a script of whole assistant messages, tool calls included
+//! ([`MockLlm::script_openai`]), answered one a request, so an agent loop can be driven turn by
+//! turn.
 
 use std::{
+    collections::VecDeque,
     net::SocketAddr,
     sync::{Arc, Mutex},
     time::Duration,
@@ -85,6 +88,8 @@ struct Shared {
     hold: watch::Sender<bool>,
     /// The assistant's text in OpenAI Chat Completions answers.
     openai_reply: Arc<Mutex<String>>,
+    /// Scripted assistant messages, answered in order before `openai_reply`.
+    openai_script: Arc<Mutex<VecDeque<Value>>>,
 }
 
 pub struct MockLlm {
@@ -106,6 +111,7 @@ impl MockLlm {
             requests: Arc::default(),
             hold: watch::channel(false).0,
             openai_reply: Arc::new(Mutex::new(text.into())),
+            openai_script: Arc::default(),
         };
         let app = Router::new()
             .route("/v1/messages", post(anthropic))
@@ -154,6 +160,36 @@ impl MockLlm {
     pub fn set_openai_reply(&self, text: impl Into<String>) {
         *self.shared.openai_reply.lock().expect("openai reply") = text.into();
     }
+
+    /// Queues assistant messages for `POST /v1/chat/completions`: each request takes the next
+    /// one, streamed or not as it asks, and once they are used up the answers are the plain
+    /// reply again. A message is `{"content"?, "tool_calls"?: [{"id", "function": {"name",
+    /// "arguments"}}]}` (see [`tool_call`]); streamed, its tool calls go out as deltas by
+    /// index, the id and name first, then the arguments in two pieces. `finish_reason` is
+    /// `tool_calls` when it has any, else `stop`.
+    pub fn script_openai(&self, messages: Vec<Value>) {
+        self.shared
+            .openai_script
+            .lock()
+            .expect("openai script")
+            .extend(messages);
+    }
+
+    /// The `messages` of every Chat Completions request, in order: what the agent told the
+    /// model, tool results included.
+    pub fn openai_messages(&self) -> Vec<Vec<Value>> {
+        self.requests()
+            .into_iter()
+            .filter(|r| r.path == "/v1/chat/completions")
+            .map(|r| r.body["messages"].as_array().cloned().unwrap_or_default())
+            .collect()
+    }
+}
+
+/// One tool call for [`MockLlm::script_openai`]: `arguments` is sent as given (a string, which
+/// need not be valid JSON).
+pub fn tool_call(id: &str, name: &str, arguments: &str) -> Value {
+    json!({"id": id, "type": "function", "function": {"name": name, "arguments": arguments}})
 }
 
 /// An answer in Aider's `whole` edit format, the one it uses for a model it does not know
@@ -259,16 +295,36 @@ async fn anthropic(State(shared): State<Shared>, headers: HeaderMap, body: Bytes
 async fn openai(State(shared): State<Shared>, headers: HeaderMap, body: Bytes) -> Response {
     let request = record(&shared, "/v1/chat/completions", None, &headers, &body);
     let model = request["model"].as_str().unwrap_or("gpt-5").to_owned();
-    let reply = shared.openai_reply.lock().expect("openai reply").clone();
+    let scripted = shared
+        .openai_script
+        .lock()
+        .expect("openai script")
+        .pop_front();
+    let message = scripted.unwrap_or_else(
+        || json!({"content": shared.openai_reply.lock().expect("openai reply").clone()}),
+    );
+    let content = message["content"].as_str().map(str::to_owned);
+    let calls = message["tool_calls"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    let finish = if calls.is_empty() {
+        "stop"
+    } else {
+        "tool_calls"
+    };
     let u = OPENAI_USAGE;
     let usage = json!({"prompt_tokens": u.input, "completion_tokens": u.output,
         "total_tokens": u.input + u.output,
         "prompt_tokens_details": {"cached_tokens": u.cache_read}});
     if request["stream"] != Value::Bool(true) {
+        let mut answer = json!({"role": "assistant", "content": content});
+        if !calls.is_empty() {
+            answer["tool_calls"] = Value::Array(calls);
+        }
         return Json(json!({
             "id": "chatcmpl-mock", "object": "chat.completion", "created": 1, "model": model,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": reply},
-                         "finish_reason": "stop"}],
+            "choices": [{"index": 0, "message": answer, "finish_reason": finish}],
             "usage": usage
         }))
         .into_response();
@@ -281,10 +337,29 @@ async fn openai(State(shared): State<Shared>, headers: HeaderMap, body: Bytes) -
         json!({"role": "assistant", "content": ""}),
         Value::Null,
     ))];
-    let mut rest = vec![
-        data(&chunk(json!({"content": reply}), Value::Null)),
-        data(&chunk(json!({}), json!("stop"))),
-    ];
+    let mut rest = Vec::new();
+    if let Some(content) = content.filter(|c| !c.is_empty() || calls.is_empty()) {
+        rest.push(data(&chunk(json!({"content": content}), Value::Null)));
+    }
+    for (index, call) in calls.iter().enumerate() {
+        let arguments = call["function"]["arguments"].as_str().unwrap_or_default();
+        let split = arguments
+            .char_indices()
+            .nth(arguments.chars().count() / 2)
+            .map_or(arguments.len(), |(i, _)| i);
+        rest.push(data(&chunk(
+            json!({"tool_calls": [{"index": index, "id": call["id"], "type": "function",
+                   "function": {"name": call["function"]["name"], "arguments": ""}}]}),
+            Value::Null,
+        )));
+        for part in [&arguments[..split], &arguments[split..]] {
+            rest.push(data(&chunk(
+                json!({"tool_calls": [{"index": index, "function": {"arguments": part}}]}),
+                Value::Null,
+            )));
+        }
+    }
+    rest.push(data(&chunk(json!({}), json!(finish))));
     // Like OpenAI: usage only when the client asked for it.
     if request["stream_options"]["include_usage"] == Value::Bool(true) {
         rest.push(data(
@@ -611,6 +686,56 @@ mod tests {
             .collect();
         assert_eq!(text, edit);
         assert_eq!(mock.requests().len(), 2);
+    }
+
+    #[tokio::test]
+    async fn scripted_openai_answers_come_in_order_streamed_or_not() {
+        let mock = MockLlm::start().await.expect("mock");
+        mock.script_openai(vec![
+            json!({"tool_calls": [tool_call("c1", "shell", r#"{"command":"ls"}"#)]}),
+            json!({"content": "thinking", "tool_calls": [tool_call("c2", "read_file", "{bad")]}),
+            json!({"content": "done"}),
+        ]);
+        let first: Value = chat(&mock, false).await.json().await.expect("json");
+        let choice = &first["choices"][0];
+        assert_eq!(choice["finish_reason"], "tool_calls");
+        assert_eq!(
+            choice["message"]["tool_calls"][0]["function"]["name"],
+            "shell"
+        );
+        assert_eq!(choice["message"]["content"], Value::Null);
+
+        let events = chat(&mock, true).await.text().await.expect("text");
+        let chunks: Vec<Value> = events
+            .lines()
+            .filter_map(|line| line.strip_prefix("data: "))
+            .filter(|data| *data != "[DONE]")
+            .map(|data| serde_json::from_str(data).expect("chunk"))
+            .collect();
+        let arguments: String = chunks
+            .iter()
+            .filter_map(|c| {
+                c["choices"][0]["delta"]["tool_calls"][0]["function"]["arguments"].as_str()
+            })
+            .collect();
+        assert_eq!(arguments, "{bad");
+        let text: String = chunks
+            .iter()
+            .filter_map(|c| c["choices"][0]["delta"]["content"].as_str())
+            .collect();
+        assert_eq!(text, "thinking");
+        assert_eq!(
+            chunks.last().unwrap()["choices"][0]["finish_reason"],
+            "tool_calls"
+        );
+
+        let third: Value = chat(&mock, false).await.json().await.expect("json");
+        assert_eq!(third["choices"][0]["message"]["content"], "done");
+        assert_eq!(third["choices"][0]["finish_reason"], "stop");
+        let fourth: Value = chat(&mock, false).await.json().await.expect("json");
+        assert_eq!(fourth["choices"][0]["message"]["content"], MOCK_ANSWER);
+        assert_eq!(mock.openai_messages().len(), 4);
+        assert_eq!(mock.openai_messages()[0][0]["content"], "hi");
     }
 
     #[tokio::test]

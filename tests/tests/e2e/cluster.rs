@@ -1311,12 +1311,15 @@ async fn a_partitioned_nats_server_does_not_stop_the_fleet() {
         d.nats.name(victim),
         healed.elapsed()
     );
+    // Right after the heal the cluster may still be settling: a client retries a 503.
     let mut after = Vec::new();
     for i in 0..4 {
-        after.push(
-            d.submit(0, &shell(&format!("echo start; echo after {i}")))
-                .await,
-        );
+        let body = shell(&format!("echo start; echo after {i}"));
+        let (id, _) = d
+            .submit_retrying(0, &body, &format!("after-{i}"), Duration::from_secs(60))
+            .await
+            .unwrap_or_else(|| panic!("job after {i} not accepted within 60 s\n{}", d.logs()));
+        after.push(id);
     }
     let records = d.wait_all(0, &after, Duration::from_secs(60)).await;
     assert!(

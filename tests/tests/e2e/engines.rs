@@ -68,6 +68,32 @@ async fn every_engine_runs_through_its_cli_and_yields_a_structured_result() {
     }
 }
 
+/// Flotilla's own agent has no fake: the real binary runs, against the mock LLM behind a real
+/// llm-gateway, which answers with what a fake CLI would say.
+#[tokio::test]
+async fn the_flotilla_agent_runs_through_the_gateway_and_yields_a_structured_result() {
+    let mock = flotilla_testkit::MockLlm::start_with_openai_reply("fake flotilla: list the files")
+        .await
+        .unwrap();
+    let fleet = Fleet::builder().llm(&mock.url()).start().await.unwrap();
+    let job = run(
+        &fleet,
+        "flotilla",
+        json!({ "model": "gpt-5", "output_format": "json" }),
+    )
+    .await;
+    assert_eq!(job["status"], "completed", "{job}\n{}", fleet.logs());
+    let result = &job["result"];
+    assert_eq!(result["text"], "fake flotilla: list the files", "{job}");
+    assert_eq!(result["num_turns"], 1, "{job}");
+    assert!(result["raw"].is_array(), "the transcript is kept: {job}");
+    assert_eq!(job["usage"]["metered"], true, "{job}");
+    assert!(
+        job["usage"]["cost_usd"].as_f64().is_some_and(|c| c > 0.0),
+        "{job}"
+    );
+}
+
 #[tokio::test]
 async fn an_engine_error_result_fails_the_job_with_its_message() {
     let fleet = Fleet::builder().start().await.unwrap();
@@ -91,6 +117,7 @@ async fn dry_run_shows_the_exact_command_for_every_engine() {
         ("gemini", "gemini"),
         ("opencode", "opencode"),
         ("aider", "aider"),
+        ("flotilla", "flotilla-agent"),
         ("shell", "/bin/sh"),
     ] {
         let job = run(&fleet, engine, json!({ "dry_run": true })).await;

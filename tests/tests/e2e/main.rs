@@ -1,6 +1,7 @@
 //! End-to-end tests: real nats-server, real Docker, the real service binaries as processes.
 //! One test binary (modules below) so the suite links once.
 
+mod agent;
 mod api;
 mod chaos;
 mod cli;
