@@ -18,6 +18,7 @@ use tracing::Instrument as _;
 use crate::{
     Shared,
     decide::{Decision, Ended, Parsed, Record, decide},
+    exit_report::ExitReport,
     git::GitError,
     lease::{Claimed, claim, end_stream, record_with_retries, release},
     logs::{LogError, LogLimits, LogPublisher},
@@ -562,7 +563,12 @@ async fn run_container(
         received,
     } = container;
     let spec = container_spec(shared, request, env);
-    let script = script_for(engine, request, attempt, env, io.marker());
+    let exit = ExitReport::new();
+    let markers = script::Markers {
+        workspace: io.marker(),
+        exit: exit.marker(),
+    };
+    let script = script_for(engine, request, attempt, env, &markers);
     let job = JobRef {
         job_id: request.job_id.clone(),
         attempt,
@@ -589,7 +595,7 @@ async fn run_container(
         let _ = logs
             .system(&format!("attempt {attempt} started on node {node_id}"))
             .await;
-        let mut sink = Splitting { logs, io };
+        let mut sink = Splitting { logs, io, exit };
         let supervised = supervise(&host, started, &mut sink, limits, stops).await;
         sink.flush().await;
         supervised
@@ -631,7 +637,7 @@ fn script_for(
     request: &JobRequest,
     attempt: u32,
     env: &[(String, String)],
-    marker: Option<&str>,
+    markers: &script::Markers<'_>,
 ) -> Bytes {
     let mut env = env.to_vec();
     env.push(("FLOTILLA_JOB_ID".to_owned(), request.job_id.clone()));
@@ -641,7 +647,7 @@ fn script_for(
     {
         env.push(("TRACEPARENT".to_owned(), traceparent));
     }
-    script::job_script(engine, request, &env, marker)
+    script::job_script(engine, request, &env, markers)
 }
 
 /// Counts the process as running; returns milliseconds from receipt.
@@ -774,6 +780,10 @@ trait LogSink {
     /// A notice from the node; one that cannot be published does not stop the job.
     async fn system(&mut self, text: &str);
     async fn output(&mut self, stream: LogStream, data: &[u8]) -> Result<(), LogError>;
+    /// The exit status the job script reported in band, if it did (see `exit_report`).
+    fn reported_exit(&self) -> Option<i64> {
+        None
+    }
 }
 
 impl LogSink for LogPublisher {
@@ -786,18 +796,24 @@ impl LogSink for LogPublisher {
     }
 }
 
-/// The job's log, with the workspace tar (after the marker on stdout) taken out.
+/// The job's log, with the workspace tar (after the marker on stdout) and the exit report (on
+/// stderr) taken out.
 struct Splitting<'a, S> {
     logs: &'a mut S,
     io: &'a mut WorkspaceIo,
+    exit: ExitReport,
 }
 
 impl<S: LogSink> Splitting<'_, S> {
-    /// Logs what was held back in case it began the marker.
+    /// Logs what was held back in case it began a marker.
     async fn flush(&mut self) {
         let held = self.io.end_of_output();
         if !held.is_empty() {
             let _ = self.logs.output(LogStream::Stdout, &held).await;
+        }
+        let held = self.exit.end();
+        if !held.is_empty() {
+            let _ = self.logs.output(LogStream::Stderr, &held).await;
         }
     }
 }
@@ -808,14 +824,19 @@ impl<S: LogSink> LogSink for Splitting<'_, S> {
     }
 
     async fn output(&mut self, stream: LogStream, data: &[u8]) -> Result<(), LogError> {
-        if stream != LogStream::Stdout {
-            return self.logs.output(stream, data).await;
-        }
-        let kept = self.io.split(data);
+        let kept = match stream {
+            LogStream::Stdout => self.io.split(data),
+            LogStream::Stderr => self.exit.feed(data),
+            LogStream::System => data.to_vec(),
+        };
         if kept.is_empty() {
             return Ok(());
         }
         self.logs.output(stream, &kept).await
+    }
+
+    fn reported_exit(&self) -> Option<i64> {
+        self.exit.status()
     }
 }
 
@@ -853,7 +874,15 @@ async fn supervise(
             stop_container(host, &started.id, reason, limits, logs).await;
         }
     }
-    let exit = host.runtime.wait(&started.id).await;
+    let exit = match (stop, logs.reported_exit()) {
+        // Ended on its own and said how: no need to wait for the runtime to notice (it is
+        // removed in the background). A SIGKILL may be an OOM kill, which the runtime knows.
+        (None, Some(code)) if code != 137 => Ok(Exit {
+            code,
+            oom_killed: false,
+        }),
+        _ => host.runtime.wait(&started.id).await,
+    };
     Supervised { stop, exit }
 }
 

@@ -6,6 +6,7 @@
 mod binaries;
 mod config;
 mod decide;
+mod exit_report;
 mod fence;
 mod forge;
 mod git;

@@ -23,13 +23,20 @@ const DIR: &str = "/workspace/.flotilla";
 
 /// `env` is for the engine only (its llm-gateway URL and token, the trace context): exported
 /// after the pre-hook.
-/// With `marker`, the script ends by printing it on a line of its own, then a tar of
-/// `/workspace` (see `workspace::WorkspaceIo`).
+/// The lines the node reads out of the job's output.
+pub(crate) struct Markers<'a> {
+    /// Printed on stdout before a tar of `/workspace` (see `workspace::WorkspaceIo`), when the
+    /// node wants the workspace back.
+    pub(crate) workspace: Option<&'a str>,
+    /// Printed on stderr with the exit status, last (see `exit_report`).
+    pub(crate) exit: &'a str,
+}
+
 pub(crate) fn job_script(
     engine: &Engine,
     request: &JobRequest,
     env: &[(String, String)],
-    marker: Option<&str>,
+    markers: &Markers<'_>,
 ) -> Bytes {
     let mut script = String::new();
     if request.git.is_some() || request.continues.is_some() {
@@ -97,12 +104,15 @@ pub(crate) fn job_script(
              || echo \"flotilla: post-hook failed with exit code $?\" >&2\n",
         );
     }
-    if let Some(marker) = marker {
+    if let Some(marker) = markers.workspace {
         script.push_str(&format!(
             "printf '\\n%s\\n' '{marker}'; tar -c -f - -C /workspace . 2>/dev/null\n"
         ));
     }
-    script.push_str("exit $status\n");
+    script.push_str(&format!(
+        "printf '\\n%s %s\\n' '{}' \"$status\" >&2\nexit $status\n",
+        markers.exit
+    ));
     Bytes::from(script)
 }
 

@@ -1,0 +1,129 @@
+//! The job script's exit status, in band: its last write is `\n<marker> <status>\n` on stderr,
+//! so the node knows how the job ended as soon as the output stream does, instead of waiting
+//! for Docker to report the exit (tens of milliseconds after the process is gone). The marker
+//! is random per attempt and kept out of the log. A job can read it (it is in its own script)
+//! and print a false status: that misreports only its own job, and the script's real report
+//! comes last. An exit of 137 (SIGKILL) is still asked of the runtime, which knows an OOM kill.
+
+/// Splits the report off standard error and keeps the last status it gave.
+pub(crate) struct ExitReport {
+    marker: String,
+    /// Output that may be the start of the report, held back.
+    held: Vec<u8>,
+    status: Option<i64>,
+}
+
+impl ExitReport {
+    pub(crate) fn new() -> Self {
+        Self {
+            marker: format!("FLOTILLA-EXIT-{}", uuid::Uuid::new_v4().simple()),
+            held: Vec::new(),
+            status: None,
+        }
+    }
+
+    /// What the job script prints as its report's prefix.
+    pub(crate) fn marker(&self) -> &str {
+        &self.marker
+    }
+
+    /// The status reported, if the report came.
+    pub(crate) fn status(&self) -> Option<i64> {
+        self.status
+    }
+
+    /// Standard error as it arrives: returns what belongs in the job's log.
+    pub(crate) fn feed(&mut self, data: &[u8]) -> Vec<u8> {
+        let prefix = format!("\n{} ", self.marker);
+        let prefix = prefix.as_bytes();
+        let mut buf = std::mem::take(&mut self.held);
+        buf.extend_from_slice(data);
+        let mut log = Vec::with_capacity(buf.len());
+        let mut rest = buf.as_slice();
+        while let Some(at) = find(rest, prefix) {
+            log.extend_from_slice(&rest[..at]);
+            let after = &rest[at + prefix.len()..];
+            let Some(end) = after.iter().position(|&b| b == b'\n') else {
+                // The report has begun; the rest of it comes with the next write.
+                self.held = rest[at..].to_vec();
+                return log;
+            };
+            match std::str::from_utf8(&after[..end])
+                .ok()
+                .and_then(|s| s.parse().ok())
+            {
+                Some(status) => self.status = Some(status),
+                // Not a report after all: it is output.
+                None => log.extend_from_slice(&rest[at..at + prefix.len() + end + 1]),
+            }
+            rest = &after[end + 1..];
+        }
+        let keep = (1..prefix.len().min(rest.len() + 1))
+            .rev()
+            .find(|&n| rest.ends_with(&prefix[..n]))
+            .unwrap_or(0);
+        log.extend_from_slice(&rest[..rest.len() - keep]);
+        self.held = rest[rest.len() - keep..].to_vec();
+        log
+    }
+
+    /// What was held back, once the output has ended.
+    pub(crate) fn end(&mut self) -> Vec<u8> {
+        std::mem::take(&mut self.held)
+    }
+}
+
+fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
+    haystack.windows(needle.len()).position(|w| w == needle)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run(report: &mut ExitReport, text: &str, size: usize) -> Vec<u8> {
+        let mut log = Vec::new();
+        for chunk in text.as_bytes().chunks(size) {
+            log.extend(report.feed(chunk));
+        }
+        log.extend(report.end());
+        log
+    }
+
+    #[test]
+    fn the_report_is_found_wherever_the_writes_break_and_kept_out_of_the_log() {
+        for size in [1, 3, 7, 200] {
+            let mut report = ExitReport::new();
+            let text = format!("warning: x\n{} 3\n", report.marker());
+            assert_eq!(
+                run(&mut report, &text, size),
+                b"warning: x",
+                "writes of {size}"
+            );
+            assert_eq!(report.status(), Some(3));
+        }
+    }
+
+    #[test]
+    fn the_last_report_wins_and_a_malformed_one_is_output() {
+        let mut report = ExitReport::new();
+        let marker = report.marker().to_owned();
+        let text = format!("a\n{marker} 0\nb\n{marker} nope\n\n{marker} 1\n");
+        let log = run(&mut report, &text, 4);
+        assert_eq!(report.status(), Some(1));
+        assert_eq!(
+            String::from_utf8(log).unwrap(),
+            format!("ab\n{marker} nope\n")
+        );
+    }
+
+    #[test]
+    fn output_without_a_report_is_all_log() {
+        let mut report = ExitReport::new();
+        assert_eq!(
+            run(&mut report, "just\nFLOTILLA-EX", 2),
+            b"just\nFLOTILLA-EX"
+        );
+        assert_eq!(report.status(), None);
+    }
+}
