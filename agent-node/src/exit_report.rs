@@ -32,31 +32,39 @@ impl ExitReport {
         self.status
     }
 
-    /// Standard error as it arrives: returns what belongs in the job's log.
+    /// Standard error as it arrives: returns what belongs in the job's log. Only what may be
+    /// the start of the marker itself is held back, never a line's newline (a live log shows
+    /// each line as it comes); the newline the script prints before the report is dropped
+    /// when it arrives with it.
     pub(crate) fn feed(&mut self, data: &[u8]) -> Vec<u8> {
-        let prefix = format!("\n{} ", self.marker);
+        let prefix = format!("{} ", self.marker);
         let prefix = prefix.as_bytes();
         let mut buf = std::mem::take(&mut self.held);
         buf.extend_from_slice(data);
         let mut log = Vec::with_capacity(buf.len());
         let mut rest = buf.as_slice();
         while let Some(at) = find(rest, prefix) {
-            log.extend_from_slice(&rest[..at]);
             let after = &rest[at + prefix.len()..];
             let Some(end) = after.iter().position(|&b| b == b'\n') else {
                 // The report has begun; the rest of it comes with the next write.
+                log.extend_from_slice(&rest[..at]);
                 self.held = rest[at..].to_vec();
                 return log;
             };
-            match std::str::from_utf8(&after[..end])
+            let status = std::str::from_utf8(&after[..end])
                 .ok()
-                .and_then(|s| s.parse().ok())
-            {
-                Some(status) => self.status = Some(status),
+                .and_then(|s| s.parse().ok());
+            let line_end = at + prefix.len() + end + 1;
+            match status {
+                Some(status) => {
+                    self.status = Some(status);
+                    let before = &rest[..at];
+                    log.extend_from_slice(before.strip_suffix(b"\n").unwrap_or(before));
+                }
                 // Not a report after all: it is output.
-                None => log.extend_from_slice(&rest[at..at + prefix.len() + end + 1]),
+                None => log.extend_from_slice(&rest[..line_end]),
             }
-            rest = &after[end + 1..];
+            rest = &rest[line_end..];
         }
         let keep = (1..prefix.len().min(rest.len() + 1))
             .rev()
@@ -94,11 +102,13 @@ mod tests {
     fn the_report_is_found_wherever_the_writes_break_and_kept_out_of_the_log() {
         for size in [1, 3, 7, 200] {
             let mut report = ExitReport::new();
-            let text = format!("warning: x\n{} 3\n", report.marker());
-            assert_eq!(
-                run(&mut report, &text, size),
-                b"warning: x",
-                "writes of {size}"
+            let text = format!("warning: x\n\n{} 3\n", report.marker());
+            // The newline before the report goes when it comes in the same write.
+            let log = run(&mut report, &text, size);
+            assert!(
+                log == b"warning: x\n" || log == b"warning: x\n\n",
+                "writes of {size}: {:?}",
+                String::from_utf8_lossy(&log)
             );
             assert_eq!(report.status(), Some(3));
         }
@@ -108,13 +118,20 @@ mod tests {
     fn the_last_report_wins_and_a_malformed_one_is_output() {
         let mut report = ExitReport::new();
         let marker = report.marker().to_owned();
-        let text = format!("a\n{marker} 0\nb\n{marker} nope\n\n{marker} 1\n");
-        let log = run(&mut report, &text, 4);
+        let text = format!("a\n\n{marker} 0\nb\n{marker} nope\n\n{marker} 1\n");
+        let log = run(&mut report, &text, 400);
         assert_eq!(report.status(), Some(1));
         assert_eq!(
             String::from_utf8(log).unwrap(),
-            format!("ab\n{marker} nope\n")
+            format!("a\nb\n{marker} nope\n")
         );
+    }
+
+    #[test]
+    fn a_line_s_newline_is_never_held_back() {
+        let mut report = ExitReport::new();
+        assert_eq!(report.feed(b"oops\n"), b"oops\n");
+        assert_eq!(report.feed(b"FLOTILLA-EX"), b"");
     }
 
     #[test]
