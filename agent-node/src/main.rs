@@ -146,10 +146,13 @@ fn config(args: Args) -> anyhow::Result<agent_node::Config> {
         Some(path) => agent_node::Credentials::load(path).map_err(anyhow::Error::msg)?,
         None => agent_node::Credentials::default(),
     };
-    let git = agent_node::GitConfig {
-        cache_dir: args
-            .git_cache_dir
+    // Absolute: git reaches the mirrors through file:// URLs.
+    let git_cache_dir = std::path::absolute(
+        args.git_cache_dir
             .unwrap_or_else(|| args.state_dir.join(&node_id).join("git")),
+    )?;
+    let git = agent_node::GitConfig {
+        cache_dir: git_cache_dir,
         credentials,
         author_name: args.git_author_name,
         author_email: args.git_author_email,

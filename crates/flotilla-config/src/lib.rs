@@ -39,8 +39,9 @@ pub enum ConfigError {
     #[error(
         "this service's validation limits differ from the fleet's: the fleet runs with \
          {found}, this service with {wanted}. Give it the same FLOTILLA_DEFAULT_*, \
-         FLOTILLA_MAX_JOB_* and FLOTILLA_ALLOW_PRIVATE_WEBHOOKS as the other services, or start \
-         it once with FLOTILLA_TOPOLOGY_UPDATE=true to make its limits the fleet's"
+         FLOTILLA_MAX_JOB_*, FLOTILLA_ALLOW_PRIVATE_WEBHOOKS and FLOTILLA_GIT_ALLOWED_HOSTS as \
+         the other services, or start it once with FLOTILLA_TOPOLOGY_UPDATE=true to make its \
+         limits the fleet's"
     )]
     LimitsDiffer { found: String, wanted: String },
 }
