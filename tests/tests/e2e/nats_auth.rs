@@ -121,15 +121,11 @@ async fn every_service_refused_by_nats_exits_with_a_clear_error() {
             .env("FLOTILLA_NATS_PASSWORD", wrong)
             .env("FLOTILLA_ENGINES_DIR", root.join("engines"))
             .env("FLOTILLA_PROFILES_DIR", root.join("profiles"))
-            .env("FLOTILLA_LISTEN", format!("127.0.0.1:{}", free_port()))
-            .env(
-                "FLOTILLA_DISPATCHER_LISTEN",
-                format!("127.0.0.1:{}", free_port()),
-            )
-            .env(
-                "FLOTILLA_LLM_GATEWAY_LISTEN",
-                format!("127.0.0.1:{}", free_port()),
-            )
+            // Port 0: the services bind before they connect, and nothing here connects to
+            // them; a port picked ahead could be taken by a test running beside this one.
+            .env("FLOTILLA_LISTEN", "127.0.0.1:0")
+            .env("FLOTILLA_DISPATCHER_LISTEN", "127.0.0.1:0")
+            .env("FLOTILLA_LLM_GATEWAY_LISTEN", "127.0.0.1:0")
             .env("FLOTILLA_STATE_DIR", dir.path().join("state"))
             .env("FLOTILLA_NODE_ID", format!("nats-auth-{}", free_port()))
             .env("FLOTILLA_CLUSTER", format!("nats-auth-{}", free_port()))
@@ -143,7 +139,7 @@ async fn every_service_refused_by_nats_exits_with_a_clear_error() {
     command
         .env("FLOTILLA_NATS_URL", nats.url())
         .env("FLOTILLA_NATS_USER", "flotilla")
-        .env("FLOTILLA_LISTEN", format!("127.0.0.1:{}", free_port()));
+        .env("FLOTILLA_LISTEN", "127.0.0.1:0");
     let mut no_password =
         Process::spawn_command("api-gateway", command, &dir.path().join("no-password.log"))
             .unwrap();
