@@ -5,9 +5,13 @@
 //! and print a false status: that misreports only its own job, and the script's real report
 //! comes last. An exit of 137 (SIGKILL) is still asked of the runtime, which knows an OOM kill.
 
+use crate::marker;
+
 /// Splits the report off standard error and keeps the last status it gave.
 pub(crate) struct ExitReport {
     marker: String,
+    /// `<marker> `, as the report begins.
+    prefix: Vec<u8>,
     /// Output that may be the start of the report, held back.
     held: Vec<u8>,
     status: Option<i64>,
@@ -15,8 +19,10 @@ pub(crate) struct ExitReport {
 
 impl ExitReport {
     pub(crate) fn new() -> Self {
+        let marker = format!("FLOTILLA-EXIT-{}", uuid::Uuid::new_v4().simple());
         Self {
-            marker: format!("FLOTILLA-EXIT-{}", uuid::Uuid::new_v4().simple()),
+            prefix: format!("{marker} ").into_bytes(),
+            marker,
             held: Vec::new(),
             status: None,
         }
@@ -37,13 +43,12 @@ impl ExitReport {
     /// each line as it comes); the newline the script prints before the report is dropped
     /// when it arrives with it.
     pub(crate) fn feed(&mut self, data: &[u8]) -> Vec<u8> {
-        let prefix = format!("{} ", self.marker);
-        let prefix = prefix.as_bytes();
+        let prefix = self.prefix.as_slice();
         let mut buf = std::mem::take(&mut self.held);
         buf.extend_from_slice(data);
         let mut log = Vec::with_capacity(buf.len());
         let mut rest = buf.as_slice();
-        while let Some(at) = find(rest, prefix) {
+        while let Some(at) = marker::find(rest, prefix) {
             let after = &rest[at + prefix.len()..];
             let Some(end) = after.iter().position(|&b| b == b'\n') else {
                 // The report has begun; the rest of it comes with the next write.
@@ -66,10 +71,7 @@ impl ExitReport {
             }
             rest = &rest[line_end..];
         }
-        let keep = (1..prefix.len().min(rest.len() + 1))
-            .rev()
-            .find(|&n| rest.ends_with(&prefix[..n]))
-            .unwrap_or(0);
+        let keep = marker::partial_suffix(rest, prefix);
         log.extend_from_slice(&rest[..rest.len() - keep]);
         self.held = rest[rest.len() - keep..].to_vec();
         log
@@ -79,10 +81,6 @@ impl ExitReport {
     pub(crate) fn end(&mut self) -> Vec<u8> {
         std::mem::take(&mut self.held)
     }
-}
-
-fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
-    haystack.windows(needle.len()).position(|w| w == needle)
 }
 
 #[cfg(test)]

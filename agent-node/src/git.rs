@@ -539,12 +539,12 @@ impl Checkout {
     /// (never forced); returns the commit id.
     pub(crate) async fn push(
         &self,
-        git: &Git,
+        repos: &Git,
         worktree: &Path,
         push: &Push,
     ) -> Result<String, GitError> {
         let tree = output(self.in_worktree(worktree).arg("write-tree")).await?;
-        let (name, email) = git.author();
+        let (name, email) = repos.author();
         let mut commit = self.in_worktree(worktree);
         commit
             .args(["commit-tree", tree.trim(), "-p", &self.base, "-F", "-"])
@@ -556,7 +556,7 @@ impl Checkout {
             ]);
         let commit = output_with_input(&mut commit, push.commit_message.as_bytes()).await?;
         let commit = commit.trim().to_owned();
-        let mut cmd = git_cmd(Some(&self.repo()));
+        let mut cmd = git(Some(&self.repo()));
         cmd.args(&self.remote.args)
             .args(["push", "-q", "--"])
             .arg(&self.remote.url)
@@ -625,10 +625,6 @@ impl Checkout {
 /// `git` with a clean environment: no user or system configuration, no prompts, no pager,
 /// no hooks, no transport unless the command allows it.
 fn git(dir: Option<&Path>) -> tokio::process::Command {
-    git_cmd(dir)
-}
-
-fn git_cmd(dir: Option<&Path>) -> tokio::process::Command {
     let mut cmd = tokio::process::Command::new("git");
     cmd.env_clear()
         .env("PATH", std::env::var_os("PATH").unwrap_or_default())

@@ -15,6 +15,7 @@ mod job;
 mod lease;
 mod llm_health;
 mod logs;
+mod marker;
 mod metrics;
 mod outbox;
 mod pool;

@@ -18,6 +18,7 @@ use flotilla_catalog::Engine;
 use crate::{
     Shared,
     git::{Checkout, GitError},
+    marker,
 };
 
 /// What the node knows of a job's workspace while it runs.
@@ -408,6 +409,8 @@ fn clean_path(path: &Path) -> Option<String> {
 /// tar, written to a temporary file (bounded).
 struct Capture {
     marker: String,
+    /// `\n<marker>\n`, as it appears in the output.
+    line: Vec<u8>,
     /// Output that may be the start of the marker, held back.
     pending: Vec<u8>,
     found: bool,
@@ -419,8 +422,10 @@ struct Capture {
 
 impl Capture {
     fn new(max: u64) -> std::io::Result<Self> {
+        let marker = format!("FLOTILLA-WORKSPACE-{}", uuid::Uuid::new_v4().simple());
         Ok(Self {
-            marker: format!("FLOTILLA-WORKSPACE-{}", uuid::Uuid::new_v4().simple()),
+            line: format!("\n{marker}\n").into_bytes(),
+            marker,
             pending: Vec::new(),
             found: false,
             file: tempfile::tempfile()?,
@@ -437,20 +442,16 @@ impl Capture {
             self.keep(data);
             return Vec::new();
         }
-        let line = format!("\n{}\n", self.marker);
-        let line = line.as_bytes();
         let mut buf = std::mem::take(&mut self.pending);
         buf.extend_from_slice(data);
-        if let Some(at) = find(&buf, line) {
+        if let Some(at) = marker::find(&buf, &self.line) {
             self.found = true;
-            self.keep(&buf[at + line.len()..]);
+            let after = buf.split_off(at + self.line.len());
+            self.keep(&after);
             buf.truncate(at);
             return buf;
         }
-        let held = (1..line.len().min(buf.len() + 1))
-            .rev()
-            .find(|&n| buf.ends_with(&line[..n]))
-            .unwrap_or(0);
+        let held = marker::partial_suffix(&buf, &self.line);
         self.pending = buf.split_off(buf.len() - held);
         buf
     }
@@ -464,10 +465,6 @@ impl Capture {
             self.overflowed = true;
         }
     }
-}
-
-fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
-    haystack.windows(needle.len()).position(|w| w == needle)
 }
 
 #[cfg(test)]
