@@ -563,10 +563,11 @@ async fn run_container(
         received,
     } = container;
     let spec = container_spec(shared, request, env);
-    let exit = ExitReport::new();
+    let exit = ExitReport::new(io.marker().is_none());
     let markers = script::Markers {
         workspace: io.marker(),
         exit: exit.marker(),
+        exit_on_stdout: exit.on_stdout(),
     };
     let script = script_for(engine, request, attempt, env, &markers);
     let job = JobRef {
@@ -600,7 +601,12 @@ async fn run_container(
         sink.flush().await;
         supervised
     }
-    .instrument(tracing::info_span!("run container", container = %id))
+    .instrument(tracing::info_span!(
+        "run container",
+        container = %id,
+        first_output_unix_ns = tracing::field::Empty,
+        exit_reported_unix_ns = tracing::field::Empty,
+    ))
     .await;
     host.clean_up(&id);
     supervised.into_outcome(start_ms)
@@ -784,6 +790,11 @@ trait LogSink {
     fn reported_exit(&self) -> Option<i64> {
         None
     }
+    /// The job script's output is all in (see `exit_report`): no need to read on to the end of
+    /// the stream.
+    fn output_complete(&self) -> bool {
+        false
+    }
 }
 
 impl LogSink for LogPublisher {
@@ -811,9 +822,11 @@ impl<S: LogSink> Splitting<'_, S> {
         if !held.is_empty() {
             let _ = self.logs.output(LogStream::Stdout, &held).await;
         }
-        let held = self.exit.end();
-        if !held.is_empty() {
-            let _ = self.logs.output(LogStream::Stderr, &held).await;
+        let (stdout, stderr) = self.exit.end();
+        for (stream, held) in [(LogStream::Stdout, stdout), (LogStream::Stderr, stderr)] {
+            if !held.is_empty() {
+                let _ = self.logs.output(stream, &held).await;
+            }
         }
     }
 }
@@ -825,8 +838,8 @@ impl<S: LogSink> LogSink for Splitting<'_, S> {
 
     async fn output(&mut self, stream: LogStream, data: &[u8]) -> Result<(), LogError> {
         let kept = match stream {
-            LogStream::Stdout => self.io.split(data),
-            LogStream::Stderr => self.exit.feed(data),
+            LogStream::Stdout => self.exit.feed(stream, &self.io.split(data)),
+            LogStream::Stderr => self.exit.feed(stream, data),
             LogStream::System => data.to_vec(),
         };
         if kept.is_empty() {
@@ -837,6 +850,10 @@ impl<S: LogSink> LogSink for Splitting<'_, S> {
 
     fn reported_exit(&self) -> Option<i64> {
         self.exit.status()
+    }
+
+    fn output_complete(&self) -> bool {
+        self.exit.complete()
     }
 }
 
@@ -855,12 +872,21 @@ async fn supervise(
     let deadline = tokio::time::sleep(limits.timeout);
     tokio::pin!(deadline);
     let mut stop = None;
+    let mut moments = Moments::default();
     loop {
         let requested = tokio::select! {
             batch = output.next() => {
                 let Some(batch) = batch else { break };
+                moments.output();
                 if let Err(e) = publish_batch(logs, batch).await {
                     tracing::warn!(error = %e, "log streaming failed");
+                }
+                if logs.reported_exit().is_some() {
+                    moments.exit_reported();
+                }
+                if logs.output_complete() && stop.is_none() {
+                    // The script said all it will: its container is removed in the background.
+                    break;
                 }
                 None
             }
@@ -884,6 +910,35 @@ async fn supervise(
         _ => host.runtime.wait(&started.id).await,
     };
     Supervised { stop, exit }
+}
+
+/// When the first output and the exit report arrived, recorded on the `run container` span
+/// (Unix nanoseconds, comparable with other spans' times) for `flotilla-bench`'s breakdown.
+#[derive(Default)]
+struct Moments {
+    output_seen: bool,
+    exit_seen: bool,
+}
+
+impl Moments {
+    fn output(&mut self) {
+        if !std::mem::replace(&mut self.output_seen, true) {
+            Self::record("first_output_unix_ns");
+        }
+    }
+
+    fn exit_reported(&mut self) {
+        if !std::mem::replace(&mut self.exit_seen, true) {
+            Self::record("exit_reported_unix_ns");
+        }
+    }
+
+    fn record(field: &'static str) {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64);
+        tracing::Span::current().record(field, now);
+    }
 }
 
 /// Says why in the job's log, then stops the container; its output stream then ends.

@@ -28,8 +28,10 @@ pub(crate) struct Markers<'a> {
     /// Printed on stdout before a tar of `/workspace` (see `workspace::WorkspaceIo`), when the
     /// node wants the workspace back.
     pub(crate) workspace: Option<&'a str>,
-    /// Printed on stderr with the exit status, last (see `exit_report`).
+    /// Printed with the exit status, last: on stderr, and first on stdout too when asked (see
+    /// `exit_report`).
     pub(crate) exit: &'a str,
+    pub(crate) exit_on_stdout: bool,
 }
 
 pub(crate) fn job_script(
@@ -109,10 +111,11 @@ pub(crate) fn job_script(
             "printf '\\n%s\\n' '{marker}'; tar -c -f - -C /workspace . 2>/dev/null\n"
         ));
     }
-    script.push_str(&format!(
-        "printf '\\n%s %s\\n' '{}' \"$status\" >&2\nexit $status\n",
-        markers.exit
-    ));
+    let report = format!("printf '\\n%s %s\\n' '{}' \"$status\"", markers.exit);
+    if markers.exit_on_stdout {
+        script.push_str(&format!("{report}\n"));
+    }
+    script.push_str(&format!("{report} >&2\nexit $status\n"));
     Bytes::from(script)
 }
 

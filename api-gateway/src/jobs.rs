@@ -17,6 +17,7 @@ use futures::future::join_all;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 use sha2::{Digest, Sha256};
+use tracing::Instrument as _;
 use utoipa::ToSchema;
 
 use crate::{
@@ -97,16 +98,21 @@ pub async fn create(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
-    let body = read_body(body, state.config.max_body_bytes).await?;
-    let submission = parse_submission(&body)?;
-    let idempotency_key = idempotency_key(&headers)?;
-    let request = flotilla_catalog::validate(
-        &state.catalog.current(),
-        &state.config.limits,
-        submission,
-        Origin::Http,
-        Utc::now(),
-    )
+    let (body, idempotency_key, request) = async {
+        let body = read_body(body, state.config.max_body_bytes).await?;
+        let submission = parse_submission(&body)?;
+        let idempotency_key = idempotency_key(&headers)?;
+        let request = flotilla_catalog::validate(
+            &state.catalog.current(),
+            &state.config.limits,
+            submission,
+            Origin::Http,
+            Utc::now(),
+        )
+        .await?;
+        Ok::<_, ApiError>((body, idempotency_key, request))
+    }
+    .instrument(tracing::info_span!("validate"))
     .await?;
 
     let claim = match &idempotency_key {

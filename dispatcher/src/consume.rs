@@ -6,23 +6,25 @@ use async_nats::jetstream::{self, consumer::PullConsumer};
 use futures::StreamExt;
 use tokio_util::sync::CancellationToken;
 
-/// Hands each message of `consumer` to `handle` until `stop`, pulling again after errors.
-/// `handle` acks (or naks) the message itself.
+/// Hands each message of `consumer` to `handle`, up to `concurrency` at a time, until `stop`,
+/// pulling again after errors. `handle` acks (or naks) the message itself. On `stop`, no new
+/// message is taken and those being handled are finished.
 pub(crate) async fn consume<F, Fut>(
     consumer: &PullConsumer,
     what: &'static str,
     stop: &CancellationToken,
+    concurrency: usize,
     mut handle: F,
 ) where
     F: FnMut(jetstream::Message) -> Fut,
     Fut: Future<Output = ()>,
 {
-    loop {
+    while !stop.is_cancelled() {
         let messages = tokio::select! {
             () = stop.cancelled() => return,
             messages = consumer.stream().heartbeat(Duration::from_secs(5)).messages() => messages,
         };
-        let mut messages = match messages {
+        let messages = match messages {
             Ok(messages) => messages,
             Err(e) => {
                 tracing::warn!(error = %e, what, "cannot consume, retrying");
@@ -32,16 +34,13 @@ pub(crate) async fn consume<F, Fut>(
                 }
             }
         };
-        loop {
-            let next = tokio::select! {
-                () = stop.cancelled() => return,
-                next = messages.next() => next,
-            };
-            match next {
-                Some(Ok(message)) => handle(message).await,
-                Some(Err(e)) => tracing::debug!(error = %e, what, "stream hiccup"),
-                None => break,
-            }
-        }
+        messages
+            .take_until(stop.cancelled())
+            .filter_map(|next| async move {
+                next.inspect_err(|e| tracing::debug!(error = %e, what, "stream hiccup"))
+                    .ok()
+            })
+            .for_each_concurrent(concurrency, &mut handle)
+            .await;
     }
 }

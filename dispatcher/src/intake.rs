@@ -23,9 +23,14 @@ pub(crate) struct Intake {
     pub(crate) metrics: Arc<DispatcherMetrics>,
 }
 
+/// Submissions admitted at once: each waits on two JetStream round trips (the record, then the
+/// run queue), so one at a time caps intake at about 2,000/s. Admission is idempotent and the
+/// jobs are independent, so their order does not matter.
+const CONCURRENCY: usize = 256;
+
 pub(crate) async fn run(intake: Arc<Intake>, stop: CancellationToken) {
     let consumer = intake.topology.intake.clone();
-    crate::consume::consume(&consumer, "submissions", &stop, |message| {
+    crate::consume::consume(&consumer, "submissions", &stop, CONCURRENCY, |message| {
         intake.handle(message)
     })
     .await;

@@ -10,6 +10,7 @@
 //! message may be queued already.
 
 use flotilla_proto::{JobRecord, JobRequest, JobStatus};
+use tracing::Instrument as _;
 
 use crate::{QueueError, StoreError, Topology, Versioned, enqueue};
 
@@ -40,7 +41,13 @@ pub async fn submit(
     trace: async_nats::HeaderMap,
 ) -> Result<Submitted, SubmitError> {
     let record = JobRecord::pending(request);
-    let (versioned, created) = match topology.jobs.create(&record).await {
+    // Spans named for `flotilla-bench`'s breakdown of the dispatch path.
+    let created = topology
+        .jobs
+        .create(&record)
+        .instrument(tracing::info_span!("kv create"))
+        .await;
+    let (versioned, created) = match created {
         Ok(revision) => (Versioned { record, revision }, true),
         Err(StoreError::AlreadyExists(_)) => match topology.jobs.get(&request.job_id).await? {
             Some(current) if current.record.status == JobStatus::Pending => (current, false),
@@ -48,7 +55,10 @@ pub async fn submit(
         },
         Err(e) => return Err(e.into()),
     };
-    if let Err(e) = enqueue(&topology.js, request, trace).await {
+    let queued = enqueue(&topology.js, request, trace)
+        .instrument(tracing::info_span!("publish"))
+        .await;
+    if let Err(e) = queued {
         if created && let Err(undo) = topology.jobs.remove(&request.job_id).await {
             tracing::warn!(job_id = %request.job_id, error = %undo, "cannot remove the record of an unqueued job");
         }
