@@ -1,7 +1,9 @@
 //! The warm pool: containers created, attached and started ahead of time, each blocked on its
 //! stdin until it receives exactly one job. Taking one costs a write to a socket instead of a
 //! `docker create` + `start` (about 160-190 ms here). A container serves one job and is then
-//! removed; the pool refills in the background.
+//! removed; every take starts a refill at once, and the number kept ready grows with the
+//! recent arrival rate (up to [`GROWTH`] times the configured size) so that bursts do not
+//! empty it.
 
 use std::{
     collections::{BTreeMap, HashMap, HashSet, VecDeque},
@@ -12,6 +14,7 @@ use std::{
     time::Duration,
 };
 
+use futures::{StreamExt as _, stream::FuturesUnordered};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
@@ -19,6 +22,12 @@ use crate::{
     metrics::PoolMetrics,
     runtime::{ContainerRuntime, ContainerSpec, JobRef, Owner, Prepared, Role},
 };
+
+/// A key's pool may grow to this many times its configured size when jobs arrive faster than
+/// that many refills can follow.
+pub(crate) const GROWTH: usize = 4;
+/// Takes are counted over this window to size the pool.
+const RATE_WINDOW: Duration = Duration::from_secs(3);
 
 pub(crate) struct Pool {
     runtime: Arc<dyn ContainerRuntime>,
@@ -35,6 +44,8 @@ pub(crate) struct Pool {
     refills: AtomicU64,
     refill_micros: AtomicU64,
     refill_needed: tokio::sync::Notify,
+    /// When containers were taken, over the last [`RATE_WINDOW`].
+    takes: Mutex<VecDeque<Instant>>,
 }
 
 /// Pool figures for heartbeats.
@@ -67,6 +78,7 @@ impl Pool {
             refills: AtomicU64::new(0),
             refill_micros: AtomicU64::new(0),
             refill_needed: tokio::sync::Notify::new(),
+            takes: Mutex::new(VecDeque::new()),
         }
     }
 
@@ -84,10 +96,12 @@ impl Pool {
         drop(idle);
         if taken.is_some() {
             self.metrics.hits.inc();
-            self.refill_needed.notify_one();
         } else {
             self.metrics.misses.inc();
         }
+        // A miss counts as demand too: the pool grows to meet it.
+        self.note_take();
+        self.refill_needed.notify_one();
         taken
     }
 
@@ -143,18 +157,47 @@ impl Pool {
     }
 
     /// Keeps every key at its target, recycles containers idle too long and drops dead ones,
-    /// until `stop`; then removes every idle container.
+    /// until `stop`; then removes every idle container. Each missing container is prepared on
+    /// its own, so a take during a refill starts another one at once.
     pub(crate) async fn maintain(&self, stop: CancellationToken) {
         let mut ticker = tokio::time::interval(Duration::from_secs(5));
         let mut check_liveness = false;
+        let mut preparing = FuturesUnordered::new();
+        let mut in_flight = vec![0; self.targets.len()];
+        // After a failed prepare, a key waits for the next tick: no retry storm on Docker.
+        let mut failed = vec![false; self.targets.len()];
         loop {
             self.recycle(check_liveness).await;
-            self.top_up(&stop).await;
+            if check_liveness {
+                failed.fill(false);
+            }
+            for (i, (key, configured)) in self.targets.iter().enumerate() {
+                if failed[i] {
+                    continue;
+                }
+                let have = self.idle_len(key) + in_flight[i];
+                for _ in have..self.wanted(*configured) {
+                    in_flight[i] += 1;
+                    preparing.push(self.prepare(i, key));
+                }
+            }
             check_liveness = tokio::select! {
                 () = stop.cancelled() => break,
                 () = self.refill_needed.notified() => false,
                 _ = ticker.tick() => true,
+                Some((i, prepared)) = preparing.next() => {
+                    in_flight[i] -= 1;
+                    failed[i] |= prepared.is_err();
+                    self.add(&self.targets[i].0, prepared);
+                    false
+                }
             };
+        }
+        // Containers still being prepared are removed as they come.
+        while let Some((_, prepared)) = preparing.next().await {
+            if let Ok(prepared) = prepared {
+                self.runtime.remove(&prepared.id).await;
+            }
         }
         let all: Vec<Prepared> = self
             .idle
@@ -168,44 +211,68 @@ impl Pool {
         }
     }
 
-    /// Prepares every missing container at once: a burst of jobs empties the pool faster than
-    /// one-at-a-time refills could follow.
-    async fn top_up(&self, stop: &CancellationToken) {
-        for (key, target) in &self.targets {
-            let have = self
+    fn idle_len(&self, key: &ContainerSpec) -> usize {
+        self.idle
+            .lock()
+            .expect("pool lock")
+            .get(key)
+            .map_or(0, VecDeque::len)
+    }
+
+    /// How many containers a key with `configured` should keep: enough to cover the takes
+    /// expected while one refill runs, twice over, within [`GROWTH`] times `configured`.
+    fn wanted(&self, configured: usize) -> usize {
+        let per_s = {
+            let mut takes = self.takes.lock().expect("takes lock");
+            while takes.front().is_some_and(|t| t.elapsed() > RATE_WINDOW) {
+                takes.pop_front();
+            }
+            takes.len() as f64 / RATE_WINDOW.as_secs_f64()
+        };
+        let refill_s = self.stats().refill_avg_ms / 1000.0;
+        let needed = (per_s * refill_s * 2.0).ceil() as usize;
+        needed.clamp(configured, configured * GROWTH)
+    }
+
+    fn note_take(&self) {
+        let mut takes = self.takes.lock().expect("takes lock");
+        takes.push_back(Instant::now());
+        // Bounded: only the count over the window matters.
+        if takes.len() > 10_000 {
+            takes.pop_front();
+        }
+    }
+
+    /// Prepares one warm container for the key at `index` of the targets.
+    async fn prepare(
+        &self,
+        index: usize,
+        key: &ContainerSpec,
+    ) -> (usize, Result<Prepared, crate::runtime::RuntimeError>) {
+        let started = Instant::now();
+        let name = format!("flotilla-warm-{}-{}", self.node_id, uuid_suffix());
+        let owner = self.owner(Role::Warm, None);
+        let prepared = self.runtime.prepare(key, &name, &owner).await;
+        if prepared.is_ok() {
+            let took = started.elapsed();
+            self.refills.fetch_add(1, Ordering::Relaxed);
+            self.refill_micros
+                .fetch_add(took.as_micros() as u64, Ordering::Relaxed);
+            self.metrics.refill_seconds.observe(took.as_secs_f64());
+        }
+        (index, prepared)
+    }
+
+    fn add(&self, key: &ContainerSpec, prepared: Result<Prepared, crate::runtime::RuntimeError>) {
+        match prepared {
+            Ok(prepared) => self
                 .idle
                 .lock()
                 .expect("pool lock")
-                .get(key)
-                .map_or(0, VecDeque::len);
-            if have >= *target || stop.is_cancelled() {
-                continue;
-            }
-            let owner = self.owner(Role::Warm, None);
-            let prepared = futures::future::join_all((have..*target).map(|_| async {
-                let started = Instant::now();
-                let name = format!("flotilla-warm-{}-{}", self.node_id, uuid_suffix());
-                let prepared = self.runtime.prepare(key, &name, &owner).await;
-                (prepared, started.elapsed())
-            }))
-            .await;
-            for (result, took) in prepared {
-                match result {
-                    Ok(prepared) => {
-                        self.refills.fetch_add(1, Ordering::Relaxed);
-                        self.refill_micros
-                            .fetch_add(took.as_micros() as u64, Ordering::Relaxed);
-                        self.metrics.refill_seconds.observe(took.as_secs_f64());
-                        self.idle
-                            .lock()
-                            .expect("pool lock")
-                            .entry(key.clone())
-                            .or_default()
-                            .push_back(prepared);
-                    }
-                    Err(e) => tracing::warn!(error = %e, "cannot prepare a warm container"),
-                }
-            }
+                .entry(key.clone())
+                .or_default()
+                .push_back(prepared),
+            Err(e) => tracing::warn!(error = %e, "cannot prepare a warm container"),
         }
     }
 
@@ -327,5 +394,45 @@ mod tests {
         maintain.await.unwrap();
         let left: Vec<String> = fake.containers().into_iter().map(|c| c.id).collect();
         assert_eq!(left, [taken.id]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn jobs_arriving_faster_than_refills_grow_the_pool_within_its_bound() {
+        let fake = FakeRuntime::new(Behaviour::exit(0));
+        fake.set_prepare_delay(Duration::from_millis(500));
+        let pool = Arc::new(Pool::new(
+            Arc::new(fake.clone()),
+            "node-1".to_owned(),
+            "test".to_owned(),
+            vec![(spec(), 1)],
+            Duration::from_secs(3600),
+            PoolMetrics::default(),
+        ));
+        let stop = CancellationToken::new();
+        let maintain = tokio::spawn({
+            let (pool, stop) = (pool.clone(), stop.clone());
+            async move { pool.maintain(stop).await }
+        });
+        until_warm(&pool, 1).await;
+        // 10 jobs a second for 5 s, each refill taking 0.5 s: one warm container is not enough.
+        for _ in 0..50 {
+            pool.acquire(&spec());
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert_eq!(pool.wanted(1), GROWTH, "10/s × 0.5 s × 2 is over the bound");
+        // One container refilled every 0.5 s would have served at most 11 of the 50.
+        let stats = pool.stats();
+        assert!(
+            stats.hits > 25,
+            "hits {} misses {}",
+            stats.hits,
+            stats.misses
+        );
+
+        // Quiet again: back to the configured size once the window has passed.
+        tokio::time::sleep(RATE_WINDOW + Duration::from_secs(1)).await;
+        assert_eq!(pool.wanted(1), 1);
+        stop.cancel();
+        maintain.await.unwrap();
     }
 }

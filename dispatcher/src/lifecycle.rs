@@ -409,9 +409,13 @@ pub(crate) async fn dead_letters(
     stop: CancellationToken,
 ) {
     let consumer = topology.advisories.clone();
-    crate::consume::consume(&consumer, "max-deliveries advisories", &stop, 1, |message| {
-        dead_letter_advisory(&topology, &metrics, message)
-    })
+    crate::consume::consume(
+        &consumer,
+        "max-deliveries advisories",
+        &stop,
+        1,
+        |message| dead_letter_advisory(&topology, &metrics, message),
+    )
     .await;
 }
 

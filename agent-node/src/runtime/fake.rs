@@ -188,6 +188,8 @@ struct State {
     binaries: Option<HashSet<String>>,
     /// Why the job network's fence is broken, when it is.
     broken_fence: Option<String>,
+    /// How long preparing a container takes (a real one: 150-300 ms).
+    prepare_delay: Duration,
 }
 
 struct Inner {
@@ -232,6 +234,11 @@ impl FakeRuntime {
     /// The next `times` calls of `op` fail.
     pub fn fail(&self, op: Op, times: usize) {
         self.state().faults.insert(op, times);
+    }
+
+    /// Preparing a container takes `delay` from now on.
+    pub fn set_prepare_delay(&self, delay: Duration) {
+        self.state().prepare_delay = delay;
     }
 
     pub fn set_missing_image(&self, image: &str) {
@@ -447,15 +454,15 @@ struct Process {
     exit: watch::Sender<Option<Exit>>,
 }
 
-/// The job script out of what the launcher reads: its length on the first line, then the
-/// script (what follows is the workspace tar, which the fake does not unpack).
+/// The job script out of what the launcher reads: its length on the first line (then `tar`
+/// when a workspace tar follows the script, which the fake does not unpack), then the script.
 fn job_script(stdin: Vec<u8>) -> Vec<u8> {
     let Some(newline) = stdin.iter().position(|&b| b == b'\n') else {
         return stdin;
     };
     let Some(len) = std::str::from_utf8(&stdin[..newline])
         .ok()
-        .and_then(|n| n.parse::<usize>().ok())
+        .and_then(|header| header.split(' ').next()?.parse::<usize>().ok())
     else {
         return stdin;
     };
@@ -575,10 +582,13 @@ impl ContainerRuntime for FakeRuntime {
         name: &'a str,
         owner: &'a Owner,
     ) -> BoxFuture<'a, Result<Prepared, RuntimeError>> {
-        let prepared = self
-            .faulted(Op::Prepare)
-            .map(|()| self.create(spec, name, owner));
-        futures::future::ready(prepared).boxed()
+        let delay = self.state().prepare_delay;
+        async move {
+            tokio::time::sleep(delay).await;
+            self.faulted(Op::Prepare)
+                .map(|()| self.create(spec, name, owner))
+        }
+        .boxed()
     }
 
     fn rename<'a>(&'a self, id: &'a str, name: &'a str) -> BoxFuture<'a, ()> {

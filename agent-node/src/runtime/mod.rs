@@ -186,8 +186,8 @@ impl Prepared {
     }
 
     /// Sends the job script, then `archive` (a tar the script unpacks in `/workspace`), and
-    /// closes stdin. The launcher reads the script's length on the first line, then exactly
-    /// that many bytes, and runs the script with the rest of stdin as its own.
+    /// closes stdin. The header line gives the script's length and says whether a tar follows
+    /// (see the Docker runtime's launcher).
     pub async fn launch_with(
         mut self,
         script: &[u8],
@@ -197,7 +197,10 @@ impl Prepared {
             runtime: self.runtime,
             source,
         };
-        let header = format!("{}\n", script.len());
+        let header = match archive {
+            Some(_) => format!("{} tar\n", script.len()),
+            None => format!("{}\n", script.len()),
+        };
         self.input
             .write_all(header.as_bytes())
             .await

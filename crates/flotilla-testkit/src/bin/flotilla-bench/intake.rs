@@ -114,3 +114,39 @@ pub async fn direct(fleet: &Fleet, count: usize) -> anyhow::Result<f64> {
     .await?;
     Ok(count as f64 / started.elapsed().as_secs_f64())
 }
+
+/// The same load from `wrk -t2 -c16` when wrk is installed (`apt-get install wrk`): a leaner
+/// load generator than this process's own, as issue 16 measured. Its summary lines, or `None`.
+pub fn wrk(fleet: &Fleet, duration: Duration) -> anyhow::Result<Option<String>> {
+    if std::process::Command::new("wrk")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
+        return Ok(None);
+    }
+    let dir = tempfile::tempdir()?;
+    let script = dir.path().join("post.lua");
+    std::fs::write(
+        &script,
+        r#"wrk.method = "POST"
+wrk.headers["Content-Type"] = "application/json"
+wrk.body = '{"agent_id": "wrk", "engine": "shell", "prompt": "true"}'
+"#,
+    )?;
+    let output = std::process::Command::new("wrk")
+        .args(["-t2", "-c16", "--latency", "-s"])
+        .arg(&script)
+        .arg(format!("-d{}s", duration.as_secs()))
+        .arg(format!("{}/jobs", fleet.api))
+        .output()?;
+    let text = String::from_utf8_lossy(&output.stdout);
+    let wanted = ["Latency ", "99%", "Requests/sec", "Non-2xx"];
+    Ok(Some(
+        text.lines()
+            .filter(|line| wanted.iter().any(|w| line.trim_start().starts_with(w)))
+            .map(|line| format!("    wrk: {}", line.trim()))
+            .collect::<Vec<_>>()
+            .join("\n"),
+    ))
+}

@@ -88,6 +88,17 @@ async fn main() -> anyhow::Result<()> {
         &attach,
         None,
     );
+    // What the job script does before an `echo` job's first byte (dd of the script, sh, mkdir,
+    // sh of the shell engine's job file): the container's own part of the first byte.
+    let shape = "echo x | dd bs=65536 count=2 iflag=count_bytes,fullblock of=/tmp/j 2>/dev/null; \
+        /bin/sh -c 'mkdir -p /tmp/w/.f; printf \"%s\" \"echo hi\" > /tmp/w/.f/job.sh; \
+        /bin/sh /tmp/w/.f/job.sh </dev/null & c=$!; wait $c'";
+    let attach = raw::attach_echo(&docker, plan.samples, shape).await?;
+    report(
+        "    raw attach: stdin line → a job script's shape, echo",
+        &attach,
+        None,
+    );
     let base = Baseline {
         exec_ms: median(&exec),
         run_ms: median(&run),
@@ -221,8 +232,7 @@ struct Intake {
     direct_per_s: f64,
 }
 
-/// (g): intake on fleets without nodes (a fresh one for direct submissions, so the run queue's
-/// message cap is never reached).
+/// (g): intake on fleets without nodes.
 async fn intake(plan: &Plan) -> anyhow::Result<Intake> {
     let fleet = Fleet::builder().nodes(0).start().await?;
     let single = intake::one_at_a_time(&fleet, plan.intake_posts).await?;
@@ -239,6 +249,13 @@ async fn intake(plan: &Plan) -> anyhow::Result<Intake> {
         &load.latencies,
         None,
     );
+    drop(fleet);
+    // A fresh fleet for each load: the run queue holds at most 100,000 jobs.
+    let fleet = Fleet::builder().nodes(0).start().await?;
+    match intake::wrk(&fleet, plan.load)? {
+        Some(figures) => println!("    wrk -t2 -c16 for {} s:\n{figures}", plan.load.as_secs()),
+        None => println!("    (wrk not installed: no wrk figure)"),
+    }
     drop(fleet);
     let fleet = Fleet::builder().nodes(0).start().await?;
     let direct = intake::direct(&fleet, plan.direct).await?;
