@@ -1284,6 +1284,7 @@ mod container_tests {
                 "node-1".to_owned(),
                 "test".to_owned(),
                 targets,
+                4,
                 Duration::from_secs(3600),
                 PoolMetrics::default(),
             );

@@ -265,6 +265,7 @@ fn build_pool(
         config.node_id.clone(),
         config.cluster.clone(),
         targets,
+        config.slots as usize,
         config.pool_max_idle,
         metrics.pool.clone(),
     );

@@ -35,6 +35,9 @@ pub(crate) struct Pool {
     cluster: String,
     /// Keys kept warm and how many containers each.
     targets: Vec<(ContainerSpec, usize)>,
+    /// The node's job slots: more warm containers per key than jobs that can run at once
+    /// would only add Docker work when Docker is what limits the node.
+    slots: usize,
     max_idle: Duration,
     idle: Mutex<HashMap<ContainerSpec, VecDeque<Prepared>>>,
     /// Containers (warm or cold) running a job on this node.
@@ -63,6 +66,7 @@ impl Pool {
         node_id: String,
         cluster: String,
         targets: Vec<(ContainerSpec, usize)>,
+        slots: usize,
         max_idle: Duration,
         metrics: PoolMetrics,
     ) -> Self {
@@ -71,6 +75,7 @@ impl Pool {
             node_id,
             cluster,
             targets,
+            slots,
             max_idle,
             idle: Mutex::new(HashMap::new()),
             active: Mutex::new(HashSet::new()),
@@ -220,7 +225,8 @@ impl Pool {
     }
 
     /// How many containers a key with `configured` should keep: enough to cover the takes
-    /// expected while one refill runs, twice over, within [`GROWTH`] times `configured`.
+    /// expected while one refill runs, twice over, within [`GROWTH`] times `configured` and
+    /// the node's slots (never below `configured`).
     fn wanted(&self, configured: usize) -> usize {
         let per_s = {
             let mut takes = self.takes.lock().expect("takes lock");
@@ -231,7 +237,8 @@ impl Pool {
         };
         let refill_s = self.stats().refill_avg_ms / 1000.0;
         let needed = (per_s * refill_s * 2.0).ceil() as usize;
-        needed.clamp(configured, configured * GROWTH)
+        let ceiling = (configured * GROWTH).min(self.slots).max(configured);
+        needed.clamp(configured, ceiling)
     }
 
     fn note_take(&self) {
@@ -360,6 +367,7 @@ mod tests {
             "node-1".to_owned(),
             "test".to_owned(),
             vec![(spec(), 2)],
+            2,
             Duration::from_secs(3600),
             PoolMetrics::default(),
         ));
@@ -405,6 +413,7 @@ mod tests {
             "node-1".to_owned(),
             "test".to_owned(),
             vec![(spec(), 1)],
+            8,
             Duration::from_secs(3600),
             PoolMetrics::default(),
         ));

@@ -75,7 +75,8 @@ pub(crate) fn job_script(
         match engine.kind {
             EngineKind::Shell => {
                 write_file(&mut script, &format!("{DIR}/job.sh"), &request.prompt);
-                "/bin/sh \"$F/job.sh\"".to_owned()
+                // Sourced in a subshell: a fork, not a second shell's exec (about 1 ms here).
+                "( . \"$F/job.sh\" )".to_owned()
             }
             EngineKind::Cli => engine
                 .command_line(request)
