@@ -429,9 +429,11 @@ async fn output_that_flips_between_streams_is_capped_by_chunk_count() {
         .await
         .unwrap();
     // A switch between stdout and stderr starts a new chunk: far more than 50, a few bytes each.
+    // The pause keeps the writes apart: without it the pipes can hold all of it, and Docker
+    // reads each stream in a few large frames when the machine is busy.
     let job_id = submit(
         &fleet,
-        shell("i=0; while [ $i -lt 5000 ]; do echo out; echo err >&2; i=$((i+1)); done; echo last"),
+        shell("i=0; while [ $i -lt 200 ]; do echo out; echo err >&2; usleep 5000; i=$((i+1)); done; echo last"),
     )
     .await;
     let job = wait(&fleet, &job_id).await;
