@@ -575,12 +575,19 @@ async fn run_container(
         attempt,
     };
     let host = Host::of(shared);
-    let started = start_container(&host, &spec, &job, &script, io.archive())
-        .instrument(tracing::info_span!(
+    let notice = format!(
+        "attempt {attempt} started on node {}",
+        shared.config.node_id
+    );
+    // The notice's publish and ack overlap the hand-off, instead of holding up the first read
+    // of the job's output; it still comes first in the log (its sequence number is taken now).
+    let (_, started) = tokio::join!(
+        logs.system(&notice),
+        start_container(&host, &spec, &job, &script, io.archive()).instrument(tracing::info_span!(
             "start container",
             pool = tracing::field::Empty
-        ))
-        .await;
+        )),
+    );
     let (started, pool_use) = match started {
         Ok(started) => started,
         Err(e) => return start_failed(&e),
@@ -592,10 +599,6 @@ async fn run_container(
         grace: shared.config.stop_grace,
     };
     let supervised = async {
-        let node_id = &shared.config.node_id;
-        let _ = logs
-            .system(&format!("attempt {attempt} started on node {node_id}"))
-            .await;
         let mut sink = Splitting { logs, io, exit };
         let supervised = supervise(&host, started, &mut sink, limits, stops).await;
         sink.flush().await;
