@@ -581,18 +581,22 @@ async fn run_container(
     );
     // The notice's publish and ack overlap the hand-off, instead of holding up the first read
     // of the job's output; it still comes first in the log (its sequence number is taken now).
-    let (_, started) = tokio::join!(
-        logs.system(&notice),
-        start_container(&host, &spec, &job, &script, io.archive()).instrument(tracing::info_span!(
-            "start container",
-            pool = tracing::field::Empty
-        )),
-    );
+    let start = async {
+        let started = start_container(&host, &spec, &job, &script, io.archive())
+            .instrument(tracing::info_span!(
+                "start container",
+                pool = tracing::field::Empty
+            ))
+            .await;
+        // The process runs now, whenever the notice's ack comes.
+        (started, tokio::time::Instant::now())
+    };
+    let (_, (started, running_at)) = tokio::join!(logs.system(&notice), start);
     let (started, pool_use) = match started {
         Ok(started) => started,
         Err(e) => return start_failed(&e),
     };
-    let start_ms = note_running(shared, request, attempt, received, pool_use);
+    let start_ms = note_running(shared, request, attempt, received, running_at, pool_use);
     let id = started.id.clone();
     let limits = Limits {
         timeout: Duration::from_secs(request.timeout_seconds),
@@ -659,19 +663,21 @@ fn script_for(
     script::job_script(engine, request, &env, markers)
 }
 
-/// Counts the process as running; returns milliseconds from receipt.
+/// Counts the process as running since `running_at`; returns milliseconds from receipt.
 fn note_running(
     shared: &Shared,
     request: &JobRequest,
     attempt: u32,
     received: tokio::time::Instant,
+    running_at: tokio::time::Instant,
     pool_use: PoolUse,
 ) -> f64 {
-    let since_receipt = received.elapsed();
+    let since_receipt = running_at - received;
     // Dispatch latency counts from creation, so only first attempts say something about it.
     let since_created = (attempt == 1)
         .then(|| (Utc::now() - request.created_at).to_std().ok())
-        .flatten();
+        .flatten()
+        .map(|age| age.saturating_sub(running_at.elapsed()));
     shared
         .metrics
         .process_running(pool_use, since_receipt, since_created);
