@@ -799,13 +799,15 @@ async fn a_nats_cluster_elects_and_survives_a_killed_leader() {
     })
     .await
     .unwrap();
+    // An R3 stream takes a moment to elect its own leader after it is created; a publish
+    // before that finds no stream ("stream not found").
+    let stream_leader = nats
+        .wait_for_stream_leader("PROBE", Duration::from_secs(10))
+        .await
+        .unwrap();
     js.publish("probe.1", "one".into())
         .await
         .unwrap()
-        .await
-        .unwrap();
-    let stream_leader = nats
-        .wait_for_stream_leader("PROBE", Duration::from_secs(10))
         .await
         .unwrap();
     let killed = Instant::now();
