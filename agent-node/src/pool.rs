@@ -137,17 +137,21 @@ impl Pool {
         for (key, containers) in idle.iter() {
             *warm.entry(key.image.clone()).or_insert(0) += containers.len() as u32;
         }
-        let refills = self.refills.load(Ordering::Relaxed);
-        let micros = self.refill_micros.load(Ordering::Relaxed);
         PoolStats {
             warm,
             hits: self.metrics.hits.get(),
             misses: self.metrics.misses.get(),
-            refill_avg_ms: if refills == 0 {
-                0.0
-            } else {
-                micros as f64 / refills as f64 / 1000.0
-            },
+            refill_avg_ms: self.refill_avg_ms(),
+        }
+    }
+
+    fn refill_avg_ms(&self) -> f64 {
+        let refills = self.refills.load(Ordering::Relaxed);
+        let micros = self.refill_micros.load(Ordering::Relaxed);
+        if refills == 0 {
+            0.0
+        } else {
+            micros as f64 / refills as f64 / 1000.0
         }
     }
 
@@ -235,7 +239,7 @@ impl Pool {
             }
             takes.len() as f64 / RATE_WINDOW.as_secs_f64()
         };
-        let refill_s = self.stats().refill_avg_ms / 1000.0;
+        let refill_s = self.refill_avg_ms() / 1000.0;
         let needed = (per_s * refill_s * 2.0).ceil() as usize;
         let ceiling = (configured * GROWTH).min(self.slots).max(configured);
         needed.clamp(configured, ceiling)
@@ -353,6 +357,29 @@ mod tests {
         }
     }
 
+    /// A pool of `target` warm containers on `fake`, maintained until the token is cancelled.
+    fn maintained(
+        fake: &FakeRuntime,
+        target: usize,
+        slots: usize,
+    ) -> (Arc<Pool>, CancellationToken, tokio::task::JoinHandle<()>) {
+        let pool = Arc::new(Pool::new(
+            Arc::new(fake.clone()),
+            "node-1".to_owned(),
+            "test".to_owned(),
+            vec![(spec(), target)],
+            slots,
+            Duration::from_secs(3600),
+            PoolMetrics::default(),
+        ));
+        let stop = CancellationToken::new();
+        let maintain = tokio::spawn({
+            let (pool, stop) = (pool.clone(), stop.clone());
+            async move { pool.maintain(stop).await }
+        });
+        (pool, stop, maintain)
+    }
+
     async fn until_warm(pool: &Pool, count: u32) {
         while pool.stats().warm.values().sum::<u32>() < count {
             tokio::time::sleep(Duration::from_millis(10)).await;
@@ -362,20 +389,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn keeps_its_target_replaces_dead_containers_and_empties_on_stop() {
         let fake = FakeRuntime::new(Behaviour::exit(0));
-        let pool = Arc::new(Pool::new(
-            Arc::new(fake.clone()),
-            "node-1".to_owned(),
-            "test".to_owned(),
-            vec![(spec(), 2)],
-            2,
-            Duration::from_secs(3600),
-            PoolMetrics::default(),
-        ));
-        let stop = CancellationToken::new();
-        let maintain = tokio::spawn({
-            let (pool, stop) = (pool.clone(), stop.clone());
-            async move { pool.maintain(stop).await }
-        });
+        let (pool, stop, maintain) = maintained(&fake, 2, 2);
         until_warm(&pool, 2).await;
         let warm = fake.containers();
         assert_eq!(warm.len(), 2);
@@ -408,20 +422,7 @@ mod tests {
     async fn jobs_arriving_faster_than_refills_grow_the_pool_within_its_bound() {
         let fake = FakeRuntime::new(Behaviour::exit(0));
         fake.set_prepare_delay(Duration::from_millis(500));
-        let pool = Arc::new(Pool::new(
-            Arc::new(fake.clone()),
-            "node-1".to_owned(),
-            "test".to_owned(),
-            vec![(spec(), 1)],
-            8,
-            Duration::from_secs(3600),
-            PoolMetrics::default(),
-        ));
-        let stop = CancellationToken::new();
-        let maintain = tokio::spawn({
-            let (pool, stop) = (pool.clone(), stop.clone());
-            async move { pool.maintain(stop).await }
-        });
+        let (pool, stop, maintain) = maintained(&fake, 1, 8);
         until_warm(&pool, 1).await;
         // 10 jobs a second for 5 s, each refill taking 0.5 s: one warm container is not enough.
         for _ in 0..50 {
