@@ -41,6 +41,8 @@ pub struct AppState {
     /// Engines and profiles, kept current from the shared configuration.
     pub catalog: Arc<LiveCatalog>,
     pub index: Arc<index::JobIndex>,
+    /// Every node's last heartbeat, from one watch.
+    pub nodes: Arc<flotilla_nats::NodeDirectory>,
     /// The configured keys' digests; `None` without an API key.
     keys: Option<middleware::KeyDigests>,
     http_metrics: metrics::HttpMetrics,
@@ -227,6 +229,7 @@ pub async fn run(
         topology: service.topology.clone(),
         catalog,
         index,
+        nodes: flotilla_nats::NodeDirectory::start(&service.topology, service.background.clone()),
         keys,
         http_metrics: metrics::HttpMetrics::default(),
         fleet_metrics,

@@ -4,8 +4,7 @@ use std::{collections::BTreeMap, sync::Arc};
 
 use axum::{Json, extract::State, http::StatusCode, response::Redirect};
 use chrono::Utc;
-use flotilla_proto::{Encoding, NodeInfo};
-use futures::TryStreamExt;
+use flotilla_proto::NodeInfo;
 use serde::Serialize;
 use serde_json::{Value, json};
 use utoipa::ToSchema;
@@ -134,30 +133,14 @@ pub struct NodeList {
 
 /// Every node whose heartbeat is still fresh.
 pub async fn live_nodes(state: &AppState) -> Result<Vec<NodeInfo>, ApiError> {
-    let keys: Vec<String> = state
-        .topology
-        .nodes
-        .keys()
-        .await
-        .map_err(ApiError::unavailable)?
-        .try_collect()
-        .await
-        .map_err(ApiError::unavailable)?;
-    let now = Utc::now();
-    let mut nodes = Vec::with_capacity(keys.len());
-    for key in keys {
-        let Ok(Some(value)) = state.topology.nodes.get(&key).await else {
-            continue;
-        };
-        match flotilla_proto::decode::<NodeInfo>(&value, Encoding::MessagePack) {
-            Ok(node) if node.is_live(now) => nodes.push(node),
-            Ok(_) => {}
-            Err(e) => tracing::warn!(key, error = %e, "undecodable node heartbeat"),
-        }
+    if !state.nodes.synced(NODES_LOAD).await {
+        return Err(ApiError::unavailable("node heartbeats not loaded yet"));
     }
-    nodes.sort_by(|a, b| a.node_id.cmp(&b.node_id));
-    Ok(nodes)
+    Ok(state.nodes.live(Utc::now()))
 }
+
+/// How long a request waits for the gateway's first load of the node heartbeats.
+const NODES_LOAD: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// `GET /health`: 200 when NATS, JetStream and the job store answer, 503 `degraded` otherwise.
 #[utoipa::path(

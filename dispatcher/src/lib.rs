@@ -144,6 +144,7 @@ impl Workers {
             )
             .map_err(DispatcherError::Http)?,
             lease: lease.clone(),
+            nodes: flotilla_nats::NodeDirectory::start(topology, stop.clone()),
         });
         tokio::spawn(lifecycle.run(stop.clone()));
         let dead_letters = tokio::spawn(lifecycle::dead_letters(

@@ -12,14 +12,14 @@ use async_nats::jetstream::{AckKind, kv};
 use bytes::Bytes;
 use chrono::{DateTime, Utc};
 use flotilla_nats::{ApplyError, Topology, WatchEvent};
-use flotilla_proto::{Encoding, JobStatus, NodeInfo, Transition, names};
-use futures::{StreamExt as _, TryStreamExt};
+use flotilla_proto::{Encoding, JobStatus, Transition, names};
+use futures::StreamExt as _;
 use serde::Deserialize;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::metrics::DispatcherMetrics;
-use flotilla_nats::Lease;
+use flotilla_nats::{Heartbeat, Lease, NodeDirectory};
 
 /// Lifecycle settings.
 #[derive(Debug, Clone)]
@@ -45,6 +45,7 @@ pub(crate) struct Lifecycle {
     pub(crate) webhooks: Arc<crate::webhooks::Webhooks>,
     /// Every leader action is fenced by it.
     pub(crate) lease: Arc<Lease>,
+    pub(crate) nodes: Arc<NodeDirectory>,
 }
 
 /// How often the leader looks for webhooks to send.
@@ -95,39 +96,51 @@ impl Lifecycle {
     /// Finds nodes whose heartbeat stopped and hands their jobs back to the queue at once;
     /// then running jobs whose node has no heartbeat at all.
     async fn check_nodes(&self, nodes: &mut NodeWatch) {
-        let entries = match node_entries(&self.topology.nodes).await {
-            Ok(entries) => entries,
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot read node heartbeats");
-                return;
-            }
-        };
+        if !self.nodes.is_synced() {
+            return; // not loaded yet: judge no node
+        }
         let mut known = HashSet::new();
-        for (key, entry) in entries {
-            let Ok(info) = flotilla_proto::decode::<NodeInfo>(&entry.value, Encoding::MessagePack)
-            else {
-                continue;
-            };
+        for heartbeat in self.nodes.all() {
+            let Heartbeat {
+                key,
+                info,
+                revision,
+                ..
+            } = heartbeat;
             known.insert(info.node_id.clone());
             let ttl = Duration::from_millis(info.ttl_ms);
-            if nodes.is_stale(&key, entry.revision, ttl) {
-                if !self.lease.confirm().await {
-                    return;
-                }
-                if !self.node_lost(&info.node_id).await {
-                    // Keep the key (and the node stale): the next check tries again.
-                    continue;
-                }
-                // Only if no fresh heartbeat arrived meanwhile.
-                let _ = self
-                    .topology
-                    .nodes
-                    .delete_expect_revision(&key, Some(entry.revision))
-                    .await;
-                nodes.forget(&key);
+            if !nodes.is_stale(&key, revision, ttl) || !self.still_at(&key, revision).await {
+                continue;
             }
+            if !self.lease.confirm().await {
+                return;
+            }
+            if !self.node_lost(&info.node_id).await {
+                // Keep the key (and the node stale): the next check tries again.
+                continue;
+            }
+            // Only if no fresh heartbeat arrived meanwhile.
+            let _ = self
+                .topology
+                .nodes
+                .delete_expect_revision(&key, Some(revision))
+                .await;
+            nodes.forget(&key);
         }
         self.requeue_orphans(&known, nodes).await;
+    }
+
+    /// Whether the bucket still holds `revision` under `key`. The directory's watch may lag
+    /// (a leader change); a node is judged lost only on what the bucket says now.
+    async fn still_at(&self, key: &str, revision: u64) -> bool {
+        match self.topology.nodes.entry(key).await {
+            Ok(Some(entry)) => entry.operation == kv::Operation::Put && entry.revision == revision,
+            Ok(None) => false,
+            Err(e) => {
+                tracing::warn!(key, error = %e, "cannot read a node heartbeat");
+                false
+            }
+        }
     }
 
     /// Hands back every job the lost node was running; false if some could not be, for now.
@@ -372,25 +385,6 @@ fn orphan_key(job_id: &str) -> String {
 
 /// How long a running job's node may have no heartbeat before the job is requeued.
 const ORPHAN_GRACE: Duration = Duration::from_secs(10);
-
-async fn node_entries(nodes: &kv::Store) -> Result<Vec<(String, kv::Entry)>, String> {
-    let keys: Vec<String> = nodes
-        .keys()
-        .await
-        .map_err(|e| e.to_string())?
-        .try_collect()
-        .await
-        .map_err(|e| e.to_string())?;
-    let mut entries = Vec::with_capacity(keys.len());
-    for key in keys {
-        if let Ok(Some(entry)) = nodes.entry(key.clone()).await
-            && entry.operation == kv::Operation::Put
-        {
-            entries.push((key, entry));
-        }
-    }
-    Ok(entries)
-}
 
 /// Body of a JetStream max-deliveries advisory (the fields we use).
 #[derive(Deserialize)]

@@ -6,6 +6,7 @@
 mod drift;
 mod grants;
 mod lease;
+mod nodes;
 mod options;
 mod schedules;
 mod store;
@@ -17,6 +18,7 @@ use std::time::Duration;
 pub use drift::{Difference, Drift};
 pub use grants::GrantStore;
 pub use lease::Lease;
+pub use nodes::{Heartbeat, NodeDirectory};
 pub use options::{
     ClientCertificate, ENV_CREDS, ENV_NKEY_FILE, ENV_PASSWORD, ENV_PASSWORD_FILE, ENV_TLS_CA,
     ENV_TLS_CERT, ENV_TLS_KEY, ENV_TLS_REQUIRED, ENV_TOKEN, ENV_TOKEN_FILE, ENV_USER, NatsArgs,
