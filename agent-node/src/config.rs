@@ -38,6 +38,8 @@ pub struct Config {
     pub network: String,
     /// Optional OCI runtime by name (e.g. `runsc` for gVisor).
     pub runtime: Option<String>,
+    /// What this node offers jobs that `require` labels (`FLOTILLA_NODE_LABELS`).
+    pub labels: std::collections::BTreeMap<String, String>,
     /// Name of the Flotilla system this node belongs to (a container label): nodes only reap
     /// containers of their own system.
     pub cluster: String,
@@ -70,6 +72,26 @@ pub const DEFAULT_LLM_NETWORK: &str = "flotilla-jobs";
 #[derive(Debug, thiserror::Error)]
 #[error("invalid agent-node config: {0}")]
 pub struct ConfigError(String);
+
+/// `FLOTILLA_NODE_LABELS`: `key=value` pairs, comma-separated; empty for none.
+pub fn parse_labels(text: &str) -> Result<std::collections::BTreeMap<String, String>, ConfigError> {
+    let mut labels = std::collections::BTreeMap::new();
+    for pair in text.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let valid = flotilla_proto::routing::is_valid_label;
+        match pair.split_once('=') {
+            Some((key, value)) if valid(key) && valid(value) => {
+                labels.insert(key.to_owned(), value.to_owned());
+            }
+            _ => {
+                return Err(ConfigError(format!(
+                    "FLOTILLA_NODE_LABELS: {pair:?} is not key=value with key and value \
+                     matching ^[A-Za-z0-9_.-]{{1,64}}$"
+                )));
+            }
+        }
+    }
+    Ok(labels)
+}
 
 impl Config {
     pub fn validate(mut self) -> Result<Self, ConfigError> {

@@ -632,14 +632,19 @@ fn container_spec(
     } else {
         Network::from_name(&config.network)
     };
+    // The job's own image and runtime when it names them (only nodes that have them pull
+    // its queue), else the node's.
     ContainerSpec {
-        image: config.image.clone(),
+        image: request
+            .image
+            .clone()
+            .unwrap_or_else(|| config.image.clone()),
         memory_bytes: request.resources.memory_bytes,
         nano_cpus: request.resources.nano_cpus,
         pids_limit: config.pids_limit,
         workspace_bytes: config.workspace_bytes,
         network,
-        runtime_class: config.runtime.clone(),
+        runtime_class: request.runtime.clone().or_else(|| config.runtime.clone()),
     }
 }
 

@@ -6,6 +6,7 @@
 mod binaries;
 mod config;
 mod decide;
+pub(crate) mod egress;
 mod exit_report;
 mod fence;
 mod forge;
@@ -19,6 +20,7 @@ mod marker;
 mod metrics;
 mod outbox;
 mod pool;
+mod routes;
 pub mod runtime;
 mod script;
 mod workspace;
@@ -38,7 +40,7 @@ use futures::StreamExt;
 use tokio::{net::TcpListener, sync::Semaphore, task::JoinHandle};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
-pub use config::{Config, ConfigError};
+pub use config::{Config, ConfigError, parse_labels};
 pub use forge::Credentials;
 pub use git::GitConfig;
 pub use runtime::{ContainerRuntime, DockerRuntime, RuntimeError};
@@ -92,6 +94,11 @@ pub(crate) struct Shared {
     pub(crate) binaries: binaries::Binaries,
     /// The container spec of those probes.
     pub(crate) probe_key: ContainerSpec,
+    /// The run queues this node pulls from.
+    pub(crate) routes: routes::Routes,
+    /// The OCI runtimes this host's Docker has.
+    pub(crate) runtimes: Vec<String>,
+    pub(crate) started_at: chrono::DateTime<Utc>,
     pub(crate) metrics: metrics::NodeMetrics,
     /// The node's repositories (mirrors, checkouts, pushes).
     pub(crate) git: git::Git,
@@ -159,6 +166,10 @@ async fn serve(
     let (pool, probe_key) = build_pool(&config, runtime.clone(), llm_url.is_some(), &metrics);
     let fence = fence_check(&config, llm_url.as_deref());
     let git = git::Git::new(config.git.clone(), config.job_limits.git_allowed.clone());
+    let runtimes = runtime.runtimes().await.unwrap_or_else(|e| {
+        tracing::warn!(error = %e, "cannot list the host's container runtimes");
+        Vec::new()
+    });
     let shared = Arc::new(Shared {
         config,
         topology,
@@ -175,6 +186,9 @@ async fn serve(
         llm_providers: Arc::default(),
         binaries: binaries::Binaries::default(),
         probe_key,
+        routes: routes::Routes::default(),
+        runtimes,
+        started_at: Utc::now(),
         metrics,
         git,
     });
@@ -300,6 +314,7 @@ async fn start_tasks(
     }
     // Before the first heartbeat, so the node never offers an engine its image lacks.
     binaries::probe_new(shared, &shared.probe_key).await;
+    tokio::spawn(routes::follow(shared.clone(), background.clone()));
     tokio::spawn(heartbeat(shared.clone(), background.clone()));
     let relay = tokio::spawn(lease::relay(shared.clone(), background.clone()));
     tokio::spawn(reap_periodically(shared.clone(), background.clone()));
@@ -364,69 +379,130 @@ async fn stop_tasks(shared: &Shared, tasks: Tasks, background: &CancellationToke
 }
 
 /// Pulls exactly as many messages as there are free slots, so no job waits in this node's
-/// buffer while another node is idle.
+/// buffer while another node is idle, from the queues of the job classes this node serves.
+/// First it takes what is waiting now, priorities in weighted turns (`routes::PullOrder`);
+/// when nothing waits, it spreads its free slots over the queues in long pulls.
 async fn pull_loop(
     shared: &Arc<Shared>,
     slots: &Arc<Semaphore>,
     jobs: &TaskTracker,
     shutdown: &CancellationToken,
 ) {
-    // Short pulls: a slot freed during a pull is used at the next one.
-    const PULL_EXPIRY: Duration = Duration::from_secs(2);
-    let mut failures = 0u32;
+    let mut served = shared.routes.queues();
+    let mut order = routes::PullOrder::default();
+    let pulls = TaskTracker::new();
+    // Set when the last long pulls covered every queue and brought nothing: then nothing
+    // waits anywhere, and the next round skips straight to pulling again.
+    let mut quiet = false;
     loop {
         let first = tokio::select! {
-            () = shutdown.cancelled() => return,
+            () = shutdown.cancelled() => break,
             permit = slots.clone().acquire_owned() => permit.expect("semaphore never closed"),
         };
         let mut permits = vec![first];
         while let Ok(permit) = slots.clone().try_acquire_owned() {
             permits.push(permit);
         }
-        let batch = shared
-            .topology
-            .agents
-            .batch()
-            .max_messages(permits.len())
-            .expires(PULL_EXPIRY)
-            .messages()
-            .await;
-        let mut batch = match batch {
-            Ok(batch) => batch,
-            Err(e) => {
-                failures += 1;
-                tracing::warn!(error = %e, "cannot pull jobs");
-                drop(permits);
-                let backoff = Duration::from_millis(200 * u64::from(failures.min(25)));
-                tokio::select! {
-                    () = shutdown.cancelled() => return,
-                    () = tokio::time::sleep(backoff) => continue,
-                }
+        let queues = served.borrow_and_update().clone();
+        if queues.is_empty() {
+            drop(permits);
+            tokio::select! {
+                () = shutdown.cancelled() => break,
+                _ = served.changed() => continue,
             }
-        };
-        failures = 0;
-        loop {
-            let next = tokio::select! {
-                () = shutdown.cancelled() => {
-                    hand_back_rest(batch).await;
-                    return;
-                }
-                next = batch.next() => next,
-            };
-            match next {
-                None => break,
-                Some(Ok(message)) => {
-                    let permit = permits.pop().expect("never more messages than permits");
-                    let shared = shared.clone();
-                    jobs.spawn(async move {
-                        job::handle(shared, message).await;
-                        drop(permit);
-                    });
-                }
-                Some(Err(e)) => {
-                    tracing::debug!(error = %e, "pull ended");
+        }
+        if !quiet {
+            for queue in order.next(&queues) {
+                if permits.is_empty() {
                     break;
                 }
+                let batch = queue
+                    .consumer
+                    .fetch()
+                    .max_messages(permits.len())
+                    .messages()
+                    .await;
+                take(shared, batch, &mut permits, jobs, shutdown).await;
+            }
+            if permits.is_empty() {
+                continue;
+            }
+        }
+        let spread = routes::spread(&queues, permits.len());
+        quiet = spread.len() == queues.len();
+        let mut waits = Vec::with_capacity(spread.len());
+        for (queue, credits) in spread {
+            let mut mine: Vec<_> = permits.drain(..credits).collect();
+            let (shared, jobs, shutdown) = (shared.clone(), jobs.clone(), shutdown.clone());
+            let consumer = queue.consumer.clone();
+            waits.push(pulls.spawn(async move {
+                let batch = consumer
+                    .batch()
+                    .max_messages(mine.len())
+                    .expires(PULL_EXPIRY)
+                    .messages()
+                    .await;
+                let wanted = mine.len();
+                take(&shared, batch, &mut mine, &jobs, &shutdown).await;
+                mine.len() < wanted
+            }));
+        }
+        // The slots come back when these pulls end: the next round waits for them.
+        for wait in waits {
+            quiet &= !wait.await.unwrap_or(true);
+        }
+    }
+    pulls.close();
+    pulls.wait().await;
+}
+
+/// Long pulls are short, so a slot freed during one is used at the next.
+const PULL_EXPIRY: Duration = Duration::from_secs(2);
+
+/// Starts a job for each message of `batch`, each with one of `permits`.
+async fn take(
+    shared: &Arc<Shared>,
+    batch: Result<
+        async_nats::jetstream::consumer::pull::Batch,
+        async_nats::jetstream::consumer::pull::BatchError,
+    >,
+    permits: &mut Vec<tokio::sync::OwnedSemaphorePermit>,
+    jobs: &TaskTracker,
+    shutdown: &CancellationToken,
+) {
+    let mut batch = match batch {
+        Ok(batch) => batch,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot pull jobs");
+            // A NATS outage: do not spin.
+            tokio::select! {
+                () = shutdown.cancelled() => {}
+                () = tokio::time::sleep(Duration::from_millis(500)) => {}
+            }
+            return;
+        }
+    };
+    loop {
+        let next = tokio::select! {
+            () = shutdown.cancelled() => {
+                hand_back_rest(batch).await;
+                return;
+            }
+            next = batch.next() => next,
+        };
+        match next {
+            None => return,
+            Some(Ok(message)) => {
+                let permit = permits.pop().expect("never more messages than permits");
+                let shared = shared.clone();
+                jobs.spawn(async move {
+                    job::handle(shared, message).await;
+                    drop(permit);
+                });
+            }
+            Some(Err(e)) => {
+                tracing::debug!(error = %e, "pull ended");
+                return;
             }
         }
     }
@@ -469,15 +545,12 @@ async fn listen_for_cancels(
 /// Publishes this node's liveness and load every heartbeat interval.
 async fn heartbeat(shared: Arc<Shared>, stop: CancellationToken) {
     let config = &shared.config;
-    let started_at = Utc::now();
-
     let mut ticker = tokio::time::interval(config.heartbeat_interval);
     loop {
         tokio::select! {
             () = stop.cancelled() => return,
             _ = ticker.tick() => {}
         }
-        let pool = shared.pool.stats();
         let catalog = shared.catalog.current();
         if catalog
             .engines()
@@ -487,32 +560,9 @@ async fn heartbeat(shared: Arc<Shared>, stop: CancellationToken) {
             let shared = shared.clone();
             tokio::spawn(async move { binaries::probe_new(&shared, &shared.probe_key).await });
         }
-        let engines: Vec<String> = catalog
-            .engines()
-            .filter(|e| shared.binaries.has(&e.binary) == Some(true))
-            .map(|e| e.id.clone())
-            .collect();
-        let info = NodeInfo {
-            node_id: config.node_id.clone(),
-            host: config.host.clone(),
-            version: env!("CARGO_PKG_VERSION").to_owned(),
-            engines,
-            slots_total: config.slots,
-            // Jobs actually here; free permits are mostly held by the outstanding pull.
-            slots_busy: shared.running.lock().expect("running map").len() as u32,
-            warm: pool.warm,
-            pool_hits: pool.hits,
-            pool_misses: pool.misses,
-            pool_refill_ms: pool.refill_avg_ms,
-            started_at,
-            heartbeat_at: Utc::now(),
-            // As identity::ensure_unique waits for.
-            ttl_ms: u64::try_from(config.heartbeat_interval.as_millis() * 3).unwrap_or(u64::MAX),
-            llm_providers: shared
-                .llm_url
-                .as_ref()
-                .map(|_| shared.llm_providers.lock().expect("llm providers").clone()),
-        };
+        // Engines probed and images pulled since the last beat may open queues.
+        routes::refresh(&shared).await;
+        let info = node_info(&shared);
         match flotilla_proto::encode(&info) {
             Ok(value) => {
                 if let Err(e) = shared
@@ -527,6 +577,45 @@ async fn heartbeat(shared: Arc<Shared>, stop: CancellationToken) {
             Err(e) => tracing::error!(error = %e, "cannot encode heartbeat"),
         }
     }
+}
+
+/// This node as its heartbeat describes it.
+pub(crate) fn node_info(shared: &Shared) -> NodeInfo {
+    let config = &shared.config;
+    let pool = shared.pool.stats();
+    let catalog = shared.catalog.current();
+    let engines: Vec<String> = catalog
+        .engines()
+        .filter(|e| shared.binaries.has(&e.binary) == Some(true))
+        .map(|e| e.id.clone())
+        .collect();
+    let mut info = NodeInfo {
+        node_id: config.node_id.clone(),
+        host: config.host.clone(),
+        version: env!("CARGO_PKG_VERSION").to_owned(),
+        engines,
+        slots_total: config.slots,
+        // Jobs actually here; free permits are mostly held by the outstanding pulls.
+        slots_busy: shared.running.lock().expect("running map").len() as u32,
+        warm: pool.warm,
+        pool_hits: pool.hits,
+        pool_misses: pool.misses,
+        pool_refill_ms: pool.refill_avg_ms,
+        started_at: shared.started_at,
+        heartbeat_at: Utc::now(),
+        // As identity::ensure_unique waits for.
+        ttl_ms: u64::try_from(config.heartbeat_interval.as_millis() * 3).unwrap_or(u64::MAX),
+        llm_providers: shared
+            .llm_url
+            .as_ref()
+            .map(|_| shared.llm_providers.lock().expect("llm providers").clone()),
+        labels: Default::default(),
+        images: Vec::new(),
+        runtimes: Vec::new(),
+        classes: Vec::new(),
+    };
+    routes::offers(&mut info, shared);
+    info
 }
 
 /// Every reap interval: removes containers older than the interval that are this node's but

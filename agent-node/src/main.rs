@@ -69,6 +69,10 @@ struct Args {
     /// OCI runtime for job containers, e.g. runsc (default: Docker's default runtime).
     #[arg(long, env = "FLOTILLA_JOB_RUNTIME")]
     job_runtime: Option<String>,
+    /// Labels this node offers, comma-separated `key=value` pairs (`gpu=a100,region=eu`):
+    /// jobs that `require` labels run only on nodes that have them all.
+    #[arg(long, env = "FLOTILLA_NODE_LABELS", default_value = "")]
+    node_labels: String,
     /// Warm containers kept ready for the default job spec (0 disables the pool).
     #[arg(long, env = "FLOTILLA_POOL_SIZE", default_value_t = 2)]
     pool_size: usize,
@@ -187,6 +191,7 @@ fn config(args: Args) -> anyhow::Result<agent_node::Config> {
         state_dir: args.state_dir,
         network: args.job_network,
         runtime: args.job_runtime,
+        labels: agent_node::parse_labels(&args.node_labels)?,
         pool_size: args.pool_size,
         reap_interval: Duration::from_secs(args.reap_secs.max(1)),
         cluster: args.cluster,

@@ -308,6 +308,11 @@ mod tests {
             git: None,
             parent: None,
             chain: Vec::new(),
+            priority: Default::default(),
+            requires: Default::default(),
+            image: None,
+            runtime: None,
+            waiting_for: None,
         }
     }
 

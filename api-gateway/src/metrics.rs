@@ -222,24 +222,51 @@ async fn register_queue(registry: &mut Registry, state: &AppState) {
             age,
         );
     }
-    let mut consumer = state.topology.agents.clone();
-    if let Ok(info) = consumer.info().await {
-        registry.register(
-            "flotilla_jobs_ack_pending",
-            "Job messages handed to nodes and not yet acked",
-            gauge(info.num_ack_pending as u64),
-        );
-        registry.register(
-            "flotilla_jobs_redelivered",
-            "Job messages currently redelivered at least once",
-            gauge(info.num_redelivered as u64),
-        );
-        registry.register(
-            "flotilla_jobs_waiting_for_a_node",
-            "Job messages no node has taken yet",
-            gauge(info.num_pending),
-        );
+    let Some(queues) = run_queues(state).await else {
+        return;
+    };
+    registry.register(
+        "flotilla_jobs_ack_pending",
+        "Job messages handed to nodes and not yet acked",
+        gauge(queues.ack_pending),
+    );
+    registry.register(
+        "flotilla_jobs_redelivered",
+        "Job messages currently redelivered at least once",
+        gauge(queues.redelivered),
+    );
+    registry.register(
+        "flotilla_jobs_waiting_for_a_node",
+        "Job messages no node has taken yet",
+        gauge(queues.pending),
+    );
+}
+
+/// Sums over the run queues (one consumer per priority and job class).
+#[derive(Default)]
+struct QueueSums {
+    ack_pending: u64,
+    redelivered: u64,
+    pending: u64,
+}
+
+async fn run_queues(state: &AppState) -> Option<QueueSums> {
+    let stream = state
+        .topology
+        .js
+        .get_stream(names::STREAM_JOBS)
+        .await
+        .ok()?;
+    use futures::StreamExt as _;
+    let mut consumers = stream.consumers();
+    let mut sums = QueueSums::default();
+    while let Some(info) = consumers.next().await {
+        let info = info.ok()?;
+        sums.ack_pending += info.num_ack_pending as u64;
+        sums.redelivered += info.num_redelivered as u64;
+        sums.pending += info.num_pending;
     }
+    Some(sums)
 }
 
 /// Sums over the live nodes' heartbeats; left out when they cannot be read.

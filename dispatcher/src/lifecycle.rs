@@ -12,7 +12,7 @@ use async_nats::jetstream::{AckKind, kv};
 use bytes::Bytes;
 use chrono::{DateTime, Utc};
 use flotilla_nats::{ApplyError, Topology, WatchEvent};
-use flotilla_proto::{Encoding, JobStatus, Transition, names};
+use flotilla_proto::{Encoding, JobClass, JobStatus, Transition, names};
 use futures::StreamExt as _;
 use serde::Deserialize;
 use tokio::time::Instant;
@@ -57,6 +57,9 @@ pub(crate) struct JobSummary {
     node_id: Option<String>,
     created_at: DateTime<Utc>,
     finished_at: Option<DateTime<Utc>>,
+    /// While pending: what a node needs to run it, and what the record says it waits for.
+    class: Option<JobClass>,
+    waiting_for: Option<String>,
 }
 
 impl Lifecycle {
@@ -99,8 +102,14 @@ impl Lifecycle {
         if !self.nodes.is_synced() {
             return; // not loaded yet: judge no node
         }
+        let heartbeats = self.nodes.all();
+        let newest = heartbeats.iter().map(|h| h.revision).max().unwrap_or(0);
+        let window = heartbeats.iter().map(|h| h.info.ttl_ms).max().unwrap_or(0);
+        if !nodes.heartbeats_flow(newest, Duration::from_millis(window), heartbeats.len()) {
+            return; // every node silent at once: NATS, not the nodes (a leader election)
+        }
         let mut known = HashSet::new();
-        for heartbeat in self.nodes.all() {
+        for heartbeat in heartbeats {
             let Heartbeat {
                 key,
                 info,
@@ -128,6 +137,35 @@ impl Lifecycle {
             nodes.forget(&key);
         }
         self.requeue_orphans(&known, nodes).await;
+        self.note_waiting().await;
+    }
+
+    /// Pending jobs no live node can take say why in `waiting_for`; the note goes once one
+    /// can. Jobs younger than [`WAIT_NOTE_AFTER`] are left alone: nodes report a new class's
+    /// image at their next heartbeat.
+    async fn note_waiting(&self) {
+        let live = self.nodes.live(Utc::now());
+        let since = Utc::now() - WAIT_NOTE_AFTER;
+        let notes: Vec<(String, Option<String>)> = {
+            let jobs = self.jobs.lock().expect("jobs lock");
+            let mut reasons: HashMap<&JobClass, Option<String>> = HashMap::new();
+            jobs.iter()
+                .filter(|(_, s)| s.status == JobStatus::Pending && s.created_at < since)
+                .filter_map(|(id, s)| {
+                    let class = s.class.as_ref()?;
+                    let reason = reasons
+                        .entry(class)
+                        .or_insert_with(|| class.waiting_for(&live));
+                    (*reason != s.waiting_for).then(|| (id.clone(), reason.clone()))
+                })
+                .collect()
+        };
+        for (job_id, reason) in notes {
+            let wait = Transition::Wait { reason };
+            if let Err(ApplyError::Store(e)) = self.topology.jobs.apply(&job_id, &wait).await {
+                tracing::warn!(job_id, error = %e, "cannot note what a pending job waits for");
+            }
+        }
     }
 
     /// Whether the bucket still holds `revision` under `key`. The directory's watch may lag
@@ -224,11 +262,14 @@ impl Lifecycle {
                 match event {
                     WatchEvent::Put(versioned) => {
                         let record = &versioned.record;
+                        let pending = record.status == JobStatus::Pending;
                         let summary = JobSummary {
                             status: record.status,
                             node_id: record.node_id.clone(),
                             created_at: record.created_at,
                             finished_at: record.finished_at,
+                            class: pending.then(|| JobClass::of_record(record)),
+                            waiting_for: record.waiting_for.clone(),
                         };
                         self.webhooks
                             .track(&record.job_id, crate::webhooks::due(record));
@@ -351,9 +392,31 @@ fn plan_sweep(
 #[derive(Default)]
 struct NodeWatch {
     seen: HashMap<String, (u64, Instant)>,
+    /// The newest heartbeat revision of any node, and since when.
+    newest: Option<(u64, Instant)>,
+    stalled: bool,
 }
 
 impl NodeWatch {
+    /// Whether heartbeats still arrive: some node's moved within `window`. When several nodes
+    /// go silent at once, it is NATS that is (a stream leader election), and no node is judged
+    /// by the silence; the nodes' timers restart when heartbeats come again.
+    fn heartbeats_flow(&mut self, newest: u64, window: Duration, nodes: usize) -> bool {
+        let now = Instant::now();
+        let (last, since) = self.newest.get_or_insert((newest, now));
+        if *last != newest {
+            (*last, *since) = (newest, now);
+            if std::mem::take(&mut self.stalled) {
+                for (_, seen_at) in self.seen.values_mut() {
+                    *seen_at = now;
+                }
+            }
+            return true;
+        }
+        self.stalled = nodes > 1 && now.duration_since(*since) > window;
+        !self.stalled
+    }
+
     fn is_stale(&mut self, key: &str, revision: u64, ttl: Duration) -> bool {
         let now = Instant::now();
         let (last_revision, since) = self.seen.entry(key.to_owned()).or_insert((revision, now));
@@ -382,6 +445,9 @@ const ORPHAN_PREFIX: &str = "orphan ";
 fn orphan_key(job_id: &str) -> String {
     format!("{ORPHAN_PREFIX}{job_id}")
 }
+
+/// How long a job is pending before the leader says what it waits for.
+const WAIT_NOTE_AFTER: chrono::TimeDelta = chrono::TimeDelta::seconds(2);
 
 /// How long a running job's node may have no heartbeat before the job is requeued.
 const ORPHAN_GRACE: Duration = Duration::from_secs(10);
@@ -511,6 +577,8 @@ mod tests {
             node_id: None,
             created_at: now - chrono::Duration::seconds(created_secs_ago),
             finished_at: finished_secs_ago.map(|s| now - chrono::Duration::seconds(s)),
+            class: None,
+            waiting_for: None,
         }
     }
 
@@ -571,5 +639,30 @@ mod tests {
         );
         tokio::time::advance(Duration::from_millis(60)).await;
         assert!(watch.is_stale("n", 2, ttl));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn nodes_silent_all_at_once_are_not_judged_and_get_a_fresh_start() {
+        let mut watch = NodeWatch::default();
+        let ttl = Duration::from_millis(50);
+        assert!(watch.heartbeats_flow(10, ttl, 2));
+        assert!(!watch.is_stale("a", 10, ttl));
+        tokio::time::advance(Duration::from_millis(60)).await;
+        assert!(!watch.heartbeats_flow(10, ttl, 2), "both silent: a stall");
+        tokio::time::advance(Duration::from_millis(60)).await;
+        // Heartbeats again, from node b only: a's clock restarts with them.
+        assert!(watch.heartbeats_flow(11, ttl, 2));
+        assert!(
+            !watch.is_stale("a", 10, ttl),
+            "a gets a full ttl after the stall"
+        );
+        tokio::time::advance(Duration::from_millis(60)).await;
+        assert!(watch.heartbeats_flow(12, ttl, 2));
+        assert!(watch.is_stale("a", 10, ttl), "then its silence is its own");
+        // A lone node's silence is its own at once.
+        let mut alone = NodeWatch::default();
+        assert!(alone.heartbeats_flow(3, ttl, 1));
+        tokio::time::advance(Duration::from_millis(60)).await;
+        assert!(alone.heartbeats_flow(3, ttl, 1));
     }
 }

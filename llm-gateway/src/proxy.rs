@@ -446,6 +446,8 @@ fn metered_answer(
         meter: Some(Meter::new(kind, sse)),
         charge: Some(charge),
         settling: None,
+        held: None,
+        hold_last: !sse,
     };
     let mut out = Response::new(Body::from_stream(body));
     *out.status_mut() = upstream_parts.status;
@@ -805,6 +807,11 @@ struct MeteredBody {
     meter: Option<Meter>,
     charge: Option<Charge>,
     settling: Option<BoxFuture<'static, ()>>,
+    /// A whole (not streamed) answer's latest chunk, held back until the next one comes or
+    /// the charge is settled: a client that stops reading at the end of the JSON, before the
+    /// body's end, must not send its next request before its spend is recorded.
+    held: Option<Bytes>,
+    hold_last: bool,
 }
 
 impl Stream for MeteredBody {
@@ -816,26 +823,34 @@ impl Stream for MeteredBody {
             if let Some(settling) = this.settling.as_mut() {
                 ready!(settling.as_mut().poll(cx));
                 this.settling = None;
-                return Poll::Ready(None);
+                return Poll::Ready(this.held.take().map(Ok));
+            }
+            if this.done {
+                return Poll::Ready(this.held.take().map(Ok));
             }
             match ready!(this.inner.poll_next_unpin(cx)) {
                 Some(Ok(bytes)) => {
                     if let Some(meter) = this.meter.as_mut() {
                         meter.feed(&bytes);
                     }
-                    return Poll::Ready(Some(Ok(bytes)));
+                    if !this.hold_last {
+                        return Poll::Ready(Some(Ok(bytes)));
+                    }
+                    if let Some(previous) = this.held.replace(bytes) {
+                        return Poll::Ready(Some(Ok(previous)));
+                    }
                 }
                 Some(Err(e)) => {
                     this.done = true;
                     return Poll::Ready(Some(Err(e)));
                 }
-                None => match (this.meter.take(), this.charge.take()) {
-                    (Some(meter), Some(charge)) => {
+                None => {
+                    this.done = true;
+                    if let (Some(meter), Some(charge)) = (this.meter.take(), this.charge.take()) {
                         let (tokens, model) = meter.finish();
                         this.settling = Some(Box::pin(charge.settle(tokens, model)));
                     }
-                    _ => return Poll::Ready(None),
-                },
+                }
             }
         }
     }

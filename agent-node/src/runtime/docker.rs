@@ -319,6 +319,15 @@ impl ContainerRuntime for DockerRuntime {
         Box::pin(self.inspect_image(image))
     }
 
+    fn runtimes(&self) -> BoxFuture<'_, Result<Vec<String>, RuntimeError>> {
+        Box::pin(async move {
+            let info = self.docker.info().await.map_err(api)?;
+            let mut names: Vec<String> = info.runtimes.unwrap_or_default().into_keys().collect();
+            names.sort();
+            Ok(names)
+        })
+    }
+
     fn find_binaries<'a>(
         &'a self,
         spec: &'a ContainerSpec,

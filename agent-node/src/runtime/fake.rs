@@ -643,6 +643,10 @@ impl ContainerRuntime for FakeRuntime {
         futures::future::ready(exists).boxed()
     }
 
+    fn runtimes(&self) -> BoxFuture<'_, Result<Vec<String>, RuntimeError>> {
+        futures::future::ready(Ok(vec!["runc".to_owned()])).boxed()
+    }
+
     fn find_binaries<'a>(
         &'a self,
         _spec: &'a ContainerSpec,

@@ -266,6 +266,9 @@ pub trait ContainerRuntime: Send + Sync + 'static {
     /// Whether the image is on this host.
     fn image_exists<'a>(&'a self, image: &'a str) -> BoxFuture<'a, Result<bool, RuntimeError>>;
 
+    /// The OCI runtimes containers can run under here (`runc`, `runsc`, ...), sorted.
+    fn runtimes(&self) -> BoxFuture<'_, Result<Vec<String>, RuntimeError>>;
+
     /// Which of `binaries` are on the PATH of a container of `spec`.
     fn find_binaries<'a>(
         &'a self,

@@ -1,7 +1,7 @@
 //! Command-line/environment form of [`Limits`], shared by every service that validates jobs.
 
 use crate::workspace::GitAllowList;
-use crate::{Limits, parse_memory, rules};
+use crate::{ImageAllowList, Limits, parse_memory, rules};
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct LimitsArgs {
@@ -27,6 +27,11 @@ pub struct LimitsArgs {
     /// `file:///dir` entries for repositories on the nodes' hosts. Empty: no git workspaces.
     #[arg(long, env = "FLOTILLA_GIT_ALLOWED_HOSTS", default_value = "")]
     pub git_allowed_hosts: String,
+    /// Images a job (or its profile) may name in `image`, as comma-separated globs where `*`
+    /// also matches `/`: `flotilla-worker:*,ghcr.io/acme/*`. Empty: jobs run in the nodes'
+    /// worker image only.
+    #[arg(long, env = "FLOTILLA_ALLOWED_IMAGES", default_value = "")]
+    pub allowed_images: String,
 }
 
 impl LimitsArgs {
@@ -55,6 +60,7 @@ impl LimitsArgs {
             max_cpus: self.max_job_cpus,
             allow_private_webhooks: self.allow_private_webhooks,
             git_allowed: GitAllowList::parse(&self.git_allowed_hosts)?,
+            allowed_images: ImageAllowList::parse(&self.allowed_images)?,
         })
     }
 }

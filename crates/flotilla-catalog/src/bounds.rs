@@ -37,6 +37,20 @@ pub fn check_job_request(request: &JobRequest, limits: &Limits) -> Result<(), Va
     if let Some(push) = &request.push {
         crate::workspace::check_push_bounds(push)?;
     }
+    check_placement(request)
+}
+
+/// What the node matches against itself and hands to Docker. The image is only shaped here:
+/// the allow-list is the submitting service's, and a node runs only the images it holds.
+fn check_placement(request: &JobRequest) -> Result<(), ValidationError> {
+    rules::check_requires(&request.requires)
+        .map_err(|(key, e)| ValidationError::invalid(&rules::requires_field("requires", key), e))?;
+    if let Some(image) = &request.image {
+        rules::check_image(image).map_err(|e| ValidationError::invalid("image", e))?;
+    }
+    if let Some(runtime) = &request.runtime {
+        rules::check_label(runtime).map_err(|e| ValidationError::invalid("runtime", e))?;
+    }
     Ok(())
 }
 

@@ -1,6 +1,7 @@
 //! Security review, issue 13: resource bounds that must hold after rounding, the recheck of a
 //! queued job's bounds, and template limits.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use chrono::Utc;
@@ -84,6 +85,7 @@ fn profiles_and_operator_limits_cannot_set_cpus_below_the_floor() {
         max_job_cpus: 4.0,
         allow_private_webhooks: false,
         git_allowed_hosts: String::new(),
+        allowed_images: String::new(),
     };
     assert!(args(1e-10).into_limits().is_err());
     assert!(args(0.01).into_limits().is_ok());
@@ -99,6 +101,7 @@ fn operator_limits_keep_the_default_timeout_within_the_job_bounds() {
         max_job_cpus: 4.0,
         allow_private_webhooks: false,
         git_allowed_hosts: String::new(),
+        allowed_images: String::new(),
     };
     for bad in [0, 86_401, u64::MAX] {
         assert!(args(bad).into_limits().is_err(), "{bad}");
@@ -132,6 +135,9 @@ fn a_valid_job_passes_the_recheck() {
             content: b"fn main() {}".to_vec(),
             executable: false,
         }],
+        requires: (0..16).map(|i| (format!("k{i}"), "v".repeat(64))).collect(),
+        image: Some(format!("ghcr.io/{}", "x".repeat(248))),
+        runtime: Some("runsc".to_owned()),
         ..runnable()
     };
     assert_eq!(check_job_request(&at_the_bounds, &limits), Ok(()));
@@ -142,6 +148,10 @@ fn hostile(change: impl FnOnce(&mut JobRequest)) -> JobRequest {
     let mut request = runnable();
     change(&mut request);
     request
+}
+
+fn label(key: &str, value: &str) -> BTreeMap<String, String> {
+    BTreeMap::from([(key.to_owned(), value.to_owned())])
 }
 
 fn file(path: &str, size: usize) -> WorkspaceFile {
@@ -232,6 +242,34 @@ fn a_hostile_queue_message_fails_the_recheck_naming_the_field() {
         (hostile(|r| r.agent_id = String::new()), "agent_id"),
         (hostile(|r| r.engine = "sh ell".to_owned()), "engine"),
         (hostile(|r| r.profile = "x".repeat(65)), "profile"),
+        (
+            hostile(|r| r.requires = (0..17).map(|i| (format!("k{i}"), "v".to_owned())).collect()),
+            "requires",
+        ),
+        (
+            hostile(|r| r.requires = label("gpu;rm", "a100")),
+            "requires",
+        ),
+        (hostile(|r| r.requires = label("gpu", "")), "requires.gpu"),
+        (
+            hostile(|r| r.requires = label("gpu", &"x".repeat(65))),
+            "requires.gpu",
+        ),
+        (
+            hostile(|r| r.image = Some(format!("ghcr.io/{}", "x".repeat(249)))),
+            "image",
+        ),
+        (
+            hostile(|r| r.image = Some("--privileged".to_owned())),
+            "image",
+        ),
+        (hostile(|r| r.image = Some("alpine\nx".to_owned())), "image"),
+        (hostile(|r| r.image = Some(String::new())), "image"),
+        (
+            hostile(|r| r.runtime = Some("../runc".to_owned())),
+            "runtime",
+        ),
+        (hostile(|r| r.runtime = Some(String::new())), "runtime"),
     ];
     let limits = Limits::default();
     for (request, field) in cases {

@@ -7,6 +7,8 @@ use std::path::{Component, Path};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
+use flotilla_proto::Priority;
+
 use crate::rules;
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
@@ -119,6 +121,15 @@ pub struct Profile {
     pub hooks: Hooks,
     /// The `workspace` a job gets when it names none.
     pub workspace: Option<flotilla_proto::WorkspaceRequest>,
+    /// The priority a job gets when it names none (`[agent].priority`).
+    pub priority: Option<Priority>,
+    /// Node labels every job of the profile needs; a job's own `requires` wins per key.
+    pub requires: BTreeMap<String, String>,
+    /// The image a job runs in when it names none. Only its shape is checked at load: the
+    /// operator's allow-list is applied when a job uses it.
+    pub image: Option<String>,
+    /// The Docker runtime a job runs under when it names none.
+    pub runtime: Option<String>,
 }
 
 impl Profile {
@@ -192,6 +203,12 @@ impl Profile {
             ));
         }
         check_provider_tools(&agent.allowed_provider_tools)?;
+        let priority = agent
+            .priority
+            .as_deref()
+            .map(|p| rules::check_priority(p).map_err(|e| format!("[agent].priority {e}")))
+            .transpose()?;
+        check_placement(&agent)?;
         if tools.allowed.len() > rules::MAX_TOOLS {
             return Err(format!(
                 "[tools].allowed has more than {} items",
@@ -248,6 +265,10 @@ impl Profile {
             plugins: plugins.enabled,
             hooks,
             workspace,
+            priority,
+            requires: agent.requires,
+            image: agent.image,
+            runtime: agent.runtime,
         })
     }
 }
@@ -290,6 +311,10 @@ struct AgentSection {
     allowed_models: Vec<String>,
     allowed_provider_tools: Vec<String>,
     output_format: Option<String>,
+    priority: Option<String>,
+    requires: BTreeMap<String, String>,
+    image: Option<String>,
+    runtime: Option<String>,
 }
 
 #[derive(Default, Deserialize)]
@@ -358,6 +383,19 @@ impl TemplateSection {
         }
         Ok((source, self.variables))
     }
+}
+
+/// Where the profile's jobs may run: `[agent].requires`, `image` and `runtime`.
+fn check_placement(agent: &AgentSection) -> Result<(), String> {
+    rules::check_requires(&agent.requires)
+        .map_err(|(key, e)| format!("{} {e}", rules::requires_field("[agent].requires", key)))?;
+    if let Some(image) = &agent.image {
+        rules::check_image(image).map_err(|e| format!("[agent].image {e}"))?;
+    }
+    if let Some(runtime) = &agent.runtime {
+        rules::check_label(runtime).map_err(|e| format!("[agent].runtime {e}"))?;
+    }
+    Ok(())
 }
 
 /// `[agent].allowed_provider_tools`: names, as the llm-gateway compares them.
@@ -496,11 +534,65 @@ mod tests {
                 "[agent]\nallowed_provider_tools = [\"web search\"]\n",
                 "[agent].allowed_provider_tools[0] must match",
             ),
+            (
+                "[agent]\npriority = \"urgent\"\n",
+                "[agent].priority must be high, normal or low",
+            ),
+            (
+                "[agent.requires]\n\"a b\" = \"x\"\n",
+                "[agent].requires keys must match",
+            ),
+            (
+                "[agent.requires]\ngpu = \"a100 x\"\n",
+                "[agent].requires.gpu must match",
+            ),
+            ("[agent.requires]\ngpu = 1\n", "invalid type"),
+            (
+                "[agent]\nimage = \"--privileged\"\n",
+                "[agent].image must be a Docker image reference",
+            ),
+            (
+                "[agent]\nimage = \"a b\"\n",
+                "[agent].image must not contain whitespace",
+            ),
+            (
+                "[agent]\nruntime = \"run/sc\"\n",
+                "[agent].runtime must match",
+            ),
         ];
         for (text, want) in cases {
             let err = parse(text).unwrap_err();
             assert!(err.contains(want), "{text}: {err}");
         }
+    }
+
+    #[test]
+    fn placement_is_read_from_the_agent_table() {
+        let profile = parse(
+            "[agent]\npriority = \"low\"\nimage = \"ghcr.io/acme/x:1\"\nruntime = \"runsc\"\n\
+             [agent.requires]\ngpu = \"a100\"\n",
+        )
+        .unwrap();
+        assert_eq!(profile.priority, Some(Priority::Low));
+        assert_eq!(profile.image.as_deref(), Some("ghcr.io/acme/x:1"));
+        assert_eq!(profile.runtime.as_deref(), Some("runsc"));
+        assert_eq!(profile.requires["gpu"], "a100");
+        let plain = parse("").unwrap();
+        assert_eq!(
+            (plain.priority, plain.image, plain.runtime),
+            (None, None, None)
+        );
+        assert!(plain.requires.is_empty());
+    }
+
+    #[test]
+    fn a_profile_may_not_require_too_many_labels() {
+        let labels: String = (0..17).map(|i| format!("k{i} = \"v\"\n")).collect();
+        let err = parse(&format!("[agent.requires]\n{labels}")).unwrap_err();
+        assert!(
+            err.contains("[agent].requires must have at most 16 keys"),
+            "{err}"
+        );
     }
 
     #[test]

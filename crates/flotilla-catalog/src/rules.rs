@@ -2,6 +2,10 @@
 //! never be something a request would be refused for. Each check returns the reason only; the
 //! caller prefixes it with the field it came from.
 
+use std::collections::BTreeMap;
+
+use flotilla_proto::Priority;
+
 pub(crate) const MAX_PROMPT_CHARS: usize = 1_000_000;
 pub(crate) const MAX_SYSTEM_PROMPT_CHARS: usize = 500_000;
 /// Linux refuses a single argv element of 128 KiB or more (`MAX_ARG_STRLEN`, NUL included).
@@ -14,6 +18,11 @@ pub(crate) const MIN_MEMORY_BYTES: i64 = 6 * 1024 * 1024;
 /// 0.01 CPU, the least Docker can enforce.
 pub(crate) const MIN_NANO_CPUS: i64 = 10_000_000;
 pub(crate) const OUTPUT_FORMATS: [&str; 3] = ["json", "text", "stream-json"];
+/// Node labels a job may need (`requires`): each one narrows the nodes that can run it, and
+/// every distinct set is a queue class of its own.
+pub(crate) const MAX_REQUIRES: usize = 16;
+pub(crate) const LABEL_MAX: usize = 64;
+pub(crate) const MAX_IMAGE_CHARS: usize = 256;
 
 /// True when `s` has more than `max` chars; the byte length is a cheap upper bound.
 pub(crate) fn too_long(s: &str, max: usize) -> bool {
@@ -76,6 +85,79 @@ pub(crate) fn check_model(s: &str) -> Result<(), String> {
     } else {
         Err(format!(
             "must match ^[A-Za-z0-9._/:-]{{1,128}}$, got {}",
+            clip(s)
+        ))
+    }
+}
+
+/// `high`, `normal` or `low`.
+pub(crate) fn check_priority(s: &str) -> Result<Priority, String> {
+    Priority::parse(s).ok_or_else(|| "must be high, normal or low".to_owned())
+}
+
+/// A node label's key or value, or a Docker runtime name: `^[A-Za-z0-9_.-]{1,64}$`, so it can
+/// go into a subject digest, a log line or `docker run --runtime` as it is.
+pub(crate) fn check_label(s: &str) -> Result<(), String> {
+    if flotilla_proto::routing::is_valid_label(s) {
+        Ok(())
+    } else {
+        Err(format!(
+            "must match ^[A-Za-z0-9_.-]{{1,{LABEL_MAX}}}$, got {}",
+            clip(s)
+        ))
+    }
+}
+
+/// The node labels a job needs. On error, the key whose value broke the rule (`None` when the
+/// map itself or one of its keys did: a bad key cannot name the field) and the reason.
+pub(crate) fn check_requires(
+    requires: &BTreeMap<String, String>,
+) -> Result<(), (Option<&str>, String)> {
+    if requires.len() > MAX_REQUIRES {
+        return Err((None, format!("must have at most {MAX_REQUIRES} keys")));
+    }
+    for (key, value) in requires {
+        check_label(key).map_err(|e| (None, format!("keys {e}")))?;
+        check_label(value).map_err(|e| (Some(key.as_str()), e))?;
+    }
+    Ok(())
+}
+
+/// `prefix` (`requires`, `[agent].requires`) narrowed to the key a [`check_requires`] error
+/// names.
+pub(crate) fn requires_field(prefix: &str, key: Option<&str>) -> String {
+    match key {
+        Some(key) => format!("{prefix}.{key}"),
+        None => prefix.to_owned(),
+    }
+}
+
+/// The shape of a Docker image reference (`ghcr.io/acme/tool:1.2`, `x@sha256:...`): it is
+/// compared with the operator's patterns and handed to Docker, so nothing that could be read
+/// as an option, a second argument or a terminal escape gets through.
+pub(crate) fn check_image(s: &str) -> Result<(), String> {
+    if s.is_empty() {
+        return Err("must not be empty".to_owned());
+    }
+    if too_long(s, MAX_IMAGE_CHARS) {
+        return Err(format!("must be at most {MAX_IMAGE_CHARS} characters"));
+    }
+    if s.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err("must not contain whitespace or control characters".to_owned());
+    }
+    let starts_ok = s
+        .bytes()
+        .next()
+        .is_some_and(|b| b.is_ascii_lowercase() || b.is_ascii_digit());
+    let chars_ok = s
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b"._/:@-".contains(&b));
+    if starts_ok && chars_ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "must be a Docker image reference (starting with [a-z0-9], then [A-Za-z0-9._/:@-]), \
+             got {}",
             clip(s)
         ))
     }

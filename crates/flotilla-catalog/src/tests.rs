@@ -4,10 +4,12 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use chrono::{DateTime, TimeZone, Utc};
-use flotilla_proto::{FileRequest, JobRequest, ResourcesRequest, SubmitRequest, WorkspaceFile};
+use flotilla_proto::{
+    FileRequest, JobRequest, Priority, ResourcesRequest, SubmitRequest, WorkspaceFile,
+};
 use serde_json::{Value, json};
 
-use crate::{Catalog, Limits, Origin, ValidationError, validate};
+use crate::{Catalog, ImageAllowList, Limits, Origin, ValidationError, validate};
 
 fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
@@ -1119,10 +1121,6 @@ async fn retries_come_from_the_request_or_the_profile() {
         assert_err(&err(retries(bad)).await, "invalid_field", "retries");
     }
     let catalog = with_profile("[agent]\nengine = \"shell\"\nretries = 2\n");
-    let custom = |request: SubmitRequest| SubmitRequest {
-        profile: Some("custom".to_owned()),
-        ..request
-    };
     let limits = Limits::default();
     let job = run_with(&catalog, &limits, custom(base())).await.unwrap();
     assert_eq!(job.retries, 2, "the profile's");
@@ -1130,4 +1128,248 @@ async fn retries_come_from_the_request_or_the_profile() {
         .await
         .unwrap();
     assert_eq!(job.retries, 0, "the request's, even 0");
+}
+
+/// `request` against the extra profile `custom`.
+fn custom(request: SubmitRequest) -> SubmitRequest {
+    SubmitRequest {
+        profile: Some("custom".to_owned()),
+        ..request
+    }
+}
+
+fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+    pairs
+        .iter()
+        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+        .collect()
+}
+
+#[tokio::test]
+async fn priority_comes_from_the_request_the_profile_or_normal() {
+    assert_eq!(ok(base()).await.priority, Priority::Normal);
+    let priority = |p: &str| SubmitRequest {
+        priority: Some(p.to_owned()),
+        ..base()
+    };
+    assert_eq!(ok(priority("high")).await.priority, Priority::High);
+    assert_eq!(ok(priority("low")).await.priority, Priority::Low);
+    for bad in ["urgent", "HIGH", ""] {
+        let e = err(priority(bad)).await;
+        assert_err(&e, "invalid_field", "priority");
+        assert_eq!(e.message, "priority must be high, normal or low");
+    }
+    let catalog = with_profile("[agent]\npriority = \"low\"\n");
+    let limits = Limits::default();
+    let job = run_with(&catalog, &limits, custom(base())).await.unwrap();
+    assert_eq!(job.priority, Priority::Low, "the profile's");
+    let job = run_with(&catalog, &limits, custom(priority("normal")))
+        .await
+        .unwrap();
+    assert_eq!(job.priority, Priority::Normal, "the request's");
+}
+
+#[tokio::test]
+async fn requires_are_merged_over_the_profile_s() {
+    assert!(ok(base()).await.requires.is_empty());
+    let requires = |pairs: &[(&str, &str)]| SubmitRequest {
+        requires: Some(labels(pairs)),
+        ..base()
+    };
+    let catalog = with_profile("[agent.requires]\ngpu = \"a100\"\nregion = \"eu\"\n");
+    let limits = Limits::default();
+    let job = run_with(&catalog, &limits, custom(base())).await.unwrap();
+    assert_eq!(job.requires, labels(&[("gpu", "a100"), ("region", "eu")]));
+    let request = custom(requires(&[("gpu", "h100"), ("disk", "ssd")]));
+    let job = run_with(&catalog, &limits, request).await.unwrap();
+    assert_eq!(
+        job.requires,
+        labels(&[("disk", "ssd"), ("gpu", "h100"), ("region", "eu")]),
+        "the request wins per key"
+    );
+    assert_eq!(ok(requires(&[("gpu", "a100")])).await.requires.len(), 1);
+}
+
+#[tokio::test]
+async fn requires_rules() {
+    let requires = |map: BTreeMap<String, String>| SubmitRequest {
+        requires: Some(map),
+        ..base()
+    };
+    let e = err(requires(labels(&[("gpu type", "a100")]))).await;
+    assert_err(&e, "invalid_field", "requires");
+    assert!(e.message.contains("keys must match"), "{}", e.message);
+    assert!(e.message.contains("\"gpu type\""), "{}", e.message);
+    for bad in ["", "a100;x", &"x".repeat(65)] {
+        let e = err(requires(labels(&[("gpu", bad)]))).await;
+        assert_err(&e, "invalid_field", "requires.gpu");
+        assert!(
+            e.message.starts_with("requires.gpu must match"),
+            "{}",
+            e.message
+        );
+    }
+    let many = (0..17).map(|i| (format!("k{i}"), "v".to_owned())).collect();
+    let e = err(requires(many)).await;
+    assert_err(&e, "invalid_field", "requires");
+    assert_eq!(e.message, "requires must have at most 16 keys");
+    let sixteen = (0..16).map(|i| (format!("k{i}"), "v".to_owned())).collect();
+    assert_eq!(ok(requires(sixteen)).await.requires.len(), 16);
+
+    // Within the cap each, but not together.
+    let catalog = with_profile("[agent.requires]\nfrom_profile = \"yes\"\n");
+    let sixteen = (0..16).map(|i| (format!("k{i}"), "v".to_owned())).collect();
+    let e = run_with(&catalog, &Limits::default(), custom(requires(sixteen)))
+        .await
+        .unwrap_err();
+    assert_err(&e, "invalid_field", "requires");
+    assert!(e.message.contains("profile custom"), "{}", e.message);
+}
+
+fn allowing(patterns: &str) -> Limits {
+    Limits {
+        allowed_images: ImageAllowList::parse(patterns).unwrap(),
+        ..Limits::default()
+    }
+}
+
+fn image(image: &str) -> SubmitRequest {
+    SubmitRequest {
+        image: Some(image.to_owned()),
+        ..base()
+    }
+}
+
+#[tokio::test]
+async fn an_image_must_be_allowed_by_the_operator() {
+    assert_eq!(ok(base()).await.image, None, "the node's worker image");
+    let limits = allowing("flotilla-worker:*,ghcr.io/acme/*");
+    for allowed in ["flotilla-worker:gpu", "ghcr.io/acme/tools/x:1"] {
+        let job = run_with(&shipped(), &limits, image(allowed)).await.unwrap();
+        assert_eq!(job.image.as_deref(), Some(allowed));
+    }
+    let e = run_with(&shipped(), &limits, image("docker.io/evil:1"))
+        .await
+        .unwrap_err();
+    assert_err(&e, "invalid_field", "image");
+    assert_eq!(
+        e.message,
+        "image docker.io/evil:1 is not allowed: FLOTILLA_ALLOWED_IMAGES allows \
+         flotilla-worker:*, ghcr.io/acme/*"
+    );
+    let e = err(image("flotilla-worker:gpu")).await;
+    assert_err(&e, "invalid_field", "image");
+    assert_eq!(
+        e.message,
+        "image flotilla-worker:gpu is not allowed: no job images are allowed \
+         (set FLOTILLA_ALLOWED_IMAGES)"
+    );
+}
+
+#[tokio::test]
+async fn an_image_must_look_like_an_image_reference() {
+    // Allowing everything shows the shape is checked on its own.
+    let limits = allowing("*");
+    for bad in [
+        "",
+        "--privileged",
+        "Alpine",
+        "alpine latest",
+        "alpine\n",
+        "alpine;id",
+        &format!("a{}", "b".repeat(256)),
+    ] {
+        let e = run_with(&shipped(), &limits, image(bad)).await.unwrap_err();
+        assert_err(&e, "invalid_field", "image");
+    }
+    let job = run_with(&shipped(), &limits, image("registry:5000/a/b@sha256:0f"))
+        .await
+        .unwrap();
+    assert_eq!(job.image.as_deref(), Some("registry:5000/a/b@sha256:0f"));
+}
+
+#[tokio::test]
+async fn a_profile_s_image_is_allowed_when_a_job_uses_it() {
+    let catalog = with_profile("[agent]\nimage = \"ghcr.io/acme/x:1\"\n");
+    let e = run_with(&catalog, &Limits::default(), custom(base()))
+        .await
+        .unwrap_err();
+    assert_err(&e, "invalid_field", "image");
+    assert_eq!(
+        e.message,
+        "image ghcr.io/acme/x:1 (from profile custom) is not allowed: no job images are \
+         allowed (set FLOTILLA_ALLOWED_IMAGES)"
+    );
+    let limits = allowing("flotilla-worker:*");
+    let e = run_with(&catalog, &limits, custom(base()))
+        .await
+        .unwrap_err();
+    assert!(
+        e.message.contains("allows flotilla-worker:*"),
+        "{}",
+        e.message
+    );
+    let limits = allowing("ghcr.io/acme/*,flotilla-worker:*");
+    let job = run_with(&catalog, &limits, custom(base())).await.unwrap();
+    assert_eq!(job.image.as_deref(), Some("ghcr.io/acme/x:1"));
+    // The request's image replaces the profile's, and is the one checked.
+    let request = custom(SubmitRequest {
+        image: Some("flotilla-worker:gpu".to_owned()),
+        ..base()
+    });
+    let job = run_with(&catalog, &limits, request).await.unwrap();
+    assert_eq!(job.image.as_deref(), Some("flotilla-worker:gpu"));
+}
+
+#[tokio::test]
+async fn runtime_comes_from_the_request_or_the_profile() {
+    assert_eq!(ok(base()).await.runtime, None);
+    let runtime = |r: &str| SubmitRequest {
+        runtime: Some(r.to_owned()),
+        ..base()
+    };
+    assert_eq!(ok(runtime("runsc")).await.runtime.as_deref(), Some("runsc"));
+    for bad in [
+        "",
+        "run sc",
+        "../runc",
+        "--privileged=true",
+        &"r".repeat(65),
+    ] {
+        let e = err(runtime(bad)).await;
+        assert_err(&e, "invalid_field", "runtime");
+        assert!(e.message.starts_with("runtime must match"), "{}", e.message);
+    }
+    let catalog = with_profile("[agent]\nruntime = \"kata\"\n");
+    let limits = Limits::default();
+    let job = run_with(&catalog, &limits, custom(base())).await.unwrap();
+    assert_eq!(job.runtime.as_deref(), Some("kata"), "the profile's");
+    let job = run_with(&catalog, &limits, custom(runtime("runsc")))
+        .await
+        .unwrap();
+    assert_eq!(job.runtime.as_deref(), Some("runsc"), "the request's");
+}
+
+#[test]
+fn operator_image_patterns_are_compiled_with_the_limits() {
+    let args = |images: &str| crate::LimitsArgs {
+        default_timeout_secs: 3600,
+        default_job_memory: "2g".to_owned(),
+        default_job_cpus: 1.0,
+        max_job_memory: "8g".to_owned(),
+        max_job_cpus: 4.0,
+        allow_private_webhooks: false,
+        git_allowed_hosts: String::new(),
+        allowed_images: images.to_owned(),
+    };
+    let limits = args("flotilla-worker:*, ghcr.io/acme/*")
+        .into_limits()
+        .unwrap();
+    assert_eq!(
+        limits.allowed_images.patterns(),
+        ["flotilla-worker:*", "ghcr.io/acme/*"]
+    );
+    assert!(args("").into_limits().unwrap().allowed_images.is_empty());
+    let error = args("ghcr.io/{acme").into_limits().unwrap_err();
+    assert!(error.contains("FLOTILLA_ALLOWED_IMAGES"), "{error}");
 }

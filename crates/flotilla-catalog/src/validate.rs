@@ -6,12 +6,14 @@ use std::collections::BTreeMap;
 
 use chrono::{DateTime, Utc};
 use flotilla_proto::{
-    FileRequest, JobRequest, Resources, ResourcesRequest, SubmitRequest, WorkspaceFile, ids,
+    FileRequest, JobRequest, Priority, Resources, ResourcesRequest, SubmitRequest, WorkspaceFile,
+    ids,
 };
 use serde_json::{Map, Value};
 
 use crate::catalog::Catalog;
 use crate::engine::{Engine, EngineKind, MappedField};
+use crate::images::ImageAllowList;
 use crate::profile::{Profile, Variable};
 use crate::rules::{self, clip, human_bytes};
 use crate::webhook::{SystemResolver, check_webhook_url};
@@ -39,6 +41,8 @@ pub struct Limits {
     pub allow_private_webhooks: bool,
     /// The repositories `workspace.git` may name.
     pub git_allowed: GitAllowList,
+    /// The images `image` (or a profile's) may name; empty allows none.
+    pub allowed_images: ImageAllowList,
 }
 
 impl Default for Limits {
@@ -51,6 +55,7 @@ impl Default for Limits {
             max_cpus: 4.0,
             allow_private_webhooks: false,
             git_allowed: GitAllowList::default(),
+            allowed_images: ImageAllowList::default(),
         }
     }
 }
@@ -135,6 +140,10 @@ pub async fn validate(
         workspace,
         outputs,
         push,
+        priority,
+        requires,
+        image,
+        runtime,
     } = request;
 
     if let Some(id) = &job_id {
@@ -294,6 +303,16 @@ pub async fn validate(
     let outputs = outputs.unwrap_or_default();
     check_outputs(&outputs)?;
     let push = check_push(push, &job_id, git.as_ref())?;
+    let placement = resolve_placement(
+        Placement {
+            priority,
+            requires,
+            image,
+            runtime,
+        },
+        profile,
+        &limits.allowed_images,
+    )?;
     check_fits_argv(engine, "prompt", Some(&prompt))?;
     if engine
         .flags
@@ -334,7 +353,95 @@ pub async fn validate(
         outputs,
         push,
         continues: None,
+        priority: placement.priority,
+        requires: placement.requires,
+        image: placement.image,
+        runtime: placement.runtime,
     })
+}
+
+/// The submitted fields that choose which nodes run a job, and how soon.
+struct Placement {
+    priority: Option<String>,
+    requires: Option<BTreeMap<String, String>>,
+    image: Option<String>,
+    runtime: Option<String>,
+}
+
+/// [`Placement`] resolved: request, then profile, then the defaults.
+struct Resolved {
+    priority: Priority,
+    requires: BTreeMap<String, String>,
+    image: Option<String>,
+    runtime: Option<String>,
+}
+
+fn resolve_placement(
+    submitted: Placement,
+    profile: &Profile,
+    allowed_images: &ImageAllowList,
+) -> Result<Resolved, ValidationError> {
+    let priority = match &submitted.priority {
+        Some(p) => rules::check_priority(p).map_err(|e| ValidationError::invalid("priority", e))?,
+        None => profile.priority.unwrap_or_default(),
+    };
+    let requires = resolve_requires(submitted.requires.unwrap_or_default(), profile)?;
+    let image = resolve_image(submitted.image, profile, allowed_images)?;
+    if let Some(runtime) = &submitted.runtime {
+        rules::check_label(runtime).map_err(|e| ValidationError::invalid("runtime", e))?;
+    }
+    Ok(Resolved {
+        priority,
+        requires,
+        image,
+        runtime: submitted.runtime.or_else(|| profile.runtime.clone()),
+    })
+}
+
+/// The request's labels over the profile's, per key. Checked before the merge so an error
+/// names the request's own keys, and after it so the whole set stays within the cap.
+fn resolve_requires(
+    requested: BTreeMap<String, String>,
+    profile: &Profile,
+) -> Result<BTreeMap<String, String>, ValidationError> {
+    rules::check_requires(&requested)
+        .map_err(|(key, e)| ValidationError::invalid(&rules::requires_field("requires", key), e))?;
+    let mut merged = profile.requires.clone();
+    merged.extend(requested);
+    if merged.len() > rules::MAX_REQUIRES {
+        let reason = format!(
+            "must have at most {} keys with profile {}'s, got {}",
+            rules::MAX_REQUIRES,
+            profile.name,
+            merged.len()
+        );
+        return Err(ValidationError::invalid("requires", reason));
+    }
+    Ok(merged)
+}
+
+/// The request's image, else the profile's; either must be allowed by the operator, who may
+/// have narrowed the list since the profile was written.
+fn resolve_image(
+    requested: Option<String>,
+    profile: &Profile,
+    allowed: &ImageAllowList,
+) -> Result<Option<String>, ValidationError> {
+    let (image, source) = match requested {
+        Some(image) => {
+            rules::check_image(&image).map_err(|e| ValidationError::invalid("image", e))?;
+            (image, String::new())
+        }
+        None => match &profile.image {
+            Some(image) => (image.clone(), format!(" (from profile {})", profile.name)),
+            None => return Ok(None),
+        },
+    };
+    if !allowed.allows(&image) {
+        let reason = format!("{image}{source} is not allowed: {}", allowed.refusal());
+        return Err(ValidationError::invalid("image", reason));
+    }
+    Ok(Some(image))
 }
 
 /// An agent CLI gets the prompt (and system prompt) as one argument, which the kernel caps;

@@ -8,6 +8,7 @@ mod grants;
 mod lease;
 mod nodes;
 mod options;
+mod queues;
 mod schedules;
 mod store;
 mod submit;
@@ -24,6 +25,7 @@ pub use options::{
     ENV_TLS_CERT, ENV_TLS_KEY, ENV_TLS_REQUIRED, ENV_TOKEN, ENV_TOKEN_FILE, ENV_USER, NatsArgs,
     NatsAuth, NatsOptions, NatsOptionsError, NatsTls, Secret,
 };
+pub use queues::{ClassEvent, RegisteredClass, RunQueues};
 pub use schedules::{ScheduleEvent, ScheduleStore, VersionedSchedule};
 pub use store::{Applied, ApplyError, BoxError, JobStore, StoreError, Versioned, WatchEvent};
 pub use submit::{SubmitError, Submitted, submit};
@@ -31,7 +33,7 @@ pub use topology::{LEADER_LEASE, Topology, TopologyArgs, TopologyConfig, Topolog
 
 use async_nats::{ConnectErrorKind, jetstream};
 use bytes::Bytes;
-use flotilla_proto::{JobRequest, names};
+use flotilla_proto::{JobClass, JobRequest, names};
 
 /// Why [`connect`] gave up. Only failures that retrying cannot fix end it: an unreachable
 /// server is waited for.
@@ -269,25 +271,30 @@ pub fn redelivery_delay(delivered: i64) -> Duration {
 pub enum QueueError {
     #[error("cannot encode job: {0}")]
     Encode(#[from] flotilla_proto::CodecError),
+    #[error("cannot make the job's queue: {0}")]
+    Queues(#[from] TopologyError),
     #[error("job queue refused the job: {0}")]
     Publish(#[from] jetstream::context::PublishError),
 }
 
-/// Puts a validated job on the run queue and waits until JetStream has stored it. Publishing the
-/// same job twice within the dedupe window stores it once. `headers` travel with the message
-/// (the submitter's trace context, possibly none); the job-id header is added here.
+/// Puts a validated job on its class's run queue at its priority and waits until JetStream
+/// has stored it. Publishing the same job twice within the dedupe window stores it once.
+/// `headers` travel with the message (the submitter's trace context, possibly none); the
+/// job-id header is added here.
 pub async fn enqueue(
-    js: &jetstream::Context,
+    topology: &Topology,
     request: &JobRequest,
     mut headers: async_nats::HeaderMap,
 ) -> Result<(), QueueError> {
+    let class = topology.queues.ensure(&JobClass::of(request)).await?;
     let payload: Bytes = flotilla_proto::encode(request)?;
     headers.insert(names::HEADER_JOB_ID, request.job_id.as_str());
     let message = jetstream::message::PublishMessage::build()
         .payload(payload)
         .headers(headers)
         .message_id(names::run_msg_id(&request.job_id));
-    js.send_publish(names::SUBJECT_RUN, message).await?.await?;
+    let subject = names::run_subject(request.priority, &class);
+    topology.js.send_publish(subject, message).await?.await?;
     Ok(())
 }
 

@@ -55,7 +55,7 @@ pub async fn submit(
         },
         Err(e) => return Err(e.into()),
     };
-    let queued = enqueue(&topology.js, request, trace)
+    let queued = enqueue(topology, request, trace)
         .instrument(tracing::info_span!("publish"))
         .await;
     if let Err(e) = queued {

@@ -14,7 +14,7 @@ use async_nats::jetstream::{
 use flotilla_proto::names;
 
 use crate::{
-    GrantStore, JobStore, ScheduleStore,
+    GrantStore, JobStore, RunQueues, ScheduleStore,
     drift::{self, Drift, StreamLimits},
 };
 
@@ -222,8 +222,8 @@ pub struct Topology {
     pub schedules: ScheduleStore,
     /// What jobs leave behind: artifacts and patches ([`names::BUCKET_ARTIFACTS`]).
     pub artifacts: jetstream::object_store::ObjectStore,
-    /// The fleet's shared pull consumer on the run queue.
-    pub agents: consumer::PullConsumer,
+    /// The run queues, one per priority and job class.
+    pub queues: RunQueues,
     /// The dispatchers' shared pull consumer on direct submissions.
     pub intake: consumer::PullConsumer,
     /// The dispatchers' shared pull consumer on max-deliveries advisories (dead letters).
@@ -254,12 +254,6 @@ impl Topology {
             num_replicas: config.replicas,
             ..Default::default()
         };
-        let agents = ensure_consumer(
-            &jobs,
-            pull(names::CONSUMER_AGENTS, names::SUBJECT_RUN),
-            config.update,
-        )
-        .await?;
         // Admission only fails on NATS trouble and is idempotent: a stored submission is
         // retried until admitted, never dropped after a few failures.
         let intake = ensure_consumer(
@@ -324,6 +318,8 @@ impl Topology {
         };
         ensure_bucket(&js, config_bucket, config.update).await?;
         let artifacts = ensure_object_store(&js, &config).await?;
+        let classes = bucket(names::BUCKET_CLASSES, Duration::ZERO).await?;
+        let queues = RunQueues::new(jobs, classes, pull("", ""), config.update);
         Ok(Self {
             js: js.clone(),
             jobs: JobStore::new(job_bucket),
@@ -333,7 +329,7 @@ impl Topology {
             grants: GrantStore::new(grants),
             schedules: ScheduleStore::new(schedules),
             artifacts,
-            agents,
+            queues,
             intake,
             advisories,
             config,
@@ -382,7 +378,7 @@ async fn ensure_streams(
     let submit = ensure_stream(js, submit, config.update).await?;
     let run = work_queue(
         names::STREAM_JOBS,
-        names::SUBJECT_RUN,
+        &format!("{}.>", names::SUBJECT_RUN),
         config.queue_max_messages,
     );
     let jobs = ensure_stream(js, run, config.update).await?;
@@ -537,7 +533,7 @@ fn update_failed(
     }
 }
 
-async fn ensure_consumer(
+pub(crate) async fn ensure_consumer(
     stream: &stream::Stream,
     config: consumer::pull::Config,
     update: bool,

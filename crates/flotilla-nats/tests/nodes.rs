@@ -12,22 +12,7 @@ use tokio_util::sync::CancellationToken;
 const WITHIN: Duration = Duration::from_secs(10);
 
 fn heartbeat(node_id: &str) -> NodeInfo {
-    NodeInfo {
-        node_id: node_id.to_owned(),
-        host: "h".to_owned(),
-        version: "0".to_owned(),
-        engines: vec!["shell".to_owned()],
-        slots_total: 4,
-        slots_busy: 0,
-        warm: Default::default(),
-        pool_hits: 0,
-        pool_misses: 0,
-        pool_refill_ms: 0.0,
-        started_at: Utc::now(),
-        heartbeat_at: Utc::now(),
-        ttl_ms: 60_000,
-        llm_providers: None,
-    }
+    NodeInfo::example(node_id)
 }
 
 async fn put(topology: &Topology, node_id: &str) {

@@ -6,6 +6,8 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+use crate::Priority;
+
 /// A job as a client submits it: the body of `POST /jobs`, or a message published on
 /// [`crate::names::SUBJECT_SUBMIT`]. Nothing here is trusted yet; validation turns it into a
 /// [`JobRequest`]. Every field is optional at this level so that a missing required field gets
@@ -163,6 +165,28 @@ pub struct SubmitRequest {
     /// node's credential, and optionally open a pull request. Needs `workspace.git`.
     #[serde(default)]
     pub push: Option<PushRequest>,
+    /// `high`, `normal` (the default) or `low`: among jobs waiting for the same nodes, high
+    /// ones start first most of the time, and low ones still start. The profile's when absent.
+    #[serde(default)]
+    #[cfg_attr(feature = "openapi", schema(schema_with = schemas::priority))]
+    pub priority: Option<String>,
+    /// Node labels the job needs (`{"gpu": "a100"}`), all of them: only nodes started with
+    /// those labels (`FLOTILLA_NODE_LABELS`) run it. At most 16 keys matching
+    /// `^[A-Za-z0-9_.-]{1,64}$`, values matching the same. Merged over the profile's.
+    #[serde(default)]
+    #[cfg_attr(feature = "openapi", schema(schema_with = schemas::requires))]
+    pub requires: Option<BTreeMap<String, String>>,
+    /// The image to run in, instead of the nodes' worker image: one the operator allows
+    /// (`FLOTILLA_ALLOWED_IMAGES`), at most 256 characters. Only nodes that hold it run the
+    /// job. The profile's when absent.
+    #[serde(default)]
+    #[cfg_attr(feature = "openapi", schema(max_length = 256))]
+    pub image: Option<String>,
+    /// A Docker runtime by name (`runsc`), `^[A-Za-z0-9_.-]{1,64}$`: only nodes whose engine
+    /// has it run the job. The profile's when absent.
+    #[serde(default)]
+    #[cfg_attr(feature = "openapi", schema(pattern = "^[A-Za-z0-9_.-]{1,64}$"))]
+    pub runtime: Option<String>,
 }
 
 /// `workspace` as submitted.
@@ -416,6 +440,18 @@ pub struct JobRequest {
     /// A follow-up starts from this job's saved workspace.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub continues: Option<Continuation>,
+    /// How soon it starts among the jobs waiting for the same nodes.
+    #[serde(default, skip_serializing_if = "Priority::is_normal")]
+    pub priority: Priority,
+    /// Node labels it needs, all of them (`FLOTILLA_NODE_LABELS`).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub requires: BTreeMap<String, String>,
+    /// The image it runs in; the node's worker image when `None`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<String>,
+    /// The Docker runtime it runs under; the node's default when `None`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub runtime: Option<String>,
 }
 
 /// What a follow-up continues: the finished job, the attempt whose workspace was saved, its
@@ -473,6 +509,10 @@ impl JobRequest {
             outputs: Vec::new(),
             push: None,
             continues: None,
+            priority: Default::default(),
+            requires: Default::default(),
+            image: None,
+            runtime: None,
         }
     }
 }
@@ -561,6 +601,23 @@ pub struct JobRecord {
     /// For a follow-up: every job it continues, the first one first, `parent` last.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub chain: Vec<String>,
+    /// `high`, `normal` or `low`.
+    #[serde(default)]
+    #[cfg_attr(feature = "openapi", schema(required))]
+    pub priority: Priority,
+    /// The node labels the job needs.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub requires: BTreeMap<String, String>,
+    /// The image it runs in, when not the node's worker image.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<String>,
+    /// The Docker runtime it runs under, when not the node's default.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub runtime: Option<String>,
+    /// While pending: why no live node can take it yet (`no live node offers gpu=a100`).
+    /// Cleared once one can.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub waiting_for: Option<String>,
 }
 
 /// The state of a job's webhook: tried up to [`WebhookDelivery::MAX_ATTEMPTS`] times.
@@ -640,6 +697,11 @@ impl JobRecord {
                 .as_ref()
                 .map(|c| c.chain.clone())
                 .unwrap_or_default(),
+            priority: request.priority,
+            requires: request.requires.clone(),
+            image: request.image.clone(),
+            runtime: request.runtime.clone(),
+            waiting_for: None,
         }
     }
 
@@ -677,6 +739,11 @@ impl JobRecord {
             git: None,
             parent: None,
             chain: Vec::new(),
+            priority: Priority::Normal,
+            requires: BTreeMap::new(),
+            image: None,
+            runtime: None,
+            waiting_for: None,
         }
     }
 
@@ -908,6 +975,31 @@ mod schemas {
             .max_properties(Some(32))
             .property_names(Some(key))
             .additional_properties(Some(value))
+            .build()
+    }
+
+    pub fn priority() -> Object {
+        one_of(
+            &["high", "normal", "low"],
+            "`high`, `normal` (the default) or `low`; the profile's when absent.",
+        )
+    }
+
+    pub fn requires() -> Object {
+        let label = || {
+            ObjectBuilder::new()
+                .schema_type(Type::String)
+                .pattern(Some("^[A-Za-z0-9_.-]{1,64}$"))
+        };
+        ObjectBuilder::new()
+            .schema_type(nullable(Type::Object))
+            .description(Some(
+                "Node labels the job needs (`{\"gpu\": \"a100\"}`), all of them: at most 16 \
+                 keys and values matching `^[A-Za-z0-9_.-]{1,64}$`. Merged over the profile's.",
+            ))
+            .max_properties(Some(16))
+            .property_names(Some(label()))
+            .additional_properties(Some(label()))
             .build()
     }
 }

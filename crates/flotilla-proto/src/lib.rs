@@ -12,6 +12,7 @@ pub mod llm;
 pub mod log;
 pub mod names;
 pub mod node;
+pub mod routing;
 pub mod schedule;
 pub mod transition;
 
@@ -25,5 +26,6 @@ pub use job::{
 pub use llm::LlmGrant;
 pub use log::{LogChunk, LogEnd, LogStream};
 pub use node::NodeInfo;
+pub use routing::{JobClass, Priority};
 pub use schedule::{Schedule, ScheduleRequest};
 pub use transition::{Finish, Refusal, Transition};

@@ -2,6 +2,8 @@
 
 use std::time::Duration;
 
+use crate::Priority;
+
 /// Direct publishers send a [`crate::SubmitRequest`] here (no HTTP involved). The dispatcher's
 /// intake validates it, records the job as `pending` and queues it for the fleet.
 pub const SUBJECT_SUBMIT: &str = "flotilla.submit";
@@ -10,12 +12,27 @@ pub const STREAM_SUBMIT: &str = "FLOTILLA_SUBMIT";
 /// Durable pull consumer on [`STREAM_SUBMIT`], shared by every dispatcher replica.
 pub const CONSUMER_INTAKE: &str = "intake";
 
-/// Validated jobs waiting for an agent-node, as [`crate::JobRequest`].
+/// Prefix of the subjects of validated jobs waiting for an agent-node, as
+/// [`crate::JobRequest`]: one per priority and job class, see [`run_subject`].
 pub const SUBJECT_RUN: &str = "flotilla.jobs.run";
-/// Stream capturing [`SUBJECT_RUN`] (work-queue retention).
+/// Stream capturing every [`run_subject`] (work-queue retention).
 pub const STREAM_JOBS: &str = "FLOTILLA_JOBS";
-/// Durable pull consumer on [`STREAM_JOBS`], shared by every agent-node.
-pub const CONSUMER_AGENTS: &str = "agents";
+
+/// Where a job of `class` (a [`crate::JobClass::id`]) waits at `priority`.
+pub fn run_subject(priority: Priority, class: &str) -> String {
+    format!("{SUBJECT_RUN}.{priority}.{class}")
+}
+/// The durable pull consumer on [`STREAM_JOBS`] for one [`run_subject`], shared by every
+/// agent-node that can run the class.
+pub fn run_consumer(priority: Priority, class: &str) -> String {
+    format!("run-{priority}-{class}")
+}
+/// KV bucket with one [`crate::JobClass`] per class that ever had a job, under [`class_key`]:
+/// nodes read it to know which queues they can serve.
+pub const BUCKET_CLASSES: &str = "flotilla_classes";
+pub fn class_key(class: &str) -> String {
+    format!("class.{class}")
+}
 
 /// Prefix of the per-job log subjects; see [`log_subject`].
 pub const SUBJECT_LOGS_PREFIX: &str = "flotilla.logs";
@@ -37,7 +54,7 @@ pub const STREAM_DEAD: &str = "FLOTILLA_DEAD";
 
 /// Published by JetStream when a job message reached its maximum deliveries.
 pub fn max_deliveries_advisory() -> String {
-    format!("$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.{STREAM_JOBS}.{CONSUMER_AGENTS}")
+    format!("$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.{STREAM_JOBS}.*")
 }
 /// Stream keeping the [`max_deliveries_advisory`] messages (work-queue retention), so that an
 /// advisory published while no dispatcher runs waits for one instead of being lost.

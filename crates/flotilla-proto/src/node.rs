@@ -41,9 +41,52 @@ pub struct NodeInfo {
     /// for. Absent when the node gives jobs no LLM access.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub llm_providers: Option<Vec<String>>,
+    /// What the operator says this node offers (`FLOTILLA_NODE_LABELS`); jobs `require` them.
+    #[serde(default)]
+    #[cfg_attr(feature = "openapi", schema(required))]
+    pub labels: BTreeMap<String, String>,
+    /// Images this node holds and runs jobs in: its worker image, and the job images it was
+    /// found to have.
+    #[serde(default)]
+    #[cfg_attr(feature = "openapi", schema(required))]
+    pub images: Vec<String>,
+    /// Docker runtimes this node's engine has (`runc`, `runsc`, ...).
+    #[serde(default)]
+    #[cfg_attr(feature = "openapi", schema(required))]
+    pub runtimes: Vec<String>,
+    /// The job classes whose queues this node pulls from (see `routing::JobClass::id`).
+    #[serde(default)]
+    #[cfg_attr(feature = "openapi", schema(required))]
+    pub classes: Vec<String>,
 }
 
 impl NodeInfo {
+    /// A fresh heartbeat of a node with 4 slots that runs `shell` jobs, for tests.
+    #[cfg(any(test, feature = "test-support"))]
+    pub fn example(node_id: &str) -> Self {
+        let now = Utc::now();
+        Self {
+            node_id: node_id.to_owned(),
+            host: "host".to_owned(),
+            version: "0".to_owned(),
+            engines: vec!["shell".to_owned()],
+            slots_total: 4,
+            slots_busy: 0,
+            warm: BTreeMap::new(),
+            pool_hits: 0,
+            pool_misses: 0,
+            pool_refill_ms: 0.0,
+            started_at: now,
+            heartbeat_at: now,
+            ttl_ms: 60_000,
+            llm_providers: None,
+            labels: BTreeMap::new(),
+            images: Vec::new(),
+            runtimes: Vec::new(),
+            classes: Vec::new(),
+        }
+    }
+
     pub fn is_live(&self, now: DateTime<Utc>) -> bool {
         let age = now.signed_duration_since(self.heartbeat_at);
         age.num_milliseconds() < self.ttl_ms as i64

@@ -47,6 +47,8 @@ pub enum Transition {
     TimeOut { queued_limit_secs: u64 },
     /// JetStream gave up delivering the job's message.
     DeadLetter { deliveries: u64 },
+    /// The dispatcher says why no live node can take the pending job yet (`None`: one can).
+    Wait { reason: Option<String> },
 }
 
 /// How a node's attempt ended, as [`Transition::Finish`] records it.
@@ -116,6 +118,7 @@ impl Transition {
             Self::Cancel => cancel(&mut next, now)?,
             Self::TimeOut { queued_limit_secs } => time_out(&mut next, *queued_limit_secs, now)?,
             Self::DeadLetter { deliveries } => dead_letter(&mut next, *deliveries, now)?,
+            Self::Wait { reason } => wait(&mut next, reason)?,
         }
         Ok(next)
     }
@@ -130,8 +133,19 @@ impl Transition {
             Self::Cancel => "cancel",
             Self::TimeOut { .. } => "time out",
             Self::DeadLetter { .. } => "dead-letter",
+            Self::Wait { .. } => "wait",
         }
     }
+}
+
+fn wait(record: &mut JobRecord, reason: &Option<String>) -> Result<(), Refusal> {
+    if record.status != JobStatus::Pending {
+        return Err(Refusal::NotApplicable {
+            status: record.status,
+        });
+    }
+    record.waiting_for.clone_from(reason);
+    Ok(())
 }
 
 fn not_ended(record: &JobRecord) -> Result<(), Refusal> {
@@ -187,6 +201,7 @@ fn claim(
     record.started_at = Some(now);
     record.error = None;
     record.ack_subject.clone_from(ack_subject);
+    record.waiting_for = None;
     record.attempts.push(Attempt {
         attempt: record.attempt,
         node_id: node_id.to_owned(),

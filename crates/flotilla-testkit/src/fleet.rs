@@ -438,6 +438,23 @@ impl Fleet {
         twin
     }
 
+    /// Starts one more node with `env` on top of the fleet's node settings (labels, say); its
+    /// id is the next in line. Returns its index.
+    pub fn add_node(&mut self, env: &[(&str, &str)]) -> anyhow::Result<usize> {
+        let i = self.node_ids.len();
+        anyhow::ensure!(
+            self.proxies.is_empty(),
+            "add_node does not proxy nodes: the fleet's nodes are proxied"
+        );
+        let tag = self.node_ids[0].rsplit_once('-').map_or("", |(tag, _)| tag);
+        self.node_ids.push(format!("{tag}-{i}"));
+        self.node_metrics
+            .push(format!("http://127.0.0.1:{}/metrics", free_port()));
+        let node = self.spawn_node_with(i, env)?;
+        self.nodes.push(node);
+        Ok(i)
+    }
+
     /// Starts node `i` again (same id) after it was killed: it reaps what it left behind.
     pub fn restart_node(&mut self, i: usize) -> anyhow::Result<()> {
         // A fresh metrics port: the old process may not have released its own yet (a KILL is

@@ -21,6 +21,7 @@ mod observability;
 mod openapi;
 mod outage;
 mod reliability;
+mod routing;
 mod schedules;
 mod security;
 mod ui;

@@ -318,7 +318,8 @@ async fn the_fleet_runs_with_the_per_service_users_of_nats_conf() {
     let short = async_nats::jetstream::ContextBuilder::new()
         .timeout(Duration::from_secs(1))
         .build(client);
-    let bypass = match short.publish(names::SUBJECT_RUN, "{}".into()).await {
+    let shell_queue = names::run_subject(flotilla_proto::Priority::Normal, "shell");
+    let bypass = match short.publish(shell_queue, "{}".into()).await {
         Ok(ack) => ack.await.map(|_| ()).map_err(|e| e.to_string()),
         Err(e) => Err(e.to_string()),
     };
@@ -353,7 +354,10 @@ async fn the_fleet_runs_with_the_per_service_users_of_nats_conf() {
     assert!(
         jobs_stream
             .unwrap()
-            .delete_consumer(names::CONSUMER_AGENTS)
+            .delete_consumer(&names::run_consumer(
+                flotilla_proto::Priority::Normal,
+                "shell"
+            ))
             .await
             .is_err()
     );

@@ -365,8 +365,11 @@ async fn docker_keeps_no_log_of_job_output_and_open_files_are_limited() {
 /// Records a job and queues its message as validation would, but with whatever `request`
 /// says: what anyone allowed to publish on the run subject can do.
 async fn queue_unvalidated(fleet: &Fleet, request: Value) {
-    use flotilla_proto::{JobRecord, JobRequest, names};
+    use flotilla_proto::{JobClass, JobRecord, JobRequest, names};
     let request: JobRequest = serde_json::from_value(request).unwrap();
+    // A valid job of the same class first: it opens the class's queues, which nodes follow.
+    let opener = submit(fleet, shell("true")).await;
+    assert_eq!(wait(fleet, &opener).await["status"], "completed");
     let js = crate::js_context(fleet).await;
     let jobs = js.get_key_value(names::BUCKET_JOBS).await.unwrap();
     let record = flotilla_proto::encode(&JobRecord::pending(&request)).unwrap();
@@ -379,7 +382,8 @@ async fn queue_unvalidated(fleet: &Fleet, request: Value) {
         .payload(flotilla_proto::encode(&request).unwrap())
         .headers(headers)
         .message_id(names::run_msg_id(&request.job_id));
-    js.send_publish(names::SUBJECT_RUN, message)
+    let subject = names::run_subject(request.priority, &JobClass::of(&request).id());
+    js.send_publish(subject, message)
         .await
         .unwrap()
         .await

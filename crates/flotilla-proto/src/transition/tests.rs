@@ -99,6 +99,12 @@ fn transitions() -> Vec<(&'static str, Transition)> {
             },
         ),
         ("dead-letter", Transition::DeadLetter { deliveries: 5 }),
+        (
+            "wait",
+            Transition::Wait {
+                reason: Some("no live node".to_owned()),
+            },
+        ),
     ]
 }
 
@@ -116,16 +122,16 @@ use JobStatus::{Cancelled as C, Completed as D, Failed as F, Pending as P, Runni
 use Want::{Duplicate as Dup, Ended as End, Fenced as Fen, NotApplicable as NA, To, Unchanged};
 
 /// Rows: `states()`; columns: `transitions()`.
-const TABLE: [[Want; 8]; 8] = [
-    //  claim1    claim2    finish    release       requeue  cancel  timeout  dead-letter
-    [To(R), To(R), Fen, Fen, NA, To(C), To(F), To(F)], // pending
-    [Dup, To(R), Fen, Fen, NA, To(C), To(F), To(F)],   // pending again
-    [Dup, To(R), To(D), To(P), To(P), To(C), NA, To(F)], // running here
-    [Dup, To(R), Fen, Fen, NA, To(C), NA, To(F)],      // running elsewhere
-    [End, End, Fen, Fen, NA, End, NA, End],            // cancelled queued
-    [End, End, To(C), Unchanged, NA, End, NA, End],    // cancelled running
-    [End, End, Fen, Fen, NA, End, NA, End],            // completed
-    [End, End, Fen, Fen, NA, End, NA, End],            // failed
+const TABLE: [[Want; 9]; 8] = [
+    //  claim1    claim2    finish    release       requeue  cancel  timeout  dead-letter  wait
+    [To(R), To(R), Fen, Fen, NA, To(C), To(F), To(F), To(P)], // pending
+    [Dup, To(R), Fen, Fen, NA, To(C), To(F), To(F), To(P)],   // pending again
+    [Dup, To(R), To(D), To(P), To(P), To(C), NA, To(F), NA],  // running here
+    [Dup, To(R), Fen, Fen, NA, To(C), NA, To(F), NA],         // running elsewhere
+    [End, End, Fen, Fen, NA, End, NA, End, NA],               // cancelled queued
+    [End, End, To(C), Unchanged, NA, End, NA, End, NA],       // cancelled running
+    [End, End, Fen, Fen, NA, End, NA, End, NA],               // completed
+    [End, End, Fen, Fen, NA, End, NA, End, NA],               // failed
 ];
 
 fn outcome(before: &JobRecord, result: Result<JobRecord, Refusal>) -> Want {
@@ -234,6 +240,24 @@ fn metered_usage_wins_and_a_spent_budget_fails_the_job() {
         after.error.as_deref(),
         Some("budget exceeded: spent $0.5000 of its $0.25 max_budget_usd")
     );
+}
+
+#[test]
+fn a_pending_job_says_what_it_waits_for_until_it_is_claimed() {
+    let waiting = Transition::Wait {
+        reason: Some("no live node offers gpu=a100".to_owned()),
+    }
+    .apply(&pending(), now())
+    .unwrap();
+    assert_eq!(
+        waiting.waiting_for.as_deref(),
+        Some("no live node offers gpu=a100")
+    );
+    assert_eq!(claimed(&waiting, "n1").waiting_for, None);
+    let cleared = Transition::Wait { reason: None }
+        .apply(&waiting, now())
+        .unwrap();
+    assert_eq!(cleared.waiting_for, None);
 }
 
 #[test]
