@@ -47,6 +47,11 @@ pub struct Config {
     pub reap_interval: Duration,
     /// Warm containers kept for the default job spec (0 disables the pool).
     pub pool_size: usize,
+    /// Pull a job image this host lacks when a class names it (`FLOTILLA_PULL_IMAGES`; the
+    /// Docker engine must reach its registry).
+    pub pull_images: bool,
+    /// Warm containers per job image (`FLOTILLA_POOL_IMAGES`), besides the worker image's.
+    pub pool_images: Vec<(String, usize)>,
     /// A warm container unused this long is replaced.
     pub pool_max_idle: Duration,
     /// The default job resources (must match the gateway's), used for the pool's key.
@@ -91,6 +96,26 @@ pub fn parse_labels(text: &str) -> Result<std::collections::BTreeMap<String, Str
         }
     }
     Ok(labels)
+}
+
+/// `FLOTILLA_POOL_IMAGES`: `image=count` pairs, comma-separated; empty for none. The count
+/// follows the last `=`: image references have none, but may have `:` and `@`.
+pub fn parse_pool_images(text: &str) -> Result<Vec<(String, usize)>, ConfigError> {
+    let mut pools = Vec::new();
+    for pair in text.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let parsed = pair
+            .rsplit_once('=')
+            .and_then(|(image, n)| Some((image.trim(), n.trim().parse::<usize>().ok()?)));
+        match parsed {
+            Some((image, n)) if !image.is_empty() => pools.push((image.to_owned(), n)),
+            _ => {
+                return Err(ConfigError(format!(
+                    "FLOTILLA_POOL_IMAGES: {pair:?} is not image=count"
+                )));
+            }
+        }
+    }
+    Ok(pools)
 }
 
 impl Config {

@@ -40,7 +40,7 @@ use futures::StreamExt;
 use tokio::{net::TcpListener, sync::Semaphore, task::JoinHandle};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
-pub use config::{Config, ConfigError, parse_labels};
+pub use config::{Config, ConfigError, parse_labels, parse_pool_images};
 pub use forge::Credentials;
 pub use git::GitConfig;
 pub use runtime::{ContainerRuntime, DockerRuntime, RuntimeError};
@@ -162,6 +162,7 @@ async fn serve(
         background,
     } = service;
     let cancels = client.subscribe(names::cancel_wildcard()).await?;
+    let prefetches = client.subscribe(names::SUBJECT_PREFETCH).await?;
     let metrics = metrics::NodeMetrics::default();
     let (pool, probe_key) = build_pool(&config, runtime.clone(), llm_url.is_some(), &metrics);
     let fence = fence_check(&config, llm_url.as_deref());
@@ -192,6 +193,11 @@ async fn serve(
         metrics,
         git,
     });
+    tokio::spawn(routes::listen_for_prefetch(
+        shared.clone(),
+        prefetches,
+        background.clone(),
+    ));
     let tasks = start_tasks(&shared, cancels, &background, metrics_listener).await;
     tracing::info!(node_id = %shared.config.node_id, slots = shared.config.slots, "agent-node ready");
 
@@ -210,8 +216,11 @@ async fn prepare_host(
     runtime: &dyn ContainerRuntime,
     config: &Config,
 ) -> Result<Option<String>, NodeError> {
-    if !runtime.image_exists(&config.image).await? {
-        return Err(NodeError::MissingImage(config.image.clone()));
+    let pooled = config.pool_images.iter().map(|(image, _)| image);
+    for image in std::iter::once(&config.image).chain(pooled) {
+        if !runtime.image_exists(image).await? {
+            return Err(NodeError::MissingImage(image.clone()));
+        }
     }
     reap_leftovers(runtime, &config.node_id).await?;
     let Some(port) = config.llm_gateway_port else {
@@ -272,7 +281,15 @@ fn build_pool(
             };
             targets.push((isolated, config.pool_size));
         }
-        targets.push((default_key, config.pool_size));
+        targets.push((default_key.clone(), config.pool_size));
+    }
+    // Job images kept warm too: a job naming one of them starts like one in the worker image.
+    for (image, size) in &config.pool_images {
+        let key = ContainerSpec {
+            image: image.clone(),
+            ..default_key.clone()
+        };
+        targets.push((key, *size));
     }
     let pool = pool::Pool::new(
         runtime,

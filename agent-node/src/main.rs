@@ -76,6 +76,14 @@ struct Args {
     /// Warm containers kept ready for the default job spec (0 disables the pool).
     #[arg(long, env = "FLOTILLA_POOL_SIZE", default_value_t = 2)]
     pool_size: usize,
+    /// Pull a job image this host lacks as soon as a job class names it (the Docker engine
+    /// must reach its registry); off: only images already here, or prefetched, run jobs.
+    #[arg(long, env = "FLOTILLA_PULL_IMAGES")]
+    pull_images: bool,
+    /// Warm containers kept per job image besides the worker image, comma-separated
+    /// `image=count` pairs (`ghcr.io/acme/tools:1=2`).
+    #[arg(long, env = "FLOTILLA_POOL_IMAGES", default_value = "")]
+    pool_images: String,
     /// Seconds a warm container may wait before it is replaced.
     #[arg(long, env = "FLOTILLA_POOL_MAX_IDLE_SECS", default_value_t = 3600)]
     pool_max_idle_secs: u64,
@@ -193,6 +201,8 @@ fn config(args: Args) -> anyhow::Result<agent_node::Config> {
         runtime: args.job_runtime,
         labels: agent_node::parse_labels(&args.node_labels)?,
         pool_size: args.pool_size,
+        pool_images: agent_node::parse_pool_images(&args.pool_images)?,
+        pull_images: args.pull_images,
         reap_interval: Duration::from_secs(args.reap_secs.max(1)),
         cluster: args.cluster,
         pool_max_idle: Duration::from_secs(args.pool_max_idle_secs),

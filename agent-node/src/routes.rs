@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 
 use async_nats::jetstream::consumer::PullConsumer;
 use flotilla_nats::{ClassEvent, RegisteredClass};
-use flotilla_proto::{JobClass, NodeInfo, Priority};
+use flotilla_proto::{Encoding, JobClass, NodeInfo, Priority, routing::Prefetch};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
@@ -138,7 +138,8 @@ pub(crate) async fn refresh(shared: &Shared) {
     shared.routes.queues.send_replace(Arc::new(queues));
 }
 
-/// Checks the images the classes name that this node has not found yet.
+/// Checks the images the classes name that this node has not found yet; with
+/// `FLOTILLA_PULL_IMAGES`, pulls those it may.
 async fn find_images<'a>(shared: &Shared, wanted: impl Iterator<Item = &'a str>) {
     for image in wanted {
         if shared
@@ -150,19 +151,90 @@ async fn find_images<'a>(shared: &Shared, wanted: impl Iterator<Item = &'a str>)
         {
             continue;
         }
-        if let Ok(true) = shared.runtime.image_exists(image).await {
-            tracing::info!(image, "job image found on this host");
-            let mut images = shared.routes.images.lock().expect("images lock");
-            images.insert(image.to_owned());
+        match shared.runtime.image_exists(image).await {
+            Ok(true) => found(shared, image),
+            Ok(false) if shared.config.pull_images => {
+                pull(shared, image).await;
+            }
+            Ok(false) => {}
+            Err(e) => tracing::warn!(image, error = %e, "cannot look for a job image"),
         }
+    }
+}
+
+fn found(shared: &Shared, image: &str) {
+    tracing::info!(image, "job image found on this host");
+    let mut images = shared.routes.images.lock().expect("images lock");
+    images.insert(image.to_owned());
+}
+
+/// Pulls `image` if the fleet's allow-list admits it (the node checks again what the gateway
+/// checked). True once it is here.
+pub(crate) async fn pull(shared: &Shared, image: &str) -> bool {
+    if !shared.config.job_limits.allowed_images.allows(image) {
+        tracing::warn!(
+            image,
+            "not pulling an image FLOTILLA_ALLOWED_IMAGES does not allow"
+        );
+        return false;
+    }
+    let started = std::time::Instant::now();
+    match shared.runtime.pull_image(image).await {
+        Ok(()) => {
+            tracing::info!(image, elapsed = ?started.elapsed(), "image pulled");
+            found(shared, image);
+            true
+        }
+        Err(e) => {
+            tracing::warn!(image, error = %e, "cannot pull image");
+            false
+        }
+    }
+}
+
+/// Pulls the images `POST /images/prefetch` asks for, when this node is one of those asked;
+/// each pull runs on its own, and opens the queues of the classes that wanted the image.
+pub(crate) async fn listen_for_prefetch(
+    shared: Arc<Shared>,
+    mut requests: async_nats::Subscriber,
+    stop: CancellationToken,
+) {
+    use futures::StreamExt as _;
+    loop {
+        let message = tokio::select! {
+            () = stop.cancelled() => return,
+            message = requests.next() => message,
+        };
+        let Some(message) = message else { return };
+        let prefetch: Prefetch =
+            match flotilla_proto::decode(&message.payload, Encoding::MessagePack) {
+                Ok(prefetch) => prefetch,
+                Err(e) => {
+                    tracing::warn!(error = %e, "undecodable prefetch request");
+                    continue;
+                }
+            };
+        if !prefetch.is_for(&shared.config.labels) {
+            continue;
+        }
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            if pull(&shared, &prefetch.image).await {
+                refresh(&shared).await;
+            }
+        });
     }
 }
 
 /// What the node offers, as its heartbeat says it; classes are checked against it.
 pub(crate) fn offers(info: &mut NodeInfo, shared: &Shared) {
     info.labels = shared.config.labels.clone();
-    info.images = std::iter::once(shared.config.image.clone())
-        .chain(shared.routes.images())
+    let config = &shared.config;
+    let mut images: BTreeSet<String> = shared.routes.images().into_iter().collect();
+    images.extend(config.pool_images.iter().map(|(image, _)| image.clone()));
+    images.remove(&config.image);
+    info.images = std::iter::once(config.image.clone())
+        .chain(images)
         .collect();
     info.runtimes = shared.runtimes.clone();
     info.classes = shared.routes.served();

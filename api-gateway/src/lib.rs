@@ -9,6 +9,7 @@ mod events;
 mod extract;
 mod followups;
 mod groups;
+mod images;
 mod index;
 mod jobs;
 mod logs;
@@ -69,6 +70,7 @@ pub(crate) const ROUTES: &[(&str, &str)] = &[
     ("GET", "/engines"),
     ("GET", "/profiles"),
     ("GET", "/nodes"),
+    ("POST", "/images/prefetch"),
     ("GET", "/configs"),
     ("GET", "/configs/{type}/{name}"),
     ("PUT", "/configs/{type}/{name}"),
@@ -119,6 +121,7 @@ pub(crate) fn api_routes() -> OpenApiRouter<Arc<AppState>> {
         .routes(routes!(ops::engines))
         .routes(routes!(ops::profiles))
         .routes(routes!(ops::nodes))
+        .routes(routes!(images::prefetch))
         .routes(routes!(configs::list))
         .routes(routes!(configs::get, configs::put, configs::delete))
         .routes(routes!(jobs::create, jobs::list))

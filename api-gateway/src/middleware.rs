@@ -28,14 +28,16 @@ pub(crate) fn is_public(path: &str) -> bool {
         || path.starts_with("/docs/")
 }
 
-/// `PUT` and `DELETE /configs/{type}/{name}`: the operations that change the shared
-/// configuration, which every service runs. When an admin key is set only it may call them (the
+/// `PUT` and `DELETE /configs/{type}/{name}`, the operations that change the shared
+/// configuration, which every service runs, and `POST /images/prefetch`. When an admin key is set only it may call them (the
 /// OpenAPI document gives them the `AdminOnly` 403; a test checks the two agree).
 pub(crate) fn needs_admin(method: &Method, path: &str) -> bool {
-    matches!(*method, Method::PUT | Method::DELETE)
+    let config_change = matches!(*method, Method::PUT | Method::DELETE)
         && path
             .strip_prefix("/configs/")
-            .is_some_and(|rest| rest.split('/').count() == 2)
+            .is_some_and(|rest| rest.split('/').count() == 2);
+    // Every node pulls what it is told: an operator's call, like a configuration change.
+    config_change || (*method == Method::POST && path == "/images/prefetch")
 }
 
 /// SHA-256 digests of the configured keys, so that [`auth`] compares digests: equal lengths,

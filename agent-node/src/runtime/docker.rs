@@ -319,6 +319,19 @@ impl ContainerRuntime for DockerRuntime {
         Box::pin(self.inspect_image(image))
     }
 
+    fn pull_image<'a>(&'a self, image: &'a str) -> BoxFuture<'a, Result<(), RuntimeError>> {
+        Box::pin(async move {
+            let options = bollard::query_parameters::CreateImageOptionsBuilder::default()
+                .from_image(image)
+                .build();
+            let mut progress = self.docker.create_image(Some(options), None, None);
+            while let Some(step) = progress.next().await {
+                step.map_err(api)?;
+            }
+            Ok(())
+        })
+    }
+
     fn runtimes(&self) -> BoxFuture<'_, Result<Vec<String>, RuntimeError>> {
         Box::pin(async move {
             let info = self.docker.info().await.map_err(api)?;

@@ -643,6 +643,11 @@ impl ContainerRuntime for FakeRuntime {
         futures::future::ready(exists).boxed()
     }
 
+    fn pull_image<'a>(&'a self, image: &'a str) -> BoxFuture<'a, Result<(), RuntimeError>> {
+        self.state().missing_images.remove(image);
+        futures::future::ready(Ok(())).boxed()
+    }
+
     fn runtimes(&self) -> BoxFuture<'_, Result<Vec<String>, RuntimeError>> {
         futures::future::ready(Ok(vec!["runc".to_owned()])).boxed()
     }

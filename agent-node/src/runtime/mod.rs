@@ -266,6 +266,9 @@ pub trait ContainerRuntime: Send + Sync + 'static {
     /// Whether the image is on this host.
     fn image_exists<'a>(&'a self, image: &'a str) -> BoxFuture<'a, Result<bool, RuntimeError>>;
 
+    /// Pulls `image` from its registry (the Docker engine's settings say how to reach it).
+    fn pull_image<'a>(&'a self, image: &'a str) -> BoxFuture<'a, Result<(), RuntimeError>>;
+
     /// The OCI runtimes containers can run under here (`runc`, `runsc`, ...), sorted.
     fn runtimes(&self) -> BoxFuture<'_, Result<Vec<String>, RuntimeError>>;
 

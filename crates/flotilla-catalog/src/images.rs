@@ -6,10 +6,20 @@ use globset::{GlobBuilder, GlobSet, GlobSetBuilder};
 /// compiled once when the limits are read. A `*` matches across `/` too: an operator who
 /// allows `ghcr.io/acme/*` means every image of that organisation, nested ones included.
 /// Empty: no job may name an image.
-#[derive(Debug, Clone, Default)]
+#[derive(Clone, Default)]
 pub struct ImageAllowList {
     set: GlobSet,
     patterns: Vec<String>,
+}
+
+/// The patterns only: the limits' debug form is what services compare at startup
+/// (`check_limits`), and the compiled set's internals are no business of theirs.
+impl std::fmt::Debug for ImageAllowList {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_tuple("ImageAllowList")
+            .field(&self.patterns)
+            .finish()
+    }
 }
 
 impl ImageAllowList {

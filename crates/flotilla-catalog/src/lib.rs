@@ -22,7 +22,10 @@ pub use images::ImageAllowList;
 pub use output::{ParsedOutput, Parser, parse};
 pub use profile::{Hooks, Profile, VarType, Variable};
 pub use rules::parse_memory;
-pub use validate::{DEFAULT_PROFILE, Limits, Origin, ValidationError, metadata_is_valid, validate};
+pub use validate::{
+    DEFAULT_PROFILE, Limits, Origin, ValidationError, check_prefetch_image, metadata_is_valid,
+    validate,
+};
 pub use webhook::{
     Lookup, Resolve, SystemResolver, WebhookTarget, check_webhook_url, resolve_webhook_url,
 };

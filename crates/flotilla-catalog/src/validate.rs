@@ -754,3 +754,17 @@ fn check_metadata(
     }
     Ok(metadata)
 }
+
+/// An image to prefetch (`POST /images/prefetch`): shaped like an image reference and allowed
+/// by `FLOTILLA_ALLOWED_IMAGES`, as a job's `image` must be.
+pub fn check_prefetch_image(image: &str, limits: &Limits) -> Result<(), ValidationError> {
+    rules::check_image(image).map_err(|e| ValidationError::invalid("image", e))?;
+    if !limits.allowed_images.allows(image) {
+        let reason = format!(
+            "{image} is not allowed: {}",
+            limits.allowed_images.refusal()
+        );
+        return Err(ValidationError::new("invalid_field", "image", reason));
+    }
+    Ok(())
+}

@@ -94,6 +94,13 @@ enum Command {
     Cancel { job_id: String },
     /// Live agent-nodes.
     Nodes,
+    /// Have every node (or those with all the --label labels) pull an image now.
+    Prefetch {
+        image: String,
+        /// Only nodes with this label, `key=value`; repeatable.
+        #[arg(long = "label", value_name = "KEY=VALUE")]
+        labels: Vec<String>,
+    },
     /// Profiles and their variables.
     Profiles,
     /// Engines and whether a node can run them.
@@ -315,6 +322,24 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 .call(Method::DELETE, &format!("/jobs/{job_id}"), None)
                 .await?;
             print_value(json, &answer, || println!("{job_id} cancelled"));
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Prefetch { image, labels } => {
+            let mut wanted = serde_json::Map::new();
+            for label in labels {
+                let Some((key, value)) = label.split_once('=') else {
+                    anyhow::bail!("--label {label:?} is not key=value");
+                };
+                wanted.insert(key.to_owned(), value.into());
+            }
+            let body = serde_json::json!({"image": image, "labels": wanted});
+            let answer = api
+                .call(Method::POST, "/images/prefetch", Some(body))
+                .await?;
+            print_value(json, &answer, || {
+                let nodes = answer["nodes"].as_array().map_or(0, Vec::len);
+                println!("{image}: {nodes} node(s) asked to pull it");
+            });
             Ok(ExitCode::SUCCESS)
         }
         Command::Nodes => {

@@ -27,6 +27,10 @@ pub fn run_subject(priority: Priority, class: &str) -> String {
 pub fn run_consumer(priority: Priority, class: &str) -> String {
     format!("run-{priority}-{class}")
 }
+/// Core NATS subject on which every node hears a [`crate::routing::Prefetch`]: pull this
+/// image now (`POST /images/prefetch`).
+pub const SUBJECT_PREFETCH: &str = "flotilla.images.prefetch";
+
 /// KV bucket with one [`crate::JobClass`] per class that ever had a job, under [`class_key`]:
 /// nodes read it to know which queues they can serve.
 pub const BUCKET_CLASSES: &str = "flotilla_classes";

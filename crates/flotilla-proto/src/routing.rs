@@ -62,6 +62,23 @@ impl fmt::Display for Priority {
     }
 }
 
+/// `POST /images/prefetch`, as nodes hear it on [`crate::names::SUBJECT_PREFETCH`]: nodes that
+/// offer all of `labels` (all nodes when empty) pull `image`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Prefetch {
+    pub image: String,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+}
+
+impl Prefetch {
+    pub fn is_for(&self, node_labels: &BTreeMap<String, String>) -> bool {
+        self.labels
+            .iter()
+            .all(|(k, v)| node_labels.get(k) == Some(v))
+    }
+}
+
 /// Whether `text` may be a label's key or value: `^[A-Za-z0-9_.-]{1,64}$`.
 pub fn is_valid_label(text: &str) -> bool {
     (1..=64).contains(&text.len())

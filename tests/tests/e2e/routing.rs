@@ -90,9 +90,26 @@ async fn a_job_image_must_be_allowed_and_runs_only_where_it_is() {
     build_marked_image(tag);
     let fleet = Fleet::builder()
         .env("FLOTILLA_ALLOWED_IMAGES", "flotilla-worker:*")
+        .node_env("FLOTILLA_POOL_IMAGES", &format!("{tag}=1"))
         .start()
         .await
         .unwrap();
+    // The node keeps one container of the job image warm, and says it holds the image.
+    wait_until(WITHIN, "a warm container of the job image", || async {
+        let nodes: Value = fleet
+            .request(Method::GET, "/nodes")
+            .send()
+            .await
+            .ok()?
+            .json()
+            .await
+            .ok()?;
+        let node = &nodes["nodes"][0];
+        let holds = node["images"].as_array()?.iter().any(|i| i == tag);
+        (holds && node["warm"][tag] == 1).then_some(())
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", fleet.logs()));
     let refused = fleet
         .request(Method::POST, "/jobs")
         .json(
@@ -231,4 +248,126 @@ async fn low_jobs_still_start_under_a_steady_normal_load() {
         "the last low job started {last_low}th of {}: low jobs starved",
         order.len()
     );
+}
+
+/// A registry on loopback (Debian's `docker-registry`), removed on drop with its storage.
+struct Registry {
+    process: std::process::Child,
+    port: u16,
+    _dir: tempfile::TempDir,
+}
+
+impl Registry {
+    async fn start() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let port = flotilla_testkit::free_port();
+        let config = format!(
+            "version: 0.1\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: 127.0.0.1:{port}\n",
+            dir.path().join("data").display()
+        );
+        let config_path = dir.path().join("config.yml");
+        std::fs::write(&config_path, config).unwrap();
+        let binary = ["/usr/bin/docker-registry", "/usr/sbin/docker-registry"]
+            .into_iter()
+            .find(|p| std::path::Path::new(p).exists())
+            .expect("docker-registry not found: apt-get install docker-registry");
+        let process = std::process::Command::new(binary)
+            .args(["serve", config_path.to_str().unwrap()])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("docker-registry serve");
+        let url = format!("http://127.0.0.1:{port}/v2/");
+        wait_until(WITHIN, "the registry to answer", || async {
+            reqwest::get(&url).await.ok().map(|_| ())
+        })
+        .await
+        .unwrap();
+        Registry {
+            process,
+            port,
+            _dir: dir,
+        }
+    }
+}
+
+impl Drop for Registry {
+    fn drop(&mut self) {
+        let _ = self.process.kill();
+        let _ = self.process.wait();
+    }
+}
+
+fn docker(args: &[&str]) {
+    let output = std::process::Command::new("docker")
+        .args(args)
+        .output()
+        .expect("docker: install and start Docker Engine");
+    assert!(
+        output.status.success(),
+        "docker {args:?}: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+#[tokio::test]
+async fn a_prefetched_image_is_pulled_by_the_nodes_asked_and_runs_jobs() {
+    let registry = Registry::start().await;
+    let image = format!("127.0.0.1:{}/flotilla-prefetch:e2e", registry.port);
+    docker(&["tag", "flotilla-worker:latest", &image]);
+    docker(&["push", &image]);
+    docker(&["rmi", &image]);
+    let fleet = Fleet::builder()
+        .env("FLOTILLA_ALLOWED_IMAGES", "127.0.0.1:*")
+        .start()
+        .await
+        .unwrap();
+    let prefetch = |body: Value| {
+        let fleet = &fleet;
+        async move {
+            let response = fleet
+                .request(Method::POST, "/images/prefetch")
+                .json(&body)
+                .send()
+                .await
+                .unwrap();
+            (
+                response.status().as_u16(),
+                response.json::<Value>().await.unwrap(),
+            )
+        }
+    };
+    let (status, body) = prefetch(json!({"image": "ghcr.io/evil/x:1"})).await;
+    assert_eq!(status, 422, "{body}");
+    assert!(body.to_string().contains("is not allowed"), "{body}");
+    // A pool no node is in: nobody is asked.
+    let (status, body) = prefetch(json!({"image": image, "labels": {"gpu": "a100"}})).await;
+    assert_eq!(status, 202, "{body}");
+    assert_eq!(body["nodes"], json!([]));
+
+    let (status, body) = prefetch(json!({"image": image})).await;
+    assert_eq!(status, 202, "{body}");
+    assert_eq!(body["nodes"], json!([fleet.node_ids[0]]));
+    wait_until(WITHIN, "the node to hold the prefetched image", || async {
+        let nodes: Value = fleet
+            .request(Method::GET, "/nodes")
+            .send()
+            .await
+            .ok()?
+            .json()
+            .await
+            .ok()?;
+        let images = nodes["nodes"][0]["images"].as_array()?.clone();
+        images.iter().any(|i| *i == image).then_some(())
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", fleet.logs()));
+    let body = json!({"agent_id": "e2e", "engine": "shell", "prompt": "echo pulled",
+                      "image": image});
+    let job = wait(&fleet, &submit(&fleet, body).await).await;
+    assert_eq!(job["status"], "completed", "{job:#}");
+    fleet.assert_no_containers_left().await.unwrap();
+    let _ = std::process::Command::new("docker")
+        .args(["rmi", &image])
+        .output();
 }
