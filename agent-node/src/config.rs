@@ -76,7 +76,7 @@ pub const DEFAULT_LLM_NETWORK: &str = "flotilla-jobs";
 
 #[derive(Debug, thiserror::Error)]
 #[error("invalid agent-node config: {0}")]
-pub struct ConfigError(String);
+pub struct ConfigError(pub(crate) String);
 
 /// `FLOTILLA_NODE_LABELS`: `key=value` pairs, comma-separated; empty for none.
 pub fn parse_labels(text: &str) -> Result<std::collections::BTreeMap<String, String>, ConfigError> {

@@ -3,6 +3,7 @@
 //! capacity. The containers come from a [`ContainerRuntime`]: Docker in production
 //! ([`run`]), any other through [`run_with_runtime`].
 
+mod args;
 mod binaries;
 mod config;
 mod decide;
@@ -40,6 +41,7 @@ use futures::StreamExt;
 use tokio::{net::TcpListener, sync::Semaphore, task::JoinHandle};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
+pub use args::Args;
 pub use config::{Config, ConfigError, parse_labels, parse_pool_images};
 pub use forge::Credentials;
 pub use git::GitConfig;
@@ -439,12 +441,13 @@ async fn pull_loop(
                     .max_messages(permits.len())
                     .messages()
                     .await;
-                take(shared, batch, &mut permits, jobs, shutdown).await;
+                take(shared, batch, &mut permits, PULL_GRACE, jobs, shutdown).await;
             }
             if permits.is_empty() {
                 continue;
             }
         }
+        let expiry = pull_expiry(shared.config.heartbeat_interval);
         let spread = routes::spread(&queues, permits.len());
         quiet = spread.len() == queues.len();
         let mut waits = Vec::with_capacity(spread.len());
@@ -456,11 +459,19 @@ async fn pull_loop(
                 let batch = consumer
                     .batch()
                     .max_messages(mine.len())
-                    .expires(PULL_EXPIRY)
+                    .expires(expiry)
                     .messages()
                     .await;
                 let wanted = mine.len();
-                take(&shared, batch, &mut mine, &jobs, &shutdown).await;
+                take(
+                    &shared,
+                    batch,
+                    &mut mine,
+                    expiry + PULL_GRACE,
+                    &jobs,
+                    &shutdown,
+                )
+                .await;
                 mine.len() < wanted
             }));
         }
@@ -473,8 +484,16 @@ async fn pull_loop(
     pulls.wait().await;
 }
 
-/// Long pulls are short, so a slot freed during one is used at the next.
-const PULL_EXPIRY: Duration = Duration::from_secs(2);
+/// How long past its expiry a pull is waited for before it is given up as lost.
+const PULL_GRACE: Duration = Duration::from_secs(5);
+
+/// How long a long pull waits: short, so that a slot freed during one is used at the next,
+/// and shorter than a heartbeat's time to live: a node frozen with pulls outstanding (a
+/// stopped process) is declared lost only once they have expired, so the jobs handed back
+/// from it cannot be delivered to them.
+fn pull_expiry(heartbeat_interval: Duration) -> Duration {
+    (heartbeat_interval * 2).min(Duration::from_secs(2))
+}
 
 /// Starts a job for each message of `batch`, each with one of `permits`.
 async fn take(
@@ -484,6 +503,7 @@ async fn take(
         async_nats::jetstream::consumer::pull::BatchError,
     >,
     permits: &mut Vec<tokio::sync::OwnedSemaphorePermit>,
+    limit: Duration,
     jobs: &TaskTracker,
     shutdown: &CancellationToken,
 ) {
@@ -499,13 +519,20 @@ async fn take(
             return;
         }
     };
+    // The server ends a pull at its expiry; a pull whose request or end was lost with the
+    // connection (a partition) would otherwise hold its slots forever.
+    let deadline = tokio::time::Instant::now() + limit;
     loop {
         let next = tokio::select! {
             () = shutdown.cancelled() => {
                 hand_back_rest(batch).await;
                 return;
             }
-            next = batch.next() => next,
+            next = tokio::time::timeout_at(deadline, batch.next()) => next,
+        };
+        let Ok(next) = next else {
+            tracing::warn!("a pull outlived its expiry (connection lost?): pulling afresh");
+            return;
         };
         match next {
             None => return,

@@ -21,6 +21,9 @@ use tokio_util::sync::CancellationToken;
 
 use crate::Topology;
 
+/// How long a fresh watch may deliver nothing before its replay counts as done.
+const REPLAY_QUIET: Duration = Duration::from_secs(2);
+
 /// A node's last heartbeat and the KV revision it was written at.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Heartbeat {
@@ -120,9 +123,17 @@ impl NodeDirectory {
             if replay_empty {
                 self.finish_replay(&mut replay);
             }
+            // A watch that delivers nothing for a while has nothing to replay (the bucket
+            // emptied between the count and the watch).
+            let quiet = tokio::time::sleep(REPLAY_QUIET);
+            tokio::pin!(quiet);
             loop {
                 let entry = tokio::select! {
                     () = stop.cancelled() => return,
+                    () = &mut quiet, if replay.is_some() => {
+                        self.finish_replay(&mut replay);
+                        continue;
+                    }
                     entry = events.next() => entry,
                 };
                 match entry {

@@ -69,8 +69,8 @@ async fn every_stream_and_bucket_is_bounded_in_bytes() {
         seen += 1;
     }
     assert_eq!(
-        seen, 14,
-        "six streams, seven buckets and the artifacts object store"
+        seen, 15,
+        "six streams, eight buckets and the artifacts object store"
     );
     let too_big = vec![b'x'; 65 << 10];
     let refused = match js.publish(names::SUBJECT_SUBMIT, too_big.into()).await {

@@ -66,6 +66,26 @@ async fn a_job_requiring_labels_waits_for_a_node_that_offers_them() {
 }
 
 #[tokio::test]
+async fn a_job_runtime_runs_only_where_docker_has_it() {
+    let fleet = Fleet::builder().start().await.unwrap();
+    let body = json!({"agent_id": "e2e", "engine": "shell", "prompt": "echo runc",
+                      "runtime": "runc"});
+    let job = wait(&fleet, &submit(&fleet, body).await).await;
+    assert_eq!(job["status"], "completed", "{job:#}");
+    assert_eq!(job["runtime"], "runc");
+    let body = json!({"agent_id": "e2e", "engine": "shell", "prompt": "true",
+                      "runtime": "no-such-runtime"});
+    let job_id = submit(&fleet, body).await;
+    wait_for_note(
+        &fleet,
+        &job_id,
+        "no live node offers runtime no-such-runtime",
+    )
+    .await;
+    fleet.assert_no_containers_left().await.unwrap();
+}
+
+#[tokio::test]
 async fn a_node_whose_image_lacks_an_engine_s_binary_does_not_take_its_jobs() {
     let fleet = Fleet::builder().start().await.unwrap();
     let ghost = "[engine]\nname = \"Ghost\"\ndescription = \"test\"\n\n[command]\n\
