@@ -410,9 +410,6 @@ async fn pull_loop(
     let mut served = shared.routes.queues();
     let mut order = routes::PullOrder::default();
     let pulls = TaskTracker::new();
-    // Set when the last long pulls covered every queue and brought nothing: then nothing
-    // waits anywhere, and the next round skips straight to pulling again.
-    let mut quiet = false;
     loop {
         let first = tokio::select! {
             () = shutdown.cancelled() => break,
@@ -430,54 +427,38 @@ async fn pull_loop(
                 _ = served.changed() => continue,
             }
         }
-        if !quiet {
-            for queue in order.next(&queues) {
-                if permits.is_empty() {
-                    break;
-                }
-                let batch = queue
-                    .consumer
-                    .fetch()
-                    .max_messages(permits.len())
-                    .messages()
-                    .await;
-                take(shared, batch, &mut permits, PULL_GRACE, jobs, shutdown).await;
-            }
+        for queue in order.next(&queues) {
             if permits.is_empty() {
-                continue;
+                break;
             }
+            let batch = queue
+                .consumer
+                .fetch()
+                .max_messages(permits.len())
+                .messages()
+                .await;
+            take(shared, batch, &mut permits, PULL_GRACE, jobs, shutdown).await;
         }
+        if permits.is_empty() {
+            continue;
+        }
+        // Nothing waits: long pulls hold the free slots; each gives back what it did not use
+        // when it ends, and slots freed meanwhile start a round of their own.
         let expiry = pull_expiry(shared.config.heartbeat_interval);
-        let spread = routes::spread(&queues, permits.len());
-        quiet = spread.len() == queues.len();
-        let mut waits = Vec::with_capacity(spread.len());
-        for (queue, credits) in spread {
+        for (queue, credits) in routes::spread(&queues, permits.len()) {
             let mut mine: Vec<_> = permits.drain(..credits).collect();
             let (shared, jobs, shutdown) = (shared.clone(), jobs.clone(), shutdown.clone());
             let consumer = queue.consumer.clone();
-            waits.push(pulls.spawn(async move {
+            pulls.spawn(async move {
                 let batch = consumer
                     .batch()
                     .max_messages(mine.len())
                     .expires(expiry)
                     .messages()
                     .await;
-                let wanted = mine.len();
-                take(
-                    &shared,
-                    batch,
-                    &mut mine,
-                    expiry + PULL_GRACE,
-                    &jobs,
-                    &shutdown,
-                )
-                .await;
-                mine.len() < wanted
-            }));
-        }
-        // The slots come back when these pulls end: the next round waits for them.
-        for wait in waits {
-            quiet &= !wait.await.unwrap_or(true);
+                let limit = expiry + PULL_GRACE;
+                take(&shared, batch, &mut mine, limit, &jobs, &shutdown).await;
+            });
         }
     }
     pulls.close();

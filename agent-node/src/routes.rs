@@ -283,8 +283,11 @@ impl PullOrder {
     }
 }
 
-/// How a node spreads `slots` pull credits over its queues while it waits for work: normal
-/// queues first, then high, then low, one credit each, round and round.
+/// How a node spreads `slots` pull credits over its queues while nothing waits: over its
+/// normal queues only, one credit each, round and round. A credit in a long pull holds a slot
+/// until the pull ends, and high and low jobs are rare enough that slots held for them would
+/// sit idle while normal jobs wait; they are found by the next round's fetches instead (within
+/// a pull's expiry when the node is idle).
 pub(crate) fn spread(queues: &[Queue], slots: usize) -> Vec<(&Queue, usize)> {
     spread_by(queues, |q| q.priority, slots)
         .into_iter()
@@ -297,21 +300,17 @@ fn spread_by<T>(
     priority: impl Fn(&T) -> Priority,
     slots: usize,
 ) -> Vec<(usize, usize)> {
-    let order: Vec<usize> = [Priority::Normal, Priority::High, Priority::Low]
-        .into_iter()
-        .flat_map(|p| {
-            let priority = &priority;
-            (0..items.len()).filter(move |i| priority(&items[*i]) == p)
-        })
+    let normal: Vec<usize> = (0..items.len())
+        .filter(|i| priority(&items[*i]) == Priority::Normal)
         .collect();
-    if order.is_empty() {
+    if normal.is_empty() {
         return Vec::new();
     }
-    let mut credits = vec![0usize; order.len()];
+    let mut credits = vec![0usize; normal.len()];
     for i in 0..slots {
-        credits[i % order.len()] += 1;
+        credits[i % normal.len()] += 1;
     }
-    order
+    normal
         .into_iter()
         .zip(credits)
         .filter(|(_, n)| *n > 0)
@@ -337,11 +336,12 @@ mod tests {
     }
 
     #[test]
-    fn waiting_credits_go_to_normal_queues_first() {
-        let queues = [Priority::High, Priority::Normal, Priority::Low];
-        let spread = |slots| spread_by(&queues, |p| *p, slots);
-        assert_eq!(spread(1), [(1, 1)], "one slot: the normal queue");
-        assert_eq!(spread(4), [(1, 2), (0, 1), (2, 1)]);
-        assert!(spread_by(&[] as &[Priority], |p| *p, 4).is_empty());
+    fn waiting_credits_go_to_the_normal_queues_of_each_class() {
+        use Priority::{High, Low, Normal};
+        let one_class = [High, Normal, Low];
+        assert_eq!(spread_by(&one_class, |p| *p, 4), [(1, 4)]);
+        let two_classes = [High, High, Normal, Normal, Low, Low];
+        assert_eq!(spread_by(&two_classes, |p| *p, 3), [(2, 2), (3, 1)]);
+        assert!(spread_by(&[High, Low], |p| *p, 4).is_empty());
     }
 }

@@ -227,6 +227,12 @@ impl NatsCluster {
         self.servers[i].process.is_some()
     }
 
+    /// The process ids of the running servers (for CPU and memory figures).
+    pub fn pids(&self) -> Vec<u32> {
+        let running = self.servers.iter().filter_map(|s| s.process.as_ref());
+        running.map(Process::pid).collect()
+    }
+
     /// A client of the test's own, on every server (it fails over as services do).
     pub async fn client(&self) -> anyhow::Result<async_nats::Client> {
         let addrs = (0..self.servers.len())

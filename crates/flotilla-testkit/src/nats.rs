@@ -129,6 +129,11 @@ impl NatsServer {
         self.port
     }
 
+    /// The server's process id while it runs (for CPU and memory figures).
+    pub fn pid(&self) -> Option<u32> {
+        self.process.as_ref().map(crate::Process::pid)
+    }
+
     /// Stops the server and starts it again on the same port and store.
     pub async fn restart(&mut self) -> anyhow::Result<()> {
         if let Some(mut process) = self.process.take() {
