@@ -122,20 +122,36 @@ pub(crate) async fn refresh(shared: &Shared) {
         return;
     }
     let mut queues = Vec::new();
-    for priority in Priority::ALL {
-        for class in &served {
-            match shared.topology.queues.consumer_for(priority, class).await {
-                Ok(consumer) => queues.push(Queue {
-                    priority,
-                    class: (*class).clone(),
-                    consumer,
-                }),
-                Err(e) => tracing::warn!(class, %priority, error = %e, "cannot open a run queue"),
+    let mut opened = Vec::new();
+    for class in served {
+        // All three queues of a class, or none: a class left out is tried again at the next
+        // refresh, one half open would never be.
+        match open_queues(shared, class).await {
+            Ok(mut three) => {
+                queues.append(&mut three);
+                opened.push(class.clone());
             }
+            Err(e) => tracing::warn!(class, error = %e, "cannot open a class's run queues"),
         }
     }
-    tracing::info!(classes = ?served, "pulling from the queues of these job classes");
+    queues.sort_by_key(|q| q.priority);
+    tracing::info!(classes = ?opened, "pulling from the queues of these job classes");
     shared.routes.queues.send_replace(Arc::new(queues));
+}
+
+async fn open_queues(
+    shared: &Shared,
+    class: &str,
+) -> Result<Vec<Queue>, flotilla_nats::TopologyError> {
+    let mut queues = Vec::with_capacity(Priority::ALL.len());
+    for priority in Priority::ALL {
+        queues.push(Queue {
+            priority,
+            class: class.to_owned(),
+            consumer: shared.topology.queues.consumer_for(priority, class).await?,
+        });
+    }
+    Ok(queues)
 }
 
 /// Checks the images the classes name that this node has not found yet; with
@@ -300,9 +316,13 @@ fn spread_by<T>(
     priority: impl Fn(&T) -> Priority,
     slots: usize,
 ) -> Vec<(usize, usize)> {
-    let normal: Vec<usize> = (0..items.len())
+    let mut normal: Vec<usize> = (0..items.len())
         .filter(|i| priority(&items[*i]) == Priority::Normal)
         .collect();
+    if normal.is_empty() {
+        // No normal queue (not expected): pull on what there is rather than not at all.
+        normal = (0..items.len()).collect();
+    }
     if normal.is_empty() {
         return Vec::new();
     }
@@ -342,6 +362,7 @@ mod tests {
         assert_eq!(spread_by(&one_class, |p| *p, 4), [(1, 4)]);
         let two_classes = [High, High, Normal, Normal, Low, Low];
         assert_eq!(spread_by(&two_classes, |p| *p, 3), [(2, 2), (3, 1)]);
-        assert!(spread_by(&[High, Low], |p| *p, 4).is_empty());
+        assert_eq!(spread_by(&[High, Low], |p| *p, 4), [(0, 2), (1, 2)]);
+        assert!(spread_by(&[] as &[Priority], |p| *p, 4).is_empty());
     }
 }
