@@ -58,7 +58,7 @@ struct Args {
 
 /// The NATS the fleet runs on, and the processes to measure.
 enum Nats {
-    Single(flotilla_testkit::NatsServer),
+    Single(Box<flotilla_testkit::NatsServer>),
     Cluster(flotilla_testkit::NatsCluster),
 }
 
@@ -67,7 +67,7 @@ impl Nats {
         Ok(if cluster {
             Nats::Cluster(flotilla_testkit::NatsCluster::start().await?)
         } else {
-            Nats::Single(flotilla_testkit::NatsServer::start().await?)
+            Nats::Single(Box::new(flotilla_testkit::NatsServer::start().await?))
         })
     }
 
