@@ -158,6 +158,7 @@ impl Lifecycle {
                         .or_insert_with(|| class.waiting_for(&live));
                     (*reason != s.waiting_for).then(|| (id.clone(), reason.clone()))
                 })
+                .take(WAIT_NOTES_PER_CHECK)
                 .collect()
         };
         for (job_id, reason) in notes {
@@ -445,6 +446,11 @@ const ORPHAN_PREFIX: &str = "orphan ";
 fn orphan_key(job_id: &str) -> String {
     format!("{ORPHAN_PREFIX}{job_id}")
 }
+
+/// Notes written per node check: a queue of 20,000 jobs with no node live would otherwise be
+/// 20,000 KV writes at once, competing with the submissions (measured: direct intake fell from
+/// 20,000 to 11,600 a second).
+const WAIT_NOTES_PER_CHECK: usize = 64;
 
 /// How long a job is pending before the leader says what it waits for.
 const WAIT_NOTE_AFTER: chrono::TimeDelta = chrono::TimeDelta::seconds(2);

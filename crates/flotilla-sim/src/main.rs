@@ -99,7 +99,12 @@ async fn main() -> anyhow::Result<()> {
     let nats = Nats::start(args.cluster).await?;
     let dir = tempfile::tempdir()?;
     let stop = CancellationToken::new();
-    let client = async_nats::connect(nats.url()).await?;
+    let servers = nats
+        .url()
+        .split(',')
+        .map(str::parse::<async_nats::ServerAddr>)
+        .collect::<Result<Vec<_>, _>>()?;
+    let client = async_nats::connect(servers).await?;
     let config = TopologyConfig {
         replicas: nats.replicas(),
         ..TopologyConfig::default()

@@ -550,7 +550,13 @@ impl Fleet {
         let mut found = Vec::new();
         for node in &self.node_ids {
             let output = Command::new("docker")
-                .args(["ps", "-a", "--format", "{{.ID}} {{.Names}}", "--filter"])
+                .args([
+                    "ps",
+                    "-a",
+                    "--format",
+                    "{{.ID}} {{.Names}}|{{.Status}}",
+                    "--filter",
+                ])
                 .arg(format!(
                     "label={}={node}",
                     flotilla_proto::names::LABEL_NODE
@@ -558,6 +564,13 @@ impl Fleet {
                 .output()?;
             anyhow::ensure!(output.status.success(), "docker ps failed");
             for line in String::from_utf8_lossy(&output.stdout).lines() {
+                // Removed, though dockerd on fuse-overlayfs may go on listing it.
+                if line.ends_with("|Removal In Progress") {
+                    continue;
+                }
+                let line = line
+                    .rsplit_once('|')
+                    .map_or(line, |(container, _)| container);
                 let (id, name) = line.split_once(' ').unwrap_or((line, ""));
                 if !name.starts_with("flotilla-warm-") {
                     found.push(format!("{id} {name}"));

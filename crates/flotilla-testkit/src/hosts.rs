@@ -476,8 +476,12 @@ impl Host {
     /// a pool (`flotilla-warm-*`).
     pub fn job_containers(&self) -> anyhow::Result<Vec<String>> {
         Ok(self
-            .docker(["ps", "-a", "--format", "{{.ID}} {{.Names}}"])?
+            .docker(["ps", "-a", "--format", "{{.ID}} {{.Names}}|{{.Status}}"])?
             .lines()
+            // dockerd on fuse-overlayfs may keep listing a removed container ("Removal In
+            // Progress", no name, `docker rm` says it does not exist): removed.
+            .filter(|line| !line.ends_with("|Removal In Progress"))
+            .filter_map(|line| line.split_once('|').map(|(container, _)| container))
             .filter(|line| {
                 !line
                     .split_once(' ')
