@@ -870,9 +870,15 @@ async fn killing_the_job_stream_leader_loses_and_repeats_nothing() {
     let mut jobs = Vec::new();
     let submitting = Instant::now();
     for i in 0..100 {
+        // The first one runs until well after the last is submitted: the kill comes while it
+        // runs (a 1 s job could end before 100 submissions do).
+        let pause = if i == 0 { 8 } else { 1 };
         jobs.push(
-            d.submit(0, &shell(&format!("echo start; sleep 1; echo job {i}")))
-                .await,
+            d.submit(
+                0,
+                &shell(&format!("echo start; sleep {pause}; echo job {i}")),
+            )
+            .await,
         );
     }
     println!("100 jobs submitted in {:?}", submitting.elapsed());
