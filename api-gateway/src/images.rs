@@ -10,7 +10,6 @@ use axum::{
     http::StatusCode,
     response::{IntoResponse, Response},
 };
-use chrono::Utc;
 use flotilla_proto::{names, routing::Prefetch};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
@@ -88,7 +87,7 @@ pub async fn prefetch(
     let nodes = live_nodes(&state).await?;
     let asked: Vec<String> = nodes
         .into_iter()
-        .filter(|n| n.is_live(Utc::now()) && prefetch.is_for(&n.labels))
+        .filter(|n| prefetch.is_for(&n.labels))
         .map(|n| n.node_id)
         .collect();
     let payload = flotilla_proto::encode(&prefetch).map_err(ApiError::internal)?;
